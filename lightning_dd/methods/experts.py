@@ -1,0 +1,127 @@
+"""Expert trajectories for trajectory matching (MTT, arXiv 2203.11932, Sec. 3.1).
+
+An expert is a network trained on the real training set with plain SGD (``lr_teacher``, no
+momentum, no weight decay, DSA on every batch, as in the reference buffer code), whose flat
+parameters are recorded before training and after every epoch: a trajectory ``(E+1, P)``.
+
+Experts are cached on disk, one file per expert, under a directory keyed by everything that
+determines them (data set and preprocessing, network, lr, epochs, batch size, augmentation,
+seed); a changed value gives a new directory, and asking for more experts reuses the ones
+already trained. Files are written atomically. ``python train.py stage=experts ...`` trains them
+alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_dd.augment.dsa import DSA
+from lightning_dd.data.batches import batch_loader
+from lightning_dd.data.readers import atomic_save
+from lightning_dd.losses import label_loss
+from lightning_dd.nets import FlatParams, build_net
+
+log = logging.getLogger(__name__)
+
+
+class ExpertModule(L.LightningModule):
+    """One expert: SGD on real batches with DSA; records its flat parameters every epoch."""
+
+    def __init__(self, net: torch.nn.Module, lr: float, momentum: float, weight_decay: float, dsa: DSA | None):
+        super().__init__()
+        self.net, self.lr, self.momentum, self.weight_decay, self.dsa = net, lr, momentum, weight_decay, dsa
+        self.flat = FlatParams(net)
+        self.trajectory: list[torch.Tensor] = []
+
+    def on_train_start(self):
+        self.trajectory = [self.flat.flatten().cpu()]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.dsa is not None and self.dsa.enabled:
+            x = self.dsa(x, self.dsa.sample(x.shape[0], x.shape[-2:], device=x.device))
+        loss = label_loss(self.net(x), y)
+        self.log("expert/train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        self.trajectory.append(self.flat.flatten().cpu())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+
+def experts_key(spec: dict) -> str:
+    """Stable 16-hex key of the settings that determine an expert trajectory."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ExpertBank:
+    """A cached set of expert trajectories.
+
+    Args:
+        root: cache root (``paths.cache_dir/experts``).
+        spec: everything that determines the trajectories (becomes the cache key and is saved
+            beside them as ``spec.json``).
+        net_cfg: ``{"name": ..., **kwargs}`` for :func:`build_net`.
+        lr_teacher, epochs, batch_size, momentum, weight_decay: expert SGD settings.
+        dsa: augmentation of real batches (``None`` = none).
+        seed: expert ``i`` uses seed ``seed + i``.
+    """
+
+    def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int,
+                 batch_size: int = 256, momentum: float = 0.0, weight_decay: float = 0.0,
+                 dsa: DSA | None = None, seed: int = 0, accelerator: str = "auto"):
+        self.spec = {**spec, "net": dict(net_cfg), "lr_teacher": lr_teacher, "epochs": epochs,
+                     "batch_size": batch_size, "momentum": momentum, "weight_decay": weight_decay, "seed": seed}
+        self.dir = Path(root) / experts_key(self.spec)
+        self.net_cfg, self.lr, self.epochs, self.batch_size = dict(net_cfg), lr_teacher, epochs, batch_size
+        self.momentum, self.weight_decay, self.dsa, self.seed = momentum, weight_decay, dsa, seed
+        self.accelerator = accelerator
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"expert_{i:03d}.pt"
+
+    def ensure(self, n: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               test: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+        """Train the missing experts among ``0..n-1`` on ``(images, labels)``; return all ``n``.
+
+        Each returned dict has ``trajectory (E+1, P)``, ``test_acc`` (or None) and ``seconds``.
+        """
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=1, sort_keys=True, default=str))
+        out = []
+        for i in range(n):
+            if self.path(i).is_file():
+                out.append(torch.load(self.path(i)))
+                continue
+            t0 = time.perf_counter()
+            L.seed_everything(self.seed + i, verbose=False)
+            cfg = dict(self.net_cfg)
+            net = build_net(cfg.pop("name"), images.shape[1], num_classes, images.shape[2:], **cfg)
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa)
+            trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
+                                enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                enable_progress_bar=True)
+            trainer.fit(module, batch_loader(images, labels, batch_size=self.batch_size, epochs=1,
+                                             seed=self.seed + i))
+            acc = None
+            if test is not None:
+                net.eval()
+                with torch.no_grad():
+                    correct = sum(int((net(x).argmax(1) == y).sum())
+                                  for x, y in zip(test[0].split(1000), test[1].split(1000)))
+                acc = correct / len(test[1])
+            rec = {"trajectory": torch.stack(module.trajectory), "test_acc": acc,
+                   "seconds": time.perf_counter() - t0}
+            atomic_save(rec, self.path(i))
+            log.info("expert %d: %d epochs in %.1fs, test acc %s", i, self.epochs, rec["seconds"], acc)
+            out.append(rec)
+        return out

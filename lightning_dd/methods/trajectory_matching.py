@@ -1,0 +1,272 @@
+"""Trajectory matching: DATM (Guo et al., ICLR 2024, arXiv 2310.05773) on top of MTT
+(Cazenavette et al., CVPR 2022, arXiv 2203.11932).
+
+Algorithm (one distillation iteration, :meth:`TrajectoryMatching.training_step`):
+
+1. sample an expert trajectory ``theta*`` and a start epoch ``t`` in the matching window
+   ``[min_start_epoch, upper)``; with DATM's sequential generation the upper bound grows linearly
+   from ``current_max_start_epoch`` to ``max_start_epoch`` over ``expansion_end_epoch`` iterations
+   (difficulty alignment: easy, early trajectory segments first, DATM Sec. 3.2);
+2. start a student at ``theta*_t`` and unroll ``syn_steps`` SGD steps with the learnable lr
+   ``alpha`` on minibatches of ``batch_syn`` synthetic images, each augmented by DSA;
+3. minimize ``||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2`` (``M = expert_epochs``)
+   over the images, the learnable soft labels (DATM Sec. 3.3) and ``alpha``; skip the update when
+   the loss exceeds ``threshold`` (DATM's reference code).
+
+Initialization (DATM): real images the experts classify correctly (``pix_init =
+samples_predicted_correctly``), soft labels = expert logits averaged over the experts that classify
+each image correctly. MTT is the same module with ``soft_labels=false``, ``pix_init=real`` and a
+fixed window (``sequential_generation=false``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_dd.augment.dsa import DSA
+from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
+from lightning_dd.nets import FlatParams, build_net
+from lightning_dd.results import DistilledSet
+
+log = logging.getLogger(__name__)
+
+
+def window_upper_bound(iteration: int, min_start_epoch: int, current_max_start_epoch: int, max_start_epoch: int,
+                       expansion_end_epoch: int, sequential_generation: bool) -> int:
+    """Exclusive upper bound of the start epoch at ``iteration`` (DATM Sec. 3.2, sequential generation).
+
+    Grows linearly from ``current_max_start_epoch`` (iteration 0) to ``max_start_epoch`` (at
+    ``expansion_end_epoch`` iterations and after); fixed at ``max_start_epoch`` without sequential
+    generation. Always ``> min_start_epoch``.
+    """
+    if sequential_generation:
+        frac = min(1.0, iteration / max(1, expansion_end_epoch))
+        upper = current_max_start_epoch + int((max_start_epoch - current_max_start_epoch) * frac)
+        upper = min(upper, max_start_epoch)
+    else:
+        upper = max_start_epoch
+    return max(upper, min_start_epoch + 1)
+
+
+@torch.no_grad()
+def select_correct_samples(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ipc: int,
+                           predictors: list, generator: torch.Generator, chunk: int = 256) -> torch.Tensor:
+    """Per class, ``ipc`` random training images that the first predictor classifies correctly
+    (DATM's ``samples_predicted_correctly``); falls back to the next predictors, then to any image.
+
+    Args:
+        images: ``(N, C, H, W)``; labels: ``(N,)``.
+        predictors: callables ``x -> logits``.
+
+    Returns:
+        ``(num_classes * ipc,)`` indices into ``images``, class-major.
+    """
+    chosen = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        picked: list[int] = []
+        for predict in predictors:
+            for part in idx.split(chunk):
+                part = part[~torch.isin(part, torch.tensor(picked, dtype=part.dtype))]
+                ok = part[predict(images[part]).argmax(1).cpu() == c]
+                picked += ok[: ipc - len(picked)].tolist()
+                if len(picked) == ipc:
+                    break
+            if len(picked) == ipc:
+                break
+        if len(picked) < ipc:
+            log.warning("class %d: only %d correctly classified images; filling with random ones", c, len(picked))
+            rest = idx[~torch.isin(idx, torch.tensor(picked, dtype=idx.dtype))]
+            picked += rest[: ipc - len(picked)].tolist()
+        chosen.append(torch.tensor(picked, dtype=torch.long))
+    return torch.cat(chosen)
+
+
+@torch.no_grad()
+def expert_soft_labels(images: torch.Tensor, labels: torch.Tensor, predictors: list) -> torch.Tensor:
+    """DATM's soft-label initialization: ``(N, K)`` logits averaged, per image, over the experts
+    that classify it correctly (over all experts for an image none gets right)."""
+    logits = torch.stack([p(images).cpu() for p in predictors])  # (E, N, K)
+    correct = (logits.argmax(2) == labels.view(1, -1)).float().unsqueeze(2)  # (E, N, 1)
+    n = correct.sum(0)
+    avg_correct = (logits * correct).sum(0) / n.clamp(min=1)
+    return torch.where(n > 0, avg_correct, logits.mean(0))
+
+
+class TrajectoryMatching(L.LightningModule):
+    """The distillation loop (manual optimization); see the module docstring.
+
+    Args:
+        images: ``(N, C, H, W)`` initial synthetic images (model space).
+        labels: ``(N,)`` int64 hard labels or ``(N, K)`` soft-label logits (learned iff
+            ``soft_labels``).
+        trajectories: expert trajectories, each ``(E+1, P)``.
+        net: the student architecture (its parameters are only a template).
+        hp: the ``method`` config (syn_steps, expert_epochs, window, lrs, ...).
+        dsa: augmentation of synthetic minibatches.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, trajectories: list[torch.Tensor],
+                 net: torch.nn.Module, hp: DictConfig, dsa: DSA | None, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.hp, self.dsa, self.seed = hp, dsa, seed
+        self.images = torch.nn.Parameter(images.clone())
+        if hp.soft_labels:
+            self.labels = torch.nn.Parameter(labels.clone().float())
+        else:
+            self.register_buffer("labels", labels.clone())
+        self.syn_lr = torch.nn.Parameter(torch.tensor(float(hp.lr_teacher)))
+        self.trajectories = trajectories
+        self.net = net
+        self.fns = None
+
+    def on_fit_start(self):
+        self.trajectories = [t.to(self.device) for t in self.trajectories]
+        self.fns = StudentFunctions(FlatParams(self.net), compile=bool(self.hp.get("compile", False)))
+
+    def configure_optimizers(self):
+        """One SGD, three parameter groups (images, lr, soft labels) with the papers' lrs and
+        momenta, so that Lightning's ``global_step`` counts distillation iterations."""
+        hp = self.hp
+        groups = [{"params": [self.images], "lr": hp.lr_img, "momentum": 0.5},
+                  {"params": [self.syn_lr], "lr": hp.lr_lr, "momentum": 0.5}]
+        if hp.soft_labels:
+            groups.append({"params": [self.labels], "lr": hp.lr_y, "momentum": hp.momentum_y})
+        return torch.optim.SGD(groups)
+
+    def sample_iteration(self, iteration: int):
+        """The random choices of one iteration, from a generator keyed by (seed, iteration), so a
+        resumed run makes the same choices. Returns ``(expert, start_epoch, upper, steps)``."""
+        hp = self.hp
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        expert = int(torch.randint(len(self.trajectories), (1,), generator=g))
+        upper = window_upper_bound(iteration, hp.min_start_epoch, hp.current_max_start_epoch, hp.max_start_epoch,
+                                   hp.expansion_end_epoch, hp.sequential_generation)
+        start = int(torch.randint(hp.min_start_epoch, upper, (1,), generator=g))
+        n = self.images.shape[0]
+        batch = min(hp.batch_syn or n, n)
+        steps, chunks = [], []
+        for _ in range(hp.syn_steps):
+            if not chunks:
+                chunks = list(torch.randperm(n, generator=g).split(batch))
+            idx = chunks.pop()
+            aug = self.dsa.sample(len(idx), self.images.shape[-2:], generator=g, device=self.device) \
+                if self.dsa is not None and self.dsa.enabled else None
+            steps.append(StudentStep(idx.to(self.device), aug))
+        return expert, start, upper, steps
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hp
+        it = self.global_step  # = iterations done, also after a resume
+        expert, start, upper, steps = self.sample_iteration(it)
+        traj = self.trajectories[expert]
+        if start + hp.expert_epochs >= traj.shape[0]:
+            raise ValueError(f"start epoch {start} + expert_epochs {hp.expert_epochs} exceeds the expert trajectory "
+                             f"({traj.shape[0] - 1} epochs): lower method.max_start_epoch or train longer experts")
+        opt = self.optimizers()
+        opt.zero_grad()
+        t0 = time.perf_counter()
+        loss = matching_loss_and_grads(self.fns, self.images, self.labels, self.syn_lr, traj[start],
+                                       traj[start + hp.expert_epochs], steps, self.dsa, mode=hp.meta_grad)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"iteration {it}: matching loss is {loss.item()}; lower method.lr_img / lr_lr")
+        if loss > hp.threshold:  # DATM skips the update; SGD skips parameters without .grad
+            opt.zero_grad(set_to_none=True)
+        opt.step()
+        self.log_dict({"distill/loss": loss, "distill/syn_lr": self.syn_lr.detach(),
+                       "distill/start_epoch": float(start), "distill/window_upper": float(upper),
+                       "distill/iter_seconds": time.perf_counter() - t0}, prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False)
+
+    def current_set(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(), float(self.syn_lr.detach())
+
+
+def _expert_predictors(net, flat: FlatParams, trajectories, epoch: int):
+    def make(theta):
+        return lambda x: flat.call(theta, x)
+    return [make(t[epoch]) for t in trajectories]
+
+
+def run_trajectory_matching(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
+    """Experts -> initialization -> distillation. Returns ``{"result": DistilledSet, "init":
+    DistilledSet, "timings": {...}, "metrics": {...}}``.
+
+    ``cfg.stage == "experts"`` stops after the experts (trainable alone).
+    """
+    hp = cfg.method
+    seed = int(cfg.seed)
+    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+    timings, metrics = {}, {}
+
+    # 1. expert trajectories (cached)
+    t0 = time.perf_counter()
+    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
+    bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr_teacher, hp.expert_train_epochs,
+                      hp.expert_batch, dsa=dsa, seed=seed, accelerator=cfg.trainer.accelerator)
+    experts = bank.ensure(hp.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
+                          test=(dm.test_images, dm.test_labels))
+    trajectories = [e["trajectory"] for e in experts]
+    timings["experts_s"] = time.perf_counter() - t0
+    accs = [e["test_acc"] for e in experts if e["test_acc"] is not None]
+    if accs:
+        metrics["experts/test_acc_mean"] = sum(accs) / len(accs)
+    metrics["experts/n"] = len(experts)
+    log.info("experts: %d in %s (%.1fs)", len(experts), bank.dir, timings["experts_s"])
+    if cfg.get("stage", "all") == "experts":
+        return {"result": None, "init": None, "timings": timings, "metrics": metrics}
+
+    # 2. initialization
+    t0 = time.perf_counter()
+    name = net_cfg.pop("name")
+    net = build_net(name, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
+    flat = FlatParams(net)
+    g = torch.Generator().manual_seed(seed)
+    label_epoch = hp.label_init_epoch if hp.label_init_epoch >= 0 else trajectories[0].shape[0] + hp.label_init_epoch
+    predictors = _expert_predictors(net, flat, trajectories, label_epoch)
+    if hp.pix_init == "samples_predicted_correctly":
+        idx = select_correct_samples(dm.train_images, dm.train_labels, dm.num_classes, hp.ipc, predictors, g)
+    elif hp.pix_init == "real":
+        idx = torch.cat([i[torch.randperm(len(i), generator=g)[: hp.ipc]] for i in dm.class_indices()])
+    else:
+        raise ValueError(f"method.pix_init must be samples_predicted_correctly|real, got {hp.pix_init!r}")
+    images, hard = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
+    labels = expert_soft_labels(images, hard, predictors) if hp.soft_labels else hard
+    init = DistilledSet(images.clone(), labels.clone(), float(hp.lr_teacher), dm.classes, dm.preprocessing.state(),
+                        method=f"{hp.name}-init", ipc=hp.ipc)
+    timings["init_s"] = time.perf_counter() - t0
+
+    # 3. distillation
+    t0 = time.perf_counter()
+    module = TrajectoryMatching(images, labels, trajectories, net, hp, dsa, seed=seed)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=hp.ckpt_every,
+                              save_last=True, save_top_k=1)
+    trainer = L.Trainer(max_steps=hp.iterations, max_epochs=-1, accelerator=cfg.trainer.accelerator,
+                        devices=1, logger=loggers, callbacks=[ckpt_cb, *callbacks], log_every_n_steps=1,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        enable_progress_bar=cfg.trainer.enable_progress_bar)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and cfg.get("resume") and (ckpt_dir / "last.ckpt").is_file():
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+    if ckpt_path:
+        log.info("resuming distillation from %s", ckpt_path)
+    from torch.utils.data import DataLoader
+
+    trainer.fit(module, DataLoader(range(hp.iterations), batch_size=None), ckpt_path=ckpt_path)
+    timings["distill_s"] = time.perf_counter() - t0
+    metrics["distill/iterations"] = trainer.global_step
+    x, y, lr = module.current_set()
+    result = DistilledSet(x, y, lr, dm.classes, dm.preprocessing.state(), method=hp.name, ipc=hp.ipc,
+                          meta={"iterations": metrics["distill/iterations"]})
+    return {"result": result, "init": init, "timings": timings, "metrics": metrics}

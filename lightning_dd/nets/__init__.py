@@ -1,0 +1,52 @@
+"""Networks by name, and the flat-parameter view used by unrolled (functional) training."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from lightning_dd.nets.convnet import ConvNet
+
+NETS = {"ConvNet": ConvNet}
+
+
+def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> nn.Module:
+    """Instantiate architecture ``name`` for ``(C, H, W)`` inputs and ``num_classes`` outputs.
+
+    Raises:
+        ValueError: unknown ``name`` (the known names are listed).
+    """
+    if name not in NETS:
+        raise ValueError(f"unknown net.name {name!r}; known: {sorted(NETS)}")
+    return NETS[name](channel, num_classes, tuple(im_size), **kwargs)
+
+
+class FlatParams:
+    """Maps a module's parameters to one flat vector ``(P,)`` and back (MTT's "reparam" trick).
+
+    ``flatten(module)`` -> ``(P,)``; ``call(vec, x)`` runs the module with the parameters in
+    ``vec`` through :func:`torch.func.functional_call`, differentiably in ``vec``.
+
+    Raises:
+        ValueError: if the module has buffers (e.g. BatchNorm running stats), which an unrolled
+            functional student cannot carry.
+    """
+
+    def __init__(self, module: nn.Module):
+        if any(True for _ in module.buffers()):
+            raise ValueError("unrolled training needs a buffer-free net (use net.norm=instancenorm, not batchnorm)")
+        self.module = module
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shapes = [p.shape for p in module.parameters()]
+        self.numels = [p.numel() for p in module.parameters()]
+        self.size = sum(self.numels)
+
+    def flatten(self, module: nn.Module | None = None) -> torch.Tensor:
+        m = module or self.module
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, vec.split(self.numels), self.shapes)}
+
+    def call(self, vec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.unflatten(vec), (x,))

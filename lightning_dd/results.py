@@ -1,0 +1,81 @@
+"""Saved result artifacts and their validation.
+
+``distilled.pt`` (:class:`DistilledSet`) holds everything needed to use a distilled image set:
+images in model space, hard labels or soft-label logits, the learned student lr, class names,
+the preprocessing (mean/std or ZCA matrices) that maps real pixels to model space and back, the
+method and IPC.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lightning_dd.data.readers import atomic_save
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DistilledSet:
+    """A distilled (or selected) image set.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32, model space (see ``preprocessing``).
+        labels: ``(N,)`` int64 hard labels, or ``(N, K)`` float32 soft-label logits.
+        lr: learned student learning rate (``None`` when the method learns none).
+        classes: ``K`` class names.
+        preprocessing: :class:`lightning_dd.data.Preprocessing` state (mean, std, zca_*).
+        method: producing method; ipc: images per class; meta: free-form extras.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    lr: float | None
+    classes: list[str]
+    preprocessing: dict
+    method: str = ""
+    ipc: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.dim() == 2
+
+    def hard_labels(self) -> torch.Tensor:
+        return self.labels.argmax(1) if self.soft else self.labels
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a killed run never leaves half a file)."""
+        self.validate()
+        atomic_save({"format_version": FORMAT_VERSION, **asdict(self)}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DistilledSet":
+        """Read and validate ``path``.
+
+        Raises:
+            FileNotFoundError: missing file. ValueError: not a distilled set, or invalid (see
+            :meth:`validate`).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"distilled set not found: {path}")
+        d = torch.load(path, weights_only=False)
+        if not isinstance(d, dict) or "images" not in d or "labels" not in d:
+            raise ValueError(f"{path}: not a lightning_dd distilled set (expected keys images, labels, ...)")
+        d.pop("format_version", None)
+        known = {f for f in cls.__dataclass_fields__}
+        out = cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            out.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return out
+
+    def validate(self) -> None:
+        """Raises ValueError naming the problem: shape, label count/range, NaN, class count."""
+        from lightning_dd.evaluate.student import check_set
+
+        check_set(self.images, self.labels, len(self.classes))

@@ -1,0 +1,135 @@
+"""The run walk every method shares: config -> DataModule -> method -> result artifact -> student
+evaluation (+ baselines) -> ``metrics.json``, logs and a printed table."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_dd.augment.dsa import DSA
+from lightning_dd.evaluate.student import evaluate_set
+from lightning_dd.methods import METHODS
+from lightning_dd.results import DistilledSet
+from lightning_dd.viz import SyntheticImageLogger, save_grid
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
+    """CSV always; W&B when ``logger.wandb.enabled`` (offline unless ``WANDB_MODE``/``logger.wandb.mode``
+    say online)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
+    wb = cfg.logger.wandb
+    if wb.enabled:
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = os.environ.get("WANDB_MODE", wb.mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, name=wb.name,
+                                   save_dir=str(out_dir), offline=mode != "online", tags=list(wb.tags or []),
+                                   config=OmegaConf.to_container(cfg, resolve=True), job_type=cfg.stage))
+    return loggers
+
+
+def eval_net_cfg(cfg: DictConfig, name: str) -> dict:
+    """The net config used to evaluate on architecture ``name``: the run's own ``net`` when it is
+    the same architecture, otherwise that architecture's defaults."""
+    if name == cfg.net.name:
+        return OmegaConf.to_container(cfg.net, resolve=True)
+    return {"name": name}
+
+
+def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: float | None = None,
+                    num_eval: int | None = None) -> dict:
+    """Evaluate ``result`` on every ``eval.nets`` architecture; flat metrics under ``prefix``."""
+    ev = cfg.eval
+    dsa = DSA(**cfg.augment.dsa) if ev.dsa else None
+    if lr is None:
+        lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
+    metrics = {}
+    for name in ev.nets:
+        r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
+                         eval_net_cfg(cfg, name), lr=lr, epochs=ev.epochs, batch_size=ev.batch_size,
+                         num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
+                         weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator)
+        metrics.update(r.metrics(prefix))
+        log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
+                 len(r.accs), r.seconds)
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one experiment; returns the flat metrics also written to ``<output_dir>/metrics.json``."""
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), verbose=False)
+    if cfg.method.family not in METHODS:
+        raise ValueError(f"method.family {cfg.method.family!r} unknown; known: {sorted(METHODS)}")
+
+    t0 = time.perf_counter()
+    dm = instantiate(cfg.data)
+    dm.setup()
+    timings = {"data_s": time.perf_counter() - t0}
+    loggers = build_loggers(cfg, out_dir)
+    callbacks = [SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
+                                      nrow=int(cfg.method.get("ipc", 10)))]
+
+    out = METHODS[cfg.method.family](cfg, dm, out_dir, loggers, callbacks)
+    timings.update(out.get("timings", {}))
+    metrics = dict(out.get("metrics", {}))
+    result: DistilledSet | None = out.get("result")
+    if result is not None:
+        result.save(out_dir / "distilled.pt")
+        save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", nrow=max(1, result.ipc))
+        if cfg.stage == "all":
+            t0 = time.perf_counter()
+            metrics.update(evaluate_result(cfg, dm, result, "eval"))
+            for b in cfg.eval.baselines:
+                if b == "init" and out.get("init") is not None:
+                    metrics.update(evaluate_result(cfg, dm, out["init"], "baseline/init"))
+                elif b == "random":
+                    x, y = dm.random_subset(result.ipc, int(cfg.eval.seed))
+                    rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
+                    metrics.update(evaluate_result(cfg, dm, rnd, "baseline/random", lr=cfg.eval.lr))
+            timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    metrics.update({f"timings/{k}": v for k, v in timings.items()})
+    metrics = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)})
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+            lg.experiment.summary.update(metrics)
+        lg.finalize("success")
+    print_table(metrics, title=f"{cfg.method.name} on {cfg.data.name} -> {out_dir}")
+    return metrics
+
+
+def print_table(metrics: dict, title: str = "") -> None:
+    """Print the accuracy rows (eval and baselines) and the timings of a metrics dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("set", "net", "accuracy (%)", "runs"):
+        t.add_column(col)
+    for k in sorted(metrics):
+        if k.endswith("/acc_mean"):
+            base, net = k[: -len("/acc_mean")].rsplit("/", 1)
+            std = metrics.get(f"{base}/{net}/acc_std", float("nan"))
+            n = metrics.get(f"{base}/{net}/n_runs", 0)
+            t.add_row(base, net, f"{100 * metrics[k]:.2f} ± {100 * std:.2f}", str(int(n)))
+    Console().print(t)
+    tim = ", ".join(f"{k.split('/', 1)[1]}={v:.0f}s" for k, v in sorted(metrics.items()) if k.startswith("timings/"))
+    Console().print(f"timings: {tim}")
