@@ -1,0 +1,60 @@
+"""In-memory minibatches for small tensor data sets (distilled sets, CIFAR held as tensors).
+
+A :class:`torch.utils.data.DataLoader` over a per-sample Dataset costs a Python call and a
+collate per image; for data already in one tensor, slicing a shuffled index is far cheaper.
+:class:`TensorBatches` yields whole batches and the DataLoader is used with ``batch_size=None``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+
+class TensorBatches(IterableDataset):
+    """Minibatches of aligned tensors, ``epochs`` shuffled passes per iteration of the loader.
+
+    Args:
+        tensors: aligned tensors with the same first dimension ``N``.
+        batch_size: batch size ``B`` (the last batch of a pass may be smaller).
+        epochs: passes over the data per ``iter()``.
+        seed: shuffle seed; ``None`` keeps the order. Each ``iter()`` continues the shuffle
+            stream, so successive Lightning epochs see different orders, reproducibly.
+
+    Raises:
+        ValueError: empty tensors, mismatched first dimensions or a non-positive batch size.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, epochs: int = 1, seed: int | None = None):
+        n = {t.shape[0] for t in tensors}
+        if len(n) != 1:
+            raise ValueError(f"tensors must share their first dimension, got {[tuple(t.shape) for t in tensors]}")
+        if batch_size <= 0 or not tensors or next(iter(n)) == 0:
+            raise ValueError(f"need a positive batch size and non-empty tensors (batch_size={batch_size})")
+        self.tensors, self.n = tensors, next(iter(n))
+        self.batch_size, self.epochs, self.seed = min(batch_size, self.n), epochs, seed
+        self._passes = 0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.epochs * self.steps_per_epoch()
+
+    def __iter__(self):
+        for _ in range(self.epochs):
+            if self.seed is None:
+                order = torch.arange(self.n)
+            else:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + self._passes)
+                order = torch.randperm(self.n, generator=g)
+            self._passes += 1
+            for idx in order.split(self.batch_size):
+                yield tuple(t[idx] for t in self.tensors)
+
+
+def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epochs: int = 1,
+                 seed: int | None = None) -> DataLoader:
+    """A DataLoader of ``(images[idx], labels[idx])`` batches (see :class:`TensorBatches`)."""
+    return DataLoader(TensorBatches((images, labels), batch_size, epochs, seed), batch_size=None)

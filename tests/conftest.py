@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LDD_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "cifar10").is_dir():
+        pytest.fail(f"real data not found at {SHARED_DATA} (expected ../shared/data beside the checkout or LDD_DATA_DIR)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One decode cache for the whole session (the real CIFAR-10 is decoded once)."""
+    d = os.environ.get("LDD_CACHE_DIR")
+    return Path(d) if d else tmp_path_factory.mktemp("ldd_cache")
