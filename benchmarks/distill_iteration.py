@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--syn-steps", type=int, default=20)
     ap.add_argument("--batch-syn", type=int, default=100)
-    ap.add_argument("--modes", nargs="+", default=["unroll", "recompute", "recompute+compile"])
+    ap.add_argument("--modes", nargs="*", default=["unroll", "recompute", "recompute+compile"])
     ap.add_argument("--memory-steps", nargs="*", type=int, default=[20, 40, 80],
                     help="syn_steps values for the memory comparison of unroll vs recompute")
     ap.add_argument("--repeats", type=int, default=2)
@@ -131,10 +131,37 @@ def main():
     if a.memory_steps:
         print("\npeak memory of one iteration (MiB) vs syn_steps:")
         print(f"{'syn_steps':>10s} " + " ".join(f"{m:>12s}" for m in ("unroll", "recompute")))
+        seen: dict[str, list[tuple[int, float]]] = {"unroll": [], "recompute": []}
         for s in a.memory_steps:
-            row = [run_isolated(mode=m, syn_steps=s, **{**common, "repeats": 0})["peak_mib"]
-                   for m in ("unroll", "recompute")]
-            print(f"{s:>10d} " + " ".join(f"{v:>12.0f}" for v in row))
+            row = []
+            for m in ("unroll", "recompute"):
+                need = _extrapolate(seen[m], s)
+                if need is not None and need > 0.8 * _available_mib():
+                    row.append(f"skip (~{need / 1024:.0f} GiB)")  # would not fit in this machine's memory
+                    continue
+                peak = run_isolated(mode=m, syn_steps=s, **{**common, "repeats": 0})["peak_mib"]
+                seen[m].append((s, peak))
+                row.append(f"{peak:.0f}")
+            print(f"{s:>10d} " + " ".join(f"{v:>12s}" for v in row), flush=True)
+
+
+def _extrapolate(points: list[tuple[int, float]], steps: int) -> float | None:
+    """Linear extrapolation of peak MiB to ``steps`` from the measured ``(steps, MiB)`` points."""
+    if len(points) < 2:
+        return None
+    (s0, m0), (s1, m1) = points[-2], points[-1]
+    return m1 + (m1 - m0) / (s1 - s0) * (steps - s1)
+
+
+def _available_mib() -> float:
+    """MemAvailable from /proc/meminfo (Linux); infinity elsewhere."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 def _cuda() -> bool:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.evaluate.student import evaluate_set
 from lightning_dd.methods import METHODS
+from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import DistilledSet
 from lightning_dd.viz import SyntheticImageLogger, save_grid
 
@@ -61,16 +61,35 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: 
         r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
                          eval_net_cfg(cfg, name), lr=lr, epochs=ev.epochs, batch_size=ev.batch_size,
                          num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
-                         weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator)
+                         weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator,
+                         compile=bool(cfg.trainer.compile))
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)
     return metrics
 
 
+def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
+    """The DataModule named by ``data._target_`` (a dotted class path), built with the group's other
+    keys (``name`` included).
+
+    Raises:
+        ValueError: ``_target_`` missing or not a LightningDataModule class.
+    """
+    from hydra.utils import get_class
+
+    kwargs = OmegaConf.to_container(data_cfg, resolve=True)
+    target = kwargs.pop("_target_", None)
+    cls = get_class(target) if target else None
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
+        raise ValueError(f"data._target_ must name a LightningDataModule class, got {target!r}")
+    return cls(**kwargs)
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the flat metrics also written to ``<output_dir>/metrics.json``."""
     t_start = time.perf_counter()
+    quiet_lightning()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), verbose=False)
@@ -78,7 +97,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"method.family {cfg.method.family!r} unknown; known: {sorted(METHODS)}")
 
     t0 = time.perf_counter()
-    dm = instantiate(cfg.data)
+    dm = build_datamodule(cfg.data)
     dm.setup()
     timings = {"data_s": time.perf_counter() - t0}
     loggers = build_loggers(cfg, out_dir)

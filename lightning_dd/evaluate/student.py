@@ -20,6 +20,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
 from lightning_dd.losses import label_loss
 from lightning_dd.nets import build_net
+from lightning_dd.quiet import quiet_lightning
 
 
 class StudentModule(L.LightningModule):
@@ -32,12 +33,16 @@ class StudentModule(L.LightningModule):
         momentum, weight_decay: SGD settings (0.9, 5e-4 in the papers).
         dsa: augmentation applied to each training batch (``None`` = no augmentation).
         num_classes: K, for the accuracy metric.
+        compile: ``torch.compile`` the network (about 1.7x faster steps on CPU after ~10 s of
+            compilation, shared by later runs of the same architecture and batch shape).
     """
 
     def __init__(self, net: torch.nn.Module, lr: float, total_steps: int, num_classes: int,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, dsa: DSA | None = None):
+                 momentum: float = 0.9, weight_decay: float = 5e-4, dsa: DSA | None = None,
+                 compile: bool = False):
         super().__init__()
-        self.net, self.lr, self.total_steps = net, lr, total_steps
+        self.net = torch.compile(net, dynamic=False) if compile else net
+        self.lr, self.total_steps = lr, total_steps
         self.momentum, self.weight_decay, self.dsa = momentum, weight_decay, dsa
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
 
@@ -87,7 +92,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
                  test_labels: torch.Tensor, num_classes: int, net_cfg: dict, *, lr: float,
                  epochs: int, batch_size: int = 256, num_eval: int = 3, seed: int = 0,
                  dsa: DSA | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 accelerator: str = "auto") -> EvalResult:
+                 accelerator: str = "auto", compile: bool = False) -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
 
     Args:
@@ -96,6 +101,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         test_images, test_labels: the real test set ``(M, C, H, W)``, ``(M,)``.
         net_cfg: ``{"name": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net`.
         lr: learning rate; epochs: passes over the set (lr ×0.1 at half).
+        compile: ``torch.compile`` the networks (see :class:`StudentModule`).
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
@@ -104,6 +110,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         ValueError: if shapes or label counts do not match, or the images contain NaN/inf.
     """
     check_set(images, labels, num_classes, tuple(test_images.shape[1:]))
+    quiet_lightning()
     net_cfg = dict(net_cfg)
     name = net_cfg.pop("name")
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
@@ -112,7 +119,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     for r in range(num_eval):
         L.seed_everything(seed + r, verbose=False)
         net = build_net(name, images.shape[1], num_classes, images.shape[2:], **net_cfg)
-        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, dsa)
+        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, dsa, compile)
         trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, deterministic=False)

@@ -26,6 +26,7 @@ from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import atomic_save
 from lightning_dd.losses import label_loss
 from lightning_dd.nets import FlatParams, build_net
+from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 class ExpertModule(L.LightningModule):
     """One expert: SGD on real batches with DSA; records its flat parameters every epoch."""
 
-    def __init__(self, net: torch.nn.Module, lr: float, momentum: float, weight_decay: float, dsa: DSA | None):
+    def __init__(self, net: torch.nn.Module, lr: float, momentum: float, weight_decay: float, dsa: DSA | None,
+                 compile: bool = False):
         super().__init__()
-        self.net, self.lr, self.momentum, self.weight_decay, self.dsa = net, lr, momentum, weight_decay, dsa
-        self.flat = FlatParams(net)
+        self.lr, self.momentum, self.weight_decay, self.dsa = lr, momentum, weight_decay, dsa
+        self.flat = FlatParams(net)  # the uncompiled module: same parameters
+        self.net = torch.compile(net, dynamic=False) if compile else net
         self.trajectory: list[torch.Tensor] = []
 
     def on_train_start(self):
@@ -74,17 +77,18 @@ class ExpertBank:
         lr_teacher, epochs, batch_size, momentum, weight_decay: expert SGD settings.
         dsa: augmentation of real batches (``None`` = none).
         seed: expert ``i`` uses seed ``seed + i``.
+        compile: ``torch.compile`` the network while training (speed only; not part of the key).
     """
 
     def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int,
                  batch_size: int = 256, momentum: float = 0.0, weight_decay: float = 0.0,
-                 dsa: DSA | None = None, seed: int = 0, accelerator: str = "auto"):
+                 dsa: DSA | None = None, seed: int = 0, accelerator: str = "auto", compile: bool = False):
         self.spec = {**spec, "net": dict(net_cfg), "lr_teacher": lr_teacher, "epochs": epochs,
                      "batch_size": batch_size, "momentum": momentum, "weight_decay": weight_decay, "seed": seed}
         self.dir = Path(root) / experts_key(self.spec)
         self.net_cfg, self.lr, self.epochs, self.batch_size = dict(net_cfg), lr_teacher, epochs, batch_size
         self.momentum, self.weight_decay, self.dsa, self.seed = momentum, weight_decay, dsa, seed
-        self.accelerator = accelerator
+        self.accelerator, self.compile = accelerator, compile
 
     def path(self, i: int) -> Path:
         return self.dir / f"expert_{i:03d}.pt"
@@ -95,6 +99,7 @@ class ExpertBank:
 
         Each returned dict has ``trajectory (E+1, P)``, ``test_acc`` (or None) and ``seconds``.
         """
+        quiet_lightning()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=1, sort_keys=True, default=str))
         out = []
@@ -106,7 +111,7 @@ class ExpertBank:
             L.seed_everything(self.seed + i, verbose=False)
             cfg = dict(self.net_cfg)
             net = build_net(cfg.pop("name"), images.shape[1], num_classes, images.shape[2:], **cfg)
-            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa)
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.compile)
             trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=True)

@@ -213,7 +213,8 @@ def run_trajectory_matching(cfg: DictConfig, dm, out_dir: Path, loggers: list, c
     t0 = time.perf_counter()
     spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
     bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr_teacher, hp.expert_train_epochs,
-                      hp.expert_batch, dsa=dsa, seed=seed, accelerator=cfg.trainer.accelerator)
+                      hp.expert_batch, dsa=dsa, seed=seed, accelerator=cfg.trainer.accelerator,
+                      compile=bool(cfg.trainer.compile))
     experts = bank.ensure(hp.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
                           test=(dm.test_images, dm.test_labels))
     trajectories = [e["trajectory"] for e in experts]
