@@ -89,7 +89,7 @@ def measure(mode: str, width: int, ipc: int, syn_steps: int, batch_syn: int, rep
     sync()
     first = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_bytes()) - base
-    times = [first] if warm else []
+    times = [first] if (warm or not repeats) else []
     for _ in range(repeats):
         t0 = time.perf_counter()
         once()

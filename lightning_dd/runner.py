@@ -34,11 +34,30 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
         from lightning.pytorch.loggers import WandbLogger
 
         mode = os.environ.get("WANDB_MODE", wb.mode)
+        group, name = wb.group, wb.name
+        sweep = _sweep_info()
+        if sweep is not None:  # one W&B run per job, grouped by sweep
+            group = f"{wb.group}-{sweep[0]}" if wb.group else sweep[0]
+            name = name or sweep[1]
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, name=wb.name,
+        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name,
                                    save_dir=str(out_dir), offline=mode != "online", tags=list(wb.tags or []),
                                    config=OmegaConf.to_container(cfg, resolve=True), job_type=cfg.stage))
     return loggers
+
+
+def _sweep_info() -> tuple[str, str] | None:
+    """``(sweep id, job name)`` when running inside a Hydra multirun, else ``None``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hc.sweep.dir).name, hc.job.override_dirname or f"job{hc.job.num}"
 
 
 def eval_net_cfg(cfg: DictConfig, name: str) -> dict:
@@ -50,10 +69,10 @@ def eval_net_cfg(cfg: DictConfig, name: str) -> dict:
 
 
 def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: float | None = None,
-                    num_eval: int | None = None) -> dict:
+                    num_eval: int | None = None, teacher: torch.nn.Module | None = None) -> dict:
     """Evaluate ``result`` on every ``eval.nets`` architecture; flat metrics under ``prefix``."""
     ev = cfg.eval
-    dsa = DSA(**cfg.augment.dsa) if ev.dsa else None
+    dsa = DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None
     if lr is None:
         lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
     metrics = {}
@@ -62,11 +81,59 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: 
                          eval_net_cfg(cfg, name), lr=lr, epochs=ev.epochs, batch_size=ev.batch_size,
                          num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
                          weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator,
-                         compile=bool(cfg.trainer.compile))
+                         compile=bool(cfg.trainer.compile), augment=ev.augment, label_mode=ev.label_mode,
+                         soft_loss_kind=ev.soft_loss, temperature=ev.temperature, teacher=teacher)
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)
     return metrics
+
+
+def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None) -> dict:
+    """``eval/...`` for ``result``, then each of ``eval.baselines`` through the same evaluator:
+    ``init`` (the method's initialization), ``random`` (a random real subset of the same IPC,
+    hard labels, ``eval.lr``). Adds ``eval/<net>/improvement_over_random`` (accuracy points as a
+    fraction, DD-Ranking's IOR idea) when both are there, and ``eval/<net>/gap_to_full`` when
+    ``eval.full_data_acc`` (the architecture's full-data accuracy) is given."""
+    teacher = load_teacher(cfg.eval.teacher_ckpt, dm) if cfg.eval.get("teacher_ckpt") else None
+    metrics = evaluate_result(cfg, dm, result, "eval", teacher=teacher)
+    for b in cfg.eval.baselines:
+        if b == "init" and init is not None:
+            metrics.update(evaluate_result(cfg, dm, init, "baseline/init", teacher=teacher))
+        elif b == "random":
+            x, y = dm.random_subset(result.ipc, int(cfg.eval.seed))
+            rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
+            metrics.update(evaluate_result(cfg, dm, rnd, "baseline/random", lr=cfg.eval.lr, teacher=teacher))
+        elif b != "init":
+            raise ValueError(f"eval.baselines: unknown baseline {b!r} (known: init, random)")
+    full = cfg.eval.get("full_data_acc") or {}
+    for name in cfg.eval.nets:
+        acc = metrics[f"eval/{name}/acc_mean"]
+        if f"baseline/random/{name}/acc_mean" in metrics:
+            metrics[f"eval/{name}/improvement_over_random"] = acc - metrics[f"baseline/random/{name}/acc_mean"]
+        if name in full:
+            metrics[f"eval/{name}/gap_to_full"] = float(full[name]) - acc
+    return metrics
+
+
+def load_teacher(path: str, dm) -> torch.nn.Module:
+    """A teacher saved as ``{"net_cfg": {"name": ..., ...}, "state_dict": ...}`` (``torch.save``).
+
+    Raises:
+        FileNotFoundError: no file. ValueError: not a teacher checkpoint.
+    """
+    from lightning_dd.nets import build_net
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"eval.teacher_ckpt: no file at {p}")
+    d = torch.load(p, weights_only=False)
+    if not isinstance(d, dict) or "net_cfg" not in d or "state_dict" not in d:
+        raise ValueError(f"eval.teacher_ckpt {p}: expected a dict with net_cfg and state_dict")
+    net_cfg = dict(d["net_cfg"])
+    net = build_net(net_cfg.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **net_cfg)
+    net.load_state_dict(d["state_dict"])
+    return net.eval()
 
 
 def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
@@ -109,18 +176,13 @@ def run(cfg: DictConfig) -> dict:
     metrics = dict(out.get("metrics", {}))
     result: DistilledSet | None = out.get("result")
     if result is not None:
+        result.meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)  # evaluate.py rebuilds the test set
+        result.meta["net"] = OmegaConf.to_container(cfg.net, resolve=True)  # ... and evaluates on the same net
         result.save(out_dir / "distilled.pt")
         save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", nrow=max(1, result.ipc))
         if cfg.stage == "all":
             t0 = time.perf_counter()
-            metrics.update(evaluate_result(cfg, dm, result, "eval"))
-            for b in cfg.eval.baselines:
-                if b == "init" and out.get("init") is not None:
-                    metrics.update(evaluate_result(cfg, dm, out["init"], "baseline/init"))
-                elif b == "random":
-                    x, y = dm.random_subset(result.ipc, int(cfg.eval.seed))
-                    rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
-                    metrics.update(evaluate_result(cfg, dm, rnd, "baseline/random", lr=cfg.eval.lr))
+            metrics.update(evaluate_with_baselines(cfg, dm, result, out.get("init")))
             timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     metrics.update({f"timings/{k}": v for k, v in timings.items()})

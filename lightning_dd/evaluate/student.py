@@ -14,13 +14,37 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchmetrics
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
-from lightning_dd.losses import label_loss
+from lightning_dd.losses import soft_loss
 from lightning_dd.nets import build_net
 from lightning_dd.quiet import quiet_lightning
+
+
+def make_augment(kind: str, dsa: DSA | None = None, image_size: tuple[int, int] | None = None):
+    """Per-batch training augmentation ``x (N, C, H, W) -> x``.
+
+    ``dsa``: a fresh DSA draw per batch (MTT/DATM evaluation); ``crop_flip``: random crop with
+    4-pixel zero padding and horizontal flip (kornia; the standard CIFAR pipeline); ``none``.
+
+    Raises:
+        ValueError: unknown ``kind``, or ``dsa`` without a DSA object.
+    """
+    if kind == "none":
+        return None
+    if kind == "dsa":
+        if dsa is None:
+            raise ValueError("eval.augment=dsa needs the augment.dsa settings")
+        return lambda x: dsa(x, dsa.sample(x.shape[0], x.shape[-2:], device=x.device))
+    if kind == "crop_flip":
+        import kornia.augmentation as K
+
+        seq = torch.nn.Sequential(K.RandomCrop(tuple(image_size), padding=4), K.RandomHorizontalFlip())
+        return seq
+    raise ValueError(f"eval.augment must be dsa|crop_flip|none, got {kind!r}")
 
 
 class StudentModule(L.LightningModule):
@@ -30,28 +54,38 @@ class StudentModule(L.LightningModule):
         net: a freshly initialized network.
         lr: SGD learning rate (the distilled set's learned lr, or ``eval.lr``).
         total_steps: optimizer steps; lr is multiplied by 0.1 after half of them.
-        momentum, weight_decay: SGD settings (0.9, 5e-4 in the papers).
-        dsa: augmentation applied to each training batch (``None`` = no augmentation).
         num_classes: K, for the accuracy metric.
+        momentum, weight_decay: SGD settings (0.9, 5e-4 in the papers).
+        augment: callable applied to each training batch (see :func:`make_augment`; ``None`` = none).
         compile: ``torch.compile`` the network (about 1.7x faster steps on CPU after ~10 s of
             compilation, shared by later runs of the same architecture and batch shape).
+        teacher: a network whose logits on the *same augmented batch* are the targets
+            (knowledge distillation, SRe2L/FKD style); ``None`` = use the set's labels.
+        soft_loss_kind, temperature: the loss against soft targets (see :mod:`lightning_dd.losses`).
     """
 
     def __init__(self, net: torch.nn.Module, lr: float, total_steps: int, num_classes: int,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, dsa: DSA | None = None,
-                 compile: bool = False):
+                 momentum: float = 0.9, weight_decay: float = 5e-4, augment=None, compile: bool = False,
+                 teacher: torch.nn.Module | None = None, soft_loss_kind: str = "soft_ce", temperature: float = 1.0):
         super().__init__()
         self.net = torch.compile(net, dynamic=False) if compile else net
         self.lr, self.total_steps = lr, total_steps
-        self.momentum, self.weight_decay, self.dsa = momentum, weight_decay, dsa
+        self.momentum, self.weight_decay, self.augment = momentum, weight_decay, augment
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.soft_loss_kind, self.temperature = soft_loss_kind, temperature
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.dsa is not None and self.dsa.enabled:
-            x = self.dsa(x, self.dsa.sample(x.shape[0], x.shape[-2:], device=x.device))
-        loss = label_loss(self.net(x), y)
-        return loss
+        if self.augment is not None:
+            x = self.augment(x)
+        out = self.net(x)
+        if self.teacher is not None:
+            with torch.no_grad():
+                y = self.teacher(x)
+        if y.dim() == 2:
+            return soft_loss(out, y, self.soft_loss_kind, self.temperature)
+        return F.cross_entropy(out, y)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -92,25 +126,44 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
                  test_labels: torch.Tensor, num_classes: int, net_cfg: dict, *, lr: float,
                  epochs: int, batch_size: int = 256, num_eval: int = 3, seed: int = 0,
                  dsa: DSA | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 accelerator: str = "auto", compile: bool = False) -> EvalResult:
+                 accelerator: str = "auto", compile: bool = False, augment: str | None = None,
+                 label_mode: str = "auto", soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
+                 teacher: torch.nn.Module | None = None) -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
+
+    The MTT/DATM protocol: SGD (momentum 0.9, weight decay 5e-4) for ``epochs`` passes, lr x0.1
+    at half, a fresh augmentation draw per batch; accuracy on the full real test set.
 
     Args:
         images: ``(N, C, H, W)`` float32 in model space (same space as ``test_images``).
         labels: ``(N,)`` int64 hard labels or ``(N, K)`` float soft-label logits.
         test_images, test_labels: the real test set ``(M, C, H, W)``, ``(M,)``.
         net_cfg: ``{"name": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net`.
-        lr: learning rate; epochs: passes over the set (lr ×0.1 at half).
+        lr: learning rate; epochs: passes over the set (lr x0.1 at half).
+        augment: ``dsa`` | ``crop_flip`` | ``none`` (default: ``dsa`` when ``dsa`` is given).
+        label_mode: ``auto`` (the set's labels as they are), ``hard`` (argmax of soft labels),
+            ``soft`` (require soft labels), ``teacher`` (targets = ``teacher`` logits per batch).
+        soft_loss_kind, temperature: loss for soft / teacher targets (``soft_ce``, ``kl``, ``mse_ce``).
         compile: ``torch.compile`` the networks (see :class:`StudentModule`).
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
 
     Raises:
-        ValueError: if shapes or label counts do not match, or the images contain NaN/inf.
+        ValueError: if shapes or label counts do not match, the images contain NaN/inf, or the
+            label mode does not fit the labels.
     """
     check_set(images, labels, num_classes, tuple(test_images.shape[1:]))
     quiet_lightning()
+    if label_mode == "hard" and labels.dim() == 2:
+        labels = labels.argmax(1)
+    elif label_mode == "soft" and labels.dim() != 2:
+        raise ValueError("eval.label_mode=soft needs (N, K) soft labels; this set has hard labels")
+    elif label_mode == "teacher" and teacher is None:
+        raise ValueError("eval.label_mode=teacher needs a teacher network (eval.teacher_ckpt)")
+    elif label_mode not in ("auto", "hard", "soft", "teacher"):
+        raise ValueError(f"eval.label_mode must be auto|hard|soft|teacher, got {label_mode!r}")
+    aug = make_augment(augment or ("dsa" if dsa is not None else "none"), dsa, tuple(images.shape[-2:]))
     net_cfg = dict(net_cfg)
     name = net_cfg.pop("name")
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
@@ -119,7 +172,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     for r in range(num_eval):
         L.seed_everything(seed + r, verbose=False)
         net = build_net(name, images.shape[1], num_classes, images.shape[2:], **net_cfg)
-        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, dsa, compile)
+        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, aug, compile,
+                               teacher if label_mode == "teacher" else None, soft_loss_kind, temperature)
         trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             num_sanity_val_steps=0, deterministic=False)

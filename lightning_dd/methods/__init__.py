@@ -2,7 +2,7 @@
 function that runs it: ``fn(cfg, datamodule, out_dir, loggers, callbacks) -> dict`` with keys
 ``result`` (a :class:`lightning_dd.results.DistilledSet`), optionally ``init`` (the set before
 optimization, evaluated as ``baseline/init``), ``timings`` and ``metrics``."""
-from lightning_dd.methods.selection import run_random_selection
+from lightning_dd.methods.selection import run_selection
 from lightning_dd.methods.trajectory_matching import run_trajectory_matching
 
-METHODS = {"trajectory_matching": run_trajectory_matching, "random": run_random_selection}
+METHODS = {"trajectory_matching": run_trajectory_matching, "selection": run_selection}

@@ -1,12 +1,114 @@
-"""Selection baselines: a random real subset of IPC images per class with hard labels."""
+"""Coreset selection baselines: random, herding and k-center, IPC real images per class with hard
+labels, evaluated by the same student evaluator as every distilled set.
+
+* ``random``: a uniform random subset per class.
+* ``herding`` (Welling, ICML 2009; the DC/DM baseline, arXiv 2006.05929): per class, greedily add
+  the image whose embedding brings the running mean of the selected embeddings closest to the
+  class mean.
+* ``kcenter`` (greedy k-center, Sener & Savarese, arXiv 1708.00489): per class, start at the image
+  nearest the class mean, then repeatedly add the image farthest from the selected ones.
+
+Embeddings are the penultimate features (the input of the classifier) of a network trained on the
+real data: the last checkpoint of the first cached expert trajectory (trained on demand with the
+``method`` expert settings, shared with trajectory matching).
+"""
 from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
 
 from lightning_dd.results import DistilledSet
 
 
-def run_random_selection(cfg, dm, out_dir, loggers, callbacks) -> dict:
-    """``method.ipc`` random real training images per class (seed ``seed``), hard labels, the
-    evaluator's default lr."""
-    x, y = dm.random_subset(int(cfg.method.ipc), int(cfg.seed))
-    res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method="random", ipc=int(cfg.method.ipc))
-    return {"result": res, "timings": {}, "metrics": {}}
+def herding(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` rows of ``features`` ``(N, D)`` chosen by herding (no repeats), in order."""
+    if k > len(features):
+        raise ValueError(f"herding: asked for {k} of {len(features)} samples")
+    mu = features.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(mu)
+    avail = torch.ones(len(features), dtype=torch.bool)
+    for i in range(k):
+        # mean after adding each candidate: (total + f) / (i + 1)
+        dist = ((total + features) / (i + 1) - mu).pow(2).sum(1)
+        dist[~avail] = float("inf")
+        j = int(dist.argmin())
+        chosen.append(j)
+        avail[j] = False
+        total += features[j]
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def k_center(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` rows of ``features`` ``(N, D)`` by greedy k-center (first = nearest the mean)."""
+    if k > len(features):
+        raise ValueError(f"k-center: asked for {k} of {len(features)} samples")
+    first = int((features - features.mean(0)).pow(2).sum(1).argmin())
+    chosen = [first]
+    mind = (features - features[first]).pow(2).sum(1)
+    for _ in range(k - 1):
+        j = int(mind.argmax())
+        chosen.append(j)
+        mind = torch.minimum(mind, (features - features[j]).pow(2).sum(1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+SELECTORS = {"herding": herding, "kcenter": k_center}
+
+
+@torch.no_grad()
+def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
+    """Penultimate features ``(N, D)``: the input of ``net.classifier`` (captured by a hook)."""
+    feats = []
+    hook = net.classifier.register_forward_hook(lambda m, inp, out: feats.append(inp[0].flatten(1)))
+    try:
+        net.eval()
+        for part in images.split(chunk):
+            net(part)
+    finally:
+        hook.remove()
+    return torch.cat(feats)
+
+
+def _feature_net(cfg, dm):
+    from lightning_dd.augment.dsa import DSA
+    from lightning_dd.methods.experts import ExpertBank
+    from lightning_dd.nets import FlatParams, build_net
+
+    hp = cfg.method
+    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
+    bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr_teacher, hp.expert_train_epochs,
+                      hp.expert_batch, dsa=dsa, seed=int(cfg.seed), accelerator=cfg.trainer.accelerator,
+                      compile=bool(cfg.trainer.compile))
+    expert = bank.ensure(1, dm.train_images, dm.train_labels, dm.num_classes, test=(dm.test_images, dm.test_labels))[0]
+    name = net_cfg.pop("name")
+    net = build_net(name, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
+    flat = FlatParams(net)
+    for p, v in zip(net.parameters(), flat.unflatten(expert["trajectory"][-1]).values()):
+        p.data.copy_(v)
+    return net, expert
+
+
+def run_selection(cfg, dm, out_dir, loggers, callbacks) -> dict:
+    """``method.ipc`` real training images per class by ``method.name`` (random | herding | kcenter),
+    hard labels, the evaluator's default lr."""
+    name, ipc, t0 = cfg.method.name, int(cfg.method.ipc), time.perf_counter()
+    metrics: dict = {}
+    if name == "random":
+        x, y = dm.random_subset(ipc, int(cfg.seed))
+    elif name in SELECTORS:
+        net, expert = _feature_net(cfg, dm)
+        if expert.get("test_acc") is not None:
+            metrics["selection/feature_net_test_acc"] = expert["test_acc"]
+        feats = embed(net, dm.train_images)
+        idx = torch.cat([i[SELECTORS[name](feats[i], ipc)] for i in dm.class_indices()])
+        x, y = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
+    else:
+        raise ValueError(f"method.name for selection must be random|herding|kcenter, got {name!r}")
+    res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=name, ipc=ipc)
+    return {"result": res, "timings": {"select_s": time.perf_counter() - t0}, "metrics": metrics}

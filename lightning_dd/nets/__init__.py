@@ -6,8 +6,17 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from lightning_dd.nets.convnet import ConvNet
+from lightning_dd.nets.zoo import VGG11, AlexNet, resnet
 
-NETS = {"ConvNet": ConvNet}
+NETS = {
+    "ConvNet": ConvNet,
+    "AlexNet": AlexNet,
+    "VGG11": VGG11,
+    "VGG11BN": lambda c, k, s, **kw: VGG11(c, k, s, **{"norm": "batchnorm", **kw}),
+    "ResNet18": lambda c, k, s, **kw: resnet(18, c, k, s, **kw),
+    "ResNet18BN": lambda c, k, s, **kw: resnet(18, c, k, s, **{"norm": "batchnorm", **kw}),
+    "ResNet50": lambda c, k, s, **kw: resnet(50, c, k, s, **{"norm": "batchnorm", **kw}),
+}
 
 
 def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> nn.Module:

@@ -1,0 +1,76 @@
+"""The student evaluator: deterministic on CPU, seed-sensitive, label modes, clear errors on bad sets."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lightning_dd.data import DigitsDataModule
+from lightning_dd.evaluate import evaluate_set
+from lightning_dd.results import DistilledSet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dm = DigitsDataModule()
+    dm.setup()
+    return dm
+
+
+def _eval(dm, x, y, seed, **kw):
+    return evaluate_set(x, y, dm.test_images, dm.test_labels, 10, {"name": "ConvNet", "width": 16, "depth": 2},
+                        lr=0.01, epochs=30, num_eval=1, seed=seed, accelerator="cpu", **kw)
+
+
+def test_same_seed_same_accuracy_different_seed_differs(digits):
+    x, y = digits.random_subset(5, 0)
+    a, b, c = _eval(digits, x, y, 0), _eval(digits, x, y, 0), _eval(digits, x, y, 7)
+    assert a.accs == b.accs
+    assert a.accs != c.accs
+
+
+def test_label_modes(digits):
+    x, y = digits.random_subset(5, 0)
+    soft = torch.nn.functional.one_hot(y, 10).float() * 8
+    hard = _eval(digits, x, y, 0)
+    # near one-hot soft labels through soft CE learn the same task: accuracy far above chance
+    assert _eval(digits, x, soft, 0, soft_loss_kind="kl", temperature=2.0).mean > 0.5
+    assert _eval(digits, x, soft, 0, label_mode="hard").accs == hard.accs  # argmax == the hard labels
+    with pytest.raises(ValueError, match="needs \\(N, K\\) soft labels"):
+        _eval(digits, x, y, 0, label_mode="soft")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _eval(digits, x, y, 0, label_mode="teacher")
+    # a teacher's logits as targets (KD): a linear "teacher" that is right on the training set
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        teacher[1].weight.copy_(torch.linalg.lstsq(x.flatten(1), soft).solution.T)
+        teacher[1].bias.zero_()
+    r = _eval(digits, x, y, 0, label_mode="teacher", teacher=teacher, soft_loss_kind="kl", temperature=4.0)
+    assert r.mean > 0.3
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(images=d["images"][:, :, :4]), "images are|shape"),
+    (lambda d: d.update(labels=d["labels"][:-1]), "20 images but 19 labels"),
+    (lambda d: d["images"].__setitem__((0, 0, 0, 0), float("nan")), "NaN"),
+    (lambda d: d.update(labels=d["labels"] + 10), "labels must lie in"),
+])
+def test_malformed_saved_sets_fail_clearly(tmp_path, digits, mutate, message):
+    x, y = digits.random_subset(2, 0)
+    path = tmp_path / "distilled.pt"
+    DistilledSet(x, y, None, digits.classes, digits.preprocessing.state(), "random", 2,
+                 meta={"data": {"_target_": "lightning_dd.data.DigitsDataModule", "name": "digits"}}).save(path)
+    d = torch.load(path, weights_only=False)
+    mutate(d)
+    torch.save(d, path)
+    r = subprocess.run([sys.executable, "evaluate.py", f"result={path}", f"hydra.run.dir={tmp_path / 'ev'}",
+                        "logger.wandb.enabled=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert __import__("re").search(message, r.stderr + r.stdout), (r.stderr + r.stdout)[-2000:]
+
+
+def test_missing_result_file_fails_clearly(tmp_path):
+    r = subprocess.run([sys.executable, "evaluate.py", f"result={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no distilled.pt there" in r.stderr + r.stdout
