@@ -193,8 +193,17 @@ def run(cfg: DictConfig) -> dict:
         if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
             lg.experiment.summary.update(metrics)
         lg.finalize("success")
+    finish_wandb()
     print_table(metrics, title=f"{cfg.method.name} on {cfg.data.name} -> {out_dir}")
     return metrics
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run so that the next job of a multirun starts its own."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 def print_table(metrics: dict, title: str = "") -> None:
