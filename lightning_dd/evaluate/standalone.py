@@ -1,11 +1,25 @@
-"""Evaluate a saved result on its own (``evaluate.py``): load, validate, rebuild the test set, run
-the shared evaluator (and baselines), write ``metrics.json``."""
+"""Evaluate a saved result on its own (``evaluate.py``): load it, validate it, rebuild the test set,
+run the shared evaluator (and baselines), write ``metrics.json``.
+
+Accepted results (``result=PATH``):
+
+* a ``distilled.pt`` (:class:`lightning_dd.results.DistilledSet`), or a run directory holding one;
+  its data and net configs are stored inside, so no other argument is needed;
+* a coreset given as indices into the DataModule's training set (as configured by ``data=...``,
+  including ``data.train_per_class``): a ``.pt`` holding a 1-D integer tensor or ``{"indices": ...}``,
+  a ``.npy``, or a ``.txt`` with one index per line; hard labels are the real ones;
+* a folder of images in the class-folder layout ``PATH/<class>/*.png`` (class names as in the
+  data set), e.g. exported synthetic images; pixels are mapped to model space with the data
+  set's preprocessing.
+"""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.results import DistilledSet
@@ -13,18 +27,67 @@ from lightning_dd.results import DistilledSet
 log = logging.getLogger(__name__)
 
 
-def resolve_result_path(path: str | Path) -> Path:
-    """``path`` itself, or ``path/distilled.pt`` for a run directory.
+def _read_indices(p: Path) -> torch.Tensor:
+    if p.suffix == ".npy":
+        idx = torch.from_numpy(np.load(p))
+    elif p.suffix == ".txt":
+        idx = torch.tensor([int(s) for s in p.read_text().split()])
+    else:
+        d = torch.load(p, weights_only=False)
+        idx = d["indices"] if isinstance(d, dict) and "indices" in d else d
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.is_floating_point():
+        raise ValueError(f"{p}: expected a 1-D integer tensor of training-set indices")
+    return idx.long()
+
+
+def _is_distilled(p: Path) -> bool:
+    if p.suffix != ".pt":
+        return False
+    d = torch.load(p, weights_only=False)
+    return isinstance(d, dict) and "images" in d
+
+
+def load_result(path: str | Path, dm=None, data_needed: list | None = None) -> DistilledSet:
+    """Load ``path`` (see the module docstring) as a :class:`DistilledSet`. Coresets and image
+    folders need the set-up DataModule ``dm``.
 
     Raises:
-        FileNotFoundError: neither exists.
+        FileNotFoundError: nothing at ``path``. ValueError: malformed (bad indices, unknown class
+            folder, image size mismatch, or the checks of :meth:`DistilledSet.validate`).
     """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and (p / "distilled.pt").is_file():
         p = p / "distilled.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"result={path}: no distilled.pt there (give the file or the run directory)")
-    return p
+    if not p.exists():
+        raise FileNotFoundError(f"result={path}: no such file or directory (expected a distilled.pt, a run "
+                                f"directory, an index file or an image folder)")
+    if p.is_file() and _is_distilled(p):
+        return DistilledSet.load(p)
+    if dm is None:
+        raise ValueError(f"result={path} is a coreset or an image folder: pass data=<name> to say which data set")
+    if p.is_file():
+        idx = _read_indices(p)
+        n = len(dm.train_labels)
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"{p}: indices must lie in [0, {n}) (the training set as configured), "
+                             f"got [{int(idx.min()) if len(idx) else '-'}, {int(idx.max()) if len(idx) else '-'}]")
+        y = dm.train_labels[idx]
+        return DistilledSet(dm.train_images[idx].clone(), y.clone(), None, dm.classes, dm.preprocessing.state(),
+                            method=f"coreset:{p.name}", ipc=int(torch.bincount(y).max()))
+    from lightning_dd.data.readers import _decode_all, _list_split
+
+    classes, files = _list_split(p)
+    unknown = sorted(set(classes) - set(dm.classes))
+    if not files or unknown:
+        raise ValueError(f"{p}: expected <class>/*.png folders named after the data set's classes "
+                         f"{dm.classes[:5]}...; unknown: {unknown}" if unknown else f"{p}: no images found")
+    x, local = _decode_all(files, workers=4)
+    if dm.image_shape[0] == 1:
+        x = x.float().mean(1, keepdim=True)
+    y = torch.tensor([dm.classes.index(classes[c]) for c in local.tolist()])
+    images = dm.preprocessing.forward(x.float() / 255.0)
+    return DistilledSet(images, y, None, dm.classes, dm.preprocessing.state(), method=f"folder:{p.name}",
+                        ipc=int(torch.bincount(y).max()))
 
 
 def evaluate_saved(cfg: DictConfig) -> dict:
@@ -38,17 +101,20 @@ def evaluate_saved(cfg: DictConfig) -> dict:
     from lightning_dd.runner import build_datamodule, evaluate_with_baselines, print_table
 
     quiet_lightning()
-    path = resolve_result_path(cfg.result)
-    result = DistilledSet.load(path)
-    data_cfg = cfg.get("data") or result.meta.get("data")
-    if not data_cfg:
-        raise ValueError(f"{path}: the result records no data config; pass data=<name> (e.g. data=cifar10)")
-    dm = build_datamodule(OmegaConf.create(data_cfg) if isinstance(data_cfg, dict) else data_cfg)
-    dm.setup()
+    dm = build_datamodule(cfg.data) if cfg.get("data") else None
+    if dm is not None:
+        dm.setup()
+    result = load_result(cfg.result, dm)
+    if dm is None:
+        if not result.meta.get("data"):
+            raise ValueError(f"result={cfg.result} records no data config; pass data=<name> (e.g. data=cifar10)")
+        dm = build_datamodule(OmegaConf.create(result.meta["data"]))
+        dm.setup()
     if tuple(result.images.shape[1:]) != tuple(dm.image_shape):
-        raise ValueError(f"{path}: images are {tuple(result.images.shape[1:])}, the test set {tuple(dm.image_shape)}")
+        raise ValueError(f"result={cfg.result}: images are {tuple(result.images.shape[1:])}, "
+                         f"the test set {tuple(dm.image_shape)}")
     if len(result.classes) != dm.num_classes:
-        raise ValueError(f"{path}: {len(result.classes)} classes, the test set has {dm.num_classes}")
+        raise ValueError(f"result={cfg.result}: {len(result.classes)} classes, the test set has {dm.num_classes}")
     if result.meta.get("net") and not cfg.get("use_config_net", False):
         cfg.net = OmegaConf.create(result.meta["net"])  # the architecture the set was made with
     metrics = evaluate_with_baselines(cfg, dm, result)
@@ -56,5 +122,5 @@ def evaluate_saved(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {k: float(v) for k, v in metrics.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    print_table(metrics, title=f"{result.method} (IPC {result.ipc}) from {path}")
+    print_table(metrics, title=f"{result.method} (IPC {result.ipc}) from {cfg.result}")
     return metrics
