@@ -18,7 +18,7 @@ from lightning_dd.evaluate.student import evaluate_set
 from lightning_dd.methods import METHODS
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import DistilledSet
-from lightning_dd.viz import SyntheticImageLogger, save_grid
+from lightning_dd.viz import PeriodicEvaluation, SyntheticImageLogger, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,18 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: 
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)
     return metrics
+
+
+def _quick_eval(cfg: DictConfig, dm, images, labels, lr) -> float:
+    """One-seed ConvNet evaluation of a set during distillation (``logger.eval_epochs`` epochs)."""
+    ev = cfg.eval
+    r = evaluate_set(images, labels, dm.test_images, dm.test_labels, dm.num_classes,
+                     OmegaConf.to_container(cfg.net, resolve=True), lr=lr if ev.use_learned_lr else ev.lr,
+                     epochs=cfg.logger.eval_epochs, batch_size=ev.batch_size, num_eval=1, seed=ev.seed,
+                     dsa=DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None, augment=ev.augment,
+                     accelerator=cfg.trainer.accelerator, compile=bool(cfg.trainer.compile))
+    log.info("periodic evaluation: %.2f %%", 100 * r.mean)
+    return r.mean
 
 
 def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None) -> dict:
@@ -170,6 +182,8 @@ def run(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg, out_dir)
     callbacks = [SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
                                       nrow=int(cfg.method.get("ipc", 10)))]
+    if cfg.logger.get("eval_every"):
+        callbacks.append(PeriodicEvaluation(lambda x, y, lr: _quick_eval(cfg, dm, x, y, lr), cfg.logger.eval_every))
 
     out = METHODS[cfg.method.family](cfg, dm, out_dir, loggers, callbacks)
     timings.update(out.get("timings", {}))

@@ -47,3 +47,20 @@ class SyntheticImageLogger(L.Callback):
 
     def on_train_end(self, trainer, module):
         self._log(trainer, module)
+
+
+class PeriodicEvaluation(L.Callback):
+    """Every ``every`` training steps, evaluate the module's current set (``module.current_set()``
+    -> ``(images, labels, lr)``) with ``evaluate(images, labels, lr) -> accuracy`` and log it as
+    ``distill/eval_acc`` (MTT/DATM's periodic evaluation during distillation)."""
+
+    def __init__(self, evaluate, every: int):
+        self.evaluate, self.every = evaluate, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self.every or step % self.every or not hasattr(module, "current_set"):
+            return
+        acc = float(self.evaluate(*module.current_set()))
+        for lg in trainer.loggers:
+            lg.log_metrics({"distill/eval_acc": acc}, step=step)
