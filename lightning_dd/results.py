@@ -17,6 +17,22 @@ from lightning_dd.data.readers import atomic_save
 FORMAT_VERSION = 1
 
 
+def load_dict(path: str | Path, keys: tuple[str, ...], what: str) -> dict:
+    """``torch.load`` a saved artifact that must be a dict holding ``keys``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``. ValueError: not a dict with those keys (``what``
+            names the artifact in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    d = torch.load(path, weights_only=False)
+    if not isinstance(d, dict) or any(k not in d for k in keys):
+        raise ValueError(f"{path}: not a lightning_dd {what} (expected keys {', '.join(keys)}, ...)")
+    return d
+
+
 @dataclass
 class DistilledSet:
     """A distilled (or selected) image set.
@@ -59,12 +75,7 @@ class DistilledSet:
             FileNotFoundError: missing file. ValueError: not a distilled set, or invalid (see
             :meth:`validate`).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"distilled set not found: {path}")
-        d = torch.load(path, weights_only=False)
-        if not isinstance(d, dict) or "images" not in d or "labels" not in d:
-            raise ValueError(f"{path}: not a lightning_dd distilled set (expected keys images, labels, ...)")
+        d = load_dict(path, ("images", "labels"), "distilled set")
         d.pop("format_version", None)
         known = {f for f in cls.__dataclass_fields__}
         out = cls(**{k: v for k, v in d.items() if k in known})

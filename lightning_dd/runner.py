@@ -136,12 +136,9 @@ def load_teacher(path: str, dm) -> torch.nn.Module:
     """
     from lightning_dd.nets import build_net
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"eval.teacher_ckpt: no file at {p}")
-    d = torch.load(p, weights_only=False)
-    if not isinstance(d, dict) or "net_cfg" not in d or "state_dict" not in d:
-        raise ValueError(f"eval.teacher_ckpt {p}: expected a dict with net_cfg and state_dict")
+    from lightning_dd.results import load_dict
+
+    d = load_dict(path, ("net_cfg", "state_dict"), "teacher checkpoint (eval.teacher_ckpt)")
     net_cfg = dict(d["net_cfg"])
     net = build_net(net_cfg.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **net_cfg)
     net.load_state_dict(d["state_dict"])
