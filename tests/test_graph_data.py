@@ -1,0 +1,93 @@
+"""Graph readers on the real Cora raw files and on tiny files in the GraphSAINT and .mat formats;
+the LED shift (SGDD) is zero against itself, positive for a perturbed graph, and the sparse (KPM)
+approximation agrees with the exact one."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_dd.data import DataNotFoundError
+from lightning_dd.data.graphs import read_fraud_mat, read_graphsaint, read_planetoid
+from lightning_dd.evaluate.led import led_cdf, led_cdf_kpm, led_shift
+
+
+def test_real_cora_raw_files(shared_data):
+    d = read_planetoid(shared_data / "planetoid", "cora")
+    assert d.x.shape == (2708, 1433) and d.y.shape == (2708,) and int(d.y.max()) == 6
+    assert d.edge_index.shape == (2, 10556)  # 5278 undirected edges, both directions
+    assert int(d.train_mask.sum()) == 140 and int(d.val_mask.sum()) == 500 and int(d.test_mask.sum()) == 1000
+    assert torch.bincount(d.y[d.train_mask]).tolist() == [20] * 7  # the public split
+    assert not (d.edge_index[0] == d.edge_index[1]).any()
+
+
+def test_missing_planetoid_files_are_named(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"ind\.citeseer\.graph"):
+        read_planetoid(tmp_path, "citeseer")
+
+
+def test_graphsaint_layout(tmp_path):
+    import scipy.sparse as sp
+
+    n = 6
+    rows, cols = [0, 1, 2, 3, 4], [1, 2, 3, 4, 5]
+    sp.save_npz(tmp_path / "adj_full.npz", sp.csr_matrix((np.ones(5), (rows, cols)), shape=(n, n)))
+    np.save(tmp_path / "feats.npy", np.arange(n * 3, dtype=np.float32).reshape(n, 3))
+    (tmp_path / "class_map.json").write_text(json.dumps({str(i): i % 2 for i in range(n)}))
+    (tmp_path / "role.json").write_text(json.dumps({"tr": [0, 1, 2], "va": [3], "te": [4, 5]}))
+    d = read_graphsaint(tmp_path, "flickr")
+    assert d.x.shape == (6, 3) and d.y.tolist() == [0, 1, 0, 1, 0, 1]
+    assert d.edge_index.shape == (2, 10)  # symmetrized
+    assert d.train_mask.tolist() == [True, True, True, False, False, False] and d.test_mask[5]
+    (tmp_path / "role.json").unlink()
+    with pytest.raises(DataNotFoundError, match="role.json"):
+        read_graphsaint(tmp_path)
+
+
+def test_fraud_mat(tmp_path):
+    import scipy.sparse as sp
+    from scipy.io import savemat
+
+    n = 50
+    rng = np.random.default_rng(0)
+    adj = sp.random(n, n, density=0.1, random_state=0, format="csc")
+    adj.data[:] = 1
+    savemat(tmp_path / "YelpChi.mat", {"features": sp.csc_matrix(rng.random((n, 4))), "label": (np.arange(n) % 5 == 0)[None].astype(float),
+                                       "homo": adj})
+    d = read_fraud_mat(tmp_path / "YelpChi.mat")
+    assert d.x.shape == (50, 4) and int(d.y.sum()) == 10 and d.name == "YelpChi"
+    assert (d.train_mask | d.val_mask | d.test_mask).all() and not (d.train_mask & d.test_mask).any()
+    assert int(d.y[d.train_mask].sum()) == 4  # stratified 40%
+    with pytest.raises(DataNotFoundError, match="Amazon.mat"):
+        read_fraud_mat(tmp_path / "Amazon.mat")
+
+
+def _ring(n, chords=0, seed=0):
+    i = torch.arange(n)
+    ei = torch.stack([i, (i + 1) % n])
+    if chords:
+        g = torch.Generator().manual_seed(seed)
+        ei = torch.cat([ei, torch.randint(0, n, (2, chords), generator=g)], 1)
+    ei = ei[:, ei[0] != ei[1]]
+    return torch.cat([ei, ei.flip(0)], 1)
+
+
+def test_led_shift_zero_against_itself_positive_when_perturbed():
+    x = torch.randn(60, 5, generator=torch.Generator().manual_seed(0))
+    g = _ring(60, chords=30)
+    assert led_shift(g, x, g, x) == 0.0
+    assert led_shift(g, x, _ring(60, chords=30, seed=1), x) > 0.01
+    # dense adjacency input gives the same LED as the edge list
+    adj = torch.zeros(60, 60)
+    adj[g[0], g[1]] = 1
+    assert led_shift(adj, x, g, x) < 1e-9
+
+
+def test_kpm_led_approximates_the_exact_one():
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
+    g = _ring(300, chords=400)
+    grid = torch.linspace(0, 2, 801, dtype=torch.float64)
+    exact, approx = led_cdf(g, x, grid), led_cdf_kpm(g, 300, x, grid, moments=300)
+    w1 = torch.trapezoid((exact - approx).abs(), grid)
+    other = led_cdf(_ring(300, chords=100, seed=3), x, grid)
+    assert w1 < 0.01 and w1 < 0.2 * torch.trapezoid((exact - other).abs(), grid)
