@@ -90,3 +90,58 @@ class DistilledSet:
         from lightning_dd.evaluate.student import check_set
 
         check_set(self.images, self.labels, len(self.classes))
+
+
+@dataclass
+class CondensedGraph:
+    """A condensed (or selected) graph, ``condensed.pt``.
+
+    Attributes:
+        x: ``(N', F)`` float32 node features.
+        adj: ``(N', N')`` float32 weighted adjacency: symmetric, non-negative, zero diagonal.
+        y: ``(N',)`` int64 labels.
+        method: producing method; reduction_rate: GCond's convention (N' / number of labeled
+            training nodes, transductive); meta: free-form extras (data config, ...).
+    """
+
+    x: torch.Tensor
+    adj: torch.Tensor
+    y: torch.Tensor
+    method: str = ""
+    reduction_rate: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Validate, then write atomically."""
+        self.validate()
+        atomic_save({"format_version": FORMAT_VERSION, "kind": "condensed_graph", **asdict(self)}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CondensedGraph":
+        """Raises FileNotFoundError / ValueError (see :meth:`validate`)."""
+        d = load_dict(path, ("x", "adj", "y"), "condensed graph")
+        out = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        try:
+            out.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return out
+
+    def validate(self) -> None:
+        """Raises ValueError naming the problem: shapes, label count, NaN, asymmetric or negative
+        adjacency, self loops."""
+        n = self.x.shape[0]
+        if self.x.dim() != 2:
+            raise ValueError(f"x must be (N, F), got {tuple(self.x.shape)}")
+        if tuple(self.adj.shape) != (n, n):
+            raise ValueError(f"adj must be ({n}, {n}) for {n} nodes, got {tuple(self.adj.shape)}")
+        if self.y.shape != (n,) or self.y.dtype != torch.int64:
+            raise ValueError(f"y must be ({n},) int64, got {tuple(self.y.shape)} {self.y.dtype}")
+        if not (torch.isfinite(self.x).all() and torch.isfinite(self.adj).all()):
+            raise ValueError("x or adj contain NaN/inf")
+        if (self.adj < 0).any():
+            raise ValueError("adj has negative weights")
+        if not torch.allclose(self.adj, self.adj.T, atol=1e-6):
+            raise ValueError("adj is not symmetric")
+        if self.adj.diagonal().abs().max() > 0 if n else False:
+            raise ValueError("adj has self loops (non-zero diagonal)")
