@@ -1,0 +1,38 @@
+"""Every experiment preset composes at paper and CPU scale, with the settings its paper names."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("scale", ["paper", "cpu"])
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes(name, scale):
+    cfg = _cfg(f"experiment={name}", f"scale={scale}")
+    OmegaConf.resolve(cfg.method)
+    assert cfg.method.family in ("trajectory_matching", "selection")
+    if scale == "cpu" and "cifar10" in name:  # every CIFAR-10 CPU preset shares data, net and experts
+        assert cfg.data.train_per_class == 2000 and cfg.net.width == 64 and cfg.method.num_experts == 2
+
+
+def test_paper_settings_of_datm_and_mtt():
+    ipc = {n: _cfg(f"experiment={e}").method for n, e in
+           [(1, "datm_cifar10_ipc1"), (10, "datm_cifar10"), (50, "datm_cifar10_ipc50")]}
+    assert [ipc[i].max_start_epoch for i in (1, 10, 50)] == [4, 20, 40]
+    assert [ipc[i].lr_img for i in (1, 10, 50)] == [100, 100, 1000]
+    assert [ipc[i].batch_syn for i in (1, 10, 50)] == [10, 100, 500]
+    assert [ipc[i].lr_y for i in (1, 10, 50)] == [5.0, 2.0, 2.0]
+    assert all(ipc[i].syn_steps == 80 and ipc[i].expert_epochs == 2 and ipc[i].lr_teacher == 0.01 for i in ipc)
+    mtt = _cfg("experiment=mtt_cifar10").method
+    assert not mtt.soft_labels and mtt.pix_init == "real" and not mtt.sequential_generation
+    assert _cfg("experiment=datm_cifar10").data.zca
