@@ -20,7 +20,7 @@ import torchmetrics
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
 from lightning_dd.losses import soft_loss
-from lightning_dd.nets import build_net
+from lightning_dd.nets import COMPILE_VERIFIED, build_net
 from lightning_dd.quiet import quiet_lightning
 
 
@@ -166,6 +166,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     aug = make_augment(augment or ("dsa" if dsa is not None else "none"), dsa, tuple(images.shape[-2:]))
     net_cfg = dict(net_cfg)
     name = net_cfg.pop("name")
+    compile = compile and name in COMPILE_VERIFIED
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
     accs = []
     t0 = time.perf_counter()

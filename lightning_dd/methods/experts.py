@@ -25,7 +25,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import atomic_save
 from lightning_dd.losses import label_loss
-from lightning_dd.nets import FlatParams, build_net
+from lightning_dd.nets import COMPILE_VERIFIED, FlatParams, build_net
 from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class ExpertBank:
             L.seed_everything(self.seed + i, verbose=False)
             cfg = dict(self.net_cfg)
             net = build_net(cfg.pop("name"), images.shape[1], num_classes, images.shape[2:], **cfg)
-            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.compile)
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa,
+                                  self.compile and self.net_cfg["name"] in COMPILE_VERIFIED)
             trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=True)

@@ -33,11 +33,11 @@ class AlexNet(nn.Module):
     def __init__(self, channel: int, num_classes: int, im_size=(32, 32)):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channel, 128, 5, padding=4 if channel == 1 else 2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(128, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 192, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+            nn.Conv2d(channel, 128, 5, padding=4 if channel == 1 else 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(192, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 192, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(192, 192, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         with torch.no_grad():
             n = self.features(torch.zeros(1, channel, *im_size)).numel()
         self.classifier = nn.Linear(n, num_classes)
@@ -61,7 +61,7 @@ class VGG11(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 layers += [nn.Conv2d(c, v, 3, padding=3 if channel == 1 and i == 0 else 1), make_norm(v),
-                           nn.ReLU(inplace=True)]
+                           nn.ReLU()]
                 c = v
         self.features = nn.Sequential(*layers)
         with torch.no_grad():
