@@ -154,31 +154,52 @@ def to_markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot(runs: list[Run], path: str | Path, x: str, metric: str, series: str = "method.name") -> None:
-    """Line plot of ``metric`` (accuracy, %) against config key ``x``, one line per ``series`` value;
-    error bars are the std over evaluation seeds (mean over runs sharing a point)."""
+    """Accuracy plot. ``x`` a config key: ``metric`` (e.g. ``eval/ConvNet``) against it, one line per
+    ``series`` value, error bars = std over evaluation seeds (averaged over runs sharing a point).
+    ``x == "arch"``: the architectures of ``eval/<arch>/acc_mean`` on the x axis, one line per run
+    (named by ``series``, else its directory).
+
+    Raises:
+        ValueError: no run has the plotted values.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, dict] = {}
-    for r in runs:
-        if f"{metric}/acc_mean" not in r.metrics or value(r, x) is None:
-            continue
-        pts = lines.setdefault(str(value(r, series)), {})
-        pts.setdefault(float(value(r, x)), []).append((r.metrics[f"{metric}/acc_mean"], r.metrics.get(f"{metric}/acc_std", 0)))
-    if not lines:
-        raise ValueError(f"compare --plot: no run has both {x!r} and {metric}/acc_mean")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, pts in sorted(lines.items()):
-        xs = sorted(pts)
-        ys = [100 * statistics.fmean(m for m, _ in pts[v]) for v in xs]
-        es = [100 * statistics.fmean(s for _, s in pts[v]) for v in xs]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(f"{metric} accuracy (%)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    if x == "arch":
+        archs = sorted({k.split("/")[1] for r in runs for k in r.metrics
+                        if k.startswith("eval/") and k.endswith("/acc_mean")})
+        if not archs:
+            raise ValueError("compare --plot: no eval/<arch>/acc_mean metrics")
+        for r in runs:
+            label = str(value(r, series) or Path(r.name).name)
+            ys = [100 * r.metrics.get(f"eval/{a}/acc_mean", float("nan")) for a in archs]
+            es = [100 * r.metrics.get(f"eval/{a}/acc_std", 0.0) for a in archs]
+            ax.errorbar(archs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xlabel("evaluation architecture")
+        ax.set_ylabel("test accuracy (%)")
+    else:
+        lines: dict[str, dict] = {}
+        for r in runs:
+            if f"{metric}/acc_mean" not in r.metrics or value(r, x) is None:
+                continue
+            pts = lines.setdefault(str(value(r, series) or Path(r.name).name), {})
+            pts.setdefault(float(value(r, x)), []).append((r.metrics[f"{metric}/acc_mean"],
+                                                           r.metrics.get(f"{metric}/acc_std", 0)))
+        if not lines:
+            plt.close(fig)
+            raise ValueError(f"compare --plot: no run has both {x!r} and {metric}/acc_mean")
+        for label, pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ys = [100 * statistics.fmean(m for m, _ in pts[v]) for v in xs]
+            es = [100 * statistics.fmean(s for _, s in pts[v]) for v in xs]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{metric} accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -192,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", metavar="FILE", help="write the per-run table as CSV ('-' = stdout)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables instead of rich ones")
     ap.add_argument("--plot", metavar="FILE.png", help="plot --metric against --x, one line per method")
-    ap.add_argument("--x", default="method.ipc", help="config key on the plot's x axis (default method.ipc)")
+    ap.add_argument("--x", default="method.ipc",
+                    help="config key on the plot's x axis (default method.ipc); 'arch' = one point per eval net")
     ap.add_argument("--metric", default="eval/ConvNet", help="accuracy prefix to plot (default eval/ConvNet)")
     a = ap.parse_args(argv)
     if not a.paths and not a.wandb:

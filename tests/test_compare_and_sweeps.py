@@ -72,3 +72,15 @@ def test_optuna_search_finishes_and_reports_best(tmp_path):
     assert set(best["best_params"]) == {"method.lr_img", "method.lr_y", "method.lr_lr"}
     accs = [json.loads((sweep / str(i) / "metrics.json").read_text())["eval/ConvNet/acc_mean"] for i in range(2)]
     assert abs(best["best_value"] - max(accs)) < 1e-9
+
+
+def test_cross_architecture_plot(tmp_path):
+    from lightning_dd.compare import plot
+
+    for m, acc in (("datm", 0.45), ("random", 0.30)):
+        _fake_run(tmp_path / m, m, 10, 0, acc)
+        d = json.loads((tmp_path / m / "metrics.json").read_text())
+        d.update({"eval/AlexNet/acc_mean": acc - 0.1, "eval/AlexNet/acc_std": 0.02})
+        (tmp_path / m / "metrics.json").write_text(json.dumps(d))
+    plot(find_runs([tmp_path]), tmp_path / "x.png", x="arch", metric="eval/ConvNet")
+    assert (tmp_path / "x.png").stat().st_size > 1000
