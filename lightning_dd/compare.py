@@ -88,15 +88,20 @@ def wandb_runs(project: str) -> list[Run]:
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
-    """Config keys (or overrides) whose values differ between runs, run-bookkeeping keys excluded."""
+    """Config keys (or overrides) whose values differ between runs, run-bookkeeping keys excluded;
+    a key that only some runs' configs hold counts only when some run overrode it."""
     keys = set()
     for r in runs:
         keys |= set(r.config) | set(r.overrides)
+    overridden = {k for r in runs for k in r.overrides}
     out = []
     for k in sorted(keys):
         if k.startswith(IGNORED_PREFIXES):
             continue
-        vals = {json.dumps(r.overrides.get(k, r.config.get(k)), sort_keys=True, default=str) for r in runs}
+        have = [r for r in runs if k in r.overrides or k in r.config]
+        if len(have) < len(runs) and k not in overridden:
+            continue  # a key only some runs' configs have (e.g. another entry point): not a difference
+        vals = {json.dumps(value(r, k), sort_keys=True, default=str) for r in runs}
         if len(vals) > 1:
             out.append(k)
     return out
