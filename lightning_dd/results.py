@@ -33,6 +33,22 @@ def load_dict(path: str | Path, keys: tuple[str, ...], what: str) -> dict:
     return d
 
 
+def load_artifact(cls, path: str | Path, keys: tuple[str, ...], what: str):
+    """Load a saved dataclass artifact ``cls`` (unknown keys ignored) and validate it; errors are
+    prefixed with ``path``.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: not such an artifact, or invalid (``cls.validate``).
+    """
+    d = load_dict(path, keys, what)
+    out = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+    try:
+        out.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return out
+
+
 @dataclass
 class DistilledSet:
     """A distilled (or selected) image set.
@@ -75,15 +91,7 @@ class DistilledSet:
             FileNotFoundError: missing file. ValueError: not a distilled set, or invalid (see
             :meth:`validate`).
         """
-        d = load_dict(path, ("images", "labels"), "distilled set")
-        d.pop("format_version", None)
-        known = {f for f in cls.__dataclass_fields__}
-        out = cls(**{k: v for k, v in d.items() if k in known})
-        try:
-            out.validate()
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        return out
+        return load_artifact(cls, path, ("images", "labels"), "distilled set")
 
     def validate(self) -> None:
         """Raises ValueError naming the problem: shape, label count/range, NaN, class count."""
@@ -119,13 +127,7 @@ class CondensedGraph:
     @classmethod
     def load(cls, path: str | Path) -> "CondensedGraph":
         """Raises FileNotFoundError / ValueError (see :meth:`validate`)."""
-        d = load_dict(path, ("x", "adj", "y"), "condensed graph")
-        out = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-        try:
-            out.validate()
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-        return out
+        return load_artifact(cls, path, ("x", "adj", "y"), "condensed graph")
 
     def validate(self) -> None:
         """Raises ValueError naming the problem: shapes, label count, NaN, asymmetric or negative
