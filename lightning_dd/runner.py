@@ -69,16 +69,18 @@ def eval_net_cfg(cfg: DictConfig, name: str) -> dict:
 
 
 def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: float | None = None,
-                    num_eval: int | None = None, teacher: torch.nn.Module | None = None) -> dict:
-    """Evaluate ``result`` on every ``eval.nets`` architecture; flat metrics under ``prefix``."""
+                    num_eval: int | None = None, teacher: torch.nn.Module | None = None,
+                    nets: list[str] | None = None, epochs: int | None = None) -> dict:
+    """Evaluate ``result`` on every ``eval.nets`` architecture (or ``nets``) for ``eval.epochs`` (or
+    ``epochs``); flat metrics under ``prefix``."""
     ev = cfg.eval
     dsa = DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None
     if lr is None:
         lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
     metrics = {}
-    for name in ev.nets:
+    for name in nets or ev.nets:
         r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
-                         eval_net_cfg(cfg, name), lr=lr, epochs=ev.epochs, batch_size=ev.batch_size,
+                         eval_net_cfg(cfg, name), lr=lr, epochs=epochs or ev.epochs, batch_size=ev.batch_size,
                          num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
                          weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator,
                          compile=bool(cfg.trainer.compile), augment=ev.augment, label_mode=ev.label_mode,
@@ -90,15 +92,11 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: 
 
 
 def _quick_eval(cfg: DictConfig, dm, images, labels, lr) -> float:
-    """One-seed ConvNet evaluation of a set during distillation (``logger.eval_epochs`` epochs)."""
-    ev = cfg.eval
-    r = evaluate_set(images, labels, dm.test_images, dm.test_labels, dm.num_classes,
-                     OmegaConf.to_container(cfg.net, resolve=True), lr=lr if ev.use_learned_lr else ev.lr,
-                     epochs=cfg.logger.eval_epochs, batch_size=ev.batch_size, num_eval=1, seed=ev.seed,
-                     dsa=DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None, augment=ev.augment,
-                     accelerator=cfg.trainer.accelerator, compile=bool(cfg.trainer.compile))
-    log.info("periodic evaluation: %.2f %%", 100 * r.mean)
-    return r.mean
+    """One-seed evaluation of a set during distillation on the run's own net, ``logger.eval_epochs``
+    epochs (the same evaluator settings as the final evaluation otherwise)."""
+    current = DistilledSet(images, labels, lr, dm.classes, {}, method="current")
+    m = evaluate_result(cfg, dm, current, "periodic", num_eval=1, nets=[cfg.net.name], epochs=cfg.logger.eval_epochs)
+    return m[f"periodic/{cfg.net.name}/acc_mean"]  # evaluate_result has logged it
 
 
 def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None) -> dict:
@@ -135,7 +133,6 @@ def load_teacher(path: str, dm) -> torch.nn.Module:
         FileNotFoundError: no file. ValueError: not a teacher checkpoint.
     """
     from lightning_dd.nets import build_net
-
     from lightning_dd.results import load_dict
 
     d = load_dict(path, ("net_cfg", "state_dict"), "teacher checkpoint (eval.teacher_ckpt)")

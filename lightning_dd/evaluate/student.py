@@ -20,7 +20,7 @@ import torchmetrics
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
 from lightning_dd.losses import soft_loss
-from lightning_dd.nets import COMPILE_VERIFIED, build_net
+from lightning_dd.nets import build_net, maybe_compile
 from lightning_dd.quiet import quiet_lightning
 
 
@@ -42,8 +42,7 @@ def make_augment(kind: str, dsa: DSA | None = None, image_size: tuple[int, int] 
     if kind == "crop_flip":
         import kornia.augmentation as K
 
-        seq = torch.nn.Sequential(K.RandomCrop(tuple(image_size), padding=4), K.RandomHorizontalFlip())
-        return seq
+        return torch.nn.Sequential(K.RandomCrop(tuple(image_size), padding=4), K.RandomHorizontalFlip())
     raise ValueError(f"eval.augment must be dsa|crop_flip|none, got {kind!r}")
 
 
@@ -57,7 +56,8 @@ class StudentModule(L.LightningModule):
         num_classes: K, for the accuracy metric.
         momentum, weight_decay: SGD settings (0.9, 5e-4 in the papers).
         augment: callable applied to each training batch (see :func:`make_augment`; ``None`` = none).
-        compile: ``torch.compile`` the network (about 1.7x faster steps on CPU after ~10 s of
+        compile: ``torch.compile`` the network when its architecture is verified (see
+            :func:`lightning_dd.nets.maybe_compile`; ~1.7x faster ConvNet steps on CPU after ~10 s of
             compilation, shared by later runs of the same architecture and batch shape).
         teacher: a network whose logits on the *same augmented batch* are the targets
             (knowledge distillation, SRe2L/FKD style); ``None`` = use the set's labels.
@@ -68,7 +68,7 @@ class StudentModule(L.LightningModule):
                  momentum: float = 0.9, weight_decay: float = 5e-4, augment=None, compile: bool = False,
                  teacher: torch.nn.Module | None = None, soft_loss_kind: str = "soft_ce", temperature: float = 1.0):
         super().__init__()
-        self.net = torch.compile(net, dynamic=False) if compile else net
+        self.net = maybe_compile(net, compile)
         self.lr, self.total_steps = lr, total_steps
         self.momentum, self.weight_decay, self.augment = momentum, weight_decay, augment
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
@@ -166,7 +166,6 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     aug = make_augment(augment or ("dsa" if dsa is not None else "none"), dsa, tuple(images.shape[-2:]))
     net_cfg = dict(net_cfg)
     name = net_cfg.pop("name")
-    compile = compile and name in COMPILE_VERIFIED
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
     accs = []
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import atomic_save
 from lightning_dd.losses import label_loss
-from lightning_dd.nets import COMPILE_VERIFIED, FlatParams, build_net
+from lightning_dd.nets import FlatParams, build_net, maybe_compile
 from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ExpertModule(L.LightningModule):
         super().__init__()
         self.lr, self.momentum, self.weight_decay, self.dsa = lr, momentum, weight_decay, dsa
         self.flat = FlatParams(net)  # the uncompiled module: same parameters
-        self.net = torch.compile(net, dynamic=False) if compile else net
+        self.net = maybe_compile(net, compile)
         self.trajectory: list[torch.Tensor] = []
 
     def on_train_start(self):
@@ -111,8 +111,7 @@ class ExpertBank:
             L.seed_everything(self.seed + i, verbose=False)
             cfg = dict(self.net_cfg)
             net = build_net(cfg.pop("name"), images.shape[1], num_classes, images.shape[2:], **cfg)
-            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa,
-                                  self.compile and self.net_cfg["name"] in COMPILE_VERIFIED)
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.compile)
             trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
                                 enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                                 enable_progress_bar=True)
@@ -131,3 +130,17 @@ class ExpertBank:
             log.info("expert %d: %d epochs in %.1fs, test acc %s", i, self.epochs, rec["seconds"], acc)
             out.append(rec)
         return out
+
+
+def expert_bank(cfg, dm) -> ExpertBank:
+    """The run's expert bank: ``method`` expert settings, ``net``, ``augment`` (DSA), ``seed`` and the
+    DataModule's identity as the cache key; shared by trajectory matching and the coreset
+    selectors' feature network, so both reuse the same cached trajectories."""
+    from omegaconf import OmegaConf
+
+    hp = cfg.method
+    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
+    return ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, OmegaConf.to_container(cfg.net, resolve=True),
+                      hp.lr_teacher, hp.expert_train_epochs, hp.expert_batch, dsa=dsa, seed=int(cfg.seed),
+                      accelerator=cfg.trainer.accelerator, compile=bool(cfg.trainer.compile))

@@ -15,7 +15,6 @@ real data: the last checkpoint of the first cached expert trajectory (trained on
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -74,23 +73,18 @@ def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torc
 
 
 def _feature_net(cfg, dm):
-    from lightning_dd.augment.dsa import DSA
-    from lightning_dd.methods.experts import ExpertBank
-    from lightning_dd.nets import FlatParams, build_net
+    """The network whose penultimate features the selectors use: the first cached expert's last
+    checkpoint (trained on demand). Returns ``(net, expert record)``."""
+    from torch.nn.utils import vector_to_parameters
 
-    hp = cfg.method
+    from lightning_dd.methods.experts import expert_bank
+    from lightning_dd.nets import build_net
+
+    expert = expert_bank(cfg, dm).ensure(1, dm.train_images, dm.train_labels, dm.num_classes,
+                                         test=(dm.test_images, dm.test_labels))[0]
     net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
-    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
-    bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr_teacher, hp.expert_train_epochs,
-                      hp.expert_batch, dsa=dsa, seed=int(cfg.seed), accelerator=cfg.trainer.accelerator,
-                      compile=bool(cfg.trainer.compile))
-    expert = bank.ensure(1, dm.train_images, dm.train_labels, dm.num_classes, test=(dm.test_images, dm.test_labels))[0]
-    name = net_cfg.pop("name")
-    net = build_net(name, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
-    flat = FlatParams(net)
-    for p, v in zip(net.parameters(), flat.unflatten(expert["trajectory"][-1]).values()):
-        p.data.copy_(v)
+    net = build_net(net_cfg.pop("name"), dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
+    vector_to_parameters(expert["trajectory"][-1], net.parameters())  # FlatParams order = parameters()
     return net, expert
 
 

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.methods.experts import expert_bank
 from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
 from lightning_dd.nets import FlatParams, build_net
 from lightning_dd.results import DistilledSet
@@ -211,10 +211,7 @@ def run_trajectory_matching(cfg: DictConfig, dm, out_dir: Path, loggers: list, c
 
     # 1. expert trajectories (cached)
     t0 = time.perf_counter()
-    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
-    bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr_teacher, hp.expert_train_epochs,
-                      hp.expert_batch, dsa=dsa, seed=seed, accelerator=cfg.trainer.accelerator,
-                      compile=bool(cfg.trainer.compile))
+    bank = expert_bank(cfg, dm)
     experts = bank.ensure(hp.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
                           test=(dm.test_images, dm.test_labels))
     trajectories = [e["trajectory"] for e in experts]

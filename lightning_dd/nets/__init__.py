@@ -35,6 +35,14 @@ def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> n
     return NETS[name](channel, num_classes, tuple(im_size), **kwargs)
 
 
+def maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
+    """``torch.compile(net)`` when ``compile`` and ``net`` is an instance of a class in
+    :data:`COMPILE_VERIFIED`; otherwise ``net`` itself (same parameters either way)."""
+    if compile and type(net).__name__ in COMPILE_VERIFIED:
+        return torch.compile(net, dynamic=False)
+    return net
+
+
 class FlatParams:
     """Maps a module's parameters to one flat vector ``(P,)`` and back (MTT's "reparam" trick).
 
