@@ -84,7 +84,8 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: 
                          num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
                          weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator,
                          compile=bool(cfg.trainer.compile), augment=ev.augment, label_mode=ev.label_mode,
-                         soft_loss_kind=ev.soft_loss, temperature=ev.temperature, teacher=teacher)
+                         soft_loss_kind=ev.soft_loss, temperature=ev.temperature, teacher=teacher,
+                         precision=str(ev.get("precision", "32-true")))
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)
