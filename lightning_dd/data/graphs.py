@@ -145,3 +145,59 @@ def read_fraud_mat(path: str | Path, name: str | None = None, train_frac: float 
         masks["val_mask"][idx[a:b]] = True
         masks["test_mask"][idx[b:]] = True
     return Data(x=x, y=y, edge_index=_undirected(ei, n), name=name or path.stem, **masks)
+
+
+import lightning as L  # noqa: E402
+
+GRAPH_FORMATS = ("planetoid", "graphsaint", "fraud_mat")
+
+
+class GraphDataModule(L.LightningDataModule):
+    """One real graph for condensation (GCond/SGDD), read from its own on-disk format.
+
+    Args:
+        name: data set name (``cora``, ``citeseer``, ``pubmed``, ``flickr``, ``yelpchi``, ...).
+        format: ``planetoid`` (``root/<Name>/raw/ind.*``) | ``graphsaint`` (``root/<name>/``) |
+            ``fraud_mat`` (``root/<Name>.mat``).
+        root: the folder holding the data set (``${paths.data_dir}/planetoid`` for Cora).
+        normalize_features: row-normalize the features (GCond/SGDD's ``NormalizeFeatures``).
+        task: ``node`` (node classification) or ``anomaly`` (fraud graphs: binary, AUC / macro-F1).
+
+    After :meth:`setup`: ``data`` (``torch_geometric.data.Data`` with ``x (N, F)``, ``y (N,)``,
+    ``edge_index (2, E)`` undirected and the split masks), ``num_classes``, ``classes``.
+
+    Raises:
+        ValueError: unknown ``format``/``task``. DataNotFoundError: files missing (named).
+    """
+
+    def __init__(self, name: str, format: str = "planetoid", root: str = "data/planetoid",
+                 normalize_features: bool = True, task: str = "node", cache_dir: str | None = None, **_ignored):
+        super().__init__()
+        if format not in GRAPH_FORMATS:
+            raise ValueError(f"data.format must be one of {GRAPH_FORMATS}, got {format!r}")
+        if task not in ("node", "anomaly"):
+            raise ValueError(f"data.task must be 'node' or 'anomaly', got {task!r}")
+        self.name, self.format, self.root, self.task = name, format, Path(root), task
+        self.normalize_features = normalize_features
+        self.preprocessing = None  # the runner's image logger finds no images on graph methods
+        self.data = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        if self.format == "planetoid":
+            data = read_planetoid(self.root, self.name)
+        elif self.format == "graphsaint":
+            sub = self.root / self.name
+            data = read_graphsaint(sub if sub.is_dir() else self.root, self.name)
+        else:
+            path = self.root if self.root.suffix == ".mat" else self.root / f"{self.name}.mat"
+            data = read_fraud_mat(path, self.name)
+        if data.y.dim() != 1:
+            raise ValueError(f"{self.name}: multi-label graphs are not supported by node-classification condensation")
+        if self.normalize_features:
+            s = data.x.sum(1, keepdim=True)
+            data.x = data.x / torch.where(s == 0, torch.ones_like(s), s)
+        self.data = data
+        self.num_classes = int(data.y.max()) + 1
+        self.classes = [str(c) for c in range(self.num_classes)]

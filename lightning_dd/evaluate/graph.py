@@ -1,11 +1,23 @@
-"""Node-classification evaluation of a condensed graph (GCond, arXiv 2110.07580, Sec. 5; SGDD,
-arXiv 2310.09192): train a fresh GNN on the condensed graph ``(X', A', y')``, select the epoch by
-accuracy on the real graph's validation nodes, report accuracy on its test nodes; several seeds,
-mean ± std, across architectures.
+"""Evaluation of a condensed graph (GCond, arXiv 2110.07580, Sec. 5; SGDD, arXiv 2310.09192,
+Sec. 5): train a fresh GNN on the condensed graph ``(X', A', y')``, select the epoch by accuracy
+on the real graph's validation nodes, report accuracy on its test nodes; several seeds, mean ±
+std, across architectures. The same trainer runs the full-graph reference (loss on the real
+training nodes only) and the node-coreset baselines (induced subgraphs).
+
+Other tasks, from the network trained on the condensed graph (weights at the best validation
+epoch):
+
+* link prediction on the real graph (SGDD, Sec. 5): nodes embedded by the network's hidden layer
+  on the real graph, an edge scored by the cosine of its end points' embeddings; AUC of all real
+  edges against as many uniformly drawn non-edges (seeded);
+* anomaly detection (fraud graphs, binary labels): AUC of the predicted anomaly probability and
+  macro-F1 of the arg-max prediction on the test nodes.
 """
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -19,82 +31,190 @@ from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import CondensedGraph
 
 
+@dataclass
+class GraphEvalResult(EvalResult):
+    """Accuracies per seed plus other per-seed scores (``extra[name] = [...]``, e.g. ``link_auc``)."""
+
+    extra: dict = field(default_factory=dict)
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        m = super().metrics(prefix)
+        for k, v in self.extra.items():
+            m[f"{prefix}/{self.net}/{k}_mean"] = float(np.mean(v))
+            m[f"{prefix}/{self.net}/{k}_std"] = float(np.std(v))
+        return m
+
+
 class GraphStudentModule(L.LightningModule):
-    """Full-batch training of ``net`` on a condensed graph; after each epoch (step), accuracy on
-    the real graph's val/test nodes; keeps the test accuracy at the best val accuracy.
+    """Full-batch training of ``net`` on a training graph; every ``eval_every`` steps (and at the
+    last), accuracy on the real graph's val/test nodes; keeps the test accuracy and the weights
+    at the best val accuracy.
 
     Args:
-        net: a fresh :class:`GNN`. cond: the condensed graph. real: the real graph
-            (``torch_geometric.data.Data`` with masks). lr, weight_decay: Adam settings.
-        eval_every: evaluate on the real graph every this many steps.
+        net: a fresh :class:`GNN`. x ``(n, F)``, edge_index ``(2, E)``, edge_weight ``(E,) | None``,
+            y ``(n,)``: the training graph; train_idx: nodes whose loss counts (None: all).
+        real: the real graph (``Data`` with masks). lr, weight_decay: Adam settings.
     """
 
-    def __init__(self, net: GNN, cond: CondensedGraph, real, lr: float = 0.01, weight_decay: float = 5e-4,
-                 eval_every: int = 1):
+    def __init__(self, net: GNN, x, edge_index, edge_weight, y, real, train_idx=None, lr: float = 0.01,
+                 weight_decay: float = 5e-4, eval_every: int = 1):
         super().__init__()
-        self.net, self.cond, self.real, self.lr, self.weight_decay = net, cond, real, lr, weight_decay
+        self.net, self.real, self.lr, self.weight_decay = net, real, lr, weight_decay
+        self.x, self.ei, self.w, self.y, self.train_idx = x, edge_index, edge_weight, y, train_idx
         self.eval_every = eval_every
-        self.best_val, self.test_at_best = -1.0, 0.0
+        self.best_val, self.test_at_best, self.best_state = -1.0, 0.0, None
 
     def training_step(self, batch, batch_idx):
-        ei, w = dense_to_edges(self.cond.adj.to(self.device))
-        out = self.net(self.cond.x.to(self.device), ei, w)
-        loss = F.cross_entropy(out, self.cond.y.to(self.device))
-        return loss
+        out = self.net(self.x, self.ei, self.w)
+        if self.train_idx is not None:
+            return F.cross_entropy(out[self.train_idx], self.y[self.train_idx])
+        return F.cross_entropy(out, self.y)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if (self.global_step % self.eval_every) and self.global_step != self.trainer.max_steps:
+        step = self.global_step
+        if step % self.eval_every and step != self.trainer.max_steps:
             return
         self.net.eval()
         with torch.no_grad():
             r = self.real
-            pred = self.net(r.x.to(self.device), r.edge_index.to(self.device)).argmax(1).cpu()
+            pred = self.net(r.x, r.edge_index).argmax(1)
             val = (pred[r.val_mask] == r.y[r.val_mask]).float().mean().item()
             test = (pred[r.test_mask] == r.y[r.test_mask]).float().mean().item()
         self.net.train()
         if val > self.best_val:
             self.best_val, self.test_at_best = val, test
+            self.best_state = copy.deepcopy(self.net.state_dict())
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def evaluate_graph(cond: CondensedGraph, real, arch: str = "GCN", epochs: int = 600, num_eval: int = 5,
-                   seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01,
-                   weight_decay: float = 5e-4, eval_every: int = 1, accelerator: str = "auto") -> EvalResult:
-    """Test accuracy (at the best real-validation epoch) of ``num_eval`` fresh ``arch`` networks
-    trained on ``cond``; seeds ``seed .. seed+num_eval-1``.
+def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=None, epochs: int = 600,
+              seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01, weight_decay: float = 5e-4,
+              eval_every: int = 1, accelerator: str = "cpu") -> GraphStudentModule:
+    """Train one fresh ``arch`` network for ``epochs`` full-batch steps; returns the module
+    (``test_at_best``, ``best_state``: weights at the best real-validation accuracy)."""
+    quiet_lightning()
+    L.seed_everything(seed, verbose=False)
+    k = int(real.y.max()) + 1
+    net = GNN(arch, real.x.shape[1], k, hidden=hidden, dropout=dropout)
+    module = GraphStudentModule(net, x, edge_index, edge_weight, y, real, train_idx, lr, weight_decay, eval_every)
+    trainer = L.Trainer(max_steps=epochs, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, DataLoader(range(epochs), batch_size=None))
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    net.eval()
+    return module
 
-    Raises:
-        ValueError: feature or class counts of ``cond`` and ``real`` differ; invalid ``cond``.
-    """
+
+def check_condensed(cond: CondensedGraph, real) -> None:
+    """Raises ValueError: invalid ``cond`` (see :meth:`CondensedGraph.validate`), or feature /
+    class counts that differ from ``real``'s."""
     cond.validate()
     if cond.x.shape[1] != real.x.shape[1]:
         raise ValueError(f"condensed features have {cond.x.shape[1]} dims, the real graph {real.x.shape[1]}")
     k = int(real.y.max()) + 1
     if int(cond.y.max()) >= k:
         raise ValueError(f"condensed labels reach {int(cond.y.max())}, the real graph has {k} classes")
-    quiet_lightning()
-    accs, t0 = [], time.perf_counter()
+
+
+def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs: int = 600, num_eval: int = 5,
+                   seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01,
+                   weight_decay: float = 5e-4, eval_every: int = 1, accelerator: str = "cpu",
+                   link_prediction: bool = False, anomaly: bool = False) -> GraphEvalResult:
+    """Test accuracy (at the best real-validation epoch) of ``num_eval`` fresh ``arch`` networks
+    trained on ``cond`` (``None``: the full real graph, loss on its training nodes); seeds
+    ``seed .. seed+num_eval-1``. Optionally per-seed ``link_auc`` and ``anomaly_auc`` /
+    ``anomaly_macro_f1`` in ``extra``.
+
+    Raises:
+        ValueError: see :func:`check_condensed`.
+    """
+    if cond is not None:
+        check_condensed(cond, real)
+        ei, w = dense_to_edges(cond.adj)
+        x, y, train_idx = cond.x, cond.y, None
+    else:
+        x, ei, w, y = real.x, real.edge_index, None, real.y
+        train_idx = real.train_mask.nonzero().squeeze(1)
+    accs, extra, t0 = [], {}, time.perf_counter()
     for r in range(num_eval):
-        L.seed_everything(seed + r, verbose=False)
-        net = GNN(arch, real.x.shape[1], k, hidden=hidden, dropout=dropout)
-        module = GraphStudentModule(net, cond, real, lr, weight_decay, eval_every)
-        trainer = L.Trainer(max_steps=epochs, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
-        trainer.fit(module, DataLoader(range(epochs), batch_size=None))
-        accs.append(module.test_at_best)
-    return EvalResult(arch, accs, time.perf_counter() - t0)
+        m = train_gnn(x, ei, w, y, real, arch, train_idx, epochs, seed + r, hidden, dropout, lr, weight_decay,
+                      eval_every, accelerator)
+        accs.append(m.test_at_best)
+        if link_prediction:
+            extra.setdefault("link_auc", []).append(link_prediction_auc(m.net, real, seed=seed + r))
+        if anomaly:
+            for k, v in anomaly_scores(m.net, real).items():
+                extra.setdefault(k, []).append(v)
+    return GraphEvalResult(arch, accs, time.perf_counter() - t0, extra)
+
+
+@torch.no_grad()
+def embed(net: GNN, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    """Node embeddings ``(N, hidden)``: the output of ``net``'s first layer (before the ReLU);
+    for single-layer nets (SGC) their logits."""
+    if net.kind in ("MLP", "APPNP"):
+        return net.layers[0](x)
+    if len(net.layers) == 1:
+        return net(x, edge_index)
+    if net.kind == "GraphSAGE":
+        return net.layers[0](x, edge_index)
+    return net.layers[0](x, edge_index, None)
+
+
+def link_prediction_auc(net: GNN, real, num_neg: int | None = None, seed: int = 0) -> float:
+    """AUC of cosine scores of the real graph's edges against ``num_neg`` (default: as many as
+    edges) uniformly drawn non-edges, with ``net``'s embeddings of the real graph (no training
+    of a link decoder: embeddings of a network trained on the condensed graph only)."""
+    from sklearn.metrics import roc_auc_score
+
+    z = F.normalize(embed(net, real.x, real.edge_index), dim=1)
+    ei = real.edge_index[:, real.edge_index[0] < real.edge_index[1]]
+    n = real.num_nodes
+    g = torch.Generator().manual_seed(seed)
+    num_neg = num_neg or ei.shape[1]
+    existing = set((ei[0] * n + ei[1]).tolist())
+    cand = torch.randint(0, n, (2, 3 * num_neg), generator=g)
+    lo, hi = cand.min(0).values, cand.max(0).values
+    keep = [(a, b) for a, b in zip(lo.tolist(), hi.tolist()) if a != b and a * n + b not in existing][:num_neg]
+    neg = torch.tensor(keep).T
+    pos_s = (z[ei[0]] * z[ei[1]]).sum(1)
+    neg_s = (z[neg[0]] * z[neg[1]]).sum(1)
+    labels = np.r_[np.ones(len(pos_s)), np.zeros(len(neg_s))]
+    return float(roc_auc_score(labels, torch.cat([pos_s, neg_s]).numpy()))
+
+
+def anomaly_scores(net: GNN, real) -> dict[str, float]:
+    """Fraud/anomaly detection on the real test nodes (labels 0 normal / 1 anomalous):
+    ``anomaly_auc`` of the softmax probability of class 1, ``anomaly_macro_f1`` of the arg-max.
+
+    Raises:
+        ValueError: the graph is not binary."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    if int(real.y.max()) != 1:
+        raise ValueError(f"anomaly detection needs binary labels, got {int(real.y.max()) + 1} classes")
+    with torch.no_grad():
+        out = net(real.x, real.edge_index)
+    m = real.test_mask
+    y = real.y[m].numpy()
+    p = torch.softmax(out[m], 1)[:, 1].numpy()
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    return {"anomaly_auc": auc, "anomaly_macro_f1": float(f1_score(y, out[m].argmax(1).numpy(), average="macro"))}
 
 
 def full_graph_condensed(real) -> CondensedGraph:
-    """The whole real graph as a 'condensed' graph restricted to nothing: used as the full-data
-    reference only through :func:`evaluate_graph` on small graphs (dense adjacency)."""
+    """The whole real graph with dense adjacency, every node labeled (for small graphs in tests;
+    the full-graph *baseline* is ``evaluate_graph(None, real)``, trained on the training nodes)."""
     n = real.num_nodes
     adj = torch.zeros(n, n)
     adj[real.edge_index[0], real.edge_index[1]] = 1.0
+    adj.fill_diagonal_(0)
     return CondensedGraph(real.x, adj, real.y, method="full", reduction_rate=1.0)
 
 
-__all__ = ["GraphStudentModule", "evaluate_graph", "full_graph_condensed", "np"]
+__all__ = ["GraphEvalResult", "GraphStudentModule", "anomaly_scores", "check_condensed", "embed", "evaluate_graph",
+           "full_graph_condensed", "link_prediction_auc", "train_gnn"]

@@ -6,3 +6,7 @@ from lightning_dd.methods.selection import run_selection
 from lightning_dd.methods.trajectory_matching import run_trajectory_matching
 
 METHODS = {"trajectory_matching": run_trajectory_matching, "selection": run_selection}
+
+from lightning_dd.methods.graph_run import run_graph  # noqa: E402  (GCond / SGDD / node coresets)
+
+METHODS["graph"] = run_graph
