@@ -100,13 +100,16 @@ def _quick_eval(cfg: DictConfig, dm, images, labels, lr) -> float:
     return m[f"periodic/{cfg.net.name}/acc_mean"]  # evaluate_result has logged it
 
 
-def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None) -> dict:
+def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None,
+                            teacher_ckpt: str | None = None) -> dict:
     """``eval/...`` for ``result``, then each of ``eval.baselines`` through the same evaluator:
     ``init`` (the method's initialization), ``random`` (a random real subset of the same IPC,
     hard labels, ``eval.lr``). Adds ``eval/<net>/improvement_over_random`` (accuracy points as a
     fraction, DD-Ranking's IOR idea) when both are there, and ``eval/<net>/gap_to_full`` when
-    ``eval.full_data_acc`` (the architecture's full-data accuracy) is given."""
-    teacher = load_teacher(cfg.eval.teacher_ckpt, dm) if cfg.eval.get("teacher_ckpt") else None
+    ``eval.full_data_acc`` (the architecture's full-data accuracy) is given. The KD teacher is
+    ``eval.teacher_ckpt``, else ``teacher_ckpt`` (the one a method trained, e.g. SRe2L's)."""
+    teacher_ckpt = cfg.eval.get("teacher_ckpt") or teacher_ckpt
+    teacher = load_teacher(teacher_ckpt, dm) if teacher_ckpt else None
     metrics = evaluate_result(cfg, dm, result, "eval", teacher=teacher)
     for b in cfg.eval.baselines:
         if b == "init" and init is not None:
@@ -191,7 +194,7 @@ def run(cfg: DictConfig) -> dict:
         save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", nrow=max(1, result.ipc))
         if cfg.stage == "all":
             t0 = time.perf_counter()
-            metrics.update(evaluate_with_baselines(cfg, dm, result, out.get("init")))
+            metrics.update(evaluate_with_baselines(cfg, dm, result, out.get("init"), out.get("teacher_ckpt")))
             timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     metrics.update({f"timings/{k}": v for k, v in timings.items()})

@@ -20,7 +20,10 @@ def _cfg(*overrides):
 def test_experiment_composes(name, scale):
     cfg = _cfg(f"experiment={name}", f"scale={scale}")
     OmegaConf.resolve(cfg.method)
-    assert cfg.method.family in ("trajectory_matching", "selection")
+    assert cfg.method.family in ("trajectory_matching", "selection", "statistics_matching")
+    if cfg.method.family == "statistics_matching":  # SRe2L/CDA/G-VBSM: BN teachers, no ZCA, KD evaluation
+        assert not cfg.data.zca and cfg.eval.label_mode == "teacher" and cfg.method.teacher.nets
+        return
     if scale == "cpu" and "cifar10" in name:  # every CIFAR-10 CPU preset shares data, net and experts
         assert cfg.data.train_per_class == 2000 and cfg.net.width == 64 and cfg.method.num_experts == 2
 
@@ -36,3 +39,16 @@ def test_paper_settings_of_datm_and_mtt():
     mtt = _cfg("experiment=mtt_cifar10").method
     assert not mtt.soft_labels and mtt.pix_init == "real" and not mtt.sequential_generation
     assert _cfg("experiment=datm_cifar10").data.zca
+
+
+def test_paper_settings_of_statistics_matching():
+    cda = _cfg("experiment=cda_imagenet").method
+    assert [n.name for n in cda.teacher.nets] == ["ResNet18BN"] and cda.recover.iterations == 4000
+    r = cda.recover
+    assert (r.lr, r.r_bn, r.first_bn_multiplier, r.jitter, list(r.crop_scale), r.crop_schedule) == \
+        (0.25, 0.01, 10.0, 32, [0.08, 1.0], "cosine")
+    assert _cfg("experiment=sre2l_imagenet").method.recover.iterations == 1000
+    assert _cfg("experiment=sre2l_imagenet").method.recover.crop_schedule == "none"
+    assert len(_cfg("experiment=gvbsm_cifar10").method.teacher.nets) == 5
+    assert _cfg("experiment=gvbsm_cifar10", "scale=cpu").method.recover.backbones_per_iter == 2
+    assert _cfg("experiment=cda_imagenet", "scale=cpu").data.root.endswith("imagenet_sample")

@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from lightning_dd.nets.convnet import ConvNet
+from lightning_dd.nets.small import WRN16_2, mobilenet_v2, shufflenet_v2
 from lightning_dd.nets.zoo import VGG11, AlexNet, resnet
 
 # torch.compile is applied (trainer.compile=true) only to architectures whose compiled training was
@@ -21,6 +22,10 @@ NETS = {
     "ResNet18": lambda c, k, s, **kw: resnet(18, c, k, s, **kw),
     "ResNet18BN": lambda c, k, s, **kw: resnet(18, c, k, s, **{"norm": "batchnorm", **kw}),
     "ResNet50": lambda c, k, s, **kw: resnet(50, c, k, s, **{"norm": "batchnorm", **kw}),
+    # small BatchNorm backbones for multi-backbone statistics matching (G-VBSM)
+    "MobileNetV2": mobilenet_v2,
+    "ShuffleNetV2": shufflenet_v2,
+    "WRN16_2": WRN16_2,
 }
 
 

@@ -1,0 +1,307 @@
+"""ImageNet-1k and Tiny-ImageNet from their original JPEG layouts (the data of SRe2L arXiv
+2306.13092, CDA arXiv 2311.18838 and G-VBSM arXiv 2311.17950).
+
+Layouts (``layout=auto`` picks the first that matches under ``root``):
+
+* ``imagenet``: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` (the usual class-folder
+  ImageNet, what ``torchvision.datasets.ImageFolder`` reads);
+* ``tiny``: Tiny-ImageNet-200 as distributed: ``train/<wnid>/images/*.JPEG``, ``val/images/*.JPEG``
+  with labels in ``val/val_annotations.txt`` (``<file>\\t<wnid>\\t...`` per line);
+* ``flat``: ``<wnid>/*.JPEG`` directly under ``root`` (e.g. ``shared/data/imagenet_sample``, one
+  image per class), served as both the train and the val split (smoke runs only).
+
+Real-world files: grayscale (``L``), CMYK and palette JPEGs/PNGs are converted to RGB; sizes vary.
+Two ways to serve images:
+
+* in memory (what the framework's methods and the student evaluator read, see
+  :class:`lightning_dd.data.images.ImageDataModule`): each image is decoded once, resized so its
+  shorter side is ``resize_size`` and center-cropped to ``image_size`` (the standard
+  256 -> 224 evaluation transform), stored as uint8 and cached (``cache_dir``, keyed by every
+  file's name, size and mtime and the two sizes). ``train_per_class`` / ``val_per_class`` limit
+  the files decoded per class (all of ImageNet-1k at 224 px would need ~190 GB of memory);
+* streaming (:func:`image_folder_dataset`): a ``torch.utils.data.Dataset`` over the files with the
+  standard training transforms (:func:`train_transforms`: RandomResizedCrop 224, flip, normalize;
+  torchvision.transforms.v2) or evaluation transforms (:func:`val_transforms`), for training a
+  teacher on the full set with a DataLoader.
+
+Pixels map to model space with the ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224,
+0.225) unless ``normalize=fit``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_dd.data.images import ImageDataModule, Preprocessing
+from lightning_dd.data.readers import IMAGE_SUFFIXES, DataNotFoundError, ImageSet, atomic_save
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUTS = ("auto", "imagenet", "tiny", "flat")
+
+
+def _images_in(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_dirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def expected_layouts(root: Path) -> str:
+    """Human-readable list of the paths each layout needs (for :class:`DataNotFoundError`)."""
+    return (f"expected one of: (imagenet) {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG; "
+            f"(tiny) {root}/train/<wnid>/images/*.JPEG, {root}/val/images/*.JPEG and "
+            f"{root}/val/val_annotations.txt; (flat) {root}/<wnid>/*.JPEG. Point paths.data_dir (or "
+            f"LDD_DATA_DIR) at the directory holding '{root.name}', or set data.root.")
+
+
+def detect_layout(root: str | Path) -> str:
+    """The layout of ``root`` (``imagenet`` | ``tiny`` | ``flat``).
+
+    Raises:
+        DataNotFoundError: ``root`` matches no layout (the message names the files expected).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataNotFoundError(f"ImageNet data not found: {root} does not exist; " + expected_layouts(root))
+    if (root / "val" / "val_annotations.txt").is_file() and (root / "train").is_dir():
+        return "tiny"
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return "imagenet"
+    if any(_images_in(d) for d in _class_dirs(root)):
+        return "flat"
+    raise DataNotFoundError(f"no ImageNet layout recognized under {root}; " + expected_layouts(root))
+
+
+def list_files(root: str | Path, layout: str = "auto", split: str = "train") -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted wnids) and ``(file, label)`` pairs of one split.
+
+    Args:
+        root: the data set directory. layout: one of :data:`LAYOUTS`. split: ``train`` | ``val``.
+
+    Raises:
+        ValueError: unknown layout/split, or val classes the train split lacks.
+        DataNotFoundError: the split has no images where the layout expects them.
+    """
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train|val, got {split!r}")
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout == "flat":
+        dirs = _class_dirs(root)
+        classes = [d.name for d in dirs]
+        files = [(f, c) for c, d in enumerate(dirs) for f in _images_in(d)]
+    elif layout == "imagenet":
+        classes = [d.name for d in _class_dirs(root / "train")]
+        index = {w: i for i, w in enumerate(classes)}
+        files = []
+        for d in _class_dirs(root / split):
+            if d.name not in index:
+                raise ValueError(f"{root}/{split}: class {d.name!r} is not in {root}/train")
+            files += [(f, index[d.name]) for f in _images_in(d)]
+    else:  # tiny
+        classes = [d.name for d in _class_dirs(root / "train")]
+        index = {w: i for i, w in enumerate(classes)}
+        if split == "train":
+            files = [(f, c) for c, w in enumerate(classes) if (root / "train" / w / "images").is_dir()
+                     for f in _images_in(root / "train" / w / "images")]
+        else:
+            files = []
+            for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) < 2:
+                    continue
+                if parts[1] not in index:
+                    raise ValueError(f"{root}/val/val_annotations.txt: class {parts[1]!r} is not in {root}/train")
+                files.append((root / "val" / "images" / parts[0], index[parts[1]]))
+            files.sort()
+    if not files:
+        raise DataNotFoundError(f"no {split} images found under {root} (layout {layout}); " + expected_layouts(root))
+    return classes, files
+
+
+def limit_per_class(files: list[tuple[Path, int]], n: int | None, seed: int = 0) -> list[tuple[Path, int]]:
+    """At most ``n`` files per class, chosen by a fixed permutation of ``seed`` (``None`` = all)."""
+    if n is None:
+        return files
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list] = {}
+    for f, c in files:
+        by_class.setdefault(c, []).append((f, c))
+    out = []
+    for c in sorted(by_class):
+        items = by_class[c]
+        out += [items[i] for i in sorted(torch.randperm(len(items), generator=g)[:n].tolist())]
+    return out
+
+
+def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.ndarray:
+    """One image file -> ``(image_size, image_size, 3)`` uint8 RGB: any mode (L, CMYK, P, RGBA) is
+    converted to RGB, the shorter side resized to ``resize_size`` (bilinear, antialiased), then
+    center-cropped (torchvision.transforms.v2.functional). Large JPEGs are decoded at a reduced
+    scale first (PIL ``draft``) when that still leaves at least ``resize_size`` pixels.
+
+    Raises:
+        OSError: unreadable file (PIL's error, with the path added).
+    """
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (resize_size, resize_size))  # keeps both sides >= the requested size
+            im = im.convert("RGB")
+    except OSError as e:
+        raise OSError(f"cannot decode image {path}: {e}") from e
+    im = TF.resize(im, resize_size, antialias=True)
+    im = TF.center_crop(im, [image_size, image_size])
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_files(files: list[tuple[Path, int]], image_size: int, resize_size: int, workers: int = 4
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``files`` in a thread pool -> ``(N, 3, S, S)`` uint8 and ``(N,)`` int64 labels."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
+        arrays = list(pool.map(lambda f: decode_resized(f[0], image_size, resize_size), files))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor([c for _, c in files], dtype=torch.int64)
+
+
+def train_transforms(image_size: int = 224, scale: tuple[float, float] = (0.08, 1.0)):
+    """The standard ImageNet training transform (torchvision.transforms.v2): RandomResizedCrop
+    ``image_size`` with ``scale``, horizontal flip, float in [0, 1], ImageNet normalization.
+    Input: a PIL image (any mode is converted to RGB first); output ``(3, S, S)`` float32."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Lambda(lambda im: im.convert("RGB")), v2.RandomResizedCrop(image_size, scale=scale,
+                                                                                      antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def val_transforms(image_size: int = 224, resize_size: int = 256):
+    """The standard ImageNet evaluation transform: resize the shorter side to ``resize_size``,
+    center crop ``image_size``, normalize. PIL image -> ``(3, S, S)`` float32."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.Lambda(lambda im: im.convert("RGB")), v2.Resize(resize_size, antialias=True),
+                       v2.CenterCrop(image_size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Streaming ``(image (3, S, S) float32, label int)`` pairs over ``files`` with ``transform``
+    (see :func:`train_transforms`, :func:`val_transforms`)."""
+
+    def __init__(self, files: list[tuple[Path, int]], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.files[i]
+        with Image.open(path) as im:
+            return self.transform(im), label
+
+
+def image_folder_dataset(root: str | Path, split: str = "train", layout: str = "auto", image_size: int = 224,
+                         resize_size: int = 256, per_class: int | None = None, seed: int = 0) -> ImageFileDataset:
+    """A streaming dataset of one split with the standard transforms (train: random-resized crop +
+    flip; val: resize + center crop). Raises as :func:`list_files`."""
+    _, files = list_files(root, layout, split)
+    files = limit_per_class(files, per_class, seed)
+    tf = train_transforms(image_size) if split == "train" else val_transforms(image_size, resize_size)
+    return ImageFileDataset(files, tf)
+
+
+class ImageNetDataModule(ImageDataModule):
+    """ImageNet-1k / Tiny-ImageNet / a flat class-folder sample, in memory at ``image_size`` px.
+
+    Args:
+        root: the data set directory (``${paths.data_dir}/imagenet``).
+        layout: ``auto`` | ``imagenet`` | ``tiny`` | ``flat`` (see the module doc).
+        image_size, resize_size: center crop after resizing the shorter side (224 / 256; Tiny-ImageNet
+            64 / 64).
+        train_per_class, val_per_class: files decoded per class (``None`` = all), a fixed
+            permutation of ``subset_seed``.
+        normalize: ``imagenet`` (the standard mean/std) | ``fit`` (fitted on the training images).
+        decode_workers: decoding threads. cache_dir: decode cache (``None`` = decode every time).
+        name, zca, batch_size, subset_seed: as in :class:`ImageDataModule`.
+
+    Raises (from :meth:`setup`):
+        DataNotFoundError: nothing in any layout under ``root`` (names the files expected).
+        OSError: an unreadable image (its path is named).
+    """
+
+    def __init__(self, root: str, name: str = "imagenet", layout: str = "auto", image_size: int = 224,
+                 resize_size: int = 256, train_per_class: int | None = None, val_per_class: int | None = None,
+                 normalize: str = "imagenet", decode_workers: int = 4, **kwargs):
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+        if normalize not in ("imagenet", "fit"):
+            raise ValueError(f"data.normalize must be imagenet|fit, got {normalize!r}")
+        if resize_size < image_size:
+            raise ValueError(f"data.resize_size={resize_size} must be >= data.image_size={image_size}")
+        super().__init__(name=name, train_per_class=None, **kwargs)  # limits apply before decoding
+        self.root, self.layout = Path(root), layout
+        self.image_size, self.resize_size = int(image_size), int(resize_size)
+        self.max_train_per_class, self.val_per_class = train_per_class, val_per_class
+        self.normalize, self.decode_workers = normalize, decode_workers
+
+    def source(self) -> str:
+        return str(self.root.resolve())
+
+    def identity(self) -> dict:
+        return {**super().identity(), "layout": self.layout, "image_size": self.image_size,
+                "resize_size": self.resize_size, "train_per_class": self.max_train_per_class,
+                "val_per_class": self.val_per_class, "normalize": self.normalize}
+
+    def read(self) -> ImageSet:
+        classes, train = list_files(self.root, self.layout, "train")
+        _, val = list_files(self.root, self.layout, "val")
+        train = limit_per_class(train, self.max_train_per_class, self.subset_seed)
+        val = limit_per_class(val, self.val_per_class, self.subset_seed)
+        cache = None
+        if self.cache_dir is not None:
+            h = hashlib.sha1(f"{self.image_size}|{self.resize_size}\n".encode())
+            for split, files in (("train", train), ("val", val)):
+                for f, c in files:
+                    st = f.stat()
+                    h.update(f"{split}|{f.relative_to(self.root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            cache = self.cache_dir / "decoded" / f"{self.name}-{self.root.name}-{h.hexdigest()[:16]}.pt"
+            if cache.is_file():
+                return ImageSet(**torch.load(cache))
+        xtr, ytr = decode_files(train, self.image_size, self.resize_size, self.decode_workers)
+        xte, yte = decode_files(val, self.image_size, self.resize_size, self.decode_workers)
+        out = ImageSet(xtr, ytr, xte, yte, classes)
+        if cache is not None:
+            atomic_save(out.__dict__, cache)
+        log.info("%s: decoded %d train / %d val images from %s", self.name, len(ytr), len(yte), self.root)
+        return out
+
+    def _fit_preprocessing(self, x01: torch.Tensor) -> Preprocessing:
+        if self.normalize == "imagenet" and not self.zca:
+            return Preprocessing(IMAGENET_MEAN, IMAGENET_STD)
+        return super()._fit_preprocessing(x01)
+
+    def streaming_dataset(self, split: str = "train") -> ImageFileDataset:
+        """The split as a streaming dataset with the standard transforms (see
+        :func:`image_folder_dataset`), honoring the per-class limits."""
+        per_class = self.max_train_per_class if split == "train" else self.val_per_class
+        return image_folder_dataset(self.root, split, self.layout, self.image_size, self.resize_size, per_class,
+                                    self.subset_seed)

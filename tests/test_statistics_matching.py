@@ -1,0 +1,174 @@
+"""Statistics matching (SRe2L / CDA / G-VBSM): BN hooks, convolution statistics, crops, the CDA
+curriculum, FKD relabel replay, resumable recovery, multi-backbone sampling."""
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_dd.methods.statistics_matching import (Backbone, StatsHooks, bn_loss_of, channel_stats,
+                                                      conv_statistics, crop_resize, crop_scale_min, recover_batch,
+                                                      relabel_fkd, replay_fkd, sample_crops)
+from lightning_dd.nets import build_net
+
+
+def _teacher(width=8, size=16, classes=4, seed=0) -> nn.Module:
+    """A small BN ConvNet with non-trivial running statistics (a few train-mode forwards)."""
+    torch.manual_seed(seed)
+    net = build_net("ConvNet", 3, classes, (size, size), width=width, depth=2, norm="batchnorm")
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(32, 3, size, size) * 2 + 0.5)
+    return net.eval()
+
+
+HP = {"iterations": 10, "lr": 0.1, "r_bn": 1.0, "first_bn_multiplier": 10.0, "jitter": 2, "flip": True,
+      "crop_scale": [0.08, 1.0], "crop_schedule": "none", "milestone": 1.0, "backbones_per_iter": 1,
+      "r_conv": 0.0, "r_logit": 0.0, "ckpt_every": 5}
+LO, HI = torch.full((3,), -3.0), torch.full((3,), 3.0)
+
+
+def test_bn_hooks_collect_the_statistics_of_each_bn_input():
+    net = _teacher()
+    x = torch.randn(6, 3, 16, 16)
+    with StatsHooks(net, "bn") as hooks:
+        net(x)
+        # direct computation: run the feature stack by hand, take each BatchNorm's input
+        h, expected = x, []
+        for m in net.features:
+            if isinstance(m, nn.BatchNorm2d):
+                expected.append((h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)))
+            h = m(h)
+        assert len(hooks.stats) == len(expected) == 2
+        for (m, v), (em, ev) in zip(hooks.stats, expected):
+            assert torch.allclose(m, em, atol=1e-5) and torch.allclose(v, ev, atol=1e-5)
+        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        manual = sum(w * (torch.norm(em - b.running_mean) + torch.norm(ev - b.running_var))
+                     for w, (em, ev), b in zip((10.0, 1.0), expected, bns))
+        assert torch.allclose(hooks.loss(first_multiplier=10.0), manual, atol=1e-4)
+    assert not hooks._handles  # removed on exit
+
+
+def test_conv_statistics_are_exact_over_batches():
+    net = _teacher()
+    x = torch.randn(50, 3, 16, 16)
+    got = conv_statistics(net, x, batch_size=7)
+    with StatsHooks(net, "conv") as hooks, torch.no_grad():
+        net(x)
+        for (m, v), (em, ev) in zip(got, hooks.stats):
+            assert torch.allclose(m, em, atol=1e-5) and torch.allclose(v, ev, atol=1e-4)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        StatsHooks(build_net("ConvNet", 3, 4, (16, 16), width=8, depth=2), "bn")
+
+
+def test_crops_lie_inside_the_image_and_follow_the_scale():
+    g = torch.Generator().manual_seed(0)
+    b = sample_crops(2000, 32, 32, (0.5, 0.6), g)
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= 31).all() and (b[:, 3] <= 31).all()
+    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1) / 1024
+    assert 0.45 < float(area.min()) and float(area.max()) < 0.66  # rounding of w, h
+    x = torch.rand(3, 3, 32, 32)
+    full = torch.tensor([[0.0, 0.0, 31.0, 31.0]] * 3)
+    assert torch.allclose(crop_resize(x, full), x, atol=1e-5)
+    assert torch.allclose(crop_resize(x, full, torch.tensor([True, False, True]))[0], x[0].flip(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="crop scale"):
+        sample_crops(1, 8, 8, (0.0, 1.0), g)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
+@pytest.mark.parametrize("milestone", [1.0, 0.5])
+def test_cda_schedule_reaches_its_end_points(schedule, milestone):
+    iters = 40
+    s = [crop_scale_min(i, iters, schedule, 1.0, 0.08, milestone) for i in range(iters)]
+    assert s[0] == pytest.approx(1.0)
+    assert s[-1] == pytest.approx(0.08)
+    assert s[round(milestone * iters) - 1] == pytest.approx(0.08)  # end reached at the milestone
+    assert all(a >= b - 1e-12 for a, b in zip(s, s[1:]))  # easy -> hard: never increases
+    assert crop_scale_min(5, iters, "none") == 0.08  # SRe2L: no curriculum
+    with pytest.raises(ValueError):
+        crop_scale_min(0, iters, "exp")
+
+
+def test_fkd_relabel_replay_gives_the_same_crops_and_targets():
+    teacher = _teacher(classes=4)
+    images = torch.randn(10, 3, 16, 16)
+    store = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5, batch_size=4)
+    assert store["boxes"].shape == (3, 10, 4) and store["topk_indices"].shape == (3, 10, 2)
+    again = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5)
+    assert all(torch.equal(store[k], again[k]) for k in ("boxes", "flips", "topk_values", "topk_indices"))
+    idx = torch.tensor([7, 2, 5])
+    crops, targets = replay_fkd(images, store, 1, idx)
+    crops2, targets2 = replay_fkd(images, store, 1, idx)
+    assert torch.equal(crops, crops2) and torch.equal(targets, targets2)
+    with torch.no_grad():
+        p = torch.softmax(teacher(crops), 1)
+    v, i = p.topk(2, 1)
+    assert torch.equal(i, store["topk_indices"][1][idx])  # the teacher agrees on the replayed crops
+    assert torch.allclose(targets.gather(1, i), v / v.sum(1, keepdim=True), atol=2e-3)
+    assert torch.allclose(targets.sum(1), torch.ones(3)) and not torch.equal(store["boxes"][0], store["boxes"][1])
+    with pytest.raises(IndexError):
+        replay_fkd(images, store, 3)
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt(L.Callback):
+    """Raises after ``step`` optimizer steps: an interrupted run."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            raise _Crash()
+
+
+def test_recover_resumes_after_an_interruption(tmp_path):
+    teacher = _teacher()
+    x0 = torch.randn(8, 3, 16, 16)
+    y = torch.arange(8) % 4
+    args = dict(seed=3, batch_index=1, accelerator="cpu")
+    full, hist = recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "a", **args)
+    assert len(hist) == HP["iterations"]
+    with pytest.raises(_Crash):
+        recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", callbacks=[_CrashAt(7)],
+                      **args)
+    assert (tmp_path / "b" / "last.ckpt").is_file()
+    resumed, hist2 = recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", resume=True,
+                                   **args)
+    assert [h["step"] for h in hist2] == list(range(5, 10))  # continued at the last checkpoint
+    assert torch.allclose(resumed, full, atol=1e-6)
+    assert not torch.allclose(full, x0)
+
+
+def test_recovery_lowers_the_bn_loss_and_the_cda_curriculum_runs_to_its_end(tmp_path):
+    teacher = _teacher()
+    b = Backbone(teacher)
+    x0 = torch.randn(16, 3, 16, 16)
+    hp = {**HP, "iterations": 60, "lr": 0.1, "crop_schedule": "cosine", "jitter": 1}
+    start = bn_loss_of(b, x0, 10.0)
+    x, hist = recover_batch(x0, torch.arange(16) % 4, [b], hp, LO, HI, seed=0, batch_index=0, ckpt_dir=None,
+                            accelerator="cpu")
+    assert bn_loss_of(b, x, 10.0) < start / 3
+    assert hist[0]["crop_scale_min"] == pytest.approx(1.0) and hist[-1]["crop_scale_min"] == pytest.approx(0.08)
+    assert x.min() >= -3.0 and x.max() <= 3.0  # clipped to the valid pixel range
+
+
+def test_gvbsm_samples_several_backbones_with_conv_and_logit_terms():
+    nets = [_teacher(seed=s) for s in range(3)]
+    x = torch.randn(50, 3, 16, 16)
+    bbs = [Backbone(n, conv_statistics(n, x), torch.randn(4, 4)) for n in nets]
+    hp = {**HP, "iterations": 8, "backbones_per_iter": 2, "r_conv": 0.01, "r_logit": 1.0}
+    _, hist = recover_batch(torch.randn(8, 3, 16, 16), torch.arange(8) % 4, bbs, hp, LO, HI, seed=0, batch_index=0,
+                            ckpt_dir=None, accelerator="cpu")
+    assert all(len(h["backbones"]) == 2 for h in hist)
+    assert len({i for h in hist for i in h["backbones"]}) == 3  # every backbone is used in the run
+
+
+def test_channel_stats_is_biased_per_channel():
+    x = torch.randn(4, 3, 5, 5)
+    m, v = channel_stats(x)
+    assert torch.allclose(v, x.permute(1, 0, 2, 3).reshape(3, -1).var(1, unbiased=False))
+    assert torch.allclose(m, x.mean((0, 2, 3)))
