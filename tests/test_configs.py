@@ -20,7 +20,7 @@ def _cfg(*overrides):
 def test_experiment_composes(name, scale):
     cfg = _cfg(f"experiment={name}", f"scale={scale}")
     OmegaConf.resolve(cfg.method)
-    assert cfg.method.family in ("trajectory_matching", "selection", "statistics_matching")
+    assert cfg.method.family in ("trajectory_matching", "selection", "statistics_matching", "graph")
     if cfg.method.family == "statistics_matching":  # SRe2L/CDA/G-VBSM: BN teachers, no ZCA, KD evaluation
         assert not cfg.data.zca and cfg.eval.label_mode == "teacher" and cfg.method.teacher.nets
         return

@@ -197,6 +197,7 @@ class GradientMatchingCondenser(L.LightningModule):
         self.register_buffer("coeff", n_syn.float() / n_syn.max())
         self.generator_net = self.build_generator(data, g)
         self.epoch_losses: list[float] = []
+        self.skipped_updates = 0
 
     # --- what subclasses change -------------------------------------------------------------
     def build_generator(self, data, g: torch.Generator) -> nn.Module:
@@ -236,6 +237,11 @@ class GradientMatchingCondenser(L.LightningModule):
         epoch = int(batch)
         period = int(hp["adj_epochs"]) + int(hp["feat_epochs"])
         update_adj = epoch % period < int(hp["adj_epochs"])
+        # only what this epoch updates needs gradients (the other side's backward is skipped)
+        self.feat.requires_grad_(not update_adj)
+        for group in opt_adj.optimizer.param_groups if hasattr(opt_adj, "optimizer") else opt_adj.param_groups:
+            for p in group["params"]:
+                p.requires_grad_(update_adj)
         w, b = self.init_model()
         opt_model = torch.optim.Adam([w, b], lr=hp["lr_model"])
         total = 0.0
@@ -248,13 +254,16 @@ class GradientMatchingCondenser(L.LightningModule):
                 g_real = class_gradients(self.h_real, wd, bd, self.onehot_real, self.cw_real)
             g_syn = class_gradients(h_syn, wd, bd, self.onehot_syn, self.cw_syn)
             loss = match_distance(g_syn, g_real, self.coeff)
-            total += float(loss)
+            total += float(loss.detach())
             if update_adj:
                 loss = loss + self.structure_loss(adj)
             opt_feat.zero_grad()
             opt_adj.zero_grad()
-            self.manual_backward(loss)
-            (opt_adj if update_adj else opt_feat).step()
+            if torch.isfinite(loss):  # a non-finite loss (numerical failure) skips the update, never poisons X'
+                self.manual_backward(loss)
+                (opt_adj if update_adj else opt_feat).step()
+            else:
+                self.skipped_updates += 1
             if ol == int(hp["outer_loop"]) - 1:
                 break
             with torch.no_grad():  # inner loop: train theta on the current synthetic graph

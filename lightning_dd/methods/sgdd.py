@@ -144,15 +144,26 @@ class StructureOT(nn.Module):
         return sinkhorn(self.log_plan.exp(), self.sinkhorn_iter)
 
     def forward(self, adj: torch.Tensor) -> torch.Tensor:
-        """``d(L_x, L_y)`` in ``[0, 2]`` for ``adj (N', N')``; differentiable in ``adj`` and ``P``."""
-        c = self.c0 @ self.plan()                                   # (r, N')
+        """``d(L_x, L_y)`` in ``[0, 2]`` for ``adj (N', N')``; differentiable in ``adj`` and ``P``.
+
+        ``L_y^+`` without an eigen-decomposition (whose gradient is unstable at close
+        eigenvalues): ``A'`` is a connected weighted graph, whose normalized Laplacian has the
+        single null vector ``u0 = sqrt(deg) / |sqrt(deg)|``, so ``L_y^+ = (L_y + u0 u0^T)^-1 -
+        u0 u0^T``; then ``tr((L_y^{+1/2} S L_y^{+1/2})^{1/2})`` is the nuclear norm of ``C R`` with
+        ``R R^T = L_y^+`` (Cholesky, a small ridge keeps it positive definite)."""
+        n = adj.shape[0]
+        c = self.c0 @ self.plan()                                   # (r, N'): S = c^T c
         c = c / c.norm()                                            # tr(S) = 1
-        lam, v = torch.linalg.eigh(normalized_laplacian_dense(adj))
-        keep = lam > 1e-3                                           # pseudo-inverse: drop the null space
-        inv_sqrt = torch.where(keep, lam.clamp(min=1e-3).rsqrt(), torch.zeros_like(lam))
-        inv_sqrt = inv_sqrt / inv_sqrt.pow(2).sum().sqrt()          # tr(L_y^+) = 1
-        ly_half = (v * inv_sqrt[None, :]) @ v.T                     # L_y^{+1/2}
-        return 2 - 2 * torch.linalg.svdvals(c @ ly_half).sum()
+        lap = normalized_laplacian_dense(adj.double())
+        u0 = adj.double().sum(1).clamp(min=1e-12).sqrt()
+        u0 = (u0 / u0.norm())[:, None]
+        proj = u0 @ u0.T
+        eye = torch.eye(n, dtype=lap.dtype, device=lap.device)
+        pinv = torch.linalg.solve(lap + proj, eye) - proj
+        pinv = (pinv + pinv.T) / 2
+        pinv = pinv / torch.trace(pinv)                             # tr(L_y^+) = 1
+        r = torch.linalg.cholesky(pinv + 1e-6 * eye)
+        return (2 - 2 * torch.linalg.svdvals(c.double() @ r).sum()).float()
 
 
 class SGDD(GradientMatchingCondenser):

@@ -1,0 +1,180 @@
+"""Graph condensation (GCond arXiv 2110.07580, SGDD arXiv 2310.09192): generated structures are
+valid adjacencies, the closed-form matching gradients equal autograd's, coresets have GCond's
+sizes, a saved condensed graph evaluates to the same accuracy, a short real-Cora condensation
+beats a random node coreset, and the train.py run writes condensed.pt and metrics.json."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_dd.data.graphs import GraphDataModule
+from lightning_dd.evaluate.graph import evaluate_graph
+from lightning_dd.evaluate.led import led_shift
+from lightning_dd.methods.gcond import PGE, GCond, class_gradients, condense, synthetic_labels
+from lightning_dd.methods.graph_run import coreset_graph, select_coreset
+from lightning_dd.methods.sgdd import IGNR, SGDD, StructureOT, sinkhorn
+from lightning_dd.results import CondensedGraph
+
+GCOND_HP = dict(reduction_rate=0.5, epochs=60, outer_loop=20, inner_loop=15, lr_feat=1e-3, lr_adj=1e-3,
+                lr_model=0.01, adj_epochs=10, feat_epochs=40, nlayers=2, pge_hidden=64, pge_layers=3)
+SGDD_HP = dict(GCOND_HP, ignr_hidden=64, ignr_layers=3, ep_ratio=0.5, beta=0.5, opt_scale=1.0, sinkhorn_iter=5,
+               ot_rank=64, mx_size=5000, lr_plan=0.01, plan_temperature=0.1)
+
+
+@pytest.fixture(scope="module")
+def cora(shared_data):
+    dm = GraphDataModule("cora", root=str(shared_data / "planetoid"))
+    dm.setup()
+    return dm.data
+
+
+def _valid_adjacency(adj):
+    assert torch.isfinite(adj).all()
+    assert (adj >= 0).all()
+    assert torch.allclose(adj, adj.T, atol=1e-6)
+    assert adj.diagonal().abs().max() == 0
+
+
+@pytest.mark.parametrize("gen", ["pge", "ignr"])
+def test_generated_adjacency_is_symmetric_nonnegative_without_self_loops(gen):
+    x = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
+    net = PGE(9, 16, 3) if gen == "pge" else IGNR(9, 12, 16, 3, 0.5)
+    for mode in (net.train, net.eval):
+        mode()
+        _valid_adjacency(net(x).detach())
+    CondensedGraph(x, net(x).detach(), torch.zeros(12, dtype=torch.long)).validate()
+
+
+def test_condensed_graph_rejects_invalid_adjacency():
+    x, y = torch.randn(3, 2), torch.zeros(3, dtype=torch.long)
+    bad = {"symmetric": torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 0.]]),
+           "negative": -torch.ones(3, 3).fill_diagonal_(0),
+           "self loops": torch.eye(3)}
+    for what, adj in bad.items():
+        with pytest.raises(ValueError, match=what):
+            CondensedGraph(x, adj, y).validate()
+
+
+def test_closed_form_class_gradients_equal_autograd():
+    g = torch.Generator().manual_seed(1)
+    h, y = torch.randn(30, 8, generator=g), torch.randint(0, 3, (30,), generator=g)
+    w, b = torch.randn(8, 3, generator=g, requires_grad=True), torch.randn(3, generator=g, requires_grad=True)
+    onehot = F.one_hot(y, 3).float()
+    cw = onehot / onehot.sum(0).clamp(min=1)
+    closed = class_gradients(h, w.detach(), b.detach(), onehot, cw)
+    for c in range(3):
+        ref, = torch.autograd.grad(F.cross_entropy(h[y == c] @ w + b, y[y == c]), w)
+        assert torch.allclose(closed[c], ref, atol=1e-5)
+
+
+def test_gcond_label_allocation_and_coreset_sizes(cora):
+    train = cora.train_mask.nonzero().squeeze(1)
+    ys = synthetic_labels(cora.y[train], 7, 0.5)
+    assert len(ys) == 70 and torch.bincount(ys).tolist() == [10] * 7
+    imbalanced = torch.tensor([0] * 7 + [1] * 3 + [2] * 10)
+    assert len(synthetic_labels(imbalanced, 3, 0.5)) == 10  # the largest class takes the remainder
+    for kind in ("random", "herding", "kcenter"):
+        cg = coreset_graph(kind, cora, 0.5)
+        cg.validate()
+        assert torch.bincount(cg.y).tolist() == [10] * 7
+    h = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    assert select_coreset("herding", h, torch.zeros(20, dtype=torch.long), torch.tensor([5])).unique().numel() == 5
+    with pytest.raises(ValueError, match="coreset kind"):
+        select_coreset("greedy", h, torch.zeros(20, dtype=torch.long), torch.tensor([5]))
+
+
+def test_structure_ot_is_bounded_and_differentiable(cora):
+    h = torch.randn(cora.num_nodes, 4, generator=torch.Generator().manual_seed(0))
+    ot = StructureOT(cora.edge_index, cora.num_nodes, h, h[:10], rank=32, mx_size=600)
+    assert ot.c0.shape == (32, 600)
+    p = ot.plan()
+    assert torch.allclose(p.sum(0), torch.full((10,), 60.0), rtol=1e-4)
+    logits = torch.randn(10, 10, requires_grad=True)
+    adj = torch.sigmoid(logits + logits.T) * (1 - torch.eye(10))
+    d = ot(adj)
+    assert 0 <= float(d) <= 2
+    d.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert torch.allclose(sinkhorn(torch.rand(6, 3), 50).sum(1), torch.ones(6), atol=1e-3)
+
+
+def test_saved_condensed_graph_evaluates_to_the_same_accuracy(cora, tmp_path):
+    cg = coreset_graph("random", cora, 0.5)
+    cg.save(tmp_path / "condensed.pt")
+    back = CondensedGraph.load(tmp_path / "condensed.pt")
+    assert torch.equal(back.adj, cg.adj) and torch.equal(back.x, cg.x) and torch.equal(back.y, cg.y)
+    kw = dict(epochs=60, num_eval=1, eval_every=10)
+    assert evaluate_graph(cg, cora, "GCN", **kw).accs == evaluate_graph(back, cora, "GCN", **kw).accs
+
+
+@pytest.mark.parametrize("method", ["gcond", "sgdd"])
+def test_short_real_cora_condensation_beats_random_coreset(cora, method):
+    """60 epochs with 10x the paper's feature/structure learning rates (a short run); GCN
+    accuracy over 2 seeds against the random coreset of the same size (70 nodes)."""
+    torch.manual_seed(0)
+    module = (GCond if method == "gcond" else SGDD)(cora, GCOND_HP if method == "gcond" else SGDD_HP, seed=0)
+    cond, _ = condense(module, GCOND_HP["epochs"])
+    _valid_adjacency(cond.adj)
+    kw = dict(epochs=300, num_eval=2, eval_every=10)
+    acc = evaluate_graph(cond, cora, "GCN", **kw).mean
+    rnd = evaluate_graph(coreset_graph("random", cora, 0.5), cora, "GCN", **kw).mean
+    assert acc > rnd + 0.03, (acc, rnd)
+    assert led_shift(cora.edge_index, cora.x, cond.adj, cond.x) > 0
+
+
+def test_anomaly_detection_metrics_on_a_tiny_fraud_mat(tmp_path):
+    import scipy.sparse as sp
+    from scipy.io import savemat
+
+    n, rng = 120, np.random.default_rng(0)
+    y = (np.arange(n) % 4 == 0).astype(float)
+    feats = rng.normal(size=(n, 6)) + 2.0 * y[:, None]          # anomalies are separable
+    adj = sp.random(n, n, density=0.05, random_state=0, format="csc")
+    adj.data[:] = 1
+    savemat(tmp_path / "YelpChi.mat", {"features": sp.csc_matrix(feats), "label": y[None], "homo": adj})
+    dm = GraphDataModule("YelpChi", format="fraud_mat", root=str(tmp_path), task="anomaly", normalize_features=False)
+    dm.setup()
+    cg = coreset_graph("random", dm.data, 0.5)
+    r = evaluate_graph(cg, dm.data, "GCN", epochs=50, num_eval=1, eval_every=5, anomaly=True)
+    m = r.metrics("eval")
+    assert 0.5 < m["eval/GCN/anomaly_auc_mean"] <= 1 and 0 < m["eval/GCN/anomaly_macro_f1_mean"] <= 1
+
+
+def test_train_py_writes_condensed_graph_and_metrics(shared_data, tmp_path):
+    """The whole walk on a coreset (fast): condensed.pt, metrics.json with eval/GCN/acc_mean,
+    link-prediction AUC, LED shift, timings."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from conftest import ROOT
+    from lightning_dd.runner import run
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=herding_cora", "scale=cpu", f"paths.data_dir={shared_data}",
+                                          "eval.epochs=40", "eval.num_eval=1", "logger.wandb.enabled=false",
+                                          "eval.baselines=[random]"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    metrics = run(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["eval/GCN/n_runs"] == 1 and 0 < saved["eval/GCN/acc_mean"] <= 1
+    assert "baseline/random/GCN/acc_mean" in saved and 0.5 < saved["eval/GCN/link_auc_mean"] <= 1
+    assert saved["led_shift"] > 0 and saved["timings/total_s"] > 0 and metrics["led_shift"] == saved["led_shift"]
+    CondensedGraph.load(tmp_path / "condensed.pt").validate()
+
+
+def test_paper_and_cpu_settings_of_gcond_and_sgdd():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        g, s = (compose("train", overrides=[f"experiment={e}"]) for e in ("gcond_cora", "sgdd_cora"))
+        cpu = compose("train", overrides=["experiment=sgdd_cora", "scale=cpu"])
+    for m in (g.method, s.method):
+        assert (m.reduction_rate, m.outer_loop, m.inner_loop, m.lr_feat, m.lr_adj, m.nlayers) == (0.5, 20, 15, 1e-4, 1e-4, 2)
+    assert g.method.epochs == 600 and s.method.epochs == 2000 and cpu.method.epochs == 200
+    assert (s.method.beta, s.method.ep_ratio, s.method.sinkhorn_iter) == (0.5, 0.5, 5)
+    assert g.eval.epochs == 600 and g.eval.num_eval == 5 and g.data._target_.endswith("GraphDataModule")
