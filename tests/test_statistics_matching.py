@@ -172,3 +172,22 @@ def test_channel_stats_is_biased_per_channel():
     m, v = channel_stats(x)
     assert torch.allclose(v, x.permute(1, 0, 2, 3).reshape(3, -1).var(1, unbiased=False))
     assert torch.allclose(m, x.mean((0, 2, 3)))
+
+
+def test_real_statistics_are_cached_beside_the_teacher(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_dd.methods.statistics_matching import real_statistics
+
+    net = _teacher()
+    path = tmp_path / "teacher.pt"
+    torch.save({"net_cfg": {}, "state_dict": net.state_dict()}, path)
+    dm = SimpleNamespace(train_images=torch.randn(30, 3, 16, 16), train_labels=torch.arange(30) % 4, num_classes=4,
+                         identity=lambda: {"name": "toy"})
+    conv, logits = real_statistics({"net": net, "path": path}, dm)
+    assert len(list(tmp_path.glob("real_stats-*.pt"))) == 1 and logits.shape == (4, 4)
+    with torch.no_grad():
+        expected = net(dm.train_images[dm.train_labels == 2]).mean(0)
+    assert torch.allclose(logits[2], expected, atol=1e-5)
+    conv2, _ = real_statistics({"net": None, "path": path}, dm)  # from the cache: the net is not needed
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(conv, conv2))

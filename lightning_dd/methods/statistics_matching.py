@@ -32,7 +32,10 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
    this method returns.
 
 Images live in model space (the DataModule's normalization), clipped to the valid pixel range
-after every step.
+after every step. The BN-statistics loss before and after recovery (``recover/loss_bn_start``,
+``recover/loss_bn_end`` in ``metrics.json``) is measured on the same fixed augmented views
+(:func:`bn_loss_views`), i.e. on the objective recovery minimizes; the loss of the whole,
+un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
 from __future__ import annotations
 
@@ -496,6 +499,27 @@ def bn_loss_of(backbone: Backbone, images: torch.Tensor, first_multiplier: float
     return float(backbone.bn.loss(first_multiplier=first_multiplier))
 
 
+@torch.no_grad()
+def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: dict, views: int = 8, seed: int = 12345) -> float:
+    """The BN-statistics loss (SRe2L Eq. 6) averaged over ``views`` fixed augmented views of
+    ``images`` ``(B, C, H, W)`` -- jitter, flip and random-resized crops over the full
+    ``hp["crop_scale"]`` range, drawn from ``seed`` so that the same views measure the images before
+    and after recovery: the quantity recovery minimizes, without its step-to-step sampling noise."""
+    n, _, h, w = images.shape
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(views):
+        x = images
+        j = int(hp["jitter"])
+        if j > 0:
+            dx, dy = torch.randint(-j, j + 1, (2,), generator=g).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        boxes = sample_crops(n, h, w, tuple(float(v) for v in hp["crop_scale"]), g)
+        flips = torch.rand(n, generator=g) < 0.5
+        total += bn_loss_of(backbone, crop_resize(x, boxes, flips), float(hp["first_bn_multiplier"]))
+    return total / views
+
+
 def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Backbone], hp: dict,
                   lo: torch.Tensor, hi: torch.Tensor, *, seed: int, batch_index: int, ckpt_dir: Path | None,
                   resume: bool = False, loggers=None, callbacks=(), accelerator: str = "auto",
@@ -614,6 +638,29 @@ def _teachers(cfg, dm) -> list[dict]:
             for n in nets]
 
 
+def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
+    """G-VBSM's statistics of the real training set for one teacher: the convolution statistics
+    (:func:`conv_statistics`) and the per-class mean logits ``(K, K)``. Cached beside the teacher
+    file (``real_stats-<key>.pt``, keyed by the data's identity and the teacher file's size and
+    mtime), so a run reuses them and a changed teacher or data set never does.
+    """
+    path = Path(teacher["path"])
+    st = path.stat()
+    key = _key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns})
+    cache = path.parent / f"real_stats-{key}.pt"
+    if cache.is_file():
+        d = torch.load(cache)
+        return d["conv"], d["class_logits"]
+    net = teacher["net"]
+    conv = conv_statistics(net, dm.train_images)
+    with torch.no_grad():
+        logits = torch.cat([net(x) for x in dm.train_images.split(500)])
+    class_logits = torch.zeros(dm.num_classes, logits.shape[1]).index_add_(0, dm.train_labels, logits)
+    class_logits /= torch.bincount(dm.train_labels, minlength=dm.num_classes).clamp(min=1).unsqueeze(1)
+    atomic_save({"conv": conv, "class_logits": class_logits}, cache)
+    return conv, class_logits
+
+
 def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
     """Squeeze -> recover -> relabel (SRe2L / CDA / G-VBSM by ``method`` settings).
 
@@ -648,14 +695,11 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     t0 = time.perf_counter()
     backbones = []
     for t in teachers:
-        conv_t = conv_statistics(t["net"], dm.train_images) if float(rec["r_conv"]) > 0 else None
-        class_logits = None
-        if float(rec["r_logit"]) > 0:
-            with torch.no_grad():
-                logits = torch.cat([t["net"](x) for x in dm.train_images.split(500)])
-            class_logits = torch.zeros(dm.num_classes, logits.shape[1]).index_add_(0, dm.train_labels, logits)
-            class_logits /= torch.bincount(dm.train_labels, minlength=dm.num_classes).clamp(min=1).unsqueeze(1)
-        backbones.append(Backbone(t["net"], conv_t, class_logits))
+        conv_t, class_logits = None, None
+        if float(rec["r_conv"]) > 0 or float(rec["r_logit"]) > 0:
+            conv_t, class_logits = real_statistics(t, dm)
+        backbones.append(Backbone(t["net"], conv_t if float(rec["r_conv"]) > 0 else None,
+                                  class_logits if float(rec["r_logit"]) > 0 else None))
     timings["statistics_s"] = time.perf_counter() - t0
 
     # 2. recover, batch by batch (labels cycle through the classes so every batch mixes them)
@@ -670,32 +714,36 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     rec_dir = out_dir / "recover"
     images, history = [], []
     fm = float(rec["first_bn_multiplier"])
-    bn_start, bn_end = [], []
+    bn_start, bn_end, bn_full = [], [], []
     for b, start in enumerate(range(0, n, bsz)):
         y = labels[start:start + bsz]
         done = rec_dir / f"batch_{b:03d}.pt"
         if cfg.get("resume") and done.is_file():
             d = torch.load(done)
             images.append(d["images"]), bn_start.append(d["loss_bn_start"]), bn_end.append(d["loss_bn_end"])
+            bn_full.append(d["loss_bn_full"])
             continue
         g = torch.Generator().manual_seed(seed * 7919 + b)
         x0 = torch.randn(len(y), *dm.image_shape, generator=g) * float(rec["init_std"])
         x0 = torch.maximum(torch.minimum(x0, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
-        s0 = bn_loss_of(backbones[0], x0, fm)
+        s0, f0 = bn_loss_views(backbones[0], x0, rec), bn_loss_of(backbones[0], x0, fm)
         x, hist = recover_batch(x0, y, backbones, rec, lo, hi, seed=seed, batch_index=b,
                                 ckpt_dir=out_dir / "checkpoints" / f"recover_{b:03d}", resume=bool(cfg.get("resume")),
                                 loggers=loggers, accelerator=cfg.trainer.accelerator,
                                 progress=bool(cfg.trainer.enable_progress_bar))
-        s1 = bn_loss_of(backbones[0], x, fm)
-        log.info("recover batch %d (%d images): BN loss %.3f -> %.3f (%.1fx lower)", b, len(y), s0, s1, s0 / max(s1, 1e-12))
-        atomic_save({"images": x, "labels": y, "loss_bn_start": s0, "loss_bn_end": s1}, done)
-        images.append(x), bn_start.append(s0), bn_end.append(s1)
+        s1, f1 = bn_loss_views(backbones[0], x, rec), bn_loss_of(backbones[0], x, fm)
+        log.info("recover batch %d (%d images): BN loss on fixed augmented views %.3f -> %.3f (%.1fx lower); "
+                 "on the whole images %.3f -> %.3f", b, len(y), s0, s1, s0 / max(s1, 1e-12), f0, f1)
+        atomic_save({"images": x, "labels": y, "loss_bn_start": s0, "loss_bn_end": s1, "loss_bn_full": (f0, f1)}, done)
+        images.append(x), bn_start.append(s0), bn_end.append(s1), bn_full.append((f0, f1))
         history += hist
     x = torch.cat(images)
     timings["recover_s"] = time.perf_counter() - t0
     metrics["recover/loss_bn_start"] = sum(bn_start) / len(bn_start)
     metrics["recover/loss_bn_end"] = sum(bn_end) / len(bn_end)
     metrics["recover/loss_bn_reduction"] = metrics["recover/loss_bn_start"] / max(metrics["recover/loss_bn_end"], 1e-12)
+    metrics["recover/loss_bn_whole_images_start"] = sum(f[0] for f in bn_full) / len(bn_full)
+    metrics["recover/loss_bn_whole_images_end"] = sum(f[1] for f in bn_full) / len(bn_full)
     metrics["recover/iterations"] = int(rec["iterations"])
     metrics["recover/n_batches"] = len(images)
     if history:
