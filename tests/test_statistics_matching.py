@@ -1,5 +1,7 @@
 """Statistics matching (SRe2L / CDA / G-VBSM): BN hooks, convolution statistics, crops, the CDA
 curriculum, FKD relabel replay, resumable recovery, multi-backbone sampling."""
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -191,3 +193,40 @@ def test_real_statistics_are_cached_beside_the_teacher(tmp_path):
     assert torch.allclose(logits[2], expected, atol=1e-5)
     conv2, _ = real_statistics({"net": None, "path": path}, dm)  # from the cache: the net is not needed
     assert all(torch.equal(a[0], b[0]) for a, b in zip(conv, conv2))
+
+
+def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, monkeypatch):
+    """The whole method (squeeze -> recover in 2 batches -> relabel) on scikit-learn's digits; a run
+    that lost its second batch's result resumes (finished batch read back, the other from its
+    checkpoint, or recomputed) to the same distilled set."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.methods.statistics_matching import run_statistics_matching
+    from lightning_dd.runner import build_datamodule
+
+    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=sre2l_cifar10", "data=digits", "data.zca=false", "method.ipc=2",
+            "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm}]", "method.teacher.epochs=1",
+            "method.recover.iterations=6", "method.recover.batch=10", "method.recover.ckpt_every=3",
+            "method.recover.jitter=1", "method.relabel.epochs=1", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false"])
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    out = tmp_path / "run"
+    a = run_statistics_matching(cfg, dm, out, [], [])
+    assert a["metrics"]["recover/n_batches"] == 2 and a["result"].images.shape == (20, 1, 8, 8)
+    assert (out / "fkd_labels.pt").is_file() and Path(a["teacher_ckpt"]).is_file()
+    (out / "recover" / "batch_001.pt").unlink()  # killed before batch 1 was saved
+    cfg.resume = True
+    b = run_statistics_matching(cfg, dm, out, [], [])
+    assert torch.allclose(a["result"].images, b["result"].images, atol=1e-6)
+    assert torch.equal(a["result"].labels.argmax(1), b["result"].labels.argmax(1))
+    import shutil
+
+    (out / "recover" / "batch_001.pt").unlink()
+    shutil.rmtree(out / "checkpoints" / "recover_001")  # nothing left of batch 1: recomputed alike
+    c = run_statistics_matching(cfg, dm, out, [], [])
+    assert torch.allclose(a["result"].images, c["result"].images, atol=1e-6)
