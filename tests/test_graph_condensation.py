@@ -17,10 +17,21 @@ from lightning_dd.methods.graph_run import coreset_graph, select_coreset
 from lightning_dd.methods.sgdd import IGNR, SGDD, StructureOT, sinkhorn
 from lightning_dd.results import CondensedGraph
 
-GCOND_HP = dict(reduction_rate=0.5, epochs=60, outer_loop=20, inner_loop=15, lr_feat=1e-3, lr_adj=1e-3,
-                lr_model=0.01, adj_epochs=10, feat_epochs=40, nlayers=2, pge_hidden=64, pge_layers=3)
+# a short run: 30 epochs of 10 outer x 10 inner steps, 10x the paper's learning rates (~20 s)
+GCOND_HP = dict(reduction_rate=0.5, epochs=30, outer_loop=10, inner_loop=10, lr_feat=1e-3, lr_adj=1e-3,
+                lr_model=0.01, adj_epochs=5, feat_epochs=20, nlayers=2, pge_hidden=64, pge_layers=3)
 SGDD_HP = dict(GCOND_HP, ignr_hidden=64, ignr_layers=3, ep_ratio=0.5, beta=0.5, opt_scale=1.0, sinkhorn_iter=5,
                ot_rank=64, mx_size=5000, lr_plan=0.01, plan_temperature=0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny dense ops: one thread (as conf/method/*.yaml num_threads) -- two threads on busy
+    shared cores are 20x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +122,8 @@ def test_saved_condensed_graph_evaluates_to_the_same_accuracy(cora, tmp_path):
 
 @pytest.mark.parametrize("method", ["gcond", "sgdd"])
 def test_short_real_cora_condensation_beats_random_coreset(cora, method):
-    """60 epochs with 10x the paper's feature/structure learning rates (a short run); GCN
-    accuracy over 2 seeds against the random coreset of the same size (70 nodes)."""
+    """A short run (GCOND_HP); GCN accuracy over 2 seeds against the random coreset of the same
+    size (70 nodes): at least 5 points better."""
     torch.manual_seed(0)
     module = (GCond if method == "gcond" else SGDD)(cora, GCOND_HP if method == "gcond" else SGDD_HP, seed=0)
     cond, _ = condense(module, GCOND_HP["epochs"])
@@ -120,7 +131,7 @@ def test_short_real_cora_condensation_beats_random_coreset(cora, method):
     kw = dict(epochs=300, num_eval=2, eval_every=10)
     acc = evaluate_graph(cond, cora, "GCN", **kw).mean
     rnd = evaluate_graph(coreset_graph("random", cora, 0.5), cora, "GCN", **kw).mean
-    assert acc > rnd + 0.03, (acc, rnd)
+    assert acc > rnd + 0.05, (acc, rnd)
     assert led_shift(cora.edge_index, cora.x, cond.adj, cond.x) > 0
 
 
