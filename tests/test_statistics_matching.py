@@ -230,3 +230,29 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     shutil.rmtree(out / "checkpoints" / "recover_001")  # nothing left of batch 1: recomputed alike
     c = run_statistics_matching(cfg, dm, out, [], [])
     assert torch.allclose(a["result"].images, c["result"].images, atol=1e-6)
+
+
+def test_given_teacher_checkpoint_and_bad_settings_fail_clearly(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_dd.data.images import Preprocessing
+    from lightning_dd.methods.statistics_matching import load_teacher_file, pixel_bounds
+
+    dm = SimpleNamespace(image_shape=(3, 16, 16), num_classes=4, test_images=torch.randn(8, 3, 16, 16),
+                         test_labels=torch.arange(8) % 4)
+    net = _teacher()
+    good = tmp_path / "t.pt"
+    torch.save({"net_cfg": {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"},
+                "state_dict": net.state_dict(), "test_acc": 0.5}, good)
+    t = load_teacher_file(good, dm)
+    assert t["test_acc"] == 0.5 and torch.equal(t["net"](dm.test_images), net(dm.test_images))
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint"):
+        load_teacher_file(tmp_path / "missing.pt", dm)
+    bad = tmp_path / "bad.pt"
+    torch.save({"net_cfg": {"name": "ConvNet", "width": 16, "depth": 2, "norm": "batchnorm"},
+                "state_dict": net.state_dict()}, bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_teacher_file(bad, dm)
+    zca = Preprocessing(torch.zeros(3), torch.ones(3), zca=torch.eye(3))
+    with pytest.raises(ValueError, match="zca=false"):
+        pixel_bounds(zca)
