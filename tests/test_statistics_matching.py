@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_dd.methods.statistics_matching import (Backbone, StatsHooks, bn_loss_of, channel_stats,
+from lightning_dd.methods.statistics_matching import (Backbone, StatsHooks, bn_loss_views, channel_stats,
                                                       conv_statistics, crop_resize, crop_scale_min, recover_batch,
                                                       relabel_fkd, replay_fkd, sample_crops)
 from lightning_dd.nets import build_net
@@ -149,12 +149,13 @@ def test_recovery_lowers_the_bn_loss_and_the_cda_curriculum_runs_to_its_end(tmp_
     teacher = _teacher()
     b = Backbone(teacher)
     x0 = torch.randn(16, 3, 16, 16)
-    hp = {**HP, "iterations": 60, "lr": 0.1, "crop_schedule": "cosine", "jitter": 1}
-    start = bn_loss_of(b, x0, 10.0)
+    hp = {**HP, "iterations": 60, "lr": 0.1, "crop_schedule": "cosine", "jitter": 1, "crop_scale": [0.5, 1.0]}
+    start = bn_loss_views(b, x0, hp)  # on the same fixed augmented views before and after
     x, hist = recover_batch(x0, torch.arange(16) % 4, [b], hp, LO, HI, seed=0, batch_index=0, ckpt_dir=None,
                             accelerator="cpu")
-    assert bn_loss_of(b, x, 10.0) < start / 3
-    assert hist[0]["crop_scale_min"] == pytest.approx(1.0) and hist[-1]["crop_scale_min"] == pytest.approx(0.08)
+    assert bn_loss_views(b, x, hp) < start / 3
+    assert hist[-1]["loss_bn"] < hist[0]["loss_bn"] / 2  # the logged per-step loss too
+    assert hist[0]["crop_scale_min"] == pytest.approx(1.0) and hist[-1]["crop_scale_min"] == pytest.approx(0.5)
     assert x.min() >= -3.0 and x.max() <= 3.0  # clipped to the valid pixel range
 
 

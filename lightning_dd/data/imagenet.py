@@ -81,7 +81,8 @@ def detect_layout(root: str | Path) -> str:
     raise DataNotFoundError(f"no ImageNet layout recognized under {root}; " + expected_layouts(root))
 
 
-def list_files(root: str | Path, layout: str = "auto", split: str = "train") -> tuple[list[str], list[tuple[Path, int]]]:
+def list_files(root: str | Path, layout: str = "auto",
+               split: str = "train") -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted wnids) and ``(file, label)`` pairs of one split.
 
     Args:

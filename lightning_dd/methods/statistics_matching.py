@@ -223,7 +223,8 @@ class StatsHooks:
 
 
 @torch.no_grad()
-def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def conv_statistics(net: nn.Module, images: torch.Tensor,
+                    batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Exact per-channel mean and (biased) variance of every ``Conv2d`` output of ``net`` (eval
     mode) over all of ``images`` ``(N, C, H, W)``, accumulated in float64 batch by batch
     (G-VBSM's convolution statistics of the real data). Returns one ``(mean (C_l,), var (C_l,))``
@@ -292,7 +293,8 @@ class TeacherModule(L.LightningModule):
 def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy (fraction) of ``net`` in eval mode on ``images (N, C, H, W)``, ``labels (N,)``."""
     net.eval()
-    correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in zip(images.split(batch_size), labels.split(batch_size)))
+    correct = sum(int((net(x).argmax(1) == y).sum())
+                  for x, y in zip(images.split(batch_size), labels.split(batch_size)))
     return correct / max(1, len(labels))
 
 
@@ -457,7 +459,8 @@ class RecoverModule(L.LightningModule):
                 out["conv"] = out["conv"] + b.conv.loss(b.conv_targets, float(hp["first_bn_multiplier"]))
             if b.class_logits is not None and float(hp["r_logit"]) > 0:
                 out["logit"] = out["logit"] + F.mse_loss(logits, b.class_logits[self.labels])
-        return {k: (v / len(chosen) if torch.is_tensor(v) else torch.zeros((), device=x.device)) for k, v in out.items()}
+        zero = torch.zeros((), device=x.device)
+        return {k: (v / len(chosen) if torch.is_tensor(v) else zero) for k, v in out.items()}
 
     def training_step(self, batch, batch_idx):
         step = self.global_step
@@ -540,7 +543,8 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
     cbs = list(callbacks)
     ckpt_path = None
     if ckpt_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="recover-{step}", every_n_train_steps=int(hp["ckpt_every"]),
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, filename="recover-{step}",
+                                   every_n_train_steps=int(hp["ckpt_every"]),
                                    save_last=True, save_top_k=1))
         if resume and (Path(ckpt_dir) / "last.ckpt").is_file():
             ckpt_path = str(Path(ckpt_dir) / "last.ckpt")
