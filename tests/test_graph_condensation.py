@@ -189,3 +189,20 @@ def test_paper_and_cpu_settings_of_gcond_and_sgdd():
     assert g.method.epochs == 600 and s.method.epochs == 2000 and cpu.method.epochs == 200
     assert (s.method.beta, s.method.ep_ratio, s.method.sinkhorn_iter) == (0.5, 0.5, 5)
     assert g.eval.epochs == 600 and g.eval.num_eval == 5 and g.data._target_.endswith("GraphDataModule")
+
+
+def test_sgc_propagating_logits_equals_torch_geometric_sgconv():
+    """nets.gnn's SGC computes A_hat^K (X W) + b, torch_geometric's SGConv (A_hat^K X) W + b."""
+    from torch_geometric.nn import SGConv
+
+    from lightning_dd.nets.gnn import GNN
+
+    g = torch.Generator().manual_seed(0)
+    x, ei = torch.randn(20, 6, generator=g), torch.randint(0, 20, (2, 60), generator=g)
+    w = torch.rand(60, generator=g)
+    net, ref = GNN("SGC", 6, 3), SGConv(6, 3, K=2)
+    with torch.no_grad():
+        ref.lin.weight.copy_(net.layers[0].weight)
+        net.sgc_bias.fill_(0.3)
+        ref.lin.bias.fill_(0.3)
+    assert torch.allclose(net(x, ei, w), ref(x, ei, w), atol=1e-5)
