@@ -206,3 +206,17 @@ def test_sgc_propagating_logits_equals_torch_geometric_sgconv():
         net.sgc_bias.fill_(0.3)
         ref.lin.bias.fill_(0.3)
     assert torch.allclose(net(x, ei, w), ref(x, ei, w), atol=1e-5)
+
+
+def test_weighted_sage_aggregation_equals_sageconv_for_unit_weights():
+    """GraphSAGE on a weighted condensed graph weights its neighbour mean; with unit weights it is
+    torch_geometric's SAGEConv."""
+    from torch_geometric.nn import SAGEConv
+
+    from lightning_dd.nets.gnn import sage_weighted
+
+    g = torch.Generator().manual_seed(0)
+    x, ei = torch.randn(20, 6, generator=g), torch.randint(0, 20, (2, 60), generator=g)
+    conv = SAGEConv(6, 4)
+    assert torch.allclose(sage_weighted(conv, x, ei, None), conv(x, ei), atol=1e-5)
+    assert torch.allclose(sage_weighted(conv, x, ei, torch.full((60,), 3.0)), conv(x, ei), atol=1e-5)

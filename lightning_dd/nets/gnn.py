@@ -68,7 +68,7 @@ class GNN(nn.Module):
             if self.kind in ("MLP", "APPNP", "SGC"):
                 x = layer(x)
             elif self.kind == "GraphSAGE":
-                x = layer(x, edge_index)
+                x = sage_weighted(layer, x, edge_index, edge_weight)
             else:
                 x = layer(x, edge_index, edge_weight)
             if i < len(self.layers) - 1:
@@ -78,3 +78,20 @@ class GNN(nn.Module):
         if self.kind == "SGC":
             x = x + self.sgc_bias
         return x
+
+
+def sage_weighted(layer, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None) -> torch.Tensor:
+    """A ``SAGEConv`` (mean aggregation, root weight) whose neighbour mean is weighted by
+    ``edge_weight`` ``(E,)``: ``lin_l(sum_j w_ij x_j / sum_j w_ij) + lin_r(x_i)``. Equal to
+    ``layer(x, edge_index)`` for unit weights; SAGEConv itself ignores weights, which on a dense
+    weighted condensed graph would average over all nodes. Projects before aggregating (the
+    mean is linear): ``(N, out)`` messages instead of ``(N, F)``."""
+    from torch_geometric.utils import scatter
+
+    src, dst = edge_index
+    w = torch.ones(src.shape[0], dtype=x.dtype, device=x.device) if edge_weight is None else edge_weight
+    msg = F.linear(x, layer.lin_l.weight)[src] * w[:, None]
+    num = scatter(msg, dst, 0, dim_size=x.shape[0], reduce="sum")
+    den = scatter(w, dst, 0, dim_size=x.shape[0], reduce="sum").clamp(min=1e-12)
+    out = num / den[:, None] + layer.lin_l.bias
+    return out + layer.lin_r(x)
