@@ -679,6 +679,7 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     seed = int(cfg.seed)
     timings, metrics = {}, {}
     out_dir = Path(out_dir)
+    lo, hi = pixel_bounds(dm.preprocessing)  # fails early on ZCA data
 
     # 1. squeeze
     t0 = time.perf_counter()
@@ -714,7 +715,6 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     bsz = int(rec["batch"])
     if bsz <= 0:
         raise ValueError(f"method.recover.batch must be positive, got {bsz}")
-    lo, hi = pixel_bounds(dm.preprocessing)
     rec_dir = out_dir / "recover"
     images, history = [], []
     fm = float(rec["first_bn_multiplier"])
