@@ -120,5 +120,7 @@ def test_graph_datamodule_reads_each_format(shared_data, tmp_path):
     assert dm.data.x.shape == (4, 4) and dm.task == "anomaly"
     with pytest.raises(ValueError, match="data.format"):
         GraphDataModule("cora", format="npz")
+    with pytest.raises(ValueError, match="unknown keys"):
+        GraphDataModule("cora", train_per_class=20)
     with pytest.raises(DataNotFoundError, match="YelpChi.mat"):
         GraphDataModule("YelpChi", format="fraud_mat", root=str(tmp_path)).setup()

@@ -167,12 +167,15 @@ class GraphDataModule(L.LightningDataModule):
     ``edge_index (2, E)`` undirected and the split masks), ``num_classes``, ``classes``.
 
     Raises:
-        ValueError: unknown ``format``/``task``. DataNotFoundError: files missing (named).
+        ValueError: unknown ``format``/``task`` or config keys. DataNotFoundError: files missing (named).
     """
 
     def __init__(self, name: str, format: str = "planetoid", root: str = "data/planetoid",
-                 normalize_features: bool = True, task: str = "node", cache_dir: str | None = None, **_ignored):
+                 normalize_features: bool = True, task: str = "node", cache_dir: str | None = None, **unknown):
         super().__init__()
+        if unknown:
+            raise ValueError(f"data config: unknown keys {sorted(unknown)} for GraphDataModule (known: name, format, "
+                             f"root, normalize_features, task, cache_dir)")
         if format not in GRAPH_FORMATS:
             raise ValueError(f"data.format must be one of {GRAPH_FORMATS}, got {format!r}")
         if task not in ("node", "anomaly"):

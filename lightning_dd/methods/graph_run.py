@@ -175,6 +175,7 @@ def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list
             timings["condense_s"] = secs
             timings["condense_epoch_s"] = secs / max(1, int(hp["epochs"]))
             metrics["condense/final_match_loss"] = module.epoch_losses[-1]
+            metrics["condense/skipped_updates"] = module.skipped_updates  # non-finite losses (expected 0)
         elif name in CORESETS:
             cond = coreset_graph(name, data, rate, int(hp.get("nlayers", 2)), seed)
             timings["select_s"] = time.perf_counter() - t0
