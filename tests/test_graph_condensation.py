@@ -220,3 +220,88 @@ def test_weighted_sage_aggregation_equals_sageconv_for_unit_weights():
     conv = SAGEConv(6, 4)
     assert torch.allclose(sage_weighted(conv, x, ei, None), conv(x, ei), atol=1e-5)
     assert torch.allclose(sage_weighted(conv, x, ei, torch.full((60,), 3.0)), conv(x, ei), atol=1e-5)
+
+
+class _Kill(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("method", ["gcond", "sgdd"])
+def test_killed_condensation_resumes_to_the_uninterrupted_graph(cora, method, tmp_path):
+    """8 tiny epochs (structure and feature epochs both), checkpoints every 3: a run killed in
+    epoch 7 resumes from epoch 6 and ends with exactly the uninterrupted run's graph."""
+    import lightning as L
+
+    hp = dict(SGDD_HP if method == "sgdd" else GCOND_HP, epochs=8, outer_loop=3, inner_loop=2, adj_epochs=2,
+              feat_epochs=2, mx_size=300, ot_rank=16)
+    cls = SGDD if method == "sgdd" else GCond
+
+    def fresh():
+        torch.manual_seed(0)
+        return cls(cora, hp, seed=0)
+
+    full, _ = condense(fresh(), 8)
+
+    class KillAt(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if int(batch) == 7:
+                raise _Kill
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(_Kill):
+        condense(fresh(), 8, callbacks=[KillAt()], ckpt_path=ckpt, ckpt_every=3)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 6
+    resumed_module = fresh()
+    resumed, _ = condense(resumed_module, 8, ckpt_path=ckpt, ckpt_every=3, resume_from=ckpt)
+    assert resumed_module.start_epoch == 6 and len(resumed_module.epoch_losses) == 8
+    assert torch.equal(resumed.x, full.x) and torch.equal(resumed.adj, full.adj)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 8
+    done = fresh()  # a finished checkpoint: nothing left to run, same graph
+    again, _ = condense(done, 8, resume_from=ckpt)
+    assert torch.equal(again.x, full.x) and done.start_epoch == 8
+    other = GCond(cora, GCOND_HP, seed=0) if method == "sgdd" else SGDD(cora, SGDD_HP | {"mx_size": 300}, seed=0)
+    with pytest.raises(ValueError, match="not a"):
+        other.load_condensation_state(torch.load(ckpt, weights_only=False))
+
+
+def test_inductive_condensation_sees_only_the_training_subgraph(cora):
+    """method.setting=inductive: the real-graph gradients come from the training subgraph (140
+    training nodes, the edges among them); a short run gives a valid graph that beats chance."""
+    from lightning_dd.methods.gcond import propagate_sparse, training_view
+
+    x, ei, n, train = training_view(cora, "inductive")
+    tr = cora.train_mask.nonzero().squeeze(1)
+    assert n == len(tr) == 140 and torch.equal(train, torch.arange(140)) and torch.equal(x, cora.x[tr])
+    assert 0 < ei.shape[1] < cora.edge_index.shape[1] and int(ei.max()) < 140
+    with pytest.raises(ValueError, match="setting"):
+        training_view(cora, "semi")
+    hp = dict(GCOND_HP, epochs=10, setting="inductive")
+    torch.manual_seed(0)
+    module = GCond(cora, hp, seed=0)
+    assert torch.allclose(module.h_real, propagate_sparse(ei, 140, x, 2))  # not the full graph's A_hat^2 X
+    assert not torch.allclose(module.h_real, propagate_sparse(cora.edge_index, cora.num_nodes, cora.x, 2)[tr])
+    cond, _ = condense(module, hp["epochs"])
+    _valid_adjacency(cond.adj)
+    assert evaluate_graph(cond, cora, "GCN", epochs=100, num_eval=1, eval_every=10).mean > 0.4
+
+
+def test_train_py_graph_condensation_resume_true_continues_from_last_ckpt(shared_data, tmp_path):
+    """runner wiring: a run writes <out>/checkpoints/last.ckpt; resume=true in the same dir with
+    more epochs continues at the stored epoch."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from conftest import ROOT
+    from lightning_dd.runner import run
+
+    tiny = ["experiment=gcond_cora", f"paths.data_dir={shared_data}", "logger.wandb.enabled=false", "stage=distill",
+            "method.outer_loop=2", "method.inner_loop=1", "method.ckpt_every=2", "method.pge_hidden=16"]
+    metrics = {}
+    for epochs, resume in ((3, False), (5, True)):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[*tiny, f"method.epochs={epochs}", f"resume={resume}"])
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+        metrics[epochs] = run(cfg)
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == epochs
+    assert metrics[3]["condense/resumed_from_epoch"] == 0 and metrics[5]["condense/resumed_from_epoch"] == 3

@@ -28,11 +28,26 @@ well under a second on 2 CPU cores (``benchmarks/graph_condensation_epoch.py``).
 
 Reduction rate follows GCond: ``N' = rate x`` (number of labeled training nodes) in the
 transductive setting (Cora, rate 0.5 -> 70 nodes = 2.6% of the 2,708 nodes).
+
+Settings (``method.setting``, GCond Sec. 3): ``transductive`` -- the real-graph gradients see the
+whole graph (all nodes' features and edges, labels of the training nodes); ``inductive`` (GCond's
+Flickr/Reddit setting) -- condensation sees only the training subgraph (the training nodes and
+the edges among them, :func:`training_view`); evaluation is the same in both: a GNN trained on the
+condensed graph, tested on the test nodes of the full graph. ``N' = rate x`` training nodes in
+both (GCond's code).
+
+Checkpoints (:func:`condense` with ``ckpt_path``): every ``ckpt_every`` epochs the synthetic
+features, the structure generator (and SGDD's transport plan), both optimizers' states, the
+epochs done, the torch RNG state, the loss history and the skipped-update count are written
+atomically; a resumed run continues at the stored epoch with the same RNG stream, so (one torch
+thread) it ends with the same condensed graph as an uninterrupted run.
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import torch
@@ -41,6 +56,7 @@ import torch.nn.functional as F
 
 from lightning_dd.results import CondensedGraph
 
+SETTINGS = ("transductive", "inductive")
 REQUIRED_KEYS = ("reduction_rate", "epochs", "outer_loop", "inner_loop", "lr_feat", "lr_adj", "lr_model",
                  "adj_epochs", "feat_epochs", "nlayers")
 
@@ -74,6 +90,28 @@ def propagate_sparse(edge_index: torch.Tensor, n: int, x: torch.Tensor, k: int) 
     for _ in range(k):
         x = torch.sparse.mm(a, x)
     return x
+
+
+def training_view(data, setting: str = "transductive") -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """What condensation may see of ``data``: ``(x, edge_index, num_nodes, train)``, ``train`` the
+    training nodes' indices into that graph.
+
+    ``transductive``: the whole graph. ``inductive`` (GCond Sec. 3): the subgraph induced by the
+    training nodes -- their features and the edges among them, re-indexed ``0..n_train-1``.
+
+    Raises:
+        ValueError: unknown setting.
+    """
+    train = data.train_mask.nonzero().squeeze(1)
+    if setting == "transductive":
+        return data.x, data.edge_index, int(data.num_nodes), train
+    if setting != "inductive":
+        raise ValueError(f"method.setting must be one of {SETTINGS}, got {setting!r}")
+    pos = torch.full((int(data.num_nodes),), -1, dtype=torch.long)
+    pos[train] = torch.arange(len(train))
+    ei = pos[data.edge_index]
+    ei = ei[:, (ei >= 0).all(0)]
+    return data.x[train], ei, len(train), torch.arange(len(train))
 
 
 def synthetic_labels(y_train: torch.Tensor, num_classes: int, rate: float) -> torch.Tensor:
@@ -173,8 +211,9 @@ class GradientMatchingCondenser(L.LightningModule):
         self.automatic_optimization = False
         self.hp = dict(hp)
         g = torch.Generator().manual_seed(seed)
-        train = data.train_mask.nonzero().squeeze(1)
-        y_train = data.y[train]
+        self.setting = str(hp.get("setting", "transductive"))
+        x_real, ei_real, n_real, train = training_view(data, self.setting)
+        y_train = data.y[data.train_mask.nonzero().squeeze(1)]
         k = int(data.y.max()) + 1
         self.num_classes = k
         y_syn = synthetic_labels(y_train, k, float(hp["reduction_rate"]))
@@ -183,21 +222,25 @@ class GradientMatchingCondenser(L.LightningModule):
         for c in range(k):  # random real training nodes of each class (GCond's get_sub_adj_feat)
             idx = train[y_train == c]
             init.append(idx[torch.randperm(len(idx), generator=g)[: int(n_syn[c])]])
-        self.init_index = torch.cat(init)
+        self.init_index = torch.cat(init)         # into x_real's rows
         torch.manual_seed(seed)
-        self.feat = nn.Parameter(data.x[self.init_index].clone())
+        self.feat = nn.Parameter(x_real[self.init_index].clone())
         self.register_buffer("y_syn", y_syn)
-        # real side, once: H = A_hat^K X of the training nodes (exact receptive field)
-        h_real = propagate_sparse(data.edge_index, data.num_nodes, data.x, int(hp["nlayers"]))[train]
+        # real side, once: H = A_hat^K X of the training nodes (exact receptive field) on the graph
+        # condensation may see (the whole graph, or the training subgraph when inductive)
+        h_real = propagate_sparse(ei_real, n_real, x_real, int(hp["nlayers"]))[train]
         self.register_buffer("h_real", h_real)
         self.register_buffer("onehot_real", F.one_hot(y_train, k).float())
         self.register_buffer("cw_real", F.one_hot(y_train, k).float() / torch.bincount(y_train, minlength=k).clamp(min=1))
         self.register_buffer("onehot_syn", F.one_hot(y_syn, k).float())
         self.register_buffer("cw_syn", F.one_hot(y_syn, k).float() / n_syn.clamp(min=1))
         self.register_buffer("coeff", n_syn.float() / n_syn.max())
-        self.generator_net = self.build_generator(data, g)
+        self.generator_net = self.build_generator(SimpleNamespace(x=x_real, edge_index=ei_real, num_nodes=n_real), g)
         self.epoch_losses: list[float] = []
         self.skipped_updates = 0
+        self.start_epoch = 0          # > 0 after load_condensation_state
+        self._pending = None          # (optimizer states, RNG state) to restore at the next step
+        self.rng_after_step = None    # torch RNG state right after the last epoch (checkpointed)
 
     # --- what subclasses change -------------------------------------------------------------
     def build_generator(self, data, g: torch.Generator) -> nn.Module:
@@ -234,6 +277,12 @@ class GradientMatchingCondenser(L.LightningModule):
     def training_step(self, batch, batch_idx):
         hp = self.hp
         opt_feat, opt_adj = self.optimizers()
+        if self._pending is not None:  # first step after a resume: optimizer states and RNG stream
+            states, rng = self._pending
+            for opt, st in zip((opt_feat, opt_adj), states):
+                getattr(opt, "optimizer", opt).load_state_dict(st)
+            torch.set_rng_state(rng)
+            self._pending = None
         epoch = int(batch)
         period = int(hp["adj_epochs"]) + int(hp["feat_epochs"])
         update_adj = epoch % period < int(hp["adj_epochs"])
@@ -275,7 +324,39 @@ class GradientMatchingCondenser(L.LightningModule):
                 opt_model.step()
         mean = total / int(hp["outer_loop"])
         self.epoch_losses.append(mean)
-        self.log_dict({"condense/match_loss": mean, "condense/update_adj": float(update_adj)})
+        self.rng_after_step = torch.get_rng_state()
+        self.log_dict({"condense/match_loss": mean, "condense/update_adj": float(update_adj),
+                       "condense/epoch": float(epoch + 1)})
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def condensation_state(self, epochs_done: int, optimizers) -> dict:
+        """Everything a resumed run needs after ``epochs_done`` epochs (see the module docstring)."""
+        return {"kind": "graph_condensation", "method": self.method, "setting": self.setting,
+                "epoch": int(epochs_done), "state_dict": self.state_dict(),
+                "optimizers": [getattr(o, "optimizer", o).state_dict() for o in optimizers],
+                "rng": self.rng_after_step if self.rng_after_step is not None else torch.get_rng_state(),
+                "epoch_losses": list(self.epoch_losses), "skipped_updates": int(self.skipped_updates),
+                "init_index": self.init_index.clone()}
+
+    def load_condensation_state(self, state: dict) -> int:
+        """Restore a :meth:`condensation_state`; optimizer states and the RNG stream are applied at
+        the next training step. Returns the epochs done.
+
+        Raises:
+            ValueError: a checkpoint of another method / setting or of another synthetic graph."""
+        if state.get("kind") != "graph_condensation" or state.get("method") != self.method:
+            raise ValueError(f"checkpoint is not a {self.method} condensation (method {state.get('method')!r})")
+        if state.get("setting", "transductive") != self.setting:
+            raise ValueError(f"checkpoint setting {state.get('setting')!r} != method.setting {self.setting!r}")
+        if not torch.equal(state["init_index"], self.init_index):
+            raise ValueError("checkpoint was made with another seed / reduction rate (different initial nodes)")
+        self.load_state_dict(state["state_dict"])
+        self.epoch_losses = list(state["epoch_losses"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.start_epoch = int(state["epoch"])
+        self.rng_after_step = state["rng"]
+        self._pending = (state["optimizers"], state["rng"])
+        return self.start_epoch
 
     @torch.no_grad()
     def condensed(self) -> CondensedGraph:
@@ -314,19 +395,48 @@ def label_smoothness(adj: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.trace(y.T @ lap @ y)
 
 
+class CondensationCheckpoint(L.Callback):
+    """Writes ``module.condensation_state`` to ``path`` (atomically) every ``every`` epochs and after
+    the last one."""
+
+    def __init__(self, path: str | Path, every: int, epochs: int):
+        self.path, self.every, self.epochs = Path(path), int(every), int(epochs)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        done = int(batch) + 1
+        if done % self.every == 0 or done == self.epochs:
+            from lightning_dd.data.readers import atomic_save
+
+            atomic_save(module.condensation_state(done, trainer.optimizers), self.path)
+
+
 def condense(module: GradientMatchingCondenser, epochs: int, loggers=None, callbacks=None,
-             accelerator: str = "cpu") -> tuple[CondensedGraph, float]:
-    """Run ``epochs`` epochs of ``module`` with a Lightning Trainer; returns the condensed graph
-    and the seconds taken."""
+             accelerator: str = "cpu", ckpt_path: str | Path | None = None, ckpt_every: int = 0,
+             resume_from: str | Path | None = None) -> tuple[CondensedGraph, float]:
+    """Run ``module`` up to epoch ``epochs`` with a Lightning Trainer; returns the condensed graph
+    and the seconds taken (in this call).
+
+    Args:
+        ckpt_path: where to write checkpoints (every ``ckpt_every`` > 0 epochs and at the end).
+        resume_from: a checkpoint written so; the run continues at its epoch (nothing to do when
+            it already holds ``epochs`` epochs).
+    """
     from torch.utils.data import DataLoader
 
     t = time.perf_counter()
-    trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=loggers or False,
-                        callbacks=callbacks or [], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10)
-    trainer.fit(module, DataLoader(torch.arange(epochs), batch_size=None))
+    if resume_from is not None:
+        module.load_condensation_state(torch.load(resume_from, map_location="cpu", weights_only=False))
+    start = module.start_epoch
+    callbacks = list(callbacks or [])
+    if ckpt_path is not None and ckpt_every > 0:
+        callbacks.append(CondensationCheckpoint(ckpt_path, ckpt_every, epochs))
+    if start < epochs:
+        trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=loggers or False,
+                            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10)
+        trainer.fit(module, DataLoader(torch.arange(start, epochs), batch_size=None))
     return module.condensed(), time.perf_counter() - t
 
 
-__all__ = ["PGE", "GCond", "GradientMatchingCondenser", "class_gradients", "condense", "gcn_norm_dense",
+__all__ = ["PGE", "GCond", "CondensationCheckpoint", "training_view", "GradientMatchingCondenser", "class_gradients", "condense", "gcn_norm_dense",
            "label_smoothness", "match_distance", "synthetic_labels"]

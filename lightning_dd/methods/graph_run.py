@@ -98,14 +98,21 @@ def induced_subgraph(data, nodes: torch.Tensor, method: str = "coreset", rate: f
     return CondensedGraph(data.x[nodes].clone(), adj, data.y[nodes].clone(), method=method, reduction_rate=rate)
 
 
-def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0) -> CondensedGraph:
-    """A ``kind`` node coreset of ``data``'s training nodes of the size GCond's rate gives."""
-    from lightning_dd.methods.gcond import propagate_sparse, synthetic_labels
+def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0,
+                  setting: str = "transductive") -> CondensedGraph:
+    """A ``kind`` node coreset of ``data``'s training nodes of the size GCond's rate gives;
+    herding / k-center embed the nodes on the graph ``setting`` lets condensation see (the whole
+    graph, or the training subgraph when inductive)."""
+    from lightning_dd.methods.gcond import propagate_sparse, synthetic_labels, training_view
 
     train = data.train_mask.nonzero().squeeze(1)
     k = int(data.y.max()) + 1
     per_class = torch.bincount(synthetic_labels(data.y[train], k, rate), minlength=k)
-    h = propagate_sparse(data.edge_index, data.num_nodes, data.x, nlayers)[train] if kind != "random" else data.x[train]
+    if kind == "random":
+        h = data.x[train]
+    else:
+        xv, eiv, nv, trv = training_view(data, setting)
+        h = propagate_sparse(eiv, nv, xv, nlayers)[trv]
     pick = select_coreset(kind, h, data.y[train], per_class, seed)
     return induced_subgraph(data, train[pick], kind, rate)
 
@@ -162,6 +169,7 @@ def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list
         torch.set_num_threads(threads)  # tiny dense ops: one thread beats two busy ones
     task = getattr(dm, "task", "node")
     rate = float(hp.get("reduction_rate", 0.5))
+    setting = str(hp.get("setting", "transductive"))
     seed = int(cfg.seed)
     timings, metrics = {}, {}
     try:
@@ -171,13 +179,20 @@ def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list
 
             torch.manual_seed(seed)
             module = _condenser(name)(data, hp, seed)
-            cond, secs = condense(module, int(hp["epochs"]), loggers, callbacks)
+            ckpt = out_dir / "checkpoints" / "last.ckpt"
+            resume_from = cfg.get("ckpt_path") or (ckpt if cfg.get("resume") and ckpt.is_file() else None)
+            if resume_from:
+                log.info("resuming condensation from %s", resume_from)
+            epochs = int(hp["epochs"])
+            cond, secs = condense(module, epochs, loggers, callbacks, ckpt_path=ckpt,
+                                  ckpt_every=int(hp.get("ckpt_every") or 0), resume_from=resume_from)
             timings["condense_s"] = secs
-            timings["condense_epoch_s"] = secs / max(1, int(hp["epochs"]))
+            timings["condense_epoch_s"] = secs / max(1, epochs - module.start_epoch)
+            metrics["condense/resumed_from_epoch"] = module.start_epoch
             metrics["condense/final_match_loss"] = module.epoch_losses[-1]
             metrics["condense/skipped_updates"] = module.skipped_updates  # non-finite losses (expected 0)
         elif name in CORESETS:
-            cond = coreset_graph(name, data, rate, int(hp.get("nlayers", 2)), seed)
+            cond = coreset_graph(name, data, rate, int(hp.get("nlayers", 2)), seed, setting)
             timings["select_s"] = time.perf_counter() - t0
         else:
             cond = None
@@ -199,7 +214,7 @@ def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list
         for b in ev.get("baselines") or []:
             if b == name:
                 continue
-            bg = None if b == "full" else coreset_graph(b, data, rate, 2, seed)
+            bg = None if b == "full" else coreset_graph(b, data, rate, 2, seed, setting)
             baselines[b] = bg
             metrics.update(evaluate_condensed(bg, data, ev, f"baseline/{b}", base_nets, task))
         timings["baselines_s"] = time.perf_counter() - t0
