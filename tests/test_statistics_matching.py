@@ -170,6 +170,37 @@ def test_gvbsm_samples_several_backbones_with_conv_and_logit_terms():
     assert len({i for h in hist for i in h["backbones"]}) == 3  # every backbone is used in the run
 
 
+def test_backbone_norm_start_weights_every_backbone_to_the_first_ones_scale():
+    from lightning_dd.methods.statistics_matching import backbone_weights
+
+    nets = [_teacher(seed=0), _teacher(width=16, seed=1)]
+    real = torch.randn(50, 3, 16, 16)
+    bbs = [Backbone(n, conv_statistics(n, real), torch.randn(4, 4)) for n in nets]
+    x0 = torch.randn(8, 3, 16, 16)
+    assert backbone_weights(bbs, x0, {**HP, "backbone_norm": "none"}) == ([1.0, 1.0], [1.0, 1.0])
+    assert backbone_weights(bbs, x0, HP) == ([1.0, 1.0], [1.0, 1.0])  # absent: none (G-VBSM's plain sum)
+    wb, wc = backbone_weights(bbs, x0, {**HP, "backbone_norm": "start"})
+    raw = []
+    with torch.no_grad():
+        for b in bbs:
+            b.net(x0)
+            raw.append((float(b.bn.loss(first_multiplier=10.0)), float(b.conv.loss(b.conv_targets, 10.0))))
+    assert wb[0] == 1.0 and wc[0] == 1.0
+    assert wb[1] * raw[1][0] == pytest.approx(raw[0][0], rel=1e-5)
+    assert wc[1] * raw[1][1] == pytest.approx(raw[0][1], rel=1e-5)
+    with pytest.raises(ValueError, match="backbone_norm"):
+        backbone_weights(bbs, x0, {**HP, "backbone_norm": "max"})
+
+
+def test_conv_statistics_returns_the_logits_of_the_same_pass():
+    net = _teacher()
+    x = torch.randn(20, 3, 16, 16)
+    conv, logits = conv_statistics(net, x, batch_size=7, return_logits=True)
+    with torch.no_grad():
+        assert torch.allclose(logits, net(x), atol=1e-5)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(conv, conv_statistics(net, x, batch_size=7)))
+
+
 def test_channel_stats_is_biased_per_channel():
     x = torch.randn(4, 3, 5, 5)
     m, v = channel_stats(x)
@@ -231,6 +262,42 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     shutil.rmtree(out / "checkpoints" / "recover_001")  # nothing left of batch 1: recomputed alike
     c = run_statistics_matching(cfg, dm, out, [], [])
     assert torch.allclose(a["result"].images, c["result"].images, atol=1e-6)
+
+
+def test_gvbsm_run_reports_every_backbone_and_takes_per_net_teacher_epochs(tmp_path, monkeypatch):
+    """G-VBSM end to end on digits with two backbones: a net's own ``epochs`` overrides
+    ``teacher.epochs`` (and keys its cache), ``backbone_norm=start`` runs, and metrics.json gets
+    every backbone's BN loss start -> end."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.methods.statistics_matching import run_statistics_matching
+    from lightning_dd.runner import build_datamodule
+
+    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=gvbsm_cifar10", "data=digits", "data.zca=false", "method.ipc=1",
+            "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm},"
+            "{name:ConvNet,width:4,depth:2,norm:batchnorm,epochs:2}]", "method.teacher.epochs=1",
+            "method.recover.iterations=4", "method.recover.batch=10", "method.recover.jitter=1",
+            "method.recover.backbone_norm=start", "method.relabel.epochs=0", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false"])
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    r = run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
+    m = r["metrics"]
+    for i in range(2):
+        assert m[f"recover/{i}_ConvNet/loss_bn_start"] > 0 and m[f"recover/{i}_ConvNet/loss_bn_end"] > 0
+    assert m["recover/0_ConvNet/loss_bn_start"] == m["recover/loss_bn_start"]
+    assert m["recover/loss_bn_reduction_min_over_backbones"] == pytest.approx(
+        min(m[f"recover/{i}_ConvNet/loss_bn_reduction"] for i in range(2)))
+    specs = sorted(json.loads(p.read_text())["epochs"] for p in (tmp_path / "cache" / "teachers").glob("*/spec.json"))
+    assert specs == [1, 2]
+    assert all("epochs" not in json.loads(p.read_text())["net"]
+               for p in (tmp_path / "cache" / "teachers").glob("*/spec.json"))
 
 
 def test_given_teacher_checkpoint_and_bad_settings_fail_clearly(tmp_path):

@@ -23,7 +23,11 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
      ``backbones_per_iter`` of them and sums their losses; besides BN statistics it matches
      convolution statistics (per-channel mean/var of every conv output, precomputed once on the
      real data, :func:`conv_statistics`; weight ``r_conv``) and the real data's per-class mean
-     logits (``r_logit``, MSE), a simplified form of its soft-label/logit matching.
+     logits (``r_logit``, MSE), a simplified form of its soft-label/logit matching. The BN/conv
+     losses of the backbones are summed as they are (``backbone_norm=none``) or rescaled to the
+     first backbone's scale on the initial batch (``start``, :func:`backbone_weights`); a net's own
+     ``epochs`` key overrides ``teacher.epochs``. ``metrics.json`` gets every backbone's BN loss
+     start -> end (``recover/<i>_<name>/loss_bn_*``).
 3. **Relabel** (SRe2L Sec. 3.3, FKD arXiv 2112.01528): per epoch and image, one random-resized
    crop + flip and the teacher's top-k probabilities on it are stored (:func:`relabel_fkd`,
    ``fkd_labels.pt``), so a student replays exactly those crops and targets
@@ -223,12 +227,13 @@ class StatsHooks:
 
 
 @torch.no_grad()
-def conv_statistics(net: nn.Module, images: torch.Tensor,
-                    batch_size: int = 500) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
+                    return_logits: bool = False):
     """Exact per-channel mean and (biased) variance of every ``Conv2d`` output of ``net`` (eval
     mode) over all of ``images`` ``(N, C, H, W)``, accumulated in float64 batch by batch
     (G-VBSM's convolution statistics of the real data). Returns one ``(mean (C_l,), var (C_l,))``
-    float32 pair per conv layer, forward order."""
+    float32 pair per conv layer, forward order; with ``return_logits`` also the network's outputs
+    ``(N, K)`` from the same pass."""
     net.eval()
     layers = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     sums: list = [None] * len(layers)
@@ -243,9 +248,10 @@ def conv_statistics(net: nn.Module, images: torch.Tensor,
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    outs = []
     try:
         for part in images.split(batch_size):
-            net(part)
+            outs.append(net(part))
     finally:
         for h in handles:
             h.remove()
@@ -253,7 +259,7 @@ def conv_statistics(net: nn.Module, images: torch.Tensor,
     for s, n in zip(sums, count):
         mean = s[0] / n
         out.append((mean.float(), (s[1] / n - mean * mean).clamp(min=0).float()))
-    return out
+    return (out, torch.cat(outs)) if return_logits else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +314,9 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
     Args:
         net_cfg: ``{"name": ..., **kwargs}`` (a BatchNorm network).
         dm: a set-up :class:`lightning_dd.data.images.ImageDataModule`.
-        tcfg: ``epochs``, ``lr``, ``batch_size``, ``weight_decay``, ``label_smoothing``.
+        tcfg: ``epochs``, ``lr``, ``batch_size``, ``weight_decay``, ``label_smoothing``; an ``epochs``
+            key in ``net_cfg`` overrides ``tcfg["epochs"]`` for this net (e.g. fewer epochs for the
+            extra G-VBSM backbones; the cache key holds the epochs actually used).
         cache_root: ``paths.cache_dir/teachers``; the file is ``<key>/teacher.pt`` with the key over
             the data identity, ``net_cfg``, the training settings and ``seed``.
 
@@ -317,6 +325,8 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
         the file is a teacher checkpoint ``{"net_cfg", "state_dict", "test_acc", "spec"}`` that
         ``eval.teacher_ckpt`` / ``method.teacher.ckpt`` accept.
     """
+    net_cfg = dict(net_cfg)
+    tcfg = {**tcfg, **({"epochs": net_cfg.pop("epochs")} if "epochs" in net_cfg else {})}
     spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed,
             **{k: tcfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing")}}
     path = Path(cache_root) / _key(spec) / "teacher.pt"
@@ -395,6 +405,34 @@ class Backbone:
         return self
 
 
+@torch.no_grad()
+def backbone_weights(backbones: list[Backbone], images: torch.Tensor, hp: dict) -> tuple[list[float], list[float]]:
+    """Per-backbone weights of the BN and conv losses in recovery.
+
+    ``hp["backbone_norm"]``: ``none`` (default; every weight 1: the losses are summed as they are,
+    G-VBSM's form) or ``start``: backbone ``i``'s BN (conv) loss is weighted ``L_0(x0) / L_i(x0)``,
+    its value on the batch's initial ``images`` relative to the first backbone's, so that every
+    backbone starts at the first one's scale. The raw sums differ by orders of magnitude between
+    architectures (e.g. 56 BN layers in ShuffleNetV2 vs 3 in ConvNet-3), and without it the
+    deepest backbone dominates the gradient. Computed from the initial images only, so a resumed
+    fit gets the same weights.
+    """
+    n = len(backbones)
+    if str(hp.get("backbone_norm", "none")) == "none" or n <= 1:
+        return [1.0] * n, [1.0] * n
+    if str(hp["backbone_norm"]) != "start":
+        raise ValueError(f"recover.backbone_norm must be none|start, got {hp['backbone_norm']!r}")
+    fm = float(hp["first_bn_multiplier"])
+    bn, conv = [], []
+    for b in backbones:
+        dev = next(b.net.parameters()).device
+        b.net(images.to(dev))
+        bn.append(float(b.bn.loss(first_multiplier=fm)))
+        conv.append(float(b.conv.loss([(m.to(dev), v.to(dev)) for m, v in b.conv_targets], fm))
+                    if b.conv is not None else 1.0)
+    return [bn[0] / max(v, 1e-12) for v in bn], [conv[0] / max(v, 1e-12) for v in conv]
+
+
 class RecoverModule(L.LightningModule):
     """Recovers one batch of synthetic images (SRe2L Sec. 3.2; CDA; G-VBSM): the only trainable
     state is ``images`` (so checkpoints hold just the images and Adam's moments).
@@ -403,7 +441,8 @@ class RecoverModule(L.LightningModule):
         images: ``(B, C, H, W)`` initial images in model space. labels: ``(B,)`` int64.
         backbones: :class:`Backbone` list (not saved in checkpoints).
         hp: ``recover`` settings: iterations, lr, r_bn, first_bn_multiplier, jitter, flip,
-            crop_scale ``[min, max]``, crop_schedule, milestone, backbones_per_iter, r_conv, r_logit.
+            crop_scale ``[min, max]``, crop_schedule, milestone, backbones_per_iter, r_conv, r_logit,
+            backbone_norm (see :func:`backbone_weights`).
         lo, hi: ``(C,)`` model-space bounds of valid pixels (clipping).
         seed, batch_index: every step's randomness is keyed by ``(seed, batch_index, step)``, so a
             resumed run draws what an uninterrupted one would.
@@ -418,6 +457,7 @@ class RecoverModule(L.LightningModule):
         self.register_buffer("hi", hi.view(1, -1, 1, 1).clone(), persistent=False)
         self.backbones, self.hp, self.seed, self.batch_index = backbones, hp, seed, batch_index
         self.history: list[dict] = []
+        self.bn_weights, self.conv_weights = backbone_weights(backbones, images, hp)
 
     def on_fit_start(self):
         for b in self.backbones:
@@ -454,9 +494,10 @@ class RecoverModule(L.LightningModule):
             b = self.backbones[i]
             logits = b.net(x)
             out["ce"] = out["ce"] + F.cross_entropy(logits, self.labels)
-            out["bn"] = out["bn"] + b.bn.loss(first_multiplier=float(hp["first_bn_multiplier"]))
+            out["bn"] = out["bn"] + self.bn_weights[i] * b.bn.loss(first_multiplier=float(hp["first_bn_multiplier"]))
             if b.conv is not None and float(hp["r_conv"]) > 0:
-                out["conv"] = out["conv"] + b.conv.loss(b.conv_targets, float(hp["first_bn_multiplier"]))
+                out["conv"] = out["conv"] + self.conv_weights[i] * b.conv.loss(b.conv_targets,
+                                                                                float(hp["first_bn_multiplier"]))
             if b.class_logits is not None and float(hp["r_logit"]) > 0:
                 out["logit"] = out["logit"] + F.mse_loss(logits, b.class_logits[self.labels])
         zero = torch.zeros((), device=x.device)
@@ -656,9 +697,7 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
         d = torch.load(cache)
         return d["conv"], d["class_logits"]
     net = teacher["net"]
-    conv = conv_statistics(net, dm.train_images)
-    with torch.no_grad():
-        logits = torch.cat([net(x) for x in dm.train_images.split(500)])
+    conv, logits = conv_statistics(net, dm.train_images, return_logits=True)  # one pass over the data
     class_logits = torch.zeros(dm.num_classes, logits.shape[1]).index_add_(0, dm.train_labels, logits)
     class_logits /= torch.bincount(dm.train_labels, minlength=dm.num_classes).clamp(min=1).unsqueeze(1)
     atomic_save({"conv": conv, "class_logits": class_logits}, cache)
@@ -688,6 +727,7 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     for i, t in enumerate(teachers):
         name = OmegaConf.select(cfg, f"method.teacher.nets.{i}.name") or "ckpt"
         metrics[f"squeeze/{i}_{name}/test_acc"] = t["test_acc"]
+        metrics[f"timings/squeeze_{i}_{name}_s"] = t["seconds"]  # 0 when cached
         log.info("teacher %d (%s): test acc %.2f%% (%s)", i, name, 100 * t["test_acc"],
                  "cached" if t["cached"] else f"trained in {t['seconds']:.0f}s")
     metrics["squeeze/teacher_test_acc"] = teachers[0]["test_acc"]
@@ -719,6 +759,8 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     images, history = [], []
     fm = float(rec["first_bn_multiplier"])
     bn_start, bn_end, bn_full = [], [], []
+    nb = len(backbones)
+    per_start, per_end = [[] for _ in range(nb)], [[] for _ in range(nb)]  # every backbone, per batch
     for b, start in enumerate(range(0, n, bsz)):
         y = labels[start:start + bsz]
         done = rec_dir / f"batch_{b:03d}.pt"
@@ -726,19 +768,29 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
             d = torch.load(done)
             images.append(d["images"]), bn_start.append(d["loss_bn_start"]), bn_end.append(d["loss_bn_end"])
             bn_full.append(d["loss_bn_full"])
+            for i, (a, e) in enumerate(d.get("loss_bn_per_backbone", [(d["loss_bn_start"], d["loss_bn_end"])])):
+                per_start[i].append(a), per_end[i].append(e)
             continue
         g = torch.Generator().manual_seed(seed * 7919 + b)
         x0 = torch.randn(len(y), *dm.image_shape, generator=g) * float(rec["init_std"])
         x0 = torch.maximum(torch.minimum(x0, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
-        s0, f0 = bn_loss_views(backbones[0], x0, rec), bn_loss_of(backbones[0], x0, fm)
+        starts = [bn_loss_views(bb, x0, rec) for bb in backbones]
+        s0, f0 = starts[0], bn_loss_of(backbones[0], x0, fm)
         x, hist = recover_batch(x0, y, backbones, rec, lo, hi, seed=seed, batch_index=b,
                                 ckpt_dir=out_dir / "checkpoints" / f"recover_{b:03d}", resume=bool(cfg.get("resume")),
                                 loggers=loggers, accelerator=cfg.trainer.accelerator,
                                 progress=bool(cfg.trainer.enable_progress_bar))
-        s1, f1 = bn_loss_views(backbones[0], x, rec), bn_loss_of(backbones[0], x, fm)
+        ends = [bn_loss_views(bb, x, rec) for bb in backbones]
+        s1, f1 = ends[0], bn_loss_of(backbones[0], x, fm)
         log.info("recover batch %d (%d images): BN loss on fixed augmented views %.3f -> %.3f (%.1fx lower); "
                  "on the whole images %.3f -> %.3f", b, len(y), s0, s1, s0 / max(s1, 1e-12), f0, f1)
-        atomic_save({"images": x, "labels": y, "loss_bn_start": s0, "loss_bn_end": s1, "loss_bn_full": (f0, f1)}, done)
+        for i in range(1, nb):
+            log.info("recover batch %d: backbone %d BN loss on fixed augmented views %.3f -> %.3f (%.1fx lower)",
+                     b, i, starts[i], ends[i], starts[i] / max(ends[i], 1e-12))
+        for i in range(nb):
+            per_start[i].append(starts[i]), per_end[i].append(ends[i])
+        atomic_save({"images": x, "labels": y, "loss_bn_start": s0, "loss_bn_end": s1, "loss_bn_full": (f0, f1),
+                     "loss_bn_per_backbone": list(zip(starts, ends))}, done)
         images.append(x), bn_start.append(s0), bn_end.append(s1), bn_full.append((f0, f1))
         history += hist
     x = torch.cat(images)
@@ -748,6 +800,16 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     metrics["recover/loss_bn_reduction"] = metrics["recover/loss_bn_start"] / max(metrics["recover/loss_bn_end"], 1e-12)
     metrics["recover/loss_bn_whole_images_start"] = sum(f[0] for f in bn_full) / len(bn_full)
     metrics["recover/loss_bn_whole_images_end"] = sum(f[1] for f in bn_full) / len(bn_full)
+    names = [OmegaConf.select(cfg, f"method.teacher.nets.{i}.name") or "ckpt" for i in range(nb)] \
+        if not cfg.method.teacher.get("ckpt") else ["ckpt"]
+    reductions = []
+    for i in range(nb):  # every backbone's own BN loss, start -> end (fixed views, averaged over batches)
+        a, e = sum(per_start[i]) / len(per_start[i]), sum(per_end[i]) / len(per_end[i])
+        reductions.append(a / max(e, 1e-12))
+        metrics[f"recover/{i}_{names[i]}/loss_bn_start"] = a
+        metrics[f"recover/{i}_{names[i]}/loss_bn_end"] = e
+        metrics[f"recover/{i}_{names[i]}/loss_bn_reduction"] = reductions[-1]
+    metrics["recover/loss_bn_reduction_min_over_backbones"] = min(reductions)
     metrics["recover/iterations"] = int(rec["iterations"])
     metrics["recover/n_batches"] = len(images)
     if history:
