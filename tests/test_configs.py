@@ -1,5 +1,4 @@
 """Every experiment preset composes at paper and CPU scale, with the settings its paper names."""
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
