@@ -43,7 +43,6 @@ un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from omegaconf import OmegaConf
 
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import atomic_save
+from lightning_dd.methods.experts import experts_key
 from lightning_dd.nets import build_net
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import DistilledSet
@@ -304,10 +304,6 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_s
     return correct / max(1, len(labels))
 
 
-def _key(spec: dict) -> str:
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0, accelerator: str = "auto") -> dict:
     """Train (or load from the cache) one teacher on ``dm``'s training set.
 
@@ -329,7 +325,7 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
     tcfg = {**tcfg, **({"epochs": net_cfg.pop("epochs")} if "epochs" in net_cfg else {})}
     spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed,
             **{k: tcfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing")}}
-    path = Path(cache_root) / _key(spec) / "teacher.pt"
+    path = Path(cache_root) / experts_key(spec) / "teacher.pt"
     if path.is_file():
         d = torch.load(path, weights_only=False)
         net = _build(d["net_cfg"], dm)
@@ -691,7 +687,7 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     """
     path = Path(teacher["path"])
     st = path.stat()
-    key = _key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns})
+    key = experts_key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns})
     cache = path.parent / f"real_stats-{key}.pt"
     if cache.is_file():
         d = torch.load(cache)
