@@ -146,8 +146,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         soft_loss_kind, temperature: loss for soft / teacher targets (``soft_ce``, ``kl``, ``mse_ce``).
         compile: ``torch.compile`` the networks (see :class:`StudentModule`).
         precision: Lightning's ``Trainer(precision=...)``: ``32-true`` (default), or ``bf16-mixed``
-            (autocast to bfloat16; ~1.5-2x faster AlexNet/VGG/ResNet steps on CPUs with AVX512-BF16,
-            see ``benchmarks/evaluator_throughput.py``), ``16-mixed`` on GPUs.
+            (autocast to bfloat16; AlexNet/VGG11/ResNet18 steps on 100 CIFAR images went from
+            0.78/0.47/1.66 s to 0.38/0.31/0.89 s on a 2-core AVX512-BF16 CPU), ``16-mixed`` on GPUs.
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
