@@ -134,16 +134,13 @@ def load_teacher(path: str, dm) -> torch.nn.Module:
     """A teacher saved as ``{"net_cfg": {"name": ..., ...}, "state_dict": ...}`` (``torch.save``).
 
     Raises:
-        FileNotFoundError: no file. ValueError: not a teacher checkpoint.
+        FileNotFoundError: no file. ValueError: not a teacher checkpoint, or one that does not
+        fit ``dm`` (:func:`lightning_dd.nets.load_net_file`).
     """
-    from lightning_dd.nets import build_net
-    from lightning_dd.results import load_dict
+    from lightning_dd.nets import load_net_file
 
-    d = load_dict(path, ("net_cfg", "state_dict"), "teacher checkpoint (eval.teacher_ckpt)")
-    net_cfg = dict(d["net_cfg"])
-    net = build_net(net_cfg.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **net_cfg)
-    net.load_state_dict(d["state_dict"])
-    return net.eval()
+    return load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
+                         "teacher checkpoint (eval.teacher_ckpt)")[0]
 
 
 def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:

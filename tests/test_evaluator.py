@@ -111,3 +111,12 @@ def test_evaluate_cli_on_a_coreset(tmp_path):
     m = __import__("json").loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["eval/ConvNet/n_runs"] == 2 and 0.1 < m["eval/ConvNet/acc_mean"] <= 1
     assert "eval/ConvNet/improvement_over_random" in m
+
+
+def test_bf16_mixed_precision_is_applied_and_learns_as_well(digits):
+    """eval.precision=bf16-mixed: the training runs under bfloat16 autocast (so its accuracy is not
+    bit-identical to fp32's) and learns the task about as well."""
+    x, y = digits.random_subset(5, 0)
+    fp32, bf16 = _eval(digits, x, y, 0), _eval(digits, x, y, 0, precision="bf16-mixed")
+    assert bf16.accs != fp32.accs
+    assert bf16.mean > 0.5 and abs(bf16.mean - fp32.mean) < 0.1, (fp32.accs, bf16.accs)

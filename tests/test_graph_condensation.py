@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dd.data.graphs import GraphDataModule
-from lightning_dd.evaluate.graph import evaluate_graph
+from lightning_dd.evaluate.graph import evaluate_graph, train_gnn
 from lightning_dd.evaluate.led import led_shift
 from lightning_dd.methods.gcond import PGE, GCond, class_gradients, condense, synthetic_labels
 from lightning_dd.methods.graph_run import coreset_graph, select_coreset
@@ -109,6 +109,43 @@ def test_structure_ot_is_bounded_and_differentiable(cora):
     d.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     assert torch.allclose(sinkhorn(torch.rand(6, 3), 50).sum(1), torch.ones(6), atol=1e-3)
+
+
+def test_sgdd_structure_warmup_moves_the_condensed_spectrum_towards_cora(cora):
+    """SGDD's structure warm-up on the OT term alone (beta 0, features fixed) lowers the OT distance
+    and the LED shift of the generated structure against real Cora: the structure broadcasting
+    behind SGDD's claim (Sec. 4.2). Measured: loss 0.82 -> 0.03, LED shift 0.44 -> 0.08."""
+    torch.manual_seed(0)
+    module = SGDD(cora, SGDD_HP | {"warmup_epochs": 120, "warmup_lr": 0.01, "beta": 0.0}, seed=0)
+
+    def shift():
+        module.generator_net.eval()
+        with torch.no_grad():
+            return led_shift(cora.edge_index, cora.x, module.adjacency(module.feat), module.feat)
+
+    before = shift()
+    losses = module.warmup_structure()
+    assert len(losses) == 121 and losses[-1] < 0.2 * losses[0], losses[::20]
+    after = shift()
+    assert after < before - 0.2, (before, after)
+    with pytest.raises(ValueError, match="warmup_lr"):
+        SGDD(cora, SGDD_HP | {"warmup_epochs": 1, "mx_size": 300, "ot_rank": 8}, seed=0).warmup_structure()
+
+
+def test_graph_evaluation_drops_the_lr_with_a_fresh_adam_at_half_the_epochs(cora):
+    """GCond's fit_with_val: lr / 10 and a new Adam after half the epochs (Adam's step count restarts)."""
+    cg = coreset_graph("random", cora, 0.5)
+    from lightning_dd.nets.gnn import dense_to_edges
+
+    ei, w = dense_to_edges(cg.adj)
+    m = train_gnn(cg.x, ei, w, cg.y, cora, "GCN", epochs=10, eval_every=5, lr=0.01, lr_decay_at=0.5)
+    opt = m.trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert {int(st["step"]) for st in opt.state.values()} == {5}
+    m = train_gnn(cg.x, ei, w, cg.y, cora, "GCN", epochs=10, eval_every=5, lr=0.01, lr_decay_at=None)
+    opt = m.trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert {int(st["step"]) for st in opt.state.values()} == {10}
 
 
 def test_saved_condensed_graph_evaluates_to_the_same_accuracy(cora, tmp_path):
@@ -233,7 +270,7 @@ def test_killed_condensation_resumes_to_the_uninterrupted_graph(cora, method, tm
     import lightning as L
 
     hp = dict(SGDD_HP if method == "sgdd" else GCOND_HP, epochs=8, outer_loop=3, inner_loop=2, adj_epochs=2,
-              feat_epochs=2, mx_size=300, ot_rank=16)
+              feat_epochs=2, mx_size=300, ot_rank=16, warmup_epochs=3, warmup_lr=0.01)  # SGDD: warm-up not redone
     cls = SGDD if method == "sgdd" else GCond
 
     def fresh():

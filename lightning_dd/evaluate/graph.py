@@ -55,17 +55,25 @@ class GraphStudentModule(L.LightningModule):
         net: a fresh :class:`GNN`. x ``(n, F)``, edge_index ``(2, E)``, edge_weight ``(E,) | None``,
             y ``(n,)``: the training graph; train_idx: nodes whose loss counts (None: all).
         real: the real graph (``Data`` with masks). lr, weight_decay: Adam settings.
+        decay_step: at this step the lr drops to ``lr / 10`` and Adam restarts (its moments
+            cleared): GCond's ``fit_with_val``, which builds a new Adam at ``train_iters // 2``
+            (arXiv 2110.07580, code of Sec. 5). None: constant lr.
     """
 
     def __init__(self, net: GNN, x, edge_index, edge_weight, y, real, train_idx=None, lr: float = 0.01,
-                 weight_decay: float = 5e-4, eval_every: int = 1):
+                 weight_decay: float = 5e-4, eval_every: int = 1, decay_step: int | None = None):
         super().__init__()
         self.net, self.real, self.lr, self.weight_decay = net, real, lr, weight_decay
         self.x, self.ei, self.w, self.y, self.train_idx = x, edge_index, edge_weight, y, train_idx
-        self.eval_every = eval_every
+        self.eval_every, self.decay_step = eval_every, decay_step
         self.best_val, self.test_at_best, self.best_state = -1.0, 0.0, None
 
     def training_step(self, batch, batch_idx):
+        if self.decay_step and self.global_step == self.decay_step:
+            opt = self.optimizers().optimizer
+            opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = self.lr * 0.1
         out = self.net(self.x, self.ei, self.w)
         if self.train_idx is not None:
             return F.cross_entropy(out[self.train_idx], self.y[self.train_idx])
@@ -92,14 +100,18 @@ class GraphStudentModule(L.LightningModule):
 
 def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=None, epochs: int = 600,
               seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01, weight_decay: float = 5e-4,
-              eval_every: int = 1, accelerator: str = "cpu") -> GraphStudentModule:
+              eval_every: int = 1, accelerator: str = "cpu", lr_decay_at: float | None = 0.5) -> GraphStudentModule:
     """Train one fresh ``arch`` network for ``epochs`` full-batch steps; returns the module
-    (``test_at_best``, ``best_state``: weights at the best real-validation accuracy)."""
+    (``test_at_best``, ``best_state``: weights at the best real-validation accuracy).
+    ``lr_decay_at``: fraction of ``epochs`` after which the lr drops 10x with a fresh Adam (GCond's
+    protocol: 0.5); None or 0: constant lr."""
     quiet_lightning()
     L.seed_everything(seed, verbose=False)
     k = int(real.y.max()) + 1
     net = GNN(arch, real.x.shape[1], k, hidden=hidden, dropout=dropout)
-    module = GraphStudentModule(net, x, edge_index, edge_weight, y, real, train_idx, lr, weight_decay, eval_every)
+    decay_step = int(epochs * lr_decay_at) if lr_decay_at else None
+    module = GraphStudentModule(net, x, edge_index, edge_weight, y, real, train_idx, lr, weight_decay, eval_every,
+                                decay_step)
     trainer = L.Trainer(max_steps=epochs, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
@@ -124,10 +136,12 @@ def check_condensed(cond: CondensedGraph, real) -> None:
 def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs: int = 600, num_eval: int = 5,
                    seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01,
                    weight_decay: float = 5e-4, eval_every: int = 1, accelerator: str = "cpu",
-                   link_prediction: bool = False, anomaly: bool = False) -> GraphEvalResult:
+                   link_prediction: bool = False, anomaly: bool = False,
+                   lr_decay_at: float | None = 0.5) -> GraphEvalResult:
     """Test accuracy (at the best real-validation epoch) of ``num_eval`` fresh ``arch`` networks
     trained on ``cond`` (``None``: the full real graph, loss on its training nodes); seeds
-    ``seed .. seed+num_eval-1``. Optionally per-seed ``link_auc`` and ``anomaly_auc`` /
+    ``seed .. seed+num_eval-1``; the lr drops 10x after ``lr_decay_at`` of the epochs (GCond's
+    protocol, see :class:`GraphStudentModule`). Optionally per-seed ``link_auc`` and ``anomaly_auc`` /
     ``anomaly_macro_f1`` in ``extra``.
 
     Raises:
@@ -143,7 +157,7 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
     accs, extra, t0 = [], {}, time.perf_counter()
     for r in range(num_eval):
         m = train_gnn(x, ei, w, y, real, arch, train_idx, epochs, seed + r, hidden, dropout, lr, weight_decay,
-                      eval_every, accelerator)
+                      eval_every, accelerator, lr_decay_at)
         accs.append(m.test_at_best)
         if link_prediction:
             extra.setdefault("link_auc", []).append(link_prediction_auc(m.net, real, seed=seed + r))
@@ -237,6 +251,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-eval", type=int, default=5)
     p.add_argument("--epochs", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--lr-decay-at", type=float, default=0.5, help="fraction of epochs where lr drops 10x (0: never)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--link-prediction", action="store_true")
@@ -253,6 +268,7 @@ def main(argv=None) -> dict:
     metrics = {}
     for net in a.nets:
         r = evaluate_graph(cond, dm.data, net, epochs=a.epochs, num_eval=a.num_eval, eval_every=a.eval_every,
+                           lr_decay_at=a.lr_decay_at or None,
                            link_prediction=a.link_prediction, anomaly=dm.task == "anomaly")
         metrics.update(r.metrics("eval"))
         print(f"{net:10s} {100 * r.mean:6.2f} ± {100 * r.std:5.2f} %  ({len(r.accs)} runs, {r.seconds:.0f} s)", flush=True)

@@ -120,7 +120,7 @@ def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0,
 def _eval_kwargs(ev) -> dict:
     return dict(epochs=int(ev.epochs), num_eval=int(ev.num_eval), seed=int(ev.seed), hidden=int(ev.hidden),
                 dropout=float(ev.dropout), lr=float(ev.lr), weight_decay=float(ev.weight_decay),
-                eval_every=int(ev.eval_every))
+                eval_every=int(ev.eval_every), lr_decay_at=float(ev.get("lr_decay_at") or 0) or None)
 
 
 def evaluate_condensed(cond: CondensedGraph | None, data, ev, prefix: str, nets, task: str = "node") -> dict:
@@ -191,6 +191,9 @@ def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list
             metrics["condense/resumed_from_epoch"] = module.start_epoch
             metrics["condense/final_match_loss"] = module.epoch_losses[-1]
             metrics["condense/skipped_updates"] = module.skipped_updates  # non-finite losses (expected 0)
+            warm = getattr(module, "warmup_losses", None)  # SGDD's structure warm-up (not on resume)
+            if warm:
+                metrics["condense/warmup_loss_start"], metrics["condense/warmup_loss_end"] = warm[0], warm[-1]
         elif name in CORESETS:
             cond = coreset_graph(name, data, rate, int(hp.get("nlayers", 2)), seed, setting)
             timings["select_s"] = time.perf_counter() - t0

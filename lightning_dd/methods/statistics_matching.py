@@ -359,23 +359,19 @@ def _build(net_cfg: dict, dm) -> nn.Module:
 
 
 def load_teacher_file(path: str | Path, dm) -> dict:
-    """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``).
+    """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``), with its
+    test accuracy (stored, else measured on ``dm``'s test set).
 
     Raises:
         FileNotFoundError: no file. ValueError: not a teacher checkpoint, or its weights do not fit
-        the data's shape/classes.
+        the data's shape/classes (:func:`lightning_dd.nets.load_net_file`).
     """
-    from lightning_dd.results import load_dict
+    from lightning_dd.nets import load_net_file
 
-    d = load_dict(path, ("net_cfg", "state_dict"), "teacher checkpoint (method.teacher.ckpt)")
-    net = _build(d["net_cfg"], dm)
-    try:
-        net.load_state_dict(d["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the teacher does not fit this data ({dm.num_classes} classes, "
-                         f"{dm.image_shape}): {str(e)[:300]}") from None
+    net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
+                           "teacher checkpoint (method.teacher.ckpt)")
     acc = d.get("test_acc")
-    return {"net": net.eval(), "path": Path(path), "test_acc": acc if acc is not None else accuracy(
+    return {"net": net, "path": Path(path), "test_acc": acc if acc is not None else accuracy(
         net, dm.test_images, dm.test_labels), "seconds": 0.0, "cached": True}
 
 

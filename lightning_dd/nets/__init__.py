@@ -40,6 +40,28 @@ def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> n
     return NETS[name](channel, num_classes, tuple(im_size), **kwargs)
 
 
+def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "teacher checkpoint") -> tuple[nn.Module, dict]:
+    """A network saved as ``{"net_cfg": {"name": ..., **kwargs}, "state_dict": ..., ...}``
+    (``torch.save``), rebuilt for ``(C, H, W)`` inputs and ``num_classes`` outputs, in eval mode;
+    returns ``(net, the saved dict)`` (extra keys such as ``test_acc`` kept).
+
+    Raises:
+        FileNotFoundError: no file. ValueError: not such a dict (``what`` names it), an unknown
+        net name, or weights that do not fit the data's shape / classes.
+    """
+    from lightning_dd.results import load_dict
+
+    d = load_dict(path, ("net_cfg", "state_dict"), what)
+    cfg = dict(d["net_cfg"])
+    net = build_net(cfg.pop("name"), channel, num_classes, im_size, **cfg)
+    try:
+        net.load_state_dict(d["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the {what} does not fit this data ({num_classes} classes, "
+                         f"{channel}x{'x'.join(map(str, im_size))}): {str(e)[:300]}") from None
+    return net.eval(), d
+
+
 def maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
     """``torch.compile(net)`` when ``compile`` and ``net`` is an instance of a class in
     :data:`COMPILE_VERIFIED`; otherwise ``net`` itself (same parameters either way)."""
