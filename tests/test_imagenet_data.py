@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lightning_dd.data.imagenet import (ImageNetDataModule, decode_resized, detect_layout, image_folder_dataset,
-                                        list_files)
+                                        list_files, memory_estimate)
 from lightning_dd.data.readers import DataNotFoundError
 
 
@@ -115,3 +115,43 @@ def test_streaming_dataset_standard_transforms_on_grayscale(sample):
     a, _ = val[0]
     b, _ = val[0]
     assert torch.equal(a, b)  # the evaluation transform is deterministic
+
+
+def test_memory_estimate_matches_imagenet_sizes():
+    full = memory_estimate(1_281_167, 50_000, 224)
+    assert 715 < full["train_held"] < 725  # all of ImageNet-1k's training images as float32: ~720 GiB
+    assert full["train_held"] * 2 ** 30 / 1e9 == pytest.approx(771.4, abs=0.5)  # ~770 GB
+    small = memory_estimate(10_000, 10_000, 224)
+    assert small["held"] == pytest.approx(20_000 * 3 * 224 * 224 * 4 / 2 ** 30)
+    assert small["peak"] == pytest.approx(22 * 10_000 * 3 * 224 * 224 / 2 ** 30)
+
+
+def test_too_large_a_selection_fails_before_decoding(sample, tmp_path, monkeypatch):
+    import lightning_dd.data.imagenet as inet
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded despite the memory limit")
+
+    monkeypatch.setattr(inet, "decode_files", no_decode)
+    dm = ImageNetDataModule(str(sample), layout="flat", cache_dir=str(tmp_path), max_memory_gib=0.1)
+    with pytest.raises(ValueError, match=r"data\.train_per_class.*data\.val_per_class") as e:
+        dm.setup()  # 105 + 105 images at 224 px: ~0.32 GiB at the peak of setup
+    assert "0.3 GiB at the peak" in str(e.value) and "data.max_memory_gib=0.1" in str(e.value)
+    assert not (tmp_path / "decoded").exists()
+    small = ImageNetDataModule(str(sample), layout="flat", image_size=32, resize_size=36, max_memory_gib=0.1)
+    monkeypatch.undo()
+    small.setup()  # 32 px fits the same limit
+    assert small.train_images.shape == (105, 3, 32, 32)
+
+
+def test_imagenet_experiments_fit_their_memory_limit():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    for name in ("cda_imagenet", "sre2l_imagenet"):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            d = compose("train", overrides=[f"experiment={name}"]).data
+        assert d.train_per_class is not None and d.val_per_class is not None
+        est = memory_estimate(1000 * d.train_per_class, 1000 * d.val_per_class, d.image_size)
+        assert est["peak"] <= d.max_memory_gib

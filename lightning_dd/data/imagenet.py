@@ -18,7 +18,10 @@ Two ways to serve images:
   shorter side is ``resize_size`` and center-cropped to ``image_size`` (the standard
   256 -> 224 evaluation transform), stored as uint8 and cached (``cache_dir``, keyed by every
   file's name, size and mtime and the two sizes). ``train_per_class`` / ``val_per_class`` limit
-  the files decoded per class (all of ImageNet-1k at 224 px would need ~190 GB of memory);
+  the files decoded per class. All of ImageNet-1k cannot be held this way: its 1.28M training
+  images at 224 px are ~180 GiB as uint8 and ~720 GiB (~770 GB) as the float32 tensors the
+  methods read, so :meth:`ImageNetDataModule.read` refuses, before decoding anything, a selection
+  whose estimated peak memory (:func:`memory_estimate`) exceeds ``max_memory_gib``;
 * streaming (:func:`image_folder_dataset`): a ``torch.utils.data.Dataset`` over the files with the
   standard training transforms (:func:`train_transforms`: RandomResizedCrop 224, flip, normalize;
   torchvision.transforms.v2) or evaluation transforms (:func:`val_transforms`), for training a
@@ -147,6 +150,23 @@ def limit_per_class(files: list[tuple[Path, int]], n: int | None, seed: int = 0)
     return out
 
 
+def memory_estimate(n_train: int, n_val: int, image_size: int, channels: int = 3) -> dict[str, float]:
+    """Memory (GiB) that serving ``n_train`` training and ``n_val`` validation images of
+    ``channels x image_size x image_size`` in memory takes.
+
+    ``held``: the float32 model-space tensors kept after ``setup()`` (4 bytes per value).
+    ``peak``: during ``setup()``: the uint8 decode of both splits (1 byte per value) plus the
+    float32 copies :meth:`lightning_dd.data.images.ImageDataModule.setup` makes on the way to model
+    space -- pixels in ``[0, 1]`` and the normalized training images (8 bytes per training value),
+    and up to three float32 temporaries of the validation images while they are normalized
+    (12 bytes per value): ``9 * train + 13 * val`` bytes per value in all.
+    """
+    values = channels * image_size * image_size
+    gib = float(2 ** 30)
+    return {"held": 4 * (n_train + n_val) * values / gib, "peak": (9 * n_train + 13 * n_val) * values / gib,
+            "train_held": 4 * n_train * values / gib, "val_held": 4 * n_val * values / gib}
+
+
 def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.ndarray:
     """One image file -> ``(image_size, image_size, 3)`` uint8 RGB: any mode (L, CMYK, P, RGBA) is
     converted to RGB, the shorter side resized to ``resize_size`` (bilinear, antialiased), then
@@ -242,16 +262,22 @@ class ImageNetDataModule(ImageDataModule):
             permutation of ``subset_seed``.
         normalize: ``imagenet`` (the standard mean/std) | ``fit`` (fitted on the training images).
         decode_workers: decoding threads. cache_dir: decode cache (``None`` = decode every time).
+        max_memory_gib: the most memory (GiB) that serving the selected images may take at its
+            peak during :meth:`setup` (:func:`memory_estimate`); ``None`` = no limit.
         name, zca, batch_size, subset_seed: as in :class:`ImageDataModule`.
 
     Raises (from :meth:`setup`):
         DataNotFoundError: nothing in any layout under ``root`` (names the files expected).
+        ValueError: the selected images would need more than ``max_memory_gib`` (raised before
+            anything is decoded or read from the cache; names ``data.train_per_class``,
+            ``data.val_per_class`` and the estimate).
         OSError: an unreadable image (its path is named).
     """
 
     def __init__(self, root: str, name: str = "imagenet", layout: str = "auto", image_size: int = 224,
                  resize_size: int = 256, train_per_class: int | None = None, val_per_class: int | None = None,
-                 normalize: str = "imagenet", decode_workers: int = 4, **kwargs):
+                 normalize: str = "imagenet", decode_workers: int = 4, max_memory_gib: float | None = 16.0,
+                 **kwargs):
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
         if normalize not in ("imagenet", "fit"):
@@ -263,6 +289,7 @@ class ImageNetDataModule(ImageDataModule):
         self.image_size, self.resize_size = int(image_size), int(resize_size)
         self.max_train_per_class, self.val_per_class = train_per_class, val_per_class
         self.normalize, self.decode_workers = normalize, decode_workers
+        self.max_memory_gib = None if max_memory_gib is None else float(max_memory_gib)
 
     def source(self) -> str:
         return str(self.root.resolve())
@@ -277,6 +304,7 @@ class ImageNetDataModule(ImageDataModule):
         _, val = list_files(self.root, self.layout, "val")
         train = limit_per_class(train, self.max_train_per_class, self.subset_seed)
         val = limit_per_class(val, self.val_per_class, self.subset_seed)
+        self.check_memory(len(train), len(val))
         cache = None
         if self.cache_dir is not None:
             h = hashlib.sha1(f"{self.image_size}|{self.resize_size}\n".encode())
@@ -294,6 +322,26 @@ class ImageNetDataModule(ImageDataModule):
             atomic_save(out.__dict__, cache)
         log.info("%s: decoded %d train / %d val images from %s", self.name, len(ytr), len(yte), self.root)
         return out
+
+    def check_memory(self, n_train: int, n_val: int) -> None:
+        """Refuse a selection that would not fit in ``max_memory_gib`` (see :func:`memory_estimate`).
+
+        Raises:
+            ValueError: the estimated peak exceeds the limit (the message names the keys to change).
+        """
+        if self.max_memory_gib is None:
+            return
+        est = memory_estimate(n_train, n_val, self.image_size)
+        if est["peak"] <= self.max_memory_gib:
+            return
+        raise ValueError(
+            f"{self.name}: holding {n_train} training + {n_val} validation images of 3x{self.image_size}x"
+            f"{self.image_size} in memory needs ~{est['held']:.1f} GiB as float32 (train {est['train_held']:.1f} GiB, "
+            f"val {est['val_held']:.1f} GiB) and ~{est['peak']:.1f} GiB at the peak of setup, over "
+            f"data.max_memory_gib={self.max_memory_gib:g}. This in-memory DataModule cannot serve all of "
+            f"ImageNet-1k: set data.train_per_class (now {self.max_train_per_class}) and/or data.val_per_class "
+            f"(now {self.val_per_class}) to decode fewer images per class, or raise data.max_memory_gib if the "
+            f"machine has the memory. Nothing was decoded.")
 
     def _fit_preprocessing(self, x01: torch.Tensor) -> Preprocessing:
         if self.normalize == "imagenet" and not self.zca:
