@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from lightning_dd.methods.statistics_matching import (Backbone, StatsHooks, bn_loss_views, channel_stats,
                                                       conv_statistics, crop_resize, crop_scale_min, recover_batch,
-                                                      relabel_fkd, replay_fkd, sample_crops)
+                                                      relabel_fkd, replay_fkd, run_device, sample_crops)
 from lightning_dd.nets import build_net
 
 
@@ -324,3 +324,28 @@ def test_given_teacher_checkpoint_and_bad_settings_fail_clearly(tmp_path):
     zca = Preprocessing(torch.zeros(3), torch.ones(3), zca=torch.eye(3))
     with pytest.raises(ValueError, match="zca=false"):
         pixel_bounds(zca)
+
+
+def test_run_device_follows_the_accelerator_setting():
+    assert run_device("cpu") == torch.device("cpu")
+    assert run_device("gpu") == run_device("cuda") == torch.device("cuda")
+    assert run_device("auto").type == "cuda" if torch.cuda.is_available() else run_device("auto").type in ("cpu", "mps")
+    with pytest.raises(ValueError, match="trainer.accelerator"):
+        run_device("tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_passes_run_on_the_teachers_device():
+    from lightning_dd.methods.statistics_matching import accuracy
+
+    teacher = _teacher()
+    images = torch.randn(10, 3, 16, 16)
+    cpu = relabel_fkd(teacher, images, epochs=2, topk=2, seed=1)
+    conv_cpu = conv_statistics(teacher, images, batch_size=4)
+    gpu_teacher = teacher.cuda()
+    gpu = relabel_fkd(gpu_teacher, images, epochs=2, topk=2, seed=1)  # images stay on the CPU
+    assert gpu["topk_values"].device.type == "cpu" and torch.equal(gpu["boxes"], cpu["boxes"])
+    assert torch.allclose(gpu["topk_values"].float(), cpu["topk_values"].float(), atol=2e-3)
+    conv_gpu = conv_statistics(gpu_teacher, images, batch_size=4)
+    assert all(a[0].device.type == "cpu" and torch.allclose(a[0], b[0], atol=1e-4) for a, b in zip(conv_gpu, conv_cpu))
+    assert 0 <= accuracy(gpu_teacher, images, torch.arange(10) % 4) <= 1

@@ -28,12 +28,16 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
      first backbone's scale on the initial batch (``start``, :func:`backbone_weights`); a net's own
      ``epochs`` key overrides ``teacher.epochs``. ``metrics.json`` gets every backbone's BN loss
      start -> end (``recover/<i>_<name>/loss_bn_*``).
-3. **Relabel** (SRe2L Sec. 3.3, FKD arXiv 2112.01528): per epoch and image, one random-resized
-   crop + flip and the teacher's top-k probabilities on it are stored (:func:`relabel_fkd`,
-   ``fkd_labels.pt``), so a student replays exactly those crops and targets
-   (:func:`replay_fkd`). The framework's student evaluator uses the equivalent on-the-fly form:
-   the teacher's logits on each augmented batch (``eval.label_mode=teacher``), with the teacher
-   this method returns.
+3. **Relabel** (SRe2L Sec. 3.3, FKD arXiv 2112.01528): the framework's student evaluator uses the
+   on-the-fly form: the teacher's logits on each augmented batch (``eval.label_mode=teacher``),
+   with the teacher this method returns. Only when asked (``relabel.epochs`` > 0; default 0, as
+   nothing in the framework reads it) are FKD's stored labels written: per epoch and image, one
+   random-resized crop + flip and the teacher's top-k probabilities on it (:func:`relabel_fkd`,
+   ``fkd_labels.pt``), so a student can replay exactly those crops and targets
+   (:func:`replay_fkd`).
+
+The teachers, their statistics passes and test accuracy, the soft labels and the relabeling run
+on the run's device (``trainer.accelerator``, :func:`run_device`), like the Lightning fits.
 
 Images live in model space (the DataModule's normalization), clipped to the valid pixel range
 after every step. The BN-statistics loss before and after recovery (``recover/loss_bn_start``,
@@ -159,6 +163,32 @@ def crop_scale_min(iteration: int, iterations: int, schedule: str, start: float 
     raise ValueError(f"recover.crop_schedule must be none|cosine|linear|step, got {schedule!r}")
 
 
+def run_device(accelerator: str = "auto") -> torch.device:
+    """The device a one-device Lightning run with ``trainer.accelerator`` computes on: ``cpu``;
+    ``gpu``/``cuda`` -> ``cuda``; ``mps``; ``auto`` -> ``cuda`` if available, else ``mps`` if
+    available, else ``cpu`` (Lightning's order). The teachers, their statistics passes, test
+    accuracy, soft labels and relabeling run there, not only the Lightning fits.
+
+    Raises:
+        ValueError: an accelerator this method does not run on.
+    """
+    a = str(accelerator).lower()
+    if a == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if a in ("gpu", "cuda"):
+        return torch.device("cuda")
+    if a in ("cpu", "mps"):
+        return torch.device(a)
+    raise ValueError(f"trainer.accelerator must be auto|cpu|gpu|cuda|mps for statistics matching, got {accelerator!r}")
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics: BN hooks, convolution statistics
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +263,10 @@ def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
     mode) over all of ``images`` ``(N, C, H, W)``, accumulated in float64 batch by batch
     (G-VBSM's convolution statistics of the real data). Returns one ``(mean (C_l,), var (C_l,))``
     float32 pair per conv layer, forward order; with ``return_logits`` also the network's outputs
-    ``(N, K)`` from the same pass."""
+    ``(N, K)`` from the same pass. Runs on the network's device batch by batch (``images`` may stay
+    on the CPU); returns CPU tensors."""
     net.eval()
+    dev = _device_of(net)
     layers = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     sums: list = [None] * len(layers)
     count = [0] * len(layers)
@@ -251,14 +283,14 @@ def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
     outs = []
     try:
         for part in images.split(batch_size):
-            outs.append(net(part))
+            outs.append(net(part.to(dev)).cpu())
     finally:
         for h in handles:
             h.remove()
     out = []
     for s, n in zip(sums, count):
         mean = s[0] / n
-        out.append((mean.float(), (s[1] / n - mean * mean).clamp(min=0).float()))
+        out.append((mean.float().cpu(), (s[1] / n - mean * mean).clamp(min=0).float().cpu()))
     return (out, torch.cat(outs)) if return_logits else out
 
 
@@ -297,9 +329,11 @@ class TeacherModule(L.LightningModule):
 
 @torch.no_grad()
 def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy (fraction) of ``net`` in eval mode on ``images (N, C, H, W)``, ``labels (N,)``."""
+    """Top-1 accuracy (fraction) of ``net`` in eval mode on ``images (N, C, H, W)``, ``labels (N,)``,
+    batch by batch on the network's device."""
     net.eval()
-    correct = sum(int((net(x).argmax(1) == y).sum())
+    dev = _device_of(net)
+    correct = sum(int((net(x.to(dev)).argmax(1).cpu() == y).sum())
                   for x, y in zip(images.split(batch_size), labels.split(batch_size)))
     return correct / max(1, len(labels))
 
@@ -317,7 +351,8 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
             the data identity, ``net_cfg``, the training settings and ``seed``.
 
     Returns:
-        ``{"net": nn.Module (eval), "path": Path, "test_acc": float, "seconds": float, "cached": bool}``;
+        ``{"net": nn.Module (eval, on the run's device, :func:`run_device`), "path": Path, "test_acc": float,
+        "seconds": float, "cached": bool}``;
         the file is a teacher checkpoint ``{"net_cfg", "state_dict", "test_acc", "spec"}`` that
         ``eval.teacher_ckpt`` / ``method.teacher.ckpt`` accept.
     """
@@ -326,11 +361,12 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
     spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed,
             **{k: tcfg[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "label_smoothing")}}
     path = Path(cache_root) / experts_key(spec) / "teacher.pt"
+    dev = run_device(accelerator)
     if path.is_file():
         d = torch.load(path, weights_only=False)
         net = _build(d["net_cfg"], dm)
         net.load_state_dict(d["state_dict"])
-        return {"net": net.eval(), "path": path, "test_acc": d["test_acc"], "seconds": 0.0, "cached": True}
+        return {"net": net.to(dev).eval(), "path": path, "test_acc": d["test_acc"], "seconds": 0.0, "cached": True}
     quiet_lightning()
     t0 = time.perf_counter()
     L.seed_everything(seed, verbose=False)
@@ -343,10 +379,11 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                         enable_progress_bar=False)
     trainer.fit(module, loader)
-    net = net.cpu().eval()
+    net = net.to(dev).eval()
     acc = accuracy(net, dm.test_images, dm.test_labels)
     secs = time.perf_counter() - t0
-    atomic_save({"net_cfg": dict(net_cfg), "state_dict": net.state_dict(), "test_acc": acc, "spec": spec,
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    atomic_save({"net_cfg": dict(net_cfg), "state_dict": state, "test_acc": acc, "spec": spec,
                  "seconds": secs}, path)
     (path.parent / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
     log.info("teacher %s: %d epochs in %.0fs, test acc %.4f -> %s", net_cfg["name"], tcfg["epochs"], secs, acc, path)
@@ -358,9 +395,9 @@ def _build(net_cfg: dict, dm) -> nn.Module:
     return build_net(cfg.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **cfg)
 
 
-def load_teacher_file(path: str | Path, dm) -> dict:
-    """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``), with its
-    test accuracy (stored, else measured on ``dm``'s test set).
+def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
+    """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``) on the run's
+    device (:func:`run_device`), with its test accuracy (stored, else measured on ``dm``'s test set).
 
     Raises:
         FileNotFoundError: no file. ValueError: not a teacher checkpoint, or its weights do not fit
@@ -370,6 +407,7 @@ def load_teacher_file(path: str | Path, dm) -> dict:
 
     net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
                            "teacher checkpoint (method.teacher.ckpt)")
+    net = net.to(run_device(accelerator)).eval()
     acc = d.get("test_acc")
     return {"net": net, "path": Path(path), "test_acc": acc if acc is not None else accuracy(
         net, dm.test_images, dm.test_labels), "seconds": 0.0, "cached": True}
@@ -613,20 +651,22 @@ def relabel_fkd(teacher: nn.Module, images: torch.Tensor, epochs: int, topk: int
     random-resized crop + flip and the teacher's top-``topk`` softmax probabilities on it.
 
     Args:
-        teacher: the teacher (eval mode). images: ``(N, C, H, W)`` model space.
+        teacher: the teacher (eval mode; runs on its device, batch by batch). images: ``(N, C, H, W)``
+            model space (may stay on the CPU).
 
     Returns:
         ``{"boxes": (E, N, 4) float32 pixels, "flips": (E, N) bool, "topk_values": (E, N, k) float16,
         "topk_indices": (E, N, k) int64, "num_classes": K, "scale", "seed", "temperature"}``.
     """
     teacher.eval()
+    dev = _device_of(teacher)
     n, _, h, w = images.shape
     boxes, flips, vals, idxs = [], [], [], []
     for e in range(epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + e)
         b = sample_crops(n, h, w, tuple(scale), g)
         f = torch.rand(n, generator=g) < 0.5
-        logits = torch.cat([teacher(crop_resize(x, bb, ff)) for x, bb, ff in
+        logits = torch.cat([teacher(crop_resize(x.to(dev), bb, ff)).float().cpu() for x, bb, ff in
                             zip(images.split(batch_size), b.split(batch_size), f.split(batch_size))])
         p = F.softmax(logits / temperature, 1)
         v, i = p.topk(min(topk, p.shape[1]), 1)
@@ -666,7 +706,7 @@ def replay_fkd(images: torch.Tensor, labels: dict, epoch: int, index: torch.Tens
 def _teachers(cfg, dm) -> list[dict]:
     t = cfg.method.teacher
     if t.get("ckpt"):
-        return [load_teacher_file(t.ckpt, dm)]
+        return [load_teacher_file(t.ckpt, dm, cfg.trainer.accelerator)]
     tcfg = OmegaConf.to_container(t, resolve=True)
     nets = tcfg["nets"]
     if not nets:
@@ -711,6 +751,7 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     timings, metrics = {}, {}
     out_dir = Path(out_dir)
     lo, hi = pixel_bounds(dm.preprocessing)  # fails early on ZCA data
+    dev = run_device(cfg.trainer.accelerator)  # teachers, statistics, soft labels and relabel run here
 
     # 1. squeeze
     t0 = time.perf_counter()
@@ -815,9 +856,9 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     # class-major order (the framework's convention), teacher soft labels on the whole images
     order = torch.argsort(labels * n + torch.arange(n))
     x, y = x[order], labels[order]
-    teacher = teachers[0]["net"].cpu().eval()
+    teacher = teachers[0]["net"].to(dev).eval()
     with torch.no_grad():
-        soft = torch.cat([teacher(p) for p in x.split(500)])
+        soft = torch.cat([teacher(p.to(dev)).float().cpu() for p in x.split(500)])
     metrics["recover/teacher_acc_on_synthetic"] = float((soft.argmax(1) == y).float().mean())
 
     # 3. relabel (FKD-style stored crops + top-k probabilities)
