@@ -349,3 +349,50 @@ def test_teacher_passes_run_on_the_teachers_device():
     conv_gpu = conv_statistics(gpu_teacher, images, batch_size=4)
     assert all(a[0].device.type == "cpu" and torch.allclose(a[0], b[0], atol=1e-4) for a, b in zip(conv_gpu, conv_cpu))
     assert 0 <= accuracy(gpu_teacher, images, torch.arange(10) % 4) <= 1
+
+
+def _digits_cfg(tmp_path, monkeypatch, *extra, experiment="sre2l_cifar10"):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            f"experiment={experiment}", "data=digits", "data.zca=false", "method.ipc=1",
+            "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm}]", "method.teacher.epochs=1",
+            "method.recover.iterations=3", "method.recover.batch=10", "method.recover.jitter=1",
+            "method.relabel.epochs=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra])
+
+
+def _hooks(net: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in net.modules())
+
+
+def test_backbone_hooks_are_removed_after_recovery_even_when_it_fails(tmp_path, monkeypatch):
+    import lightning_dd.methods.statistics_matching as sm
+    from lightning_dd.runner import build_datamodule
+
+    b = Backbone(_teacher(), conv_statistics(_teacher(), torch.randn(8, 3, 16, 16)))
+    assert _hooks(b.net) > 0
+    b.remove()
+    b.remove()  # idempotent
+    assert _hooks(b.net) == 0
+
+    cfg = _digits_cfg(tmp_path, monkeypatch, "method.recover.r_conv=0.01", "method.recover.r_logit=1.0")
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    seen, real_teachers = [], sm._teachers
+    monkeypatch.setattr(sm, "_teachers", lambda cfg, dm: seen.extend(real_teachers(cfg, dm)) or seen)
+    r = sm.run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
+    assert r["result"] is not None and _hooks(seen[0]["net"]) == 0  # soft labels ran on a hook-free teacher
+
+    def crash(*a, **k):
+        assert _hooks(seen[0]["net"]) > 0  # hooked while recovering
+        raise RuntimeError("killed")
+
+    seen.clear()
+    monkeypatch.setattr(sm, "recover_batch", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        sm.run_statistics_matching(cfg, dm, tmp_path / "run2", [], [])
+    assert _hooks(seen[0]["net"]) == 0

@@ -418,13 +418,20 @@ def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
 # ----------------------------------------------------------------------------------------------
 class Backbone:
     """A frozen teacher prepared for recovery: the network (eval mode), its BN hooks, and
-    optionally conv hooks with precomputed targets and per-class mean logits (G-VBSM)."""
+    optionally conv hooks with precomputed targets and per-class mean logits (G-VBSM).
+    The hooks run on every forward of the network until :meth:`remove`."""
 
     def __init__(self, net: nn.Module, conv_targets=None, class_logits: torch.Tensor | None = None):
         self.net = net.eval().requires_grad_(False)
         self.bn = StatsHooks(self.net, "bn")
         self.conv = StatsHooks(self.net, "conv") if conv_targets is not None else None
         self.conv_targets, self.class_logits = conv_targets, class_logits
+
+    def remove(self) -> None:
+        """Remove the BN (and conv) forward hooks from the network (idempotent)."""
+        self.bn.remove()
+        if self.conv is not None:
+            self.conv.remove()
 
     def to(self, device):
         self.net.to(device)
@@ -736,58 +743,13 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     return conv, class_logits
 
 
-def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
-    """Squeeze -> recover -> relabel (SRe2L / CDA / G-VBSM by ``method`` settings).
-
-    Returns ``{"result": DistilledSet, "teacher_ckpt": path of the first teacher (the student
-    evaluator's KD teacher), "timings", "metrics"}``. ``stage=squeeze`` stops after the teachers.
-
-    Raises:
-        ValueError: bad settings (ZCA data, no teachers, IPC/batch sizes), or a teacher without
-        BatchNorm layers.
-    """
-    hp = cfg.method
+def _recover_batches(cfg, dm, backbones: list[Backbone], rec: dict, labels: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor, out_dir: Path, loggers: list) -> dict:
+    """Recover every batch of ``rec["batch"]`` images (finished batches are read back with
+    ``resume=true``); returns the images, the per-step history and the BN losses before/after, per
+    batch (and per backbone)."""
     seed = int(cfg.seed)
-    timings, metrics = {}, {}
-    out_dir = Path(out_dir)
-    lo, hi = pixel_bounds(dm.preprocessing)  # fails early on ZCA data
-    dev = run_device(cfg.trainer.accelerator)  # teachers, statistics, soft labels and relabel run here
-
-    # 1. squeeze
-    t0 = time.perf_counter()
-    teachers = _teachers(cfg, dm)
-    timings["squeeze_s"] = time.perf_counter() - t0
-    for i, t in enumerate(teachers):
-        name = OmegaConf.select(cfg, f"method.teacher.nets.{i}.name") or "ckpt"
-        metrics[f"squeeze/{i}_{name}/test_acc"] = t["test_acc"]
-        metrics[f"timings/squeeze_{i}_{name}_s"] = t["seconds"]  # 0 when cached
-        log.info("teacher %d (%s): test acc %.2f%% (%s)", i, name, 100 * t["test_acc"],
-                 "cached" if t["cached"] else f"trained in {t['seconds']:.0f}s")
-    metrics["squeeze/teacher_test_acc"] = teachers[0]["test_acc"]
-    metrics["squeeze/n_backbones"] = len(teachers)
-    if cfg.get("stage", "all") == "squeeze":
-        return {"result": None, "timings": timings, "metrics": metrics, "teacher_ckpt": str(teachers[0]["path"])}
-
-    # G-VBSM statistics of the real data (convolution statistics, per-class mean logits)
-    rec = OmegaConf.to_container(hp.recover, resolve=True)
-    t0 = time.perf_counter()
-    backbones = []
-    for t in teachers:
-        conv_t, class_logits = None, None
-        if float(rec["r_conv"]) > 0 or float(rec["r_logit"]) > 0:
-            conv_t, class_logits = real_statistics(t, dm)
-        backbones.append(Backbone(t["net"], conv_t if float(rec["r_conv"]) > 0 else None,
-                                  class_logits if float(rec["r_logit"]) > 0 else None))
-    timings["statistics_s"] = time.perf_counter() - t0
-
-    # 2. recover, batch by batch (labels cycle through the classes so every batch mixes them)
-    t0 = time.perf_counter()
-    ipc, k = int(hp.ipc), dm.num_classes
-    n = ipc * k
-    labels = torch.arange(n) % k
-    bsz = int(rec["batch"])
-    if bsz <= 0:
-        raise ValueError(f"method.recover.batch must be positive, got {bsz}")
+    n, bsz = len(labels), int(rec["batch"])
     rec_dir = out_dir / "recover"
     images, history = [], []
     fm = float(rec["first_bn_multiplier"])
@@ -826,6 +788,70 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
                      "loss_bn_per_backbone": list(zip(starts, ends))}, done)
         images.append(x), bn_start.append(s0), bn_end.append(s1), bn_full.append((f0, f1))
         history += hist
+    return {"images": images, "history": history, "bn_start": bn_start, "bn_end": bn_end, "bn_full": bn_full,
+            "per_start": per_start, "per_end": per_end}
+
+
+def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
+    """Squeeze -> recover -> relabel (SRe2L / CDA / G-VBSM by ``method`` settings).
+
+    Returns ``{"result": DistilledSet, "teacher_ckpt": path of the first teacher (the student
+    evaluator's KD teacher), "timings", "metrics"}``. ``stage=squeeze`` stops after the teachers.
+
+    Raises:
+        ValueError: bad settings (ZCA data, no teachers, IPC/batch sizes), or a teacher without
+        BatchNorm layers.
+    """
+    hp = cfg.method
+    seed = int(cfg.seed)
+    timings, metrics = {}, {}
+    out_dir = Path(out_dir)
+    lo, hi = pixel_bounds(dm.preprocessing)  # fails early on ZCA data
+    dev = run_device(cfg.trainer.accelerator)  # teachers, statistics, soft labels and relabel run here
+
+    # 1. squeeze
+    t0 = time.perf_counter()
+    teachers = _teachers(cfg, dm)
+    timings["squeeze_s"] = time.perf_counter() - t0
+    for i, t in enumerate(teachers):
+        name = OmegaConf.select(cfg, f"method.teacher.nets.{i}.name") or "ckpt"
+        metrics[f"squeeze/{i}_{name}/test_acc"] = t["test_acc"]
+        metrics[f"timings/squeeze_{i}_{name}_s"] = t["seconds"]  # 0 when cached
+        log.info("teacher %d (%s): test acc %.2f%% (%s)", i, name, 100 * t["test_acc"],
+                 "cached" if t["cached"] else f"trained in {t['seconds']:.0f}s")
+    metrics["squeeze/teacher_test_acc"] = teachers[0]["test_acc"]
+    metrics["squeeze/n_backbones"] = len(teachers)
+    if cfg.get("stage", "all") == "squeeze":
+        return {"result": None, "timings": timings, "metrics": metrics, "teacher_ckpt": str(teachers[0]["path"])}
+
+    # G-VBSM statistics of the real data (convolution statistics, per-class mean logits)
+    rec = OmegaConf.to_container(hp.recover, resolve=True)
+    ipc, k = int(hp.ipc), dm.num_classes
+    n = ipc * k
+    labels = torch.arange(n) % k  # labels cycle through the classes so every batch mixes them
+    bsz = int(rec["batch"])
+    if bsz <= 0:
+        raise ValueError(f"method.recover.batch must be positive, got {bsz}")
+    t0 = time.perf_counter()
+    backbones = []
+    try:  # the backbones' hooks stay on the teachers only while recovering
+        for t in teachers:
+            conv_t, class_logits = None, None
+            if float(rec["r_conv"]) > 0 or float(rec["r_logit"]) > 0:
+                conv_t, class_logits = real_statistics(t, dm)
+            backbones.append(Backbone(t["net"], conv_t if float(rec["r_conv"]) > 0 else None,
+                                      class_logits if float(rec["r_logit"]) > 0 else None))
+        timings["statistics_s"] = time.perf_counter() - t0
+
+        # 2. recover, batch by batch
+        t0 = time.perf_counter()
+        r = _recover_batches(cfg, dm, backbones, rec, labels, lo, hi, out_dir, loggers)
+    finally:
+        for bb in backbones:
+            bb.remove()
+    images, history, nb = r["images"], r["history"], len(backbones)
+    bn_start, bn_end, bn_full, per_start, per_end = (r[key] for key in ("bn_start", "bn_end", "bn_full",
+                                                                         "per_start", "per_end"))
     x = torch.cat(images)
     timings["recover_s"] = time.perf_counter() - t0
     metrics["recover/loss_bn_start"] = sum(bn_start) / len(bn_start)
