@@ -178,7 +178,7 @@ def test_backbone_norm_start_weights_every_backbone_to_the_first_ones_scale():
     bbs = [Backbone(n, conv_statistics(n, real), torch.randn(4, 4)) for n in nets]
     x0 = torch.randn(8, 3, 16, 16)
     assert backbone_weights(bbs, x0, {**HP, "backbone_norm": "none"}) == ([1.0, 1.0], [1.0, 1.0])
-    assert backbone_weights(bbs, x0, HP) == ([1.0, 1.0], [1.0, 1.0])  # absent: none (G-VBSM's plain sum)
+    assert backbone_weights(bbs, x0, HP) == ([1.0, 1.0], [1.0, 1.0])  # absent: none (unweighted, as G-VBSM)
     wb, wc = backbone_weights(bbs, x0, {**HP, "backbone_norm": "start"})
     raw = []
     with torch.no_grad():
@@ -396,3 +396,19 @@ def test_backbone_hooks_are_removed_after_recovery_even_when_it_fails(tmp_path, 
     with pytest.raises(RuntimeError, match="killed"):
         sm.run_statistics_matching(cfg, dm, tmp_path / "run2", [], [])
     assert _hooks(seen[0]["net"]) == 0
+
+
+def test_sampled_backbones_losses_are_averaged():
+    from lightning_dd.methods.statistics_matching import RecoverModule
+
+    nets = [_teacher(seed=s) for s in range(2)]
+    real = torch.randn(30, 3, 16, 16)
+    bbs = [Backbone(n, conv_statistics(n, real), torch.randn(4, 4)) for n in nets]
+    hp = {**HP, "backbones_per_iter": 2, "r_conv": 0.01, "r_logit": 1.0}
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
+    m = RecoverModule(x, y, bbs, hp, LO, HI)
+    with torch.no_grad():
+        both = m.losses(x, [0, 1])
+        single = [m.losses(x, [i]) for i in range(2)]
+    for key in ("ce", "bn", "conv", "logit"):
+        assert float(both[key]) == pytest.approx((float(single[0][key]) + float(single[1][key])) / 2, rel=1e-5)

@@ -20,11 +20,15 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
      ``cosine`` | ``linear`` | ``step`` schedule reaching its end at ``milestone`` x iterations
      (:func:`crop_scale_min`).
    * **G-VBSM** (Sec. 3): several backbones (``teacher.nets``); each step samples
-     ``backbones_per_iter`` of them and sums their losses; besides BN statistics it matches
+     ``backbones_per_iter`` of them and takes the *mean* of their losses (every term: CE, BN, conv,
+     logit; :meth:`RecoverModule.losses`). G-VBSM sums them; with a fixed number of sampled
+     backbones the mean is the sum times a constant ``1 / backbones_per_iter``, which Adam's
+     update (gradient over its running RMS) does not see except through ``eps``, so the two
+     recover the same images; the recorded numbers used the mean. Besides BN statistics it matches
      convolution statistics (per-channel mean/var of every conv output, precomputed once on the
      real data, :func:`conv_statistics`; weight ``r_conv``) and the real data's per-class mean
      logits (``r_logit``, MSE), a simplified form of its soft-label/logit matching. The BN/conv
-     losses of the backbones are summed as they are (``backbone_norm=none``) or rescaled to the
+     losses of the backbones enter that mean as they are (``backbone_norm=none``) or rescaled to the
      first backbone's scale on the initial batch (``start``, :func:`backbone_weights`); a net's own
      ``epochs`` key overrides ``teacher.epochs``. ``metrics.json`` gets every backbone's BN loss
      start -> end (``recover/<i>_<name>/loss_bn_*``).
@@ -446,8 +450,10 @@ class Backbone:
 def backbone_weights(backbones: list[Backbone], images: torch.Tensor, hp: dict) -> tuple[list[float], list[float]]:
     """Per-backbone weights of the BN and conv losses in recovery.
 
-    ``hp["backbone_norm"]``: ``none`` (default; every weight 1: the losses are summed as they are,
-    G-VBSM's form) or ``start``: backbone ``i``'s BN (conv) loss is weighted ``L_0(x0) / L_i(x0)``,
+    ``hp["backbone_norm"]``: ``none`` (default; every weight 1: each sampled backbone's loss enters
+    the mean over the sampled backbones as it is -- G-VBSM's unweighted form; it sums where this
+    averages, the same under Adam, see the module doc) or ``start``: backbone ``i``'s BN (conv) loss
+    is weighted ``L_0(x0) / L_i(x0)``,
     its value on the batch's initial ``images`` relative to the first backbone's, so that every
     backbone starts at the first one's scale. The raw sums differ by orders of magnitude between
     architectures (e.g. 56 BN layers in ShuffleNetV2 vs 3 in ConvNet-3), and without it the
@@ -524,7 +530,8 @@ class RecoverModule(L.LightningModule):
         return x, smin, chosen
 
     def losses(self, x: torch.Tensor, chosen: list[int]) -> dict[str, torch.Tensor]:
-        """CE, BN, conv and logit losses of ``x`` averaged over the ``chosen`` backbones."""
+        """CE, BN, conv and logit losses of ``x``, each the mean over the ``chosen`` backbones (G-VBSM
+        sums; a constant factor Adam does not see, see the module doc)."""
         hp = self.hp
         out = {"ce": 0.0, "bn": 0.0, "conv": 0.0, "logit": 0.0}
         for i in chosen:
