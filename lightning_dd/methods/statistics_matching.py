@@ -111,6 +111,9 @@ def sample_crops(n: int, height: int, width: int, scale: tuple[float, float], ge
     return torch.stack([x0, y0, x0 + w - 1, y0 + h - 1], 1).float()
 
 
+CROP_SCHEDULES = ("none", "cosine", "linear", "step")
+
+
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image to its box and resize it back to ``(H, W)`` (bilinear), mirrored where
     ``flips``: one batched ``affine_grid`` + ``grid_sample`` (differentiable in ``images``; the
@@ -141,30 +144,34 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor |
 def crop_scale_min(iteration: int, iterations: int, schedule: str, start: float = 1.0, end: float = 0.08,
                    milestone: float = 1.0) -> float:
     """CDA's easy-to-hard curriculum (arXiv 2311.18838, Sec. 3.2) on the lower bound of the
-    random-resized crop's scale: ``start`` (large crops, easy) at iteration 0 to ``end`` (0.08,
-    hard) at ``milestone * iterations``, constant afterwards.
+    random-resized crop's scale, as CDA's code computes it (``recover_cda_in1k.py``): while
+    ``iteration < milestone * iterations`` the progress is ``p = iteration / (milestone *
+    iterations)`` and the bound goes from ``start`` (large crops, easy) towards ``end`` (0.08,
+    hard); from ``milestone * iterations`` on it is ``end``. With ``milestone=1`` the last
+    iteration is one step short of ``end``, as in CDA.
 
     Args:
-        schedule: ``cosine`` (``end + (start - end) * (1 + cos(pi p)) / 2``), ``linear``, ``step``
-            (``start`` until the milestone, then ``end``), or ``none`` (always ``end``: SRe2L).
+        schedule: ``cosine`` (``end + (start - end) * (1 + cos(pi p)) / 2``), ``linear``
+            (``end + (start - end) * (1 - p)``), ``step`` (``start`` until the milestone, then
+            ``end``), or ``none`` (always ``end``: SRe2L).
         milestone: fraction of the iterations in ``(0, 1]``.
 
     Raises:
         ValueError: unknown schedule or milestone outside ``(0, 1]``.
     """
+    if schedule not in CROP_SCHEDULES:
+        raise ValueError(f"recover.crop_schedule must be none|cosine|linear|step, got {schedule!r}")
     if not 0 < milestone <= 1:
         raise ValueError(f"recover.milestone must be in (0, 1], got {milestone}")
-    if schedule == "none":
+    span = milestone * iterations
+    if schedule == "none" or iteration >= span:
         return end
-    span = max(1, round(milestone * iterations) - 1)  # the last scheduled iteration hits `end` exactly
-    p = min(1.0, iteration / span)
+    p = iteration / span
     if schedule == "cosine":
         return end + (start - end) * 0.5 * (1 + math.cos(math.pi * p))
     if schedule == "linear":
-        return start + (end - start) * p
-    if schedule == "step":
-        return start if p < 1 else end
-    raise ValueError(f"recover.crop_schedule must be none|cosine|linear|step, got {schedule!r}")
+        return end + (start - end) * (1 - p)
+    return start  # step
 
 
 def run_device(accelerator: str = "auto") -> torch.device:
