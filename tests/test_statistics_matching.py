@@ -428,3 +428,23 @@ def test_sampled_backbones_losses_are_averaged():
         single = [m.losses(x, [i]) for i in range(2)]
     for key in ("ce", "bn", "conv", "logit"):
         assert float(both[key]) == pytest.approx((float(single[0][key]) + float(single[1][key])) / 2, rel=1e-5)
+
+
+def test_sre2l_cifar_recovery_is_jitter_only():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.methods.statistics_matching import RecoverModule
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        r = compose("train", overrides=["experiment=sre2l_cifar10"]).method.recover
+        cda = compose("train", overrides=["experiment=cda_cifar10"]).method.recover
+    assert list(r.crop_scale) == [1.0, 1.0] and not r.flip and r.jitter == 4  # SRe2L's recover_cifar.py
+    assert list(cda.crop_scale) == [0.08, 1.0] and cda.flip and cda.crop_schedule == "cosine"
+    hp = {**HP, "crop_scale": [1.0, 1.0], "flip": False, "jitter": 3}
+    x = torch.randn(6, 3, 16, 16)
+    m = RecoverModule(x, torch.arange(6) % 4, [Backbone(_teacher())], hp, LO, HI)
+    for step in range(5):
+        view, smin, _ = m.augment(step)
+        assert smin == 1.0
+        assert any(torch.equal(view, torch.roll(x, (dy, dx), (2, 3))) for dy in range(-3, 4) for dx in range(-3, 4))

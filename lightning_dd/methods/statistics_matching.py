@@ -114,6 +114,11 @@ def sample_crops(n: int, height: int, width: int, scale: tuple[float, float], ge
 CROP_SCHEDULES = ("none", "cosine", "linear", "step")
 
 
+def _whole(boxes: torch.Tensor, height: int, width: int) -> bool:
+    """Whether every box of :func:`sample_crops` is the whole image (always so at scale 1)."""
+    return bool((boxes == torch.tensor([0.0, 0.0, width - 1.0, height - 1.0])).all())
+
+
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image to its box and resize it back to ``(H, W)`` (bilinear), mirrored where
     ``flips``: one batched ``affine_grid`` + ``grid_sample`` (differentiable in ``images``; the
@@ -530,7 +535,8 @@ class RecoverModule(L.LightningModule):
                               float(hp["crop_scale"][0]), float(hp["milestone"]))
         boxes = sample_crops(n, h, w, (smin, float(hp["crop_scale"][1])), g)
         flips = torch.rand(n, generator=g) < 0.5 if hp["flip"] else None
-        x = crop_resize(x, boxes, flips)
+        if flips is not None or not _whole(boxes, h, w):  # scale 1 (SRe2L's CIFAR setting): nothing to resample
+            x = crop_resize(x, boxes, flips)
         k = min(int(hp["backbones_per_iter"]), len(self.backbones))
         chosen = sorted(torch.randperm(len(self.backbones), generator=g)[:k].tolist()) if k < len(self.backbones) \
             else list(range(len(self.backbones)))
