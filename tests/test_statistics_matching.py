@@ -448,3 +448,15 @@ def test_sre2l_cifar_recovery_is_jitter_only():
         view, smin, _ = m.augment(step)
         assert smin == 1.0
         assert any(torch.equal(view, torch.roll(x, (dy, dx), (2, 3))) for dy in range(-3, 4) for dx in range(-3, 4))
+
+
+def test_bn_loss_views_flip_only_when_recovery_does():
+    from lightning_dd.methods.statistics_matching import bn_loss_of
+
+    b = Backbone(_teacher())
+    x = torch.randn(8, 3, 16, 16)
+    plain = {**HP, "jitter": 0, "crop_scale": [1.0, 1.0], "flip": False}
+    assert bn_loss_views(b, x, plain) == pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-6)  # the whole images
+    flipped = bn_loss_views(b, x, {**plain, "flip": True})
+    assert flipped != pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-4)
+    assert bn_loss_views(b, x.flip(-1), {**plain, "flip": False}) == pytest.approx(bn_loss_of(b, x.flip(-1), 10.0))

@@ -603,9 +603,10 @@ def bn_loss_of(backbone: Backbone, images: torch.Tensor, first_multiplier: float
 @torch.no_grad()
 def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: dict, views: int = 8, seed: int = 12345) -> float:
     """The BN-statistics loss (SRe2L Eq. 6) averaged over ``views`` fixed augmented views of
-    ``images`` ``(B, C, H, W)`` -- jitter, flip and random-resized crops over the full
-    ``hp["crop_scale"]`` range, drawn from ``seed`` so that the same views measure the images before
-    and after recovery: the quantity recovery minimizes, without its step-to-step sampling noise."""
+    ``images`` ``(B, C, H, W)`` -- jitter, flips (where ``hp["flip"]``) and random-resized crops over
+    the full ``hp["crop_scale"]`` range, drawn from ``seed`` so that the same views measure the images
+    before and after recovery: the quantity recovery minimizes, without its step-to-step sampling
+    noise. The flips are drawn either way, so the crops do not depend on ``hp["flip"]``."""
     n, _, h, w = images.shape
     g = torch.Generator().manual_seed(seed)
     total = 0.0
@@ -617,7 +618,10 @@ def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: dict, views: int
             x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
         boxes = sample_crops(n, h, w, tuple(float(v) for v in hp["crop_scale"]), g)
         flips = torch.rand(n, generator=g) < 0.5
-        total += bn_loss_of(backbone, crop_resize(x, boxes, flips), float(hp["first_bn_multiplier"]))
+        flips = flips if hp.get("flip", True) else None
+        if flips is not None or not _whole(boxes, h, w):
+            x = crop_resize(x, boxes, flips)
+        total += bn_loss_of(backbone, x, float(hp["first_bn_multiplier"]))
     return total / views
 
 
