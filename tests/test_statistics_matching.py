@@ -155,9 +155,15 @@ def test_recover_resumes_after_an_interruption(tmp_path):
     assert (tmp_path / "b" / "last.ckpt").is_file()
     resumed, hist2 = recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", resume=True,
                                    **args)
-    assert [h["step"] for h in hist2] == list(range(5, 10))  # continued at the last checkpoint
+    assert [h["step"] for h in hist2] == list(range(10))  # continued at the step-5 checkpoint, history restored
+    assert [h["loss_bn"] for h in hist2] == pytest.approx([h["loss_bn"] for h in hist], rel=1e-5)
     assert torch.allclose(resumed, full, atol=1e-6)
     assert not torch.allclose(full, x0)
+    for changed in ({**HP, "iterations": 12}, {**HP, "crop_scale": [0.5, 1.0]}):
+        with pytest.raises(ValueError, match=r"last\.ckpt.*recover\.(iterations|crop_scale)"):
+            recover_batch(x0, y, [Backbone(teacher)], changed, LO, HI, ckpt_dir=tmp_path / "b", resume=True, **args)
+    with pytest.raises(ValueError, match="labels"):  # another ipc / batch: other labels
+        recover_batch(x0, y.flip(0), [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", resume=True, **args)
 
 
 def test_recovery_lowers_the_bn_loss_and_the_cda_curriculum_runs_to_its_end(tmp_path):
@@ -278,6 +284,17 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     shutil.rmtree(out / "checkpoints" / "recover_001")  # nothing left of batch 1: recomputed alike
     c = run_statistics_matching(cfg, dm, out, [], [])
     assert torch.allclose(a["result"].images, c["result"].images, atol=1e-6)
+    import json
+
+    hist = json.loads((out / "recover_history.json").read_text())  # batch 0 read back: its history too
+    assert [(h["batch"], h["step"]) for h in hist] == [(b, i) for b in range(2) for i in range(6)]
+    cfg.method.recover.iterations = 8  # changed settings: the finished batches are not reused
+    with pytest.raises(ValueError, match=r"batch_000\.pt.*recover\.iterations: 6 there, 8 now"):
+        run_statistics_matching(cfg, dm, out, [], [])
+    cfg.method.recover.iterations = 6
+    cfg.method.recover.crop_scale = [0.5, 1.0]
+    with pytest.raises(ValueError, match=r"recover\.crop_scale"):
+        run_statistics_matching(cfg, dm, out, [], [])
 
 
 def test_gvbsm_run_reports_every_backbone_and_takes_per_net_teacher_epochs(tmp_path, monkeypatch):

@@ -14,7 +14,10 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
    images (SRe2L's "multi-crop optimization", Sec. 3.2). Images are recovered in batches of
    ``recover.batch`` (each batch mixes all classes, so that its statistics resemble the real
    data's); every batch is its own LightningModule fit (:class:`RecoverModule`), checkpointed
-   every ``recover.ckpt_every`` steps and resumable with ``resume=true``.
+   every ``recover.ckpt_every`` steps and resumable with ``resume=true``. Finished batches
+   (``recover/batch_XXX.pt``) and checkpoints record the settings that determine the batch
+   (:func:`recover_settings`) and its per-step history; a resume refuses those of other settings
+   (:func:`check_settings`) and writes the history of every batch to ``recover_history.json``.
    * **CDA** (Sec. 3): the random-resized crop's lower scale bound follows an easy-to-hard
      curriculum, from ``crop_scale[1]`` (whole images) down to ``crop_scale[0]`` (0.08), by a
      ``cosine`` | ``linear`` | ``step`` schedule reaching its end at ``milestone`` x iterations
@@ -51,6 +54,7 @@ un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -501,10 +505,13 @@ class RecoverModule(L.LightningModule):
         lo, hi: ``(C,)`` model-space bounds of valid pixels (clipping).
         seed, batch_index: every step's randomness is keyed by ``(seed, batch_index, step)``, so a
             resumed run draws what an uninterrupted one would.
+        settings: what determines this batch (:func:`recover_settings`), saved in every checkpoint
+            with the per-step ``history`` so far (a resumed fit checks the one and continues the other).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, backbones: list[Backbone], hp: dict,
-                 lo: torch.Tensor, hi: torch.Tensor, seed: int = 0, batch_index: int = 0):
+                 lo: torch.Tensor, hi: torch.Tensor, seed: int = 0, batch_index: int = 0,
+                 settings: dict | None = None):
         super().__init__()
         self.images = nn.Parameter(images.clone())
         self.register_buffer("labels", labels.clone(), persistent=False)
@@ -512,7 +519,15 @@ class RecoverModule(L.LightningModule):
         self.register_buffer("hi", hi.view(1, -1, 1, 1).clone(), persistent=False)
         self.backbones, self.hp, self.seed, self.batch_index = backbones, hp, seed, batch_index
         self.history: list[dict] = []
+        self.settings = settings
         self.bn_weights, self.conv_weights = backbone_weights(backbones, images, hp)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["recover_settings"] = self.settings
+        checkpoint["recover_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("recover_history", []))
 
     def on_fit_start(self):
         for b in self.backbones:
@@ -576,8 +591,8 @@ class RecoverModule(L.LightningModule):
             rec["recover/loss_logit"] = ls["logit"].detach()
         if self.trainer.loggers:
             self.log_dict(rec, logger=True, on_step=True, on_epoch=False)
-        self.history.append({"step": step, "loss_bn": float(ls["bn"].detach()), "crop_scale_min": smin,
-                             "backbones": chosen})
+        self.history.append({"batch": self.batch_index, "step": step, "loss_bn": float(ls["bn"].detach()),
+                             "crop_scale_min": smin, "backbones": chosen})
         return loss
 
     def optimizer_step(self, *args, **kwargs):
@@ -625,23 +640,68 @@ def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: dict, views: int
     return total / views
 
 
+def recover_settings(hp: dict, seed: int, batch_index: int, images: torch.Tensor, labels: torch.Tensor,
+                     lo: torch.Tensor, hi: torch.Tensor, extra: dict | None = None) -> dict:
+    """Everything that determines a recovered batch, as a plain dict: the ``recover`` settings
+    (but ``ckpt_every``), the seed and batch index, the labels, a hash of the initial images, the
+    pixel bounds, and ``extra`` (the caller's data and teacher identity). Stored in every batch
+    file and checkpoint, so that ``resume=true`` never reuses a batch of other settings."""
+    x = images.detach().float().cpu().contiguous()
+    return {"recover": {k: v for k, v in hp.items() if k != "ckpt_every"}, "seed": int(seed),
+            "batch_index": int(batch_index), "labels": [int(v) for v in labels.tolist()],
+            "init_images": hashlib.sha1(x.numpy().tobytes()).hexdigest()[:16] + f"/{tuple(x.shape)}",
+            "bounds": [lo.tolist(), hi.tolist()], **(extra or {})}
+
+
+def check_settings(stored: dict | None, settings: dict, path: str | Path) -> None:
+    """Refuse to resume from ``path`` (a batch file or checkpoint) recovered with other settings.
+
+    Raises:
+        ValueError: the stored settings differ from ``settings`` (or were never recorded); the
+        message names the file and the differing keys.
+    """
+    if stored == settings:
+        return
+    if not isinstance(stored, dict):
+        what = "it records no recovery settings (written before they were recorded)"
+    else:
+        diffs = []
+        for k in sorted(set(stored) | set(settings)):
+            a, b = stored.get(k), settings.get(k)
+            if k == "recover" and isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"recover.{kk}: {a.get(kk)!r} there, {b.get(kk)!r} now" for kk in sorted(set(a) | set(b))
+                          if a.get(kk) != b.get(kk)]
+            elif a != b:
+                diffs.append(f"{k}: {str(a)[:80]} there, {str(b)[:80]} now")
+        what = "it was recovered with other settings (" + "; ".join(diffs) + ")"
+    raise ValueError(f"cannot resume from {path}: {what}. Run in a new output directory, or with resume=false "
+                     f"to recompute every batch.")
+
+
 def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Backbone], hp: dict,
                   lo: torch.Tensor, hi: torch.Tensor, *, seed: int, batch_index: int, ckpt_dir: Path | None,
                   resume: bool = False, loggers=None, callbacks=(), accelerator: str = "auto",
-                  progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
+                  progress: bool = False, extra_settings: dict | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Recover one batch (a Lightning fit of :class:`RecoverModule` for ``hp["iterations"]`` steps).
 
-    ``ckpt_dir``: checkpoints every ``hp["ckpt_every"]`` steps (``last.ckpt``); with ``resume`` and a
-    ``last.ckpt`` there, the fit continues from it (same result as an uninterrupted fit).
+    ``ckpt_dir``: checkpoints every ``hp["ckpt_every"]`` steps (``last.ckpt``), each with the
+    batch's :func:`recover_settings` (``extra_settings`` added) and history so far; with ``resume``
+    and a ``last.ckpt`` there, the fit continues from it (same result as an uninterrupted fit).
 
     Returns:
-        the recovered ``(B, C, H, W)`` images (CPU) and the per-step history of this process.
+        the recovered ``(B, C, H, W)`` images (CPU) and the per-step history of the whole fit
+        (restored from the checkpoint when resumed).
+
+    Raises:
+        ValueError: ``resume`` and a ``last.ckpt`` of other settings (:func:`check_settings`).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
     quiet_lightning()
-    module = RecoverModule(images, labels, backbones, hp, lo, hi, seed=seed, batch_index=batch_index)
+    settings = recover_settings(hp, seed, batch_index, images, labels, lo, hi, extra_settings)
+    module = RecoverModule(images, labels, backbones, hp, lo, hi, seed=seed, batch_index=batch_index,
+                           settings=settings)
     cbs = list(callbacks)
     ckpt_path = None
     if ckpt_dir is not None:
@@ -650,6 +710,8 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
                                    save_last=True, save_top_k=1))
         if resume and (Path(ckpt_dir) / "last.ckpt").is_file():
             ckpt_path = str(Path(ckpt_dir) / "last.ckpt")
+            stored = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("recover_settings")
+            check_settings(stored, settings, ckpt_path)
             log.info("recover batch %d: resuming from %s", batch_index, ckpt_path)
     iters = int(hp["iterations"])
     trainer = L.Trainer(max_steps=iters, max_epochs=-1, accelerator=accelerator, devices=1,
@@ -767,12 +829,21 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     return conv, class_logits
 
 
+def _file_identity(path: str | Path) -> dict:
+    """A file's resolved path, size and modification time (what a cache or resume check keys on)."""
+    path = Path(path)
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _recover_batches(cfg, dm, backbones: list[Backbone], rec: dict, labels: torch.Tensor, lo: torch.Tensor,
-                     hi: torch.Tensor, out_dir: Path, loggers: list) -> dict:
+                     hi: torch.Tensor, out_dir: Path, loggers: list, teacher_paths: list) -> dict:
     """Recover every batch of ``rec["batch"]`` images (finished batches are read back with
-    ``resume=true``); returns the images, the per-step history and the BN losses before/after, per
-    batch (and per backbone)."""
+    ``resume=true``, after :func:`check_settings`); returns the images, the per-step history (of
+    every batch, read-back ones included) and the BN losses before/after, per batch (and per
+    backbone)."""
     seed = int(cfg.seed)
+    extra = {"data": dm.identity(), "teachers": [_file_identity(p) for p in teacher_paths]}
     n, bsz = len(labels), int(rec["batch"])
     rec_dir = out_dir / "recover"
     images, history = [], []
@@ -783,22 +854,25 @@ def _recover_batches(cfg, dm, backbones: list[Backbone], rec: dict, labels: torc
     for b, start in enumerate(range(0, n, bsz)):
         y = labels[start:start + bsz]
         done = rec_dir / f"batch_{b:03d}.pt"
-        if cfg.get("resume") and done.is_file():
-            d = torch.load(done)
-            images.append(d["images"]), bn_start.append(d["loss_bn_start"]), bn_end.append(d["loss_bn_end"])
-            bn_full.append(d["loss_bn_full"])
-            for i, (a, e) in enumerate(d.get("loss_bn_per_backbone", [(d["loss_bn_start"], d["loss_bn_end"])])):
-                per_start[i].append(a), per_end[i].append(e)
-            continue
         g = torch.Generator().manual_seed(seed * 7919 + b)
         x0 = torch.randn(len(y), *dm.image_shape, generator=g) * float(rec["init_std"])
         x0 = torch.maximum(torch.minimum(x0, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
+        settings = recover_settings(rec, seed, b, x0, y, lo, hi, extra)
+        if cfg.get("resume") and done.is_file():
+            d = torch.load(done)
+            check_settings(d.get("settings"), settings, done)
+            images.append(d["images"]), bn_start.append(d["loss_bn_start"]), bn_end.append(d["loss_bn_end"])
+            bn_full.append(d["loss_bn_full"])
+            for i, (a, e) in enumerate(d["loss_bn_per_backbone"]):
+                per_start[i].append(a), per_end[i].append(e)
+            history += d["history"]
+            continue
         starts = [bn_loss_views(bb, x0, rec) for bb in backbones]
         s0, f0 = starts[0], bn_loss_of(backbones[0], x0, fm)
         x, hist = recover_batch(x0, y, backbones, rec, lo, hi, seed=seed, batch_index=b,
                                 ckpt_dir=out_dir / "checkpoints" / f"recover_{b:03d}", resume=bool(cfg.get("resume")),
                                 loggers=loggers, accelerator=cfg.trainer.accelerator,
-                                progress=bool(cfg.trainer.enable_progress_bar))
+                                progress=bool(cfg.trainer.enable_progress_bar), extra_settings=extra)
         ends = [bn_loss_views(bb, x, rec) for bb in backbones]
         s1, f1 = ends[0], bn_loss_of(backbones[0], x, fm)
         log.info("recover batch %d (%d images): BN loss on fixed augmented views %.3f -> %.3f (%.1fx lower); "
@@ -809,7 +883,7 @@ def _recover_batches(cfg, dm, backbones: list[Backbone], rec: dict, labels: torc
         for i in range(nb):
             per_start[i].append(starts[i]), per_end[i].append(ends[i])
         atomic_save({"images": x, "labels": y, "loss_bn_start": s0, "loss_bn_end": s1, "loss_bn_full": (f0, f1),
-                     "loss_bn_per_backbone": list(zip(starts, ends))}, done)
+                     "loss_bn_per_backbone": list(zip(starts, ends)), "settings": settings, "history": hist}, done)
         images.append(x), bn_start.append(s0), bn_end.append(s1), bn_full.append((f0, f1))
         history += hist
     return {"images": images, "history": history, "bn_start": bn_start, "bn_end": bn_end, "bn_full": bn_full,
@@ -869,7 +943,8 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
 
         # 2. recover, batch by batch
         t0 = time.perf_counter()
-        r = _recover_batches(cfg, dm, backbones, rec, labels, lo, hi, out_dir, loggers)
+        r = _recover_batches(cfg, dm, backbones, rec, labels, lo, hi, out_dir, loggers,
+                             [t["path"] for t in teachers])
     finally:
         for bb in backbones:
             bb.remove()
