@@ -477,3 +477,15 @@ def test_bn_loss_views_flip_only_when_recovery_does():
     flipped = bn_loss_views(b, x, {**plain, "flip": True})
     assert flipped != pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-4)
     assert bn_loss_views(b, x.flip(-1), {**plain, "flip": False}) == pytest.approx(bn_loss_of(b, x.flip(-1), 10.0))
+
+
+def test_relabel_crops_are_not_recoverys_random_stream():
+    from lightning_dd.methods.statistics_matching import RecoverModule, relabel_seed
+
+    teacher = _teacher()
+    images = torch.randn(10, 3, 16, 16)
+    store = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5)
+    rm = RecoverModule(images, torch.arange(10) % 4, [Backbone(teacher)], HP, LO, HI, seed=5, batch_index=0)
+    for e in range(3):  # recovery batch 0, step e, draws its crops from rm.generator(e)
+        assert not torch.equal(store["boxes"][e], sample_crops(10, 16, 16, (0.08, 1.0), rm.generator(e)))
+    assert len({relabel_seed(s, e) for s in range(20) for e in range(50)}) == 1000

@@ -737,6 +737,13 @@ def pixel_bounds(preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # Relabel (FKD-style stored soft labels)
 # ----------------------------------------------------------------------------------------------
+def relabel_seed(seed: int, epoch: int) -> int:
+    """The seed of relabel epoch ``epoch``'s crops and flips: a hash of ``("relabel", seed, epoch)``,
+    a stream apart from recovery's (``seed * 1_000_003 + batch * 10_007 + step``, which the former
+    ``seed * 1_000_003 + epoch`` repeated for batch 0)."""
+    return int(hashlib.sha1(f"relabel|{int(seed)}|{int(epoch)}".encode()).hexdigest()[:15], 16)
+
+
 @torch.no_grad()
 def relabel_fkd(teacher: nn.Module, images: torch.Tensor, epochs: int, topk: int, scale=(0.08, 1.0),
                 seed: int = 0, batch_size: int = 500, temperature: float = 1.0) -> dict:
@@ -756,7 +763,7 @@ def relabel_fkd(teacher: nn.Module, images: torch.Tensor, epochs: int, topk: int
     n, _, h, w = images.shape
     boxes, flips, vals, idxs = [], [], [], []
     for e in range(epochs):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + e)
+        g = torch.Generator().manual_seed(relabel_seed(seed, e))
         b = sample_crops(n, h, w, tuple(scale), g)
         f = torch.rand(n, generator=g) < 0.5
         logits = torch.cat([teacher(crop_resize(x.to(dev), bb, ff)).float().cpu() for x, bb, ff in
