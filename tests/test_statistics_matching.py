@@ -489,3 +489,30 @@ def test_relabel_crops_are_not_recoverys_random_stream():
     for e in range(3):  # recovery batch 0, step e, draws its crops from rm.generator(e)
         assert not torch.equal(store["boxes"][e], sample_crops(10, 16, 16, (0.08, 1.0), rm.generator(e)))
     assert len({relabel_seed(s, e) for s in range(20) for e in range(50)}) == 1000
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.recover.crop_schedule=exp", "method.recover.crop_schedule"),
+    ("method.recover.milestone=0", "method.recover.milestone"),
+    ("method.recover.milestone=1.5", "method.recover.milestone"),
+    ("+method.recover.backbone_norm=max", "method.recover.backbone_norm"),
+    ("method.relabel.crop_scale=[0.0,1.0]", "method.relabel.crop_scale"),
+    ("method.relabel.crop_scale=[0.8,0.5]", "method.relabel.crop_scale"),
+    ("method.recover.crop_scale=[0.5,1.5]", "method.recover.crop_scale"),
+    ("method.recover.batch=0", "method.recover.batch"),
+])
+def test_bad_settings_fail_before_the_squeeze(tmp_path, monkeypatch, override, key):
+    from types import SimpleNamespace
+
+    import lightning_dd.methods.statistics_matching as sm
+    from lightning_dd.data.images import Preprocessing
+
+    cfg = _digits_cfg(tmp_path, monkeypatch, override)
+
+    def no_squeeze(*a, **k):
+        raise AssertionError("squeezed before validating the settings")
+
+    monkeypatch.setattr(sm, "_teachers", no_squeeze)
+    dm = SimpleNamespace(preprocessing=Preprocessing(torch.zeros(1), torch.ones(1)))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        sm.run_statistics_matching(cfg, dm, tmp_path / "run", [], [])

@@ -897,6 +897,40 @@ def _recover_batches(cfg, dm, backbones: list[Backbone], rec: dict, labels: torc
             "per_start": per_start, "per_end": per_end}
 
 
+def validate_settings(hp) -> None:
+    """Check the ``method`` settings a run would otherwise reject only after the squeeze (minutes to
+    hours later): ``ipc``, ``recover.batch``, ``recover.iterations``, ``recover.crop_scale``,
+    ``recover.crop_schedule``, ``recover.milestone``, ``recover.backbone_norm``,
+    ``relabel.crop_scale``.
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    rec, rl = hp.recover, hp.relabel
+
+    def scale(key, v):
+        try:
+            lo, hi = (float(x) for x in v)
+            ok = 0 < lo <= hi <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"method.{key} must be [min, max] with 0 < min <= max <= 1, got {v}")
+
+    for key, v in (("ipc", hp.ipc), ("recover.batch", rec.batch), ("recover.iterations", rec.iterations)):
+        if int(v) <= 0:
+            raise ValueError(f"method.{key} must be positive, got {v}")
+    scale("recover.crop_scale", list(rec.crop_scale))
+    scale("relabel.crop_scale", list(rl.crop_scale))
+    if rec.crop_schedule not in CROP_SCHEDULES:
+        raise ValueError(f"method.recover.crop_schedule must be {'|'.join(CROP_SCHEDULES)}, got {rec.crop_schedule!r}")
+    if not 0 < float(rec.milestone) <= 1:
+        raise ValueError(f"method.recover.milestone must be in (0, 1], got {rec.milestone}")
+    norm = rec.get("backbone_norm", "none")
+    if norm not in ("none", "start"):
+        raise ValueError(f"method.recover.backbone_norm must be none|start, got {norm!r}")
+
+
 def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
     """Squeeze -> recover -> relabel (SRe2L / CDA / G-VBSM by ``method`` settings).
 
@@ -904,10 +938,11 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     evaluator's KD teacher), "timings", "metrics"}``. ``stage=squeeze`` stops after the teachers.
 
     Raises:
-        ValueError: bad settings (ZCA data, no teachers, IPC/batch sizes), or a teacher without
-        BatchNorm layers.
+        ValueError: bad settings (ZCA data, no teachers, :func:`validate_settings`, checked before
+        the squeeze), or a teacher without BatchNorm layers.
     """
     hp = cfg.method
+    validate_settings(hp)
     seed = int(cfg.seed)
     timings, metrics = {}, {}
     out_dir = Path(out_dir)
@@ -934,9 +969,6 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
     ipc, k = int(hp.ipc), dm.num_classes
     n = ipc * k
     labels = torch.arange(n) % k  # labels cycle through the classes so every batch mixes them
-    bsz = int(rec["batch"])
-    if bsz <= 0:
-        raise ValueError(f"method.recover.batch must be positive, got {bsz}")
     t0 = time.perf_counter()
     backbones = []
     try:  # the backbones' hooks stay on the teachers only while recovering
