@@ -273,6 +273,14 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     a = run_statistics_matching(cfg, dm, out, [], [])
     assert a["metrics"]["recover/n_batches"] == 2 and a["result"].images.shape == (20, 1, 8, 8)
     assert (out / "fkd_labels.pt").is_file() and Path(a["teacher_ckpt"]).is_file()
+    hard = a["result"].meta["hard_labels"]  # the recovered classes, class-major, not the teacher's argmax
+    assert torch.equal(hard, torch.arange(10).repeat_interleave(2))
+    teacher_argmax = a["result"].labels.argmax(1)
+    assert a["metrics"]["recover/teacher_acc_on_synthetic"] == pytest.approx(float((teacher_argmax == hard).float().mean()))
+    from lightning_dd.results import DistilledSet
+
+    a["result"].save(tmp_path / "distilled.pt")
+    assert torch.equal(DistilledSet.load(tmp_path / "distilled.pt").meta["hard_labels"], hard)
     (out / "recover" / "batch_001.pt").unlink()  # killed before batch 1 was saved
     cfg.resume = True
     b = run_statistics_matching(cfg, dm, out, [], [])

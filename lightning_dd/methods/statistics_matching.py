@@ -936,6 +936,9 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
 
     Returns ``{"result": DistilledSet, "teacher_ckpt": path of the first teacher (the student
     evaluator's KD teacher), "timings", "metrics"}``. ``stage=squeeze`` stops after the teachers.
+    The set's ``labels`` are the teacher's logits ``(N, K)`` on the whole images; the class each
+    image was recovered as is kept in ``meta["hard_labels"]`` ``(N,)`` (class-major), since the
+    logits' argmax is the teacher's prediction and need not be that class.
 
     Raises:
         ValueError: bad settings (ZCA data, no teachers, :func:`validate_settings`, checked before
@@ -1036,5 +1039,9 @@ def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: li
 
     result = DistilledSet(x, soft, None, dm.classes, dm.preprocessing.state(), method=hp.name, ipc=ipc,
                           meta={"teacher_ckpt": str(teachers[0]["path"]), "recover_iterations": int(rec["iterations"]),
-                                "labels": "teacher logits on the whole images; fkd_labels.pt: per-epoch crops"})
+                                "hard_labels": y.clone(),
+                                "labels": "labels: teacher logits on the whole images; meta['hard_labels']: the "
+                                          "class each image was recovered as (labels.argmax(1) is the teacher's "
+                                          "prediction, which can differ)" +
+                                          ("; fkd_labels.pt: per-epoch crops" if int(rl["epochs"]) > 0 else "")})
     return {"result": result, "teacher_ckpt": str(teachers[0]["path"]), "timings": timings, "metrics": metrics}
