@@ -524,3 +524,22 @@ def test_bad_settings_fail_before_the_squeeze(tmp_path, monkeypatch, override, k
     dm = SimpleNamespace(preprocessing=Preprocessing(torch.zeros(1), torch.ones(1)))
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         sm.run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
+
+
+def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
+    from lightning_dd.methods.statistics_matching import squeeze
+    from lightning_dd.runner import build_datamodule
+
+    cfg = _digits_cfg(tmp_path, monkeypatch)
+    dm = build_datamodule(cfg.data)
+    dm.setup()
+    tcfg = {"epochs": 1, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "label_smoothing": 0.0}
+    net_cfg = {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"}
+    a = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
+    b = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
+    assert not a["cached"] and b["cached"] and a["path"] == b["path"] and b["test_acc"] == a["test_acc"]
+    assert not b["net"].training
+    assert all(torch.equal(v, b["net"].state_dict()[k]) for k, v in a["net"].state_dict().items())
+    torch.save({"net_cfg": {**net_cfg, "width": 16}, "state_dict": a["net"].state_dict()}, a["path"])
+    with pytest.raises(ValueError, match="cached teacher does not fit"):  # lightning_dd.nets.load_net_file's check
+        squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")

@@ -70,7 +70,7 @@ from omegaconf import OmegaConf
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import atomic_save
 from lightning_dd.methods.experts import experts_key
-from lightning_dd.nets import build_net
+from lightning_dd.nets import build_net, load_net_file
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import DistilledSet
 
@@ -383,14 +383,13 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
     path = Path(cache_root) / experts_key(spec) / "teacher.pt"
     dev = run_device(accelerator)
     if path.is_file():
-        d = torch.load(path, weights_only=False)
-        net = _build(d["net_cfg"], dm)
-        net.load_state_dict(d["state_dict"])
+        net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:], "cached teacher")
         return {"net": net.to(dev).eval(), "path": path, "test_acc": d["test_acc"], "seconds": 0.0, "cached": True}
     quiet_lightning()
     t0 = time.perf_counter()
     L.seed_everything(seed, verbose=False)
-    net = _build(net_cfg, dm)
+    kwargs = dict(net_cfg)
+    net = build_net(kwargs.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **kwargs)
     loader = batch_loader(dm.train_images, dm.train_labels, int(tcfg["batch_size"]), epochs=1, seed=seed)
     steps = int(tcfg["epochs"]) * len(loader)
     module = TeacherModule(net, float(tcfg["lr"]), steps, float(tcfg["weight_decay"]), dm.image_shape[1:],
@@ -410,11 +409,6 @@ def squeeze(net_cfg: dict, dm, tcfg: dict, cache_root: str | Path, seed: int = 0
     return {"net": net, "path": path, "test_acc": acc, "seconds": secs, "cached": False}
 
 
-def _build(net_cfg: dict, dm) -> nn.Module:
-    cfg = dict(net_cfg)
-    return build_net(cfg.pop("name"), dm.image_shape[0], dm.num_classes, dm.image_shape[1:], **cfg)
-
-
 def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
     """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``) on the run's
     device (:func:`run_device`), with its test accuracy (stored, else measured on ``dm``'s test set).
@@ -423,8 +417,6 @@ def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
         FileNotFoundError: no file. ValueError: not a teacher checkpoint, or its weights do not fit
         the data's shape/classes (:func:`lightning_dd.nets.load_net_file`).
     """
-    from lightning_dd.nets import load_net_file
-
     net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
                            "teacher checkpoint (method.teacher.ckpt)")
     net = net.to(run_device(accelerator)).eval()
