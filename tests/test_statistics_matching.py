@@ -543,3 +543,28 @@ def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
     torch.save({"net_cfg": {**net_cfg, "width": 16}, "state_dict": a["net"].state_dict()}, a["path"])
     with pytest.raises(ValueError, match="cached teacher does not fit"):  # lightning_dd.nets.load_net_file's check
         squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
+
+
+def test_conv_hooks_have_no_builtin_targets():
+    net = _teacher()
+    targets = conv_statistics(net, torch.randn(8, 3, 16, 16))
+    with StatsHooks(net, "conv") as hooks, torch.no_grad():
+        net(torch.randn(4, 3, 16, 16))
+        with pytest.raises(ValueError, match="conv_statistics"):
+            hooks.targets()
+        with pytest.raises(ValueError, match="conv_statistics"):
+            hooks.loss()
+        assert float(hooks.loss(targets)) > 0
+
+
+@pytest.mark.parametrize("name, factor", [("MobileNetV2", 32), ("ShuffleNetV2", 32), ("WRN16_2", 16)])
+def test_imagenet_stems_down_sample_as_documented(name, factor):
+    net = build_net(name, 3, 10, (64, 64), stem="imagenet").eval()
+    sizes = []
+    hs = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for m in net.modules()
+          if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    for h in hs:
+        h.remove()
+    assert 64 // min(sizes) == factor  # lightning_dd/nets/small.py's module doc

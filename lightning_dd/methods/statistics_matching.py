@@ -226,8 +226,10 @@ class StatsHooks:
     mean/var. ``kind="conv"``: the *output* of every ``Conv2d`` (G-VBSM's convolution statistics),
     targets given (see :func:`conv_statistics`).
 
-    After a forward pass, ``stats`` is a list (one per layer, forward order) of ``(mean (C,), var (C,))``.
-    Use as a context manager or call :meth:`remove`.
+    After a forward pass, ``stats`` is a list of ``(mean (C,), var (C,))``, one per layer in
+    module-registration order (``net.modules()``; usually, not necessarily, the order the forward
+    pass runs them; "the first layer" of ``first_multiplier`` is the first registered). Use as a
+    context manager or call :meth:`remove`.
 
     Raises:
         ValueError: the network has no such layer.
@@ -250,13 +252,22 @@ class StatsHooks:
         return fn
 
     def targets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """BN running ``(mean, var)`` per layer (``kind="bn"`` only)."""
+        """BN running ``(mean, var)`` per layer.
+
+        Raises:
+            ValueError: ``kind="conv"`` (convolutions keep no statistics: pass the targets to
+            :meth:`loss`, e.g. from :func:`conv_statistics`).
+        """
+        if self.kind != "bn":
+            raise ValueError("conv statistics hooks have no built-in targets: pass them to loss() "
+                             "(see conv_statistics)")
         return [(m.running_mean, m.running_var) for m in self.layers]
 
     def loss(self, targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
              first_multiplier: float = 1.0) -> torch.Tensor:
         """``sum_l w_l (||mu_l - mu*_l||_2 + ||var_l - var*_l||_2)`` with ``w_0 = first_multiplier``,
-        ``w_l = 1`` otherwise (SRe2L Eq. 6; targets default to the BN running statistics)."""
+        ``w_l = 1`` otherwise (SRe2L Eq. 6; targets default to the BN running statistics, and must be
+        given for ``kind="conv"``, see :meth:`targets`)."""
         targets = self.targets() if targets is None else targets
         total = 0.0
         for i, ((m, v), (tm, tv)) in enumerate(zip(self.stats, targets)):
@@ -282,7 +293,7 @@ def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
     """Exact per-channel mean and (biased) variance of every ``Conv2d`` output of ``net`` (eval
     mode) over all of ``images`` ``(N, C, H, W)``, accumulated in float64 batch by batch
     (G-VBSM's convolution statistics of the real data). Returns one ``(mean (C_l,), var (C_l,))``
-    float32 pair per conv layer, forward order; with ``return_logits`` also the network's outputs
+    float32 pair per conv layer in module-registration order (that of :class:`StatsHooks`); with ``return_logits`` also the network's outputs
     ``(N, K)`` from the same pass. Runs on the network's device batch by batch (``images`` may stay
     on the CPU); returns CPU tensors."""
     net.eval()

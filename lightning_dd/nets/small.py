@@ -6,9 +6,11 @@ Sec. 4: ConvNet, ResNet-18, MobileNetV2, WRN-16-2 and ShuffleNetV2-0.5 as the CI
 * ``WRN16_2``: Wide-ResNet-16-2 (Zagoruyko & Komodakis, arXiv 1605.07146), pre-activation blocks.
 
 ``stem``: ``auto`` uses a stride-1 stem (no early down-sampling) for inputs smaller than 64 px, as
-the CIFAR variants do, and torchvision's ImageNet stem otherwise; ``imagenet`` always keeps the
-ImageNet stem (32x down-sampling: ~20x cheaper at 32 px, used by CPU presets); ``small`` always
-uses the stride-1 stem. All map ``(N, C, H, W)`` float -> ``(N, K)`` logits and use BatchNorm.
+the CIFAR variants do, and the ImageNet stem otherwise; ``imagenet`` always keeps the ImageNet stem
+(32x down-sampling overall for MobileNetV2 and ShuffleNetV2, torchvision's; 16x for WRN16_2, whose
+ImageNet stem is a stride-2 conv + 2x2 max pooling; much cheaper at 32 px, used by CPU presets);
+``small`` always uses the stride-1 stem. All map ``(N, C, H, W)`` float -> ``(N, K)`` logits and
+use BatchNorm.
 """
 from __future__ import annotations
 
