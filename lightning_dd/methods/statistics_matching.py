@@ -46,6 +46,22 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
 The teachers, their statistics passes and test accuracy, the soft labels and the relabeling run
 on the run's device (``trainer.accelerator``, :func:`run_device`), like the Lightning fits.
 
+Deviations from the reference code (SRe2L's ``recover_cifar.py`` / ImageNet recovery, CDA's
+``recover_cda_in1k.py``, G-VBSM's recovery), kept on purpose and documented here:
+
+* **Jitter**: the roll offsets are drawn from ``U{-j, ..., j}`` per axis; the reference code draws
+  ``random.randint(0, j)``, i.e. ``U{0, ..., j}`` (a circular roll, so the two differ only in the
+  range of offsets: ``2j + 1`` instead of ``j + 1`` values). The roll is applied before the crop
+  here; CDA's code crops first and rolls the crop.
+* **Crops and flips per image**: every image of a batch gets its own random-resized crop and flip
+  (:func:`sample_crops`); the reference code applies torchvision's ``RandomResizedCrop`` and
+  ``RandomHorizontalFlip`` to the whole batch tensor, i.e. one crop box and one flip per step
+  for all images.
+* **First-layer multiplier on conv statistics**: ``first_bn_multiplier`` weights the first BN
+  layer's term (as SRe2L) and, in G-VBSM's conv loss, also the first conv layer's term
+  (:meth:`StatsHooks.loss`); SRe2L has no conv term, and G-VBSM's code applies its first-layer
+  multiplier once, to the first layer of its combined list of BN and conv hooks.
+
 Images live in model space (the DataModule's normalization), clipped to the valid pixel range
 after every step. The BN-statistics loss before and after recovery (``recover/loss_bn_start``,
 ``recover/loss_bn_end`` in ``metrics.json``) is measured on the same fixed augmented views
