@@ -276,7 +276,8 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     hard = a["result"].meta["hard_labels"]  # the recovered classes, class-major, not the teacher's argmax
     assert torch.equal(hard, torch.arange(10).repeat_interleave(2))
     teacher_argmax = a["result"].labels.argmax(1)
-    assert a["metrics"]["recover/teacher_acc_on_synthetic"] == pytest.approx(float((teacher_argmax == hard).float().mean()))
+    agree = float((teacher_argmax == hard).float().mean())
+    assert a["metrics"]["recover/teacher_acc_on_synthetic"] == pytest.approx(agree)
     from lightning_dd.results import DistilledSet
 
     a["result"].save(tmp_path / "distilled.pt")

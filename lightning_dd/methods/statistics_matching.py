@@ -309,9 +309,9 @@ def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
     """Exact per-channel mean and (biased) variance of every ``Conv2d`` output of ``net`` (eval
     mode) over all of ``images`` ``(N, C, H, W)``, accumulated in float64 batch by batch
     (G-VBSM's convolution statistics of the real data). Returns one ``(mean (C_l,), var (C_l,))``
-    float32 pair per conv layer in module-registration order (that of :class:`StatsHooks`); with ``return_logits`` also the network's outputs
-    ``(N, K)`` from the same pass. Runs on the network's device batch by batch (``images`` may stay
-    on the CPU); returns CPU tensors."""
+    float32 pair per conv layer in module-registration order (that of :class:`StatsHooks`); with
+    ``return_logits`` also the network's outputs ``(N, K)`` from the same pass. Runs on the
+    network's device batch by batch (``images`` may stay on the CPU); returns CPU tensors."""
     net.eval()
     dev = _device_of(net)
     layers = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
