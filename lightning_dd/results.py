@@ -76,6 +76,11 @@ class DistilledSet:
         return self.labels.dim() == 2
 
     def hard_labels(self) -> torch.Tensor:
+        """``(N,)`` int64 class of each image: the class it was synthesized for when the method
+        recorded it (``meta["hard_labels"]``, e.g. SRe2L's recovered class, whose soft labels are a
+        teacher's prediction), else the argmax of soft labels, else the labels."""
+        if self.meta.get("hard_labels") is not None:
+            return torch.as_tensor(self.meta["hard_labels"], dtype=torch.long)
         return self.labels.argmax(1) if self.soft else self.labels
 
     def save(self, path: str | Path) -> None:

@@ -282,6 +282,7 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
 
     a["result"].save(tmp_path / "distilled.pt")
     assert torch.equal(DistilledSet.load(tmp_path / "distilled.pt").meta["hard_labels"], hard)
+    assert torch.equal(a["result"].hard_labels(), hard)
     (out / "recover" / "batch_001.pt").unlink()  # killed before batch 1 was saved
     cfg.resume = True
     b = run_statistics_matching(cfg, dm, out, [], [])
