@@ -132,6 +132,22 @@ def test_sgdd_structure_warmup_moves_the_condensed_spectrum_towards_cora(cora):
         SGDD(cora, SGDD_HP | {"warmup_epochs": 1, "mx_size": 300, "ot_rank": 8}, seed=0).warmup_structure()
 
 
+def test_reg_every_step_adds_the_smoothness_gradient_to_feature_epochs(cora):
+    """method.reg_every_step (the authors' codes): on a feature epoch the smoothness term's gradient
+    reaches X' through the generator; without a smoothness weight it changes nothing."""
+    hp = SGDD_HP | {"epochs": 1, "outer_loop": 2, "inner_loop": 1, "adj_epochs": 0, "feat_epochs": 1,
+                    "mx_size": 300, "ot_rank": 8}
+
+    def feat_after(**kw):
+        torch.manual_seed(0)
+        cond, _ = condense(SGDD(cora, hp | kw, seed=0), 1)
+        return cond.x
+
+    plain = feat_after(reg_every_step=False)
+    assert not torch.equal(feat_after(reg_every_step=True), plain)
+    assert torch.equal(feat_after(reg_every_step=True, beta=0.0), feat_after(reg_every_step=False, beta=0.0))
+
+
 def test_graph_evaluation_drops_the_lr_with_a_fresh_adam_at_half_the_epochs(cora):
     """GCond's fit_with_val: lr / 10 and a new Adam after half the epochs (Adam's step count restarts)."""
     cg = coreset_graph("random", cora, 0.5)

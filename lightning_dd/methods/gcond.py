@@ -254,6 +254,13 @@ class GradientMatchingCondenser(L.LightningModule):
         """Extra loss on ``A'`` added while the structure is updated (GCond: none)."""
         return adj.new_zeros(())
 
+    def smoothness_loss(self, adj: torch.Tensor) -> torch.Tensor:
+        """The label-smoothness part of :meth:`structure_loss` (GCond ``alpha``, SGDD ``beta``);
+        with ``method.reg_every_step`` it is also added on feature epochs, where its gradient
+        reaches ``X'`` through the generator -- what both authors' codes do (they add the
+        regularizer to every outer step's loss)."""
+        return adj.new_zeros(())
+
     # --- Alg. 1 ----------------------------------------------------------------------------
     def configure_optimizers(self):
         return [torch.optim.Adam([self.feat], lr=self.hp["lr_feat"]),
@@ -306,6 +313,8 @@ class GradientMatchingCondenser(L.LightningModule):
             total += float(loss.detach())
             if update_adj:
                 loss = loss + self.structure_loss(adj)
+            elif hp.get("reg_every_step"):
+                loss = loss + self.smoothness_loss(adj)
             opt_feat.zero_grad()
             opt_adj.zero_grad()
             if torch.isfinite(loss):  # a non-finite loss (numerical failure) skips the update, never poisons X'
@@ -381,6 +390,9 @@ class GCond(GradientMatchingCondenser):
         return PGE(data.x.shape[1], int(self.hp["pge_hidden"]), int(self.hp["pge_layers"]))
 
     def structure_loss(self, adj):
+        return self.smoothness_loss(adj)
+
+    def smoothness_loss(self, adj):
         alpha = float(self.hp.get("alpha", 0.0))
         return alpha * label_smoothness(adj, self.onehot_syn) if alpha else adj.new_zeros(())
 

@@ -232,10 +232,12 @@ class SGDD(GradientMatchingCondenser):
             opt.step()
         return self.warmup_losses
 
+    def smoothness_loss(self, adj):
+        beta = float(self.hp["beta"])
+        return beta * label_smoothness(adj, self.onehot_syn) if beta else adj.new_zeros(())
+
     def structure_loss(self, adj):
-        loss = adj.new_zeros(())
-        if float(self.hp["beta"]):
-            loss = loss + float(self.hp["beta"]) * label_smoothness(adj, self.onehot_syn)
+        loss = self.smoothness_loss(adj)
         if float(self.hp["opt_scale"]):
             loss = loss + float(self.hp["opt_scale"]) * self.ot(adj)
         return loss
