@@ -196,8 +196,12 @@ class SGDD(GradientMatchingCondenser):
     def configure_optimizers(self):
         hp = self.hp
         return [torch.optim.Adam([self.feat], lr=hp["lr_feat"]),
-                torch.optim.Adam([{"params": self.generator_net.parameters()},
-                                  {"params": self.ot.parameters(), "lr": hp["lr_plan"]}], lr=hp["lr_adj"])]
+                torch.optim.Adam(self.structure_params(float(hp["lr_adj"])))]
+
+    def structure_params(self, lr: float) -> list[dict]:
+        """Adam parameter groups of the structure: IGNR at ``lr``, the transport plan at ``lr_plan``."""
+        return [{"params": self.generator_net.parameters(), "lr": lr},
+                {"params": self.ot.parameters(), "lr": float(self.hp["lr_plan"])}]
 
     def on_train_start(self):
         if self.start_epoch == 0:   # a resumed run has the warmed-up structure in its checkpoint
@@ -217,9 +221,7 @@ class SGDD(GradientMatchingCondenser):
             return self.warmup_losses
         if "warmup_lr" not in self.hp:
             raise ValueError("sgdd: method.warmup_epochs > 0 needs method.warmup_lr (see conf/method/sgdd.yaml)")
-        opt = torch.optim.Adam([{"params": self.generator_net.parameters()},
-                                {"params": self.ot.parameters(), "lr": self.hp["lr_plan"]}],
-                               lr=float(self.hp["warmup_lr"]))
+        opt = torch.optim.Adam(self.structure_params(float(self.hp["warmup_lr"])))
         feat = self.feat.detach()
         self.generator_net.train()
         for step in range(steps + 1):
