@@ -150,9 +150,12 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor |
         flips: ``(N,)`` bool or ``None``.
 
     Returns:
-        ``(N, C, H, W)``.
+        ``(N, C, H, W)``; ``images`` itself when no image is flipped and every box is the whole
+        image (scale 1, SRe2L's CIFAR setting: nothing to resample).
     """
     n, c, h, w = images.shape
+    if flips is None and _whole(boxes, h, w):
+        return images
     x0, y0, x1, y1 = boxes.to(images).unbind(1)
     sx = (x1 - x0) / max(w - 1, 1)
     if flips is not None:  # mirroring = sampling the crop right to left
@@ -569,8 +572,7 @@ class RecoverModule(L.LightningModule):
                               float(hp["crop_scale"][0]), float(hp["milestone"]))
         boxes = sample_crops(n, h, w, (smin, float(hp["crop_scale"][1])), g)
         flips = torch.rand(n, generator=g) < 0.5 if hp["flip"] else None
-        if flips is not None or not _whole(boxes, h, w):  # scale 1 (SRe2L's CIFAR setting): nothing to resample
-            x = crop_resize(x, boxes, flips)
+        x = crop_resize(x, boxes, flips)
         k = min(int(hp["backbones_per_iter"]), len(self.backbones))
         chosen = sorted(torch.randperm(len(self.backbones), generator=g)[:k].tolist()) if k < len(self.backbones) \
             else list(range(len(self.backbones)))
@@ -653,8 +655,7 @@ def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: dict, views: int
         boxes = sample_crops(n, h, w, tuple(float(v) for v in hp["crop_scale"]), g)
         flips = torch.rand(n, generator=g) < 0.5
         flips = flips if hp.get("flip", True) else None
-        if flips is not None or not _whole(boxes, h, w):
-            x = crop_resize(x, boxes, flips)
+        x = crop_resize(x, boxes, flips)
         total += bn_loss_of(backbone, x, float(hp["first_bn_multiplier"]))
     return total / views
 
