@@ -188,9 +188,9 @@ def crop_scale_min(iteration: int, iterations: int, schedule: str, start: float 
         ValueError: unknown schedule or milestone outside ``(0, 1]``.
     """
     if schedule not in CROP_SCHEDULES:
-        raise ValueError(f"recover.crop_schedule must be none|cosine|linear|step, got {schedule!r}")
+        raise ValueError(f"method.recover.crop_schedule must be {'|'.join(CROP_SCHEDULES)}, got {schedule!r}")
     if not 0 < milestone <= 1:
-        raise ValueError(f"recover.milestone must be in (0, 1], got {milestone}")
+        raise ValueError(f"method.recover.milestone must be in (0, 1], got {milestone}")
     span = milestone * iterations
     if schedule == "none" or iteration >= span:
         return end
@@ -484,6 +484,16 @@ class Backbone:
         return self
 
 
+def check_backbone_norm(value) -> str:
+    """``recover.backbone_norm`` as a string.
+
+    Raises:
+        ValueError: not ``none`` or ``start``."""
+    if str(value) not in ("none", "start"):
+        raise ValueError(f"method.recover.backbone_norm must be none|start, got {value!r}")
+    return str(value)
+
+
 @torch.no_grad()
 def backbone_weights(backbones: list[Backbone], images: torch.Tensor, hp: dict) -> tuple[list[float], list[float]]:
     """Per-backbone weights of the BN and conv losses in recovery.
@@ -499,10 +509,8 @@ def backbone_weights(backbones: list[Backbone], images: torch.Tensor, hp: dict) 
     fit gets the same weights.
     """
     n = len(backbones)
-    if str(hp.get("backbone_norm", "none")) == "none" or n <= 1:
+    if check_backbone_norm(hp.get("backbone_norm", "none")) == "none" or n <= 1:
         return [1.0] * n, [1.0] * n
-    if str(hp["backbone_norm"]) != "start":
-        raise ValueError(f"recover.backbone_norm must be none|start, got {hp['backbone_norm']!r}")
     fm = float(hp["first_bn_multiplier"])
     bn, conv = [], []
     for b in backbones:
@@ -942,13 +950,8 @@ def validate_settings(hp) -> None:
             raise ValueError(f"method.{key} must be positive, got {v}")
     scale("recover.crop_scale", list(rec.crop_scale))
     scale("relabel.crop_scale", list(rl.crop_scale))
-    if rec.crop_schedule not in CROP_SCHEDULES:
-        raise ValueError(f"method.recover.crop_schedule must be {'|'.join(CROP_SCHEDULES)}, got {rec.crop_schedule!r}")
-    if not 0 < float(rec.milestone) <= 1:
-        raise ValueError(f"method.recover.milestone must be in (0, 1], got {rec.milestone}")
-    norm = rec.get("backbone_norm", "none")
-    if norm not in ("none", "start"):
-        raise ValueError(f"method.recover.backbone_norm must be none|start, got {norm!r}")
+    crop_scale_min(0, 1, rec.crop_schedule, milestone=float(rec.milestone))  # checks schedule and milestone
+    check_backbone_norm(rec.get("backbone_norm", "none"))
 
 
 def run_statistics_matching(cfg, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
