@@ -38,6 +38,11 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--out", required=True, help="path prefix: OUT.ckpt (condensation), OUT.json (rows)")
+    p.add_argument("--save-at", type=int, nargs="*", default=[],
+                   help="epochs whose condensed graph is also saved, as OUT_epochN.pt (evaluate it with "
+                        "python -m lightning_dd.evaluate.graph)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="method overrides, e.g. reg_every_step=true (OmegaConf dotlist)")
     a = p.parse_args()
     torch.set_num_threads(1)
     dm = GraphDataModule("cora", root=f"{a.data_dir}/planetoid")
@@ -45,7 +50,8 @@ def main():
     data = dm.data
     grid = torch.linspace(0, 2, 2001, dtype=torch.float64)
     real = led_cdf(data.edge_index, data.x, grid)
-    hp = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "method" / f"{a.method}.yaml"))
+    hp = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "method" / f"{a.method}.yaml"),
+                                                OmegaConf.from_dotlist(a.set)))
     cls = GCond if a.method == "gcond" else SGDD
     ckpt, rows_path = Path(f"{a.out}.ckpt"), Path(f"{a.out}.json")
     rows = json.loads(rows_path.read_text()) if a.start > 0 else []
@@ -60,6 +66,8 @@ def main():
         else:
             cond, _ = condense(module, epoch, ckpt_path=ckpt, ckpt_every=a.every,
                                resume_from=ckpt if ckpt.is_file() and epoch > a.every else None)
+        if epoch in a.save_at:
+            cond.save(f"{a.out}_epoch{epoch}.pt")
         acc = None
         if epoch % a.acc_every == 0:
             acc = evaluate_graph(cond, data, "GCN", epochs=300, num_eval=2, eval_every=10).mean
