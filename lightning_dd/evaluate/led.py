@@ -93,7 +93,12 @@ def led_cdf(adj_or_edges, x: torch.Tensor, grid: torch.Tensor, dense_max: int = 
             return led_cdf_kpm(adj_or_edges, n, x, grid, moments)
         adj = torch.zeros(n, n, dtype=torch.float64)
         adj[adj_or_edges[0], adj_or_edges[1]] = 1.0
-    lam, p = led_dense(adj, x)
+    return spectrum_cdf(*led_dense(adj, x), grid)
+
+
+def spectrum_cdf(lam: torch.Tensor, p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """CDF ``(G,)`` on ``grid`` of the discrete distribution with mass ``p (N,)`` at ``lam (N,)``
+    (e.g. :func:`led_dense`'s output)."""
     return (p[None, :] * (lam[None, :] <= grid.double()[:, None])).sum(1)
 
 
