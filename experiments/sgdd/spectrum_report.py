@@ -10,6 +10,10 @@ For each saved condensed graph (``condensed.pt``) it prints, against real Cora:
 A structure whose spectrum has much mass near 2 (small bipartite-like pieces) shifts the LED even
 for smooth features; features with high-frequency content shift it on any structure.
 
+``--pieces`` also lists, for each eigenvalue above ``--high``, its eigenvector's support (entries
+above 0.1 in magnitude), the synthetic labels there, and the fraction of the support's edge weight
+that joins nodes of opposite sign: near 1 means a near-bipartite piece of the structure.
+
     LDD_DATA_DIR=../shared/data python experiments/sgdd/spectrum_report.py outputs/sgdd3/*_epoch2000.pt
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lightning_dd.data.graphs import GraphDataModule
-from lightning_dd.evaluate.led import led_cdf, led_dense, spectrum_cdf, w1_between_cdfs
+from lightning_dd.evaluate.led import led_cdf, led_dense, normalized_laplacian, spectrum_cdf, w1_between_cdfs
 from lightning_dd.results import CondensedGraph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("graphs", nargs="+", help="condensed.pt files")
     p.add_argument("--high", type=float, default=1.8, help="eigenvalue above which a frequency counts as high")
+    p.add_argument("--pieces", action="store_true", help="list the high eigenvalues' supports (near-bipartite pieces)")
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     a = p.parse_args()
     dm = GraphDataModule("cora", root=f"{a.data_dir}/planetoid")
@@ -48,6 +53,22 @@ def main():
         print(f"{str(path)[-48:]:48s} {w1_between_cdfs(real, cdf, grid):6.3f}  {[round(float(cdf[i]), 2) for i in at]}"
               f"  | {float((lam > a.high).double().mean()):.3f} {int((lam < 1e-2).sum()):5d}"
               f" | {float(energy[lam > a.high].sum()):.3f}")
+        if a.pieces:
+            print_pieces(g, a.high)
+
+
+def print_pieces(g: CondensedGraph, high: float) -> None:
+    """One line per normalized-Laplacian eigenvalue above ``high`` of ``g.adj``: eigenvalue,
+    support (|v_i| > 0.1), labels on it, fraction of the support's edge weight across v's sign."""
+    adj = g.adj.double()
+    lam, u = torch.linalg.eigh(normalized_laplacian(adj))
+    for k in (lam > high).nonzero().squeeze(1).tolist():
+        v = u[:, k]
+        sup = (v.abs() > 0.1).nonzero().squeeze(1)
+        w = adj[sup][:, sup]
+        cross = float((w * (v[sup, None].sign() != v[None, sup].sign())).sum() / w.sum().clamp(min=1e-300))
+        print(f"    lambda {float(lam[k]):.3f}: {len(sup)} nodes, labels {sorted(set(g.y[sup].tolist()))}, "
+              f"weight across the sign split {cross:.2f}")
 
 
 if __name__ == "__main__":
