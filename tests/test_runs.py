@@ -43,14 +43,16 @@ def test_killed_distillation_resumes_where_it_stopped(tmp_path):
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
 
-    # the same run, killed once a mid-way checkpoint exists
+    # the same run, killed once a mid-way checkpoint exists. Lightning writes distill-step=N.ckpt
+    # before last.ckpt, so a kill between the two leaves last.ckpt one interval (2 steps) behind:
+    # kill at step 12 so that last.ckpt holds at least step 10.
     run = tmp_path / "run"
     p = _train([*common, f"hydra.run.dir={run}"], tmp_path, start_new_session=True)
     ckpts = run / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
         done = [int(f.stem.split("=")[1]) for f in ckpts.glob("distill-step=*.ckpt")] if ckpts.is_dir() else []
-        if done and max(done) >= 10:
+        if done and max(done) >= 12:
             os.killpg(p.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
