@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lightning_dd.data.graphs import GraphDataModule
-from lightning_dd.evaluate.led import led_cdf, led_dense, normalized_laplacian, spectrum_cdf, w1_between_cdfs
+from lightning_dd.evaluate.led import led_cdf, led_dense, spectrum_cdf, w1_between_cdfs
 from lightning_dd.results import CondensedGraph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,20 +48,20 @@ def main():
     print(f"{'real Cora':48s} {0:6.3f}  {[round(float(real[i]), 2) for i in at]}")
     for path in a.graphs:
         g = CondensedGraph.load(path)
-        lam, energy = led_dense(g.adj, g.x)  # one eigen-decomposition serves all three columns
+        lam, energy, u = led_dense(g.adj, g.x, with_basis=True)  # one eigen-decomposition serves every column
         cdf = spectrum_cdf(lam, energy, grid)
         print(f"{str(path)[-48:]:48s} {w1_between_cdfs(real, cdf, grid):6.3f}  {[round(float(cdf[i]), 2) for i in at]}"
               f"  | {float((lam > a.high).double().mean()):.3f} {int((lam < 1e-2).sum()):5d}"
               f" | {float(energy[lam > a.high].sum()):.3f}")
         if a.pieces:
-            print_pieces(g, a.high)
+            print_pieces(g, lam, u, a.high)
 
 
-def print_pieces(g: CondensedGraph, high: float) -> None:
-    """One line per normalized-Laplacian eigenvalue above ``high`` of ``g.adj``: eigenvalue,
-    support (|v_i| > 0.1), labels on it, fraction of the support's edge weight across v's sign."""
+def print_pieces(g: CondensedGraph, lam: torch.Tensor, u: torch.Tensor, high: float) -> None:
+    """One line per normalized-Laplacian eigenvalue above ``high`` of ``g.adj`` (``lam (N,)``,
+    eigenvectors ``u (N, N)`` from :func:`led_dense`): eigenvalue, support (|v_i| > 0.1), labels on
+    it, fraction of the support's edge weight across v's sign."""
     adj = g.adj.double()
-    lam, u = torch.linalg.eigh(normalized_laplacian(adj))
     for k in (lam > high).nonzero().squeeze(1).tolist():
         v = u[:, k]
         sup = (v.abs() > 0.1).nonzero().squeeze(1)

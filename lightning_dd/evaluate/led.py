@@ -30,11 +30,13 @@ def normalized_laplacian(adj: torch.Tensor) -> torch.Tensor:
     return torch.eye(len(adj), dtype=adj.dtype) - inv[:, None] * adj * inv[None, :]
 
 
-def led_dense(adj: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact LED: ``(eigenvalues (N,), energy fractions (N,))`` for ``adj`` ``(N, N)``, ``x`` ``(N, F)``."""
+def led_dense(adj: torch.Tensor, x: torch.Tensor, with_basis: bool = False) -> tuple[torch.Tensor, ...]:
+    """Exact LED: ``(eigenvalues (N,), energy fractions (N,))`` for ``adj`` ``(N, N)``, ``x`` ``(N, F)``;
+    ``with_basis``: also the eigenvectors ``(N, N)`` (columns, in the eigenvalues' order)."""
     lam, u = torch.linalg.eigh(normalized_laplacian(adj.double()))
     e = (u.T @ x.double()).pow(2).sum(1)
-    return lam.clamp(0, 2), e / e.sum().clamp(min=1e-300)
+    out = (lam.clamp(0, 2), e / e.sum().clamp(min=1e-300))
+    return (*out, u) if with_basis else out
 
 
 def _sparse_norm_adj(edge_index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
