@@ -12,25 +12,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_dd.data.readers import atomic_save
+from lightning_dd.io import atomic_save, load_dict
 
 FORMAT_VERSION = 1
-
-
-def load_dict(path: str | Path, keys: tuple[str, ...], what: str) -> dict:
-    """``torch.load`` a saved artifact that must be a dict holding ``keys``.
-
-    Raises:
-        FileNotFoundError: no file at ``path``. ValueError: not a dict with those keys (``what``
-            names the artifact in the message).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    d = torch.load(path, weights_only=False)
-    if not isinstance(d, dict) or any(k not in d for k in keys):
-        raise ValueError(f"{path}: not a lightning_dd {what} (expected keys {', '.join(keys)}, ...)")
-    return d
 
 
 def load_artifact(cls, path: str | Path, keys: tuple[str, ...], what: str):
@@ -47,6 +31,35 @@ def load_artifact(cls, path: str | Path, keys: tuple[str, ...], what: str):
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return out
+
+
+def check_set(images: torch.Tensor, labels: torch.Tensor, num_classes: int, image_shape: tuple | None = None) -> None:
+    """Validate a set before training on it.
+
+    Raises:
+        ValueError: naming the problem (dims, shape vs. ``image_shape``, label count, label range,
+            soft-label width, NaN/inf pixels).
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+        raise ValueError(f"images have shape (C, H, W)={tuple(images.shape[1:])}, the test set {tuple(image_shape)}")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.dim() == 1:
+        if labels.dtype != torch.int64:
+            raise ValueError(f"hard labels must be int64, got {labels.dtype}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    elif labels.dim() == 2:
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"soft labels have {labels.shape[1]} classes, expected {num_classes}")
+        if not torch.isfinite(labels).all():
+            raise ValueError("soft labels contain NaN or inf")
+    else:
+        raise ValueError(f"labels must be (N,) or (N, K), got shape {tuple(labels.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"images contain {int((~torch.isfinite(images)).sum())} NaN/inf values")
 
 
 @dataclass
@@ -100,8 +113,6 @@ class DistilledSet:
 
     def validate(self) -> None:
         """Raises ValueError naming the problem: shape, label count/range, NaN, class count."""
-        from lightning_dd.evaluate.student import check_set
-
         check_set(self.images, self.labels, len(self.classes))
 
 

@@ -1,5 +1,7 @@
-"""The run walk every method shares: config -> DataModule -> method -> result artifact -> student
-evaluation (+ baselines) -> ``metrics.json``, logs and a printed table."""
+"""The run walk every method shares: config -> (validated, built from ``_target_``) method, Trainer
+factory and DataModule -> ``method.run`` -> result artifact -> ``method.evaluate`` ->
+``metrics.json``, logs and a printed table. The runner knows no method by name
+(:mod:`lightning_dd.methods.base` is the contract)."""
 from __future__ import annotations
 
 import json
@@ -10,14 +12,12 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_dd.augment.dsa import DSA
-from lightning_dd.evaluate.student import evaluate_set
-from lightning_dd.methods import METHODS
+from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
+from lightning_dd.evaluate.images import quick_eval
+from lightning_dd.methods.base import RunContext
 from lightning_dd.quiet import quiet_lightning
-from lightning_dd.results import DistilledSet
 from lightning_dd.viz import PeriodicEvaluation, SyntheticImageLogger, save_grid
 
 log = logging.getLogger(__name__)
@@ -60,139 +60,74 @@ def _sweep_info() -> tuple[str, str] | None:
     return Path(hc.sweep.dir).name, hc.job.override_dirname or f"job{hc.job.num}"
 
 
-def eval_net_cfg(cfg: DictConfig, name: str) -> dict:
-    """The net config used to evaluate on architecture ``name``: the run's own ``net`` when it is
-    the same architecture, otherwise that architecture's defaults."""
-    if name == cfg.net.name:
-        return OmegaConf.to_container(cfg.net, resolve=True)
-    return {"name": name}
-
-
-def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, lr: float | None = None,
-                    num_eval: int | None = None, teacher: torch.nn.Module | None = None,
-                    nets: list[str] | None = None, epochs: int | None = None) -> dict:
-    """Evaluate ``result`` on every ``eval.nets`` architecture (or ``nets``) for ``eval.epochs`` (or
-    ``epochs``); flat metrics under ``prefix``."""
-    ev = cfg.eval
-    dsa = DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None
-    if lr is None:
-        lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
-    metrics = {}
-    for name in nets or ev.nets:
-        r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
-                         eval_net_cfg(cfg, name), lr=lr, epochs=epochs or ev.epochs, batch_size=ev.batch_size,
-                         num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
-                         weight_decay=ev.weight_decay, accelerator=cfg.trainer.accelerator,
-                         compile=bool(cfg.trainer.compile), augment=ev.augment, label_mode=ev.label_mode,
-                         soft_loss_kind=ev.soft_loss, temperature=ev.temperature, teacher=teacher,
-                         precision=str(ev.get("precision", "32-true")))
-        metrics.update(r.metrics(prefix))
-        log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
-                 len(r.accs), r.seconds)
-    return metrics
-
-
-def _quick_eval(cfg: DictConfig, dm, images, labels, lr) -> float:
-    """One-seed evaluation of a set during distillation on the run's own net, ``logger.eval_epochs``
-    epochs (the same evaluator settings as the final evaluation otherwise)."""
-    current = DistilledSet(images, labels, lr, dm.classes, {}, method="current")
-    m = evaluate_result(cfg, dm, current, "periodic", num_eval=1, nets=[cfg.net.name], epochs=cfg.logger.eval_epochs)
-    return m[f"periodic/{cfg.net.name}/acc_mean"]  # evaluate_result has logged it
-
-
-def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, init: DistilledSet | None = None,
-                            teacher_ckpt: str | None = None) -> dict:
-    """``eval/...`` for ``result``, then each of ``eval.baselines`` through the same evaluator:
-    ``init`` (the method's initialization), ``random`` (a random real subset of the same IPC,
-    hard labels, ``eval.lr``). Adds ``eval/<net>/improvement_over_random`` (accuracy points as a
-    fraction, DD-Ranking's IOR idea) when both are there, and ``eval/<net>/gap_to_full`` when
-    ``eval.full_data_acc`` (the architecture's full-data accuracy) is given. The KD teacher is
-    ``eval.teacher_ckpt``, else ``teacher_ckpt`` (the one a method trained, e.g. SRe2L's)."""
-    teacher_ckpt = cfg.eval.get("teacher_ckpt") or teacher_ckpt
-    teacher = load_teacher(teacher_ckpt, dm) if teacher_ckpt else None
-    metrics = evaluate_result(cfg, dm, result, "eval", teacher=teacher)
-    for b in cfg.eval.baselines:
-        if b == "init" and init is not None:
-            metrics.update(evaluate_result(cfg, dm, init, "baseline/init", teacher=teacher))
-        elif b == "random":
-            x, y = dm.random_subset(result.ipc, int(cfg.eval.seed))
-            rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
-            metrics.update(evaluate_result(cfg, dm, rnd, "baseline/random", lr=cfg.eval.lr, teacher=teacher))
-        elif b != "init":
-            raise ValueError(f"eval.baselines: unknown baseline {b!r} (known: init, random)")
-    full = cfg.eval.get("full_data_acc") or {}
-    for name in cfg.eval.nets:
-        acc = metrics[f"eval/{name}/acc_mean"]
-        if f"baseline/random/{name}/acc_mean" in metrics:
-            metrics[f"eval/{name}/improvement_over_random"] = acc - metrics[f"baseline/random/{name}/acc_mean"]
-        if name in full:
-            metrics[f"eval/{name}/gap_to_full"] = float(full[name]) - acc
-    return metrics
-
-
-def load_teacher(path: str, dm) -> torch.nn.Module:
-    """A teacher saved as ``{"net_cfg": {"name": ..., ...}, "state_dict": ...}`` (``torch.save``).
+def check_config(cfg: DictConfig):
+    """Validate and build everything a run needs from ``cfg`` before any data is read: the run's
+    own keys (:class:`RunConfig`), the CPU preset of ``scale=cpu``, the method (its typed fields,
+    its stages, its cross-key checks), the ``eval`` node against the method's evaluator schema and
+    the Trainer factory. Returns ``(run_cfg, method, trainer_factory)``.
 
     Raises:
-        FileNotFoundError: no file. ValueError: not a teacher checkpoint, or one that does not
-        fit ``dm`` (:func:`lightning_dd.nets.load_net_file`).
+        ConfigError: naming the offending key and what was expected.
     """
-    from lightning_dd.nets import load_net_file
-
-    return load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
-                         "teacher checkpoint (eval.teacher_ckpt)")[0]
-
-
-def build_datamodule(data_cfg: DictConfig) -> L.LightningDataModule:
-    """The DataModule named by ``data._target_`` (a dotted class path), built with the group's other
-    keys (``name`` included).
-
-    Raises:
-        ValueError: ``_target_`` missing or not a LightningDataModule class.
-    """
-    from hydra.utils import get_class
-
-    kwargs = OmegaConf.to_container(data_cfg, resolve=True)
-    target = kwargs.pop("_target_", None)
-    cls = get_class(target) if target else None
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)):
-        raise ValueError(f"data._target_ must name a LightningDataModule class, got {target!r}")
-    return cls(**kwargs)
+    run_cfg = validated(RunConfig, {k: cfg.get(k) for k in RunConfig.model_fields if k in cfg}, "")
+    if run_cfg.scale_name == "cpu" and run_cfg.scale_preset is None:
+        exp = cfg.get("experiment_name") or "this experiment"
+        raise ConfigError(f"scale=cpu: {exp} has no CPU preset (conf/scale_preset/{exp}/cpu.yaml, which sets "
+                          f"scale_preset: {exp}); without one the run would silently be paper-sized")
+    method = instantiate_node(cfg.method, "method")
+    if run_cfg.stage not in method.stages:
+        raise ConfigError(f"stage: {run_cfg.stage!r} is not a stage of {type(method).__name__}; "
+                          f"allowed: {', '.join(method.stages)}")
+    if method.eval_schema is not None:
+        validated(method.eval_schema, cfg.eval, "eval")
+    method.check(cfg)
+    make_trainer = instantiate_node(cfg.trainer, "trainer")
+    if run_cfg.ckpt_path and not Path(run_cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {run_cfg.ckpt_path}")
+    return run_cfg, method, make_trainer
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one experiment; returns the flat metrics also written to ``<output_dir>/metrics.json``."""
+    """Run one experiment; returns the flat metrics also written to ``<output_dir>/metrics.json``.
+
+    Raises:
+        ConfigError: a bad value (before any data is read; see :func:`check_config`).
+    """
     t_start = time.perf_counter()
     quiet_lightning()
+    run_cfg, method, make_trainer = check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(int(cfg.seed), verbose=False)
-    if cfg.method.family not in METHODS:
-        raise ValueError(f"method.family {cfg.method.family!r} unknown; known: {sorted(METHODS)}")
+    L.seed_everything(run_cfg.seed, verbose=False)
 
     t0 = time.perf_counter()
-    dm = build_datamodule(cfg.data)
+    dm = instantiate_node(cfg.data, "data")
     dm.setup()
     timings = {"data_s": time.perf_counter() - t0}
     loggers = build_loggers(cfg, out_dir)
-    callbacks = [SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
-                                      nrow=int(cfg.method.get("ipc", 10)))]
-    if cfg.logger.get("eval_every"):
-        callbacks.append(PeriodicEvaluation(lambda x, y, lr: _quick_eval(cfg, dm, x, y, lr), cfg.logger.eval_every))
+    callbacks = []
+    if getattr(dm, "preprocessing", None) is not None:
+        callbacks.append(SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
+                                              nrow=int(getattr(method, "ipc", 10))))
+        if cfg.logger.get("eval_every"):
+            callbacks.append(PeriodicEvaluation(lambda x, y, lr: quick_eval(cfg, dm, make_trainer, x, y, lr),
+                                                cfg.logger.eval_every))
+    ctx = RunContext(cfg=cfg, dm=dm, out_dir=out_dir, loggers=loggers, callbacks=callbacks, trainer=make_trainer,
+                     seed=run_cfg.seed, stage=run_cfg.stage, resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
 
-    out = METHODS[cfg.method.family](cfg, dm, out_dir, loggers, callbacks)
-    timings.update(out.get("timings", {}))
-    metrics = dict(out.get("metrics", {}))
-    result: DistilledSet | None = out.get("result")
+    out = method.run(ctx)
+    timings.update(out.timings)
+    metrics = dict(out.metrics)
+    result = out.result
     if result is not None:
         result.meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)  # evaluate.py rebuilds the test set
         result.meta["net"] = OmegaConf.to_container(cfg.net, resolve=True)  # ... and evaluates on the same net
         result.save(out_dir / "distilled.pt")
         save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", nrow=max(1, result.ipc))
-        if cfg.stage == "all":
-            t0 = time.perf_counter()
-            metrics.update(evaluate_with_baselines(cfg, dm, result, out.get("init"), out.get("teacher_ckpt")))
-            timings["eval_s"] = time.perf_counter() - t0
+    if run_cfg.stage == "all":
+        t0 = time.perf_counter()
+        metrics.update(method.evaluate(ctx, out))
+        timings["eval_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     metrics.update({f"timings/{k}": v for k, v in timings.items()})
     metrics = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
@@ -203,7 +138,7 @@ def run(cfg: DictConfig) -> dict:
             lg.experiment.summary.update(metrics)
         lg.finalize("success")
     finish_wandb()
-    print_table(metrics, title=f"{cfg.method.name} on {cfg.data.name} -> {out_dir}")
+    print_table(metrics, title=f"{method.name} on {cfg.data.name} -> {out_dir}")
     return metrics
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_dd.io import atomic_save  # noqa: F401  (re-exported)
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
@@ -45,21 +47,6 @@ class ImageSet:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a killed process never
-    leaves half a file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 CIFAR_LAYOUT = {

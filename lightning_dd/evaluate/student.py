@@ -8,6 +8,7 @@ mean ± std.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -20,8 +21,10 @@ import torchmetrics
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
 from lightning_dd.losses import soft_loss
-from lightning_dd.nets import build_net, maybe_compile
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.nets import build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
+from lightning_dd.results import check_set
 
 
 def make_augment(kind: str, dsa: DSA | None = None, image_size: tuple[int, int] | None = None):
@@ -126,9 +129,9 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
                  test_labels: torch.Tensor, num_classes: int, net_cfg: dict, *, lr: float,
                  epochs: int, batch_size: int = 256, num_eval: int = 3, seed: int = 0,
                  dsa: DSA | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 accelerator: str = "auto", compile: bool = False, augment: str | None = None,
+                 make_trainer: TrainerFactory | None = None, augment: str | None = None,
                  label_mode: str = "auto", soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
-                 teacher: torch.nn.Module | None = None, precision: str = "32-true") -> EvalResult:
+                 teacher: torch.nn.Module | None = None, precision: str | None = None) -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
 
     The MTT/DATM protocol: SGD (momentum 0.9, weight decay 5e-4) for ``epochs`` passes, lr x0.1
@@ -138,14 +141,17 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         images: ``(N, C, H, W)`` float32 in model space (same space as ``test_images``).
         labels: ``(N,)`` int64 hard labels or ``(N, K)`` float soft-label logits.
         test_images, test_labels: the real test set ``(M, C, H, W)``, ``(M,)``.
-        net_cfg: ``{"name": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net`.
+        net_cfg: ``{"name" | "_target_": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net_cfg`.
         lr: learning rate; epochs: passes over the set (lr x0.1 at half).
         augment: ``dsa`` | ``crop_flip`` | ``none`` (default: ``dsa`` when ``dsa`` is given).
         label_mode: ``auto`` (the set's labels as they are), ``hard`` (argmax of soft labels),
             ``soft`` (require soft labels), ``teacher`` (targets = ``teacher`` logits per batch).
         soft_loss_kind, temperature: loss for soft / teacher targets (``soft_ce``, ``kl``, ``mse_ce``).
-        compile: ``torch.compile`` the networks (see :class:`StudentModule`).
-        precision: Lightning's ``Trainer(precision=...)``: ``32-true`` (default), or ``bf16-mixed``
+        make_trainer: the run's Trainer factory (accelerator, devices, strategy, precision; its
+            ``compile`` flag compiles the networks, see :class:`StudentModule`); default: CPU/GPU
+            auto, fp32, no compile.
+        precision: overrides the factory's precision for these runs (``eval.precision``):
+            ``32-true``, or ``bf16-mixed``
             (autocast to bfloat16; AlexNet/VGG11/ResNet18 steps on 100 CIFAR images went from
             0.78/0.47/1.66 s to 0.38/0.31/0.89 s on a 2-core AVX512-BF16 CPU), ``16-mixed`` on GPUs.
 
@@ -167,51 +173,22 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     elif label_mode not in ("auto", "hard", "soft", "teacher"):
         raise ValueError(f"eval.label_mode must be auto|hard|soft|teacher, got {label_mode!r}")
     aug = make_augment(augment or ("dsa" if dsa is not None else "none"), dsa, tuple(images.shape[-2:]))
-    net_cfg = dict(net_cfg)
-    name = net_cfg.pop("name")
+    make_trainer = make_trainer or TrainerFactory()
+    if precision:
+        make_trainer = copy.copy(make_trainer)
+        make_trainer.precision = precision
+    name = net_cfg.get("name") or str(net_cfg.get("_target_")).rsplit(".", 1)[-1]
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
     accs = []
     t0 = time.perf_counter()
     for r in range(num_eval):
         L.seed_everything(seed + r, verbose=False)
-        net = build_net(name, images.shape[1], num_classes, images.shape[2:], **net_cfg)
-        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, aug, compile,
+        net = build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:])
+        module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, aug, make_trainer.compile,
                                teacher if label_mode == "teacher" else None, soft_loss_kind, temperature)
-        trainer = L.Trainer(max_steps=steps, max_epochs=1, accelerator=accelerator, devices=1, logger=False,
-                            precision=precision,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, deterministic=False)
+        trainer = make_trainer("evaluate", max_steps=steps, max_epochs=1, enable_progress_bar=False)
         trainer.fit(module, batch_loader(images, labels, batch_size=batch_size, epochs=epochs, seed=seed + r))
         out = trainer.test(module, batch_loader(test_images, test_labels, batch_size=1000, epochs=1),
                            verbose=False)
         accs.append(float(out[0]["acc"]))
     return EvalResult(name, accs, time.perf_counter() - t0)
-
-
-def check_set(images: torch.Tensor, labels: torch.Tensor, num_classes: int, image_shape: tuple | None = None) -> None:
-    """Validate a set before training on it.
-
-    Raises:
-        ValueError: naming the problem (dims, shape vs. ``image_shape``, label count, label range,
-            soft-label width, NaN/inf pixels).
-    """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
-        raise ValueError(f"images have shape (C, H, W)={tuple(images.shape[1:])}, the test set {tuple(image_shape)}")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-    if labels.dim() == 1:
-        if labels.dtype != torch.int64:
-            raise ValueError(f"hard labels must be int64, got {labels.dtype}")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
-    elif labels.dim() == 2:
-        if labels.shape[1] != num_classes:
-            raise ValueError(f"soft labels have {labels.shape[1]} classes, expected {num_classes}")
-        if not torch.isfinite(labels).all():
-            raise ValueError("soft labels contain NaN or inf")
-    else:
-        raise ValueError(f"labels must be (N,) or (N, K), got shape {tuple(labels.shape)}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"images contain {int((~torch.isfinite(images)).sum())} NaN/inf values")

@@ -14,30 +14,72 @@ from lightning_dd.nets.zoo import VGG11, AlexNet, resnet
 # evaluated to 0% test accuracy where eager reached 50%, so the others run eagerly.
 COMPILE_VERIFIED = {"ConvNet"}
 
-NETS = {
-    "ConvNet": ConvNet,
-    "AlexNet": AlexNet,
-    "VGG11": VGG11,
-    "VGG11BN": lambda c, k, s, **kw: VGG11(c, k, s, **{"norm": "batchnorm", **kw}),
-    "ResNet18": lambda c, k, s, **kw: resnet(18, c, k, s, **kw),
-    "ResNet18BN": lambda c, k, s, **kw: resnet(18, c, k, s, **{"norm": "batchnorm", **kw}),
-    "ResNet50": lambda c, k, s, **kw: resnet(50, c, k, s, **{"norm": "batchnorm", **kw}),
-    # small BatchNorm backbones for multi-backbone statistics matching (G-VBSM)
-    "MobileNetV2": mobilenet_v2,
-    "ShuffleNetV2": shufflenet_v2,
-    "WRN16_2": WRN16_2,
-}
+
+def VGG11BN(channel: int, num_classes: int, im_size, **kw) -> nn.Module:
+    """VGG11 with BatchNorm."""
+    return VGG11(channel, num_classes, im_size, **{"norm": "batchnorm", **kw})
+
+
+def ResNet18(channel: int, num_classes: int, im_size, **kw) -> nn.Module:
+    """ResNet-18 with instance norm (MTT's evaluation net)."""
+    return resnet(18, channel, num_classes, im_size, **kw)
+
+
+def ResNet18BN(channel: int, num_classes: int, im_size, **kw) -> nn.Module:
+    """ResNet-18 with BatchNorm (SRe2L/CDA teachers and students)."""
+    return resnet(18, channel, num_classes, im_size, **{"norm": "batchnorm", **kw})
+
+
+def ResNet50(channel: int, num_classes: int, im_size, **kw) -> nn.Module:
+    """ResNet-50 with BatchNorm."""
+    return resnet(50, channel, num_classes, im_size, **{"norm": "batchnorm", **kw})
+
+
+# small BatchNorm backbones for multi-backbone statistics matching (G-VBSM)
+MobileNetV2 = mobilenet_v2
+ShuffleNetV2 = shufflenet_v2
+
+#: The architectures a net config may name (``net.name`` / ``eval.nets``): the callables of this
+#: package, ``(channel, num_classes, im_size, **kwargs) -> nn.Module``. A net config may instead
+#: give ``_target_`` (a dotted path to any such callable).
+ARCHITECTURES = ("ConvNet", "AlexNet", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN", "ResNet50",
+                 "MobileNetV2", "ShuffleNetV2", "WRN16_2")
+
+
+def net_target(net_cfg: dict) -> str:
+    """The dotted path a net config builds: its ``_target_``, else ``lightning_dd.nets.<name>``.
+
+    Raises:
+        ValueError: neither given, or a ``name`` that is not one of :data:`ARCHITECTURES`.
+    """
+    if net_cfg.get("_target_"):
+        return str(net_cfg["_target_"])
+    name = net_cfg.get("name")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown net.name {name!r}; known: {sorted(ARCHITECTURES)} (or give net._target_)")
+    return f"{__name__}.{name}"
+
+
+def build_net_cfg(net_cfg: dict, channel: int, num_classes: int, im_size) -> nn.Module:
+    """The network of ``net_cfg`` (``{"name" | "_target_": ..., **kwargs}``) for ``(C, H, W)`` inputs
+    and ``num_classes`` outputs, built with ``hydra.utils.instantiate``.
+
+    Raises:
+        ValueError: unknown architecture (:func:`net_target`).
+    """
+    from hydra.utils import instantiate
+
+    kwargs = {k: v for k, v in dict(net_cfg).items() if k not in ("name", "_target_")}
+    return instantiate({"_target_": net_target(net_cfg), **kwargs}, channel, num_classes, tuple(im_size))
 
 
 def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> nn.Module:
-    """Instantiate architecture ``name`` for ``(C, H, W)`` inputs and ``num_classes`` outputs.
+    """:func:`build_net_cfg` of ``{"name": name, **kwargs}``.
 
     Raises:
         ValueError: unknown ``name`` (the known names are listed).
     """
-    if name not in NETS:
-        raise ValueError(f"unknown net.name {name!r}; known: {sorted(NETS)}")
-    return NETS[name](channel, num_classes, tuple(im_size), **kwargs)
+    return build_net_cfg({"name": name, **kwargs}, channel, num_classes, im_size)
 
 
 def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "teacher checkpoint") -> tuple[nn.Module, dict]:
@@ -52,8 +94,7 @@ def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "te
     from lightning_dd.results import load_dict
 
     d = load_dict(path, ("net_cfg", "state_dict"), what)
-    cfg = dict(d["net_cfg"])
-    net = build_net(cfg.pop("name"), channel, num_classes, im_size, **cfg)
+    net = build_net_cfg(dict(d["net_cfg"]), channel, num_classes, im_size)
     try:
         net.load_state_dict(d["state_dict"])
     except RuntimeError as e:

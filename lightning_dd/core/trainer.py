@@ -1,0 +1,65 @@
+"""One Trainer factory for every stage (experts, distillation, teachers, recovery, condensation,
+evaluation), built from ``conf/trainer``: accelerator, devices, strategy and precision set there
+reach every ``lightning.Trainer`` of a run.
+
+Example::
+
+    make = TrainerFactory(accelerator="auto", precision="bf16-mixed")
+    trainer = make("distill", max_steps=100, logger=loggers)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+class TrainerFactory:
+    """Builds the ``lightning.Trainer`` of each stage from the run-wide settings plus the stage's own.
+
+    Args:
+        accelerator, devices, strategy, precision, num_nodes: passed to every Trainer (Lightning's
+            meaning); a stage cannot override them, so ``trainer.precision=bf16-mixed`` reaches all.
+        enable_progress_bar: progress bars of the run's long stages; inner trainings (experts,
+            evaluation runs) pass their own ``False``.
+        compile: ``torch.compile`` networks where verified (read by the stages that train nets;
+            not a Trainer argument).
+        deterministic, benchmark: Lightning's flags, for every Trainer.
+
+    Attributes:
+        built: ``[(stage, Trainer), ...]`` every Trainer made so far (tests inspect them).
+    """
+
+    RUN_WIDE = ("accelerator", "devices", "strategy", "precision", "num_nodes")
+
+    def __init__(self, accelerator: str = "auto", devices: Any = 1, strategy: Any = "auto",
+                 precision: Any = "32-true", num_nodes: int = 1, enable_progress_bar: bool = True,
+                 compile: bool = False, deterministic: Any = None, benchmark: Any = None):
+        self.accelerator, self.devices, self.strategy = accelerator, devices, strategy
+        self.precision, self.num_nodes = precision, num_nodes
+        self.enable_progress_bar, self.compile = enable_progress_bar, compile
+        self.deterministic, self.benchmark = deterministic, benchmark
+        self.built: list[tuple[str, L.Trainer]] = []
+
+    def kwargs(self) -> dict:
+        """The run-wide Trainer arguments."""
+        return {"accelerator": self.accelerator, "devices": self.devices, "strategy": self.strategy,
+                "precision": self.precision, "num_nodes": self.num_nodes}
+
+    def __call__(self, stage: str, **stage_kwargs) -> L.Trainer:
+        """A Trainer for ``stage`` (a label kept in :attr:`built`) with the stage's own arguments
+        (``max_steps``, ``logger``, ``callbacks``, ...); defaults: no logger, no checkpointing,
+        no model summary, no sanity validation, the factory's progress-bar setting.
+
+        Raises:
+            ValueError: when the stage tries to set a run-wide argument.
+        """
+        clash = sorted(set(stage_kwargs) & set(self.RUN_WIDE))
+        if clash:
+            raise ValueError(f"stage {stage!r} sets {clash}: these come from conf/trainer (trainer.<key>=...)")
+        kw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+              "num_sanity_val_steps": 0, "enable_progress_bar": self.enable_progress_bar,
+              "deterministic": self.deterministic, "benchmark": self.benchmark, **stage_kwargs}
+        trainer = L.Trainer(**self.kwargs(), **kw)
+        self.built.append((stage, trainer))
+        return trainer
