@@ -60,6 +60,16 @@ def _sweep_info() -> tuple[str, str] | None:
     return Path(hc.sweep.dir).name, hc.job.override_dirname or f"job{hc.job.num}"
 
 
+def _experiment_name() -> str | None:
+    """The ``experiment`` group choice of the running Hydra app, if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("experiment")
+    except (ImportError, ValueError):
+        return None
+
+
 def check_config(cfg: DictConfig):
     """Validate and build everything a run needs from ``cfg`` before any data is read: the run's
     own keys (:class:`RunConfig`), the CPU preset of ``scale=cpu``, the method (its typed fields,
@@ -71,7 +81,7 @@ def check_config(cfg: DictConfig):
     """
     run_cfg = validated(RunConfig, {k: cfg.get(k) for k in RunConfig.model_fields if k in cfg}, "")
     if run_cfg.scale_name == "cpu" and run_cfg.scale_preset is None:
-        exp = cfg.get("experiment_name") or "this experiment"
+        exp = _experiment_name() or "this experiment"
         raise ConfigError(f"scale=cpu: {exp} has no CPU preset (conf/scale_preset/{exp}/cpu.yaml, which sets "
                           f"scale_preset: {exp}); without one the run would silently be paper-sized")
     method = instantiate_node(cfg.method, "method")

@@ -23,9 +23,11 @@ import torch
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.data.readers import atomic_save
+from lightning_dd.core.config import PositiveFloat, PositiveInt, Typed
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.io import atomic_save
 from lightning_dd.losses import label_loss
-from lightning_dd.nets import FlatParams, build_net, maybe_compile
+from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -77,18 +79,22 @@ class ExpertBank:
         lr_teacher, epochs, batch_size, momentum, weight_decay: expert SGD settings.
         dsa: augmentation of real batches (``None`` = none).
         seed: expert ``i`` uses seed ``seed + i``.
-        compile: ``torch.compile`` the network while training (speed only; not part of the key).
+        make_trainer: the run's Trainer factory (its ``compile`` flag compiles the network: speed
+            only, not part of the key; its precision is part of the key when not ``32-true``).
     """
 
     def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int,
                  batch_size: int = 256, momentum: float = 0.0, weight_decay: float = 0.0,
-                 dsa: DSA | None = None, seed: int = 0, accelerator: str = "auto", compile: bool = False):
+                 dsa: DSA | None = None, seed: int = 0, make_trainer: TrainerFactory | None = None):
+        make_trainer = make_trainer or TrainerFactory()
+        if str(make_trainer.precision) not in ("32-true", "32"):
+            spec = {**spec, "precision": str(make_trainer.precision)}
         self.spec = {**spec, "net": dict(net_cfg), "lr_teacher": lr_teacher, "epochs": epochs,
                      "batch_size": batch_size, "momentum": momentum, "weight_decay": weight_decay, "seed": seed}
         self.dir = Path(root) / experts_key(self.spec)
         self.net_cfg, self.lr, self.epochs, self.batch_size = dict(net_cfg), lr_teacher, epochs, batch_size
         self.momentum, self.weight_decay, self.dsa, self.seed = momentum, weight_decay, dsa, seed
-        self.accelerator, self.compile = accelerator, compile
+        self.make_trainer = make_trainer
 
     def path(self, i: int) -> Path:
         return self.dir / f"expert_{i:03d}.pt"
@@ -109,12 +115,9 @@ class ExpertBank:
                 continue
             t0 = time.perf_counter()
             L.seed_everything(self.seed + i, verbose=False)
-            cfg = dict(self.net_cfg)
-            net = build_net(cfg.pop("name"), images.shape[1], num_classes, images.shape[2:], **cfg)
-            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.compile)
-            trainer = L.Trainer(max_epochs=self.epochs, accelerator=self.accelerator, devices=1, logger=False,
-                                enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                                enable_progress_bar=True)
+            net = build_net_cfg(self.net_cfg, images.shape[1], num_classes, images.shape[2:])
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.make_trainer.compile)
+            trainer = self.make_trainer("experts", max_epochs=self.epochs)
             trainer.fit(module, batch_loader(images, labels, batch_size=self.batch_size, epochs=1,
                                              seed=self.seed + i))
             acc = None
@@ -132,15 +135,23 @@ class ExpertBank:
         return out
 
 
-def expert_bank(cfg, dm) -> ExpertBank:
-    """The run's expert bank: ``method`` expert settings, ``net``, ``augment`` (DSA), ``seed`` and the
+class ExpertSettings(Typed):
+    """The expert-trajectory fields a method config shares (MTT Sec. 3.1; ``conf/method/datm.yaml``)."""
+
+    num_experts: PositiveInt = 100
+    expert_train_epochs: PositiveInt = 50
+    expert_batch: PositiveInt = 256
+    lr_teacher: PositiveFloat = 0.01
+
+
+def expert_bank(cfg, dm, hp: ExpertSettings, make_trainer: TrainerFactory) -> ExpertBank:
+    """The run's expert bank: ``hp``'s expert settings, ``net``, ``augment`` (DSA), ``seed`` and the
     DataModule's identity as the cache key; shared by trajectory matching and the coreset
     selectors' feature network, so both reuse the same cached trajectories."""
     from omegaconf import OmegaConf
 
-    hp = cfg.method
     dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
     spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
     return ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, OmegaConf.to_container(cfg.net, resolve=True),
                       hp.lr_teacher, hp.expert_train_epochs, hp.expert_batch, dsa=dsa, seed=int(cfg.seed),
-                      accelerator=cfg.trainer.accelerator, compile=bool(cfg.trainer.compile))
+                      make_trainer=make_trainer)

@@ -19,6 +19,10 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from lightning_dd.core.config import PositiveInt
+from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
+from lightning_dd.methods.experts import ExpertSettings, expert_bank
+from lightning_dd.nets import build_net_cfg
 from lightning_dd.results import DistilledSet
 
 
@@ -55,9 +59,6 @@ def k_center(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-SELECTORS = {"herding": herding, "kcenter": k_center}
-
-
 @torch.no_grad()
 def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torch.Tensor:
     """Penultimate features ``(N, D)``: the input of ``net.classifier`` (captured by a hook)."""
@@ -72,37 +73,53 @@ def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torc
     return torch.cat(feats)
 
 
-def _feature_net(cfg, dm):
-    """The network whose penultimate features the selectors use: the first cached expert's last
-    checkpoint (trained on demand). Returns ``(net, expert record)``."""
-    from torch.nn.utils import vector_to_parameters
+class RandomSelection(ImageMethod):
+    """``ipc`` uniformly random real training images per class, hard labels (``conf/method/random.yaml``)."""
 
-    from lightning_dd.methods.experts import expert_bank
-    from lightning_dd.nets import build_net
-
-    expert = expert_bank(cfg, dm).ensure(1, dm.train_images, dm.train_labels, dm.num_classes,
-                                         test=(dm.test_images, dm.test_labels))[0]
-    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-    net = build_net(net_cfg.pop("name"), dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
-    vector_to_parameters(expert["trajectory"][-1], net.parameters())  # FlatParams order = parameters()
-    return net, expert
+    def run(self, ctx: RunContext) -> MethodOutput:
+        t0 = time.perf_counter()
+        x, y = ctx.dm.random_subset(self.ipc, ctx.seed)
+        res = DistilledSet(x, y, None, ctx.dm.classes, ctx.dm.preprocessing.state(), method=self.name, ipc=self.ipc)
+        return MethodOutput(result=res, timings={"select_s": time.perf_counter() - t0})
 
 
-def run_selection(cfg, dm, out_dir, loggers, callbacks) -> dict:
-    """``method.ipc`` real training images per class by ``method.name`` (random | herding | kcenter),
-    hard labels, the evaluator's default lr."""
-    name, ipc, t0 = cfg.method.name, int(cfg.method.ipc), time.perf_counter()
-    metrics: dict = {}
-    if name == "random":
-        x, y = dm.random_subset(ipc, int(cfg.seed))
-    elif name in SELECTORS:
-        net, expert = _feature_net(cfg, dm)
+class FeatureCoreset(ExpertSettings, ImageMethod):
+    """``ipc`` real training images per class chosen by :meth:`select` in the penultimate feature space
+    of the first cached expert's last checkpoint (trained on demand with the expert settings,
+    shared with trajectory matching); hard labels, the evaluator's default lr."""
+
+    num_experts: PositiveInt = 1
+
+    @staticmethod
+    def select(features: torch.Tensor, k: int) -> torch.Tensor:  # pragma: no cover - abstract
+        """Indices of ``k`` rows of ``features`` ``(N, D)``."""
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext) -> MethodOutput:
+        from torch.nn.utils import vector_to_parameters
+
+        dm, t0, metrics = ctx.dm, time.perf_counter(), {}
+        expert = expert_bank(ctx.cfg, dm, self, ctx.trainer).ensure(
+            1, dm.train_images, dm.train_labels, dm.num_classes, test=(dm.test_images, dm.test_labels))[0]
         if expert.get("test_acc") is not None:
             metrics["selection/feature_net_test_acc"] = expert["test_acc"]
+        net = build_net_cfg(OmegaConf.to_container(ctx.cfg.net, resolve=True), dm.train_images.shape[1],
+                            dm.num_classes, dm.image_shape[1:])
+        vector_to_parameters(expert["trajectory"][-1], net.parameters())  # FlatParams order = parameters()
         feats = embed(net, dm.train_images)
-        idx = torch.cat([i[SELECTORS[name](feats[i], ipc)] for i in dm.class_indices()])
+        idx = torch.cat([i[self.select(feats[i], self.ipc)] for i in dm.class_indices()])
         x, y = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
-    else:
-        raise ValueError(f"method.name for selection must be random|herding|kcenter, got {name!r}")
-    res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=name, ipc=ipc)
-    return {"result": res, "timings": {"select_s": time.perf_counter() - t0}, "metrics": metrics}
+        res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=self.name, ipc=self.ipc)
+        return MethodOutput(result=res, metrics=metrics, timings={"select_s": time.perf_counter() - t0})
+
+
+class Herding(FeatureCoreset):
+    """Herding coreset (Welling, ICML 2009), :func:`herding` (``conf/method/herding.yaml``)."""
+
+    select = staticmethod(herding)
+
+
+class KCenter(FeatureCoreset):
+    """Greedy k-center coreset (Sener & Savarese, arXiv 1708.00489), :func:`k_center` (``conf/method/kcenter.yaml``)."""
+
+    select = staticmethod(k_center)

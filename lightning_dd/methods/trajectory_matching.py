@@ -26,13 +26,19 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from typing import ClassVar, Literal
+
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from pydantic import model_validator
+from torch.utils.data import DataLoader
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.methods.experts import expert_bank
+from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
+from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
-from lightning_dd.nets import FlatParams, build_net
+from lightning_dd.nets import FlatParams, build_net_cfg
 from lightning_dd.results import DistilledSet
 
 log = logging.getLogger(__name__)
@@ -110,12 +116,12 @@ class TrajectoryMatching(L.LightningModule):
             ``soft_labels``).
         trajectories: expert trajectories, each ``(E+1, P)``.
         net: the student architecture (its parameters are only a template).
-        hp: the ``method`` config (syn_steps, expert_epochs, window, lrs, ...).
+        hp: the method (:class:`TrajectoryMatchingMethod`: syn_steps, expert_epochs, window, lrs, ...).
         dsa: augmentation of synthetic minibatches.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, trajectories: list[torch.Tensor],
-                 net: torch.nn.Module, hp: DictConfig, dsa: DSA | None, seed: int = 0):
+                 net: torch.nn.Module, hp: "TrajectoryMatchingMethod", dsa: DSA | None, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.hp, self.dsa, self.seed = hp, dsa, seed
@@ -124,14 +130,14 @@ class TrajectoryMatching(L.LightningModule):
             self.labels = torch.nn.Parameter(labels.clone().float())
         else:
             self.register_buffer("labels", labels.clone())
-        self.syn_lr = torch.nn.Parameter(torch.tensor(float(hp.lr_teacher)))
+        self.syn_lr = torch.nn.Parameter(torch.tensor(hp.lr_teacher))
         self.trajectories = trajectories
         self.net = net
         self.fns = None
 
     def on_fit_start(self):
         self.trajectories = [t.to(self.device) for t in self.trajectories]
-        self.fns = StudentFunctions(FlatParams(self.net), compile=bool(self.hp.get("compile", False)))
+        self.fns = StudentFunctions(FlatParams(self.net), compile=self.hp.compile)
 
     def configure_optimizers(self):
         """One SGD, three parameter groups (images, lr, soft labels) with the papers' lrs and
@@ -191,80 +197,109 @@ class TrajectoryMatching(L.LightningModule):
         return self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(), float(self.syn_lr.detach())
 
 
-def _expert_predictors(net, flat: FlatParams, trajectories, epoch: int):
+def _expert_predictors(flat: FlatParams, trajectories, epoch: int):
     def make(theta):
         return lambda x: flat.call(theta, x)
     return [make(t[epoch]) for t in trajectories]
 
 
-def run_trajectory_matching(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
-    """Experts -> initialization -> distillation. Returns ``{"result": DistilledSet, "init":
-    DistilledSet, "timings": {...}, "metrics": {...}}``.
+class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
+    """DATM / MTT as a method (``conf/method/datm.yaml``, ``mtt.yaml``): experts -> initialization ->
+    distillation (:class:`TrajectoryMatching`); see the module docstring for the algorithm.
 
-    ``cfg.stage == "experts"`` stops after the experts (trainable alone).
+    Stages: ``experts`` (train and cache the expert trajectories only), ``distill`` (no
+    evaluation), ``all``.
     """
-    hp = cfg.method
-    seed = int(cfg.seed)
-    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
-    timings, metrics = {}, {}
 
-    # 1. expert trajectories (cached)
-    t0 = time.perf_counter()
-    bank = expert_bank(cfg, dm)
-    experts = bank.ensure(hp.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
-                          test=(dm.test_images, dm.test_labels))
-    trajectories = [e["trajectory"] for e in experts]
-    timings["experts_s"] = time.perf_counter() - t0
-    accs = [e["test_acc"] for e in experts if e["test_acc"] is not None]
-    if accs:
-        metrics["experts/test_acc_mean"] = sum(accs) / len(accs)
-    metrics["experts/n"] = len(experts)
-    log.info("experts: %d in %s (%.1fs)", len(experts), bank.dir, timings["experts_s"])
-    if cfg.get("stage", "all") == "experts":
-        return {"result": None, "init": None, "timings": timings, "metrics": metrics}
+    stages: ClassVar[tuple[str, ...]] = ("all", "experts", "distill")
+    syn_steps: PositiveInt = 80
+    expert_epochs: PositiveInt = 2
+    min_start_epoch: NonNegInt = 0
+    current_max_start_epoch: PositiveInt = 10
+    max_start_epoch: PositiveInt = 20
+    expansion_end_epoch: PositiveInt = 1000
+    sequential_generation: bool = True
+    batch_syn: PositiveInt | None = 100
+    iterations: PositiveInt = 10000
+    lr_img: PositiveFloat = 100
+    lr_lr: PositiveFloat = 1e-5
+    lr_y: PositiveFloat = 2.0
+    momentum_y: Fraction = 0.9
+    soft_labels: bool = True
+    pix_init: Literal["samples_predicted_correctly", "real"] = "samples_predicted_correctly"
+    label_init_epoch: int = -1
+    threshold: PositiveFloat = 1.0
+    meta_grad: Literal["unroll", "recompute"] = "unroll"
+    compile: bool = False
+    ckpt_every: PositiveInt = 50
 
-    # 2. initialization
-    t0 = time.perf_counter()
-    name = net_cfg.pop("name")
-    net = build_net(name, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:], **net_cfg)
-    flat = FlatParams(net)
-    g = torch.Generator().manual_seed(seed)
-    label_epoch = hp.label_init_epoch if hp.label_init_epoch >= 0 else trajectories[0].shape[0] + hp.label_init_epoch
-    predictors = _expert_predictors(net, flat, trajectories, label_epoch)
-    if hp.pix_init == "samples_predicted_correctly":
-        idx = select_correct_samples(dm.train_images, dm.train_labels, dm.num_classes, hp.ipc, predictors, g)
-    elif hp.pix_init == "real":
-        idx = torch.cat([i[torch.randperm(len(i), generator=g)[: hp.ipc]] for i in dm.class_indices()])
-    else:
-        raise ValueError(f"method.pix_init must be samples_predicted_correctly|real, got {hp.pix_init!r}")
-    images, hard = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
-    labels = expert_soft_labels(images, hard, predictors) if hp.soft_labels else hard
-    init = DistilledSet(images.clone(), labels.clone(), float(hp.lr_teacher), dm.classes, dm.preprocessing.state(),
-                        method=f"{hp.name}-init", ipc=hp.ipc)
-    timings["init_s"] = time.perf_counter() - t0
+    @model_validator(mode="after")
+    def _window(self):
+        if not self.min_start_epoch < self.max_start_epoch:
+            raise ValueError(f"min_start_epoch ({self.min_start_epoch}) must be below max_start_epoch "
+                             f"({self.max_start_epoch})")
+        if self.max_start_epoch - 1 + self.expert_epochs > self.expert_train_epochs:
+            raise ValueError(f"the last start epoch (max_start_epoch - 1 = {self.max_start_epoch - 1}) + expert_epochs "
+                             f"({self.expert_epochs}) exceeds the experts' expert_train_epochs "
+                             f"({self.expert_train_epochs})")
+        return self
 
-    # 3. distillation
-    t0 = time.perf_counter()
-    module = TrajectoryMatching(images, labels, trajectories, net, hp, dsa, seed=seed)
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=hp.ckpt_every,
-                              save_last=True, save_top_k=1)
-    trainer = L.Trainer(max_steps=hp.iterations, max_epochs=-1, accelerator=cfg.trainer.accelerator,
-                        devices=1, logger=loggers, callbacks=[ckpt_cb, *callbacks], log_every_n_steps=1,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        enable_progress_bar=cfg.trainer.enable_progress_bar)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None and cfg.get("resume") and (ckpt_dir / "last.ckpt").is_file():
-        ckpt_path = str(ckpt_dir / "last.ckpt")
-    if ckpt_path:
-        log.info("resuming distillation from %s", ckpt_path)
-    from torch.utils.data import DataLoader
+    def check(self, cfg) -> None:
+        if cfg.net.get("norm") == "batchnorm":
+            raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
+                              "not batchnorm")
 
-    trainer.fit(module, DataLoader(range(hp.iterations), batch_size=None), ckpt_path=ckpt_path)
-    timings["distill_s"] = time.perf_counter() - t0
-    metrics["distill/iterations"] = trainer.global_step
-    x, y, lr = module.current_set()
-    result = DistilledSet(x, y, lr, dm.classes, dm.preprocessing.state(), method=hp.name, ipc=hp.ipc,
-                          meta={"iterations": metrics["distill/iterations"]})
-    return {"result": result, "init": init, "timings": timings, "metrics": metrics}
+    def run(self, ctx: RunContext) -> MethodOutput:
+        cfg, dm, seed = ctx.cfg, ctx.dm, ctx.seed
+        net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
+        dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+        timings, metrics = {}, {}
+
+        # 1. expert trajectories (cached)
+        t0 = time.perf_counter()
+        bank = expert_bank(cfg, dm, self, ctx.trainer)
+        experts = bank.ensure(self.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
+                              test=(dm.test_images, dm.test_labels))
+        trajectories = [e["trajectory"] for e in experts]
+        timings["experts_s"] = time.perf_counter() - t0
+        accs = [e["test_acc"] for e in experts if e["test_acc"] is not None]
+        if accs:
+            metrics["experts/test_acc_mean"] = sum(accs) / len(accs)
+        metrics["experts/n"] = len(experts)
+        log.info("experts: %d in %s (%.1fs)", len(experts), bank.dir, timings["experts_s"])
+        if ctx.stage == "experts":
+            return MethodOutput(timings=timings, metrics=metrics)
+
+        # 2. initialization
+        t0 = time.perf_counter()
+        net = build_net_cfg(net_cfg, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:])
+        flat = FlatParams(net)
+        g = torch.Generator().manual_seed(seed)
+        label_epoch = self.label_init_epoch if self.label_init_epoch >= 0 else trajectories[0].shape[0] + self.label_init_epoch
+        predictors = _expert_predictors(flat, trajectories, label_epoch)
+        if self.pix_init == "samples_predicted_correctly":
+            idx = select_correct_samples(dm.train_images, dm.train_labels, dm.num_classes, self.ipc, predictors, g)
+        else:
+            idx = torch.cat([i[torch.randperm(len(i), generator=g)[: self.ipc]] for i in dm.class_indices()])
+        images, hard = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
+        labels = expert_soft_labels(images, hard, predictors) if self.soft_labels else hard
+        init = DistilledSet(images.clone(), labels.clone(), float(self.lr_teacher), dm.classes,
+                            dm.preprocessing.state(), method=f"{self.name}-init", ipc=self.ipc)
+        timings["init_s"] = time.perf_counter() - t0
+
+        # 3. distillation
+        t0 = time.perf_counter()
+        module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed)
+        ckpt_dir = ctx.out_dir / "checkpoints"
+        ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
+                                  save_last=True, save_top_k=1)
+        trainer = ctx.trainer("distill", max_steps=self.iterations, max_epochs=-1, logger=ctx.loggers,
+                              callbacks=[ckpt_cb, *ctx.callbacks], log_every_n_steps=1, enable_checkpointing=True)
+        ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
+        trainer.fit(module, DataLoader(range(self.iterations), batch_size=None), ckpt_path=ckpt_path)
+        timings["distill_s"] = time.perf_counter() - t0
+        metrics["distill/iterations"] = trainer.global_step
+        x, y, lr = module.current_set()
+        result = DistilledSet(x, y, lr, dm.classes, dm.preprocessing.state(), method=self.name, ipc=self.ipc,
+                              meta={"iterations": metrics["distill/iterations"]})
+        return MethodOutput(result=result, init=init, timings=timings, metrics=metrics)
