@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
 from lightning_dd.evaluate.images import quick_eval
+from lightning_dd.evaluate.table import print_table
 from lightning_dd.methods.base import RunContext
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.viz import PeriodicEvaluation, SyntheticImageLogger, save_grid
@@ -158,22 +159,3 @@ def finish_wandb() -> None:
 
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
-
-
-def print_table(metrics: dict, title: str = "") -> None:
-    """Print the accuracy rows (eval and baselines) and the timings of a metrics dict."""
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("set", "net", "accuracy (%)", "runs"):
-        t.add_column(col)
-    for k in sorted(metrics):
-        if k.endswith("/acc_mean"):
-            base, net = k[: -len("/acc_mean")].rsplit("/", 1)
-            std = metrics.get(f"{base}/{net}/acc_std", float("nan"))
-            n = metrics.get(f"{base}/{net}/n_runs", 0)
-            t.add_row(base, net, f"{100 * metrics[k]:.2f} ± {100 * std:.2f}", str(int(n)))
-    Console().print(t)
-    tim = ", ".join(f"{k.split('/', 1)[1]}={v:.0f}s" for k, v in sorted(metrics.items()) if k.startswith("timings/"))
-    Console().print(f"timings: {tim}")

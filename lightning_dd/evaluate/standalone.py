@@ -97,18 +97,22 @@ def evaluate_saved(cfg: DictConfig) -> dict:
         FileNotFoundError: missing result. ValueError: malformed result (shape, label count, NaN,
             class count) or a result whose image shape does not match the test set.
     """
+    from lightning_dd.core.config import instantiate_node, validated
+    from lightning_dd.evaluate.images import ImageEvalConfig, evaluate_with_baselines
+    from lightning_dd.evaluate.table import print_table
     from lightning_dd.quiet import quiet_lightning
-    from lightning_dd.runner import build_datamodule, evaluate_with_baselines, print_table
 
     quiet_lightning()
-    dm = build_datamodule(cfg.data) if cfg.get("data") else None
+    validated(ImageEvalConfig, cfg.eval, "eval")
+    make_trainer = instantiate_node(cfg.trainer, "trainer")
+    dm = instantiate_node(cfg.data, "data") if cfg.get("data") else None
     if dm is not None:
         dm.setup()
     result = load_result(cfg.result, dm)
     if dm is None:
         if not result.meta.get("data"):
             raise ValueError(f"result={cfg.result} records no data config; pass data=<name> (e.g. data=cifar10)")
-        dm = build_datamodule(OmegaConf.create(result.meta["data"]))
+        dm = instantiate_node(OmegaConf.create(result.meta["data"]), "data")
         dm.setup()
     if tuple(result.images.shape[1:]) != tuple(dm.image_shape):
         raise ValueError(f"result={cfg.result}: images are {tuple(result.images.shape[1:])}, "
@@ -117,7 +121,7 @@ def evaluate_saved(cfg: DictConfig) -> dict:
         raise ValueError(f"result={cfg.result}: {len(result.classes)} classes, the test set has {dm.num_classes}")
     if result.meta.get("net") and not cfg.get("use_config_net", False):
         cfg.net = OmegaConf.create(result.meta["net"])  # the architecture the set was made with
-    metrics = evaluate_with_baselines(cfg, dm, result)
+    metrics = evaluate_with_baselines(cfg, dm, result, make_trainer)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {k: float(v) for k, v in metrics.items()}

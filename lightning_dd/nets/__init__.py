@@ -91,7 +91,7 @@ def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "te
         FileNotFoundError: no file. ValueError: not such a dict (``what`` names it), an unknown
         net name, or weights that do not fit the data's shape / classes.
     """
-    from lightning_dd.results import load_dict
+    from lightning_dd.io import load_dict
 
     d = load_dict(path, ("net_cfg", "state_dict"), what)
     net = build_net_cfg(dict(d["net_cfg"]), channel, num_classes, im_size)
