@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data import DigitsDataModule
 from lightning_dd.evaluate import evaluate_set
 from lightning_dd.results import DistilledSet
@@ -20,7 +21,7 @@ def digits():
 
 def _eval(dm, x, y, seed, **kw):
     return evaluate_set(x, y, dm.test_images, dm.test_labels, 10, {"name": "ConvNet", "width": 16, "depth": 2},
-                        lr=0.01, epochs=30, num_eval=1, seed=seed, accelerator="cpu", **kw)
+                        lr=0.01, epochs=30, num_eval=1, seed=seed, make_trainer=TrainerFactory(accelerator="cpu"), **kw)
 
 
 def test_same_seed_same_accuracy_different_seed_differs(digits):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lightning_dd.methods.selection import embed, herding, k_center
-from lightning_dd.nets import NETS, build_net
+from lightning_dd.nets import ARCHITECTURES, build_net
 
 
 def _clusters(n=300, d=8, seed=0):
@@ -42,7 +42,7 @@ def test_selectors_reject_asking_for_too_many():
         k_center(torch.randn(3, 2), 5)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_every_architecture_maps_cifar_images_to_logits(name):
     net = build_net(name, 3, 10, (32, 32))
     out = net(torch.randn(2, 3, 32, 32))
