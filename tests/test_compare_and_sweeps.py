@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import yaml
 
 from conftest import ROOT
@@ -48,6 +50,7 @@ QUICK = ["method.iterations=15", "method.num_experts=2", "method.expert_train_ep
          "eval.epochs=40", "eval.num_eval=1", "eval.baselines=[]", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow
 def test_grid_multirun_over_two_seeds_compares_as_mean_std(tmp_path):
     sweep = tmp_path / "sweep"
     r = subprocess.run([sys.executable, "train.py", "-m", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep}"],
@@ -62,6 +65,7 @@ def test_grid_multirun_over_two_seeds_compares_as_mean_std(tmp_path):
     assert " ± " in rows[0][header.index("eval/ConvNet")]
 
 
+@pytest.mark.slow
 def test_optuna_search_finishes_and_reports_best(tmp_path):
     sweep = tmp_path / "optuna"
     r = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=datm_optuna", "hydra.sweeper.n_trials=2",

@@ -1,7 +1,5 @@
 """Loaders read the real files, the original pickle format, and fail clearly when data is missing."""
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -83,14 +81,17 @@ def test_missing_data_dir_names_expected_files(tmp_path):
     assert "LDD_DATA_DIR" in msg and "data.download=true" in msg
 
 
-def test_missing_data_dir_fails_from_cli(tmp_path):
-    from conftest import ROOT
+def test_missing_data_dir_fails_a_run_naming_the_files(tmp_path):
+    from hydra import compose, initialize_config_dir
 
-    r = subprocess.run([sys.executable, "train.py", "experiment=datm_cifar10", f"paths.data_dir={tmp_path}",
-                        f"hydra.run.dir={tmp_path / 'run'}", "logger.wandb.enabled=false"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert "cifar-10-batches-py" in r.stderr + r.stdout
+    from conftest import ROOT
+    from lightning_dd.runner import run
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=datm_cifar10", f"paths.data_dir={tmp_path}",
+                                          f"paths.output_dir={tmp_path / 'run'}", "logger.wandb.enabled=false"])
+    with pytest.raises(DataNotFoundError, match="cifar-10-batches-py"):
+        run(cfg)
     assert not (tmp_path / "run" / "distilled.pt").exists()
 
 

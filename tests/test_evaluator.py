@@ -65,16 +65,21 @@ def test_malformed_saved_sets_fail_clearly(tmp_path, digits, mutate, message):
     d = torch.load(path, weights_only=False)
     mutate(d)
     torch.save(d, path)
-    r = subprocess.run([sys.executable, "evaluate.py", f"result={path}", f"hydra.run.dir={tmp_path / 'ev'}",
-                        "logger.wandb.enabled=false"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert __import__("re").search(message, r.stderr + r.stdout), (r.stderr + r.stdout)[-2000:]
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dd.evaluate.standalone import evaluate_saved
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"result={path}", f"paths.output_dir={tmp_path / 'ev'}"])
+    with pytest.raises(ValueError, match=message):
+        evaluate_saved(cfg)
 
 
 def test_missing_result_file_fails_clearly(tmp_path):
-    r = subprocess.run([sys.executable, "evaluate.py", f"result={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "no such file or directory" in r.stderr + r.stdout
+    from lightning_dd.evaluate.standalone import load_result
+
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_result(tmp_path / "nope.pt")
 
 
 def test_coreset_indices_and_image_folders_load_as_sets(tmp_path, digits):
@@ -102,6 +107,7 @@ def test_coreset_indices_and_image_folders_load_as_sets(tmp_path, digits):
     assert torch.allclose(f.images, digits.train_images[idx[order]], atol=0.05)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_coreset(tmp_path):
     (tmp_path / "core.txt").write_text("\n".join(str(i) for i in range(0, 400, 8)))
     r = subprocess.run([sys.executable, "evaluate.py", f"result={tmp_path / 'core.txt'}", "data=digits",

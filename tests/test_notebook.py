@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import nbformat
 from nbclient import NotebookClient
 
@@ -9,6 +11,7 @@ from conftest import ROOT
 from test_compare_and_sweeps import QUICK, _env
 
 
+@pytest.mark.slow
 def test_inspect_run_notebook_executes(tmp_path, monkeypatch):
     env = _env(tmp_path)
     run, sweep = tmp_path / "run", tmp_path / "sweep"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -17,6 +18,7 @@ def _train(args, tmp_path, **popen):
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow
 def test_embedded_default_distilled_digits_beat_random_subset(tmp_path):
     """`python train.py` (DATM on scikit-learn digits): writes its artifacts; distilled > random."""
     run = tmp_path / "run"
@@ -34,6 +36,7 @@ def test_embedded_default_distilled_digits_beat_random_subset(tmp_path):
     assert (run / "distilled.png").is_file() and list((run / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_killed_distillation_resumes_where_it_stopped(tmp_path):
     common = ["stage=distill", "method.iterations=40", "method.ckpt_every=2", "logger.wandb.enabled=false",
               "trainer.enable_progress_bar=false"]

@@ -13,9 +13,7 @@ changed file is never served stale. Every write is atomic (:func:`atomic_save`).
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

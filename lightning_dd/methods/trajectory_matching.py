@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -1,13 +1,14 @@
-"""Networks by name, and the flat-parameter view used by unrolled (functional) training."""
+"""Networks built from their config (``net.name`` or ``net._target_``), and the flat-parameter view
+used by unrolled (functional) training."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from lightning_dd.nets.convnet import ConvNet
-from lightning_dd.nets.small import WRN16_2, mobilenet_v2, shufflenet_v2
-from lightning_dd.nets.zoo import VGG11, AlexNet, resnet
+from lightning_dd.nets.convnet import ConvNet  # noqa: F401  (an architecture, see ARCHITECTURES)
+from lightning_dd.nets.small import WRN16_2, mobilenet_v2, shufflenet_v2  # noqa: F401
+from lightning_dd.nets.zoo import VGG11, AlexNet, resnet  # noqa: F401
 
 # torch.compile is applied (trainer.compile=true) only to architectures whose compiled training was
 # checked against eager training (same test accuracy). On CPU with torch 2.14.1 a compiled VGG11
