@@ -27,8 +27,8 @@ def main():
     from lightning_dd.data.graphs import GraphDataModule
     import torch.nn.functional as F
 
-    from lightning_dd.methods.gcond import GCond, class_gradients
-    from lightning_dd.methods.sgdd import SGDD
+    from lightning_dd.methods.gcond import GCondMethod, class_gradients
+    from lightning_dd.methods.sgdd import SGDDMethod
 
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
@@ -40,34 +40,38 @@ def main():
     dm.setup()
     conf = Path(__file__).resolve().parents[1] / "conf" / "method"
     print(f"Cora: {dm.data.num_nodes} nodes, {dm.data.edge_index.shape[1] // 2} edges; torch threads {args.threads}")
-    for name, cls in (("gcond", GCond), ("sgdd", SGDD)):
-        hp = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+    for name, cls in (("gcond", GCondMethod), ("sgdd", SGDDMethod)):
+        raw = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+        raw.pop("_target_", None)
+        hp = cls(**raw)
         t = time.perf_counter()
-        module = cls(dm.data, hp, seed=0)
+        module = hp.condenser(dm.data, seed=0)
         setup = time.perf_counter() - t
         warm = ""
-        if hasattr(module, "warmup_structure") and hp.get("warmup_epochs"):
+        if hasattr(module, "warmup_structure") and getattr(hp, "warmup_epochs", 0):
             t = time.perf_counter()
             module.warmup_structure()
-            warm = f" | structure warm-up ({hp['warmup_epochs']} steps) {time.perf_counter() - t:.2f} s"
+            warm = f" | structure warm-up ({hp.warmup_epochs} steps) {time.perf_counter() - t:.2f} s"
         opts = module.configure_optimizers()
         module.optimizers = lambda: opts            # run the epoch outside a Trainer: no Lightning overhead
         module.manual_backward = lambda loss: loss.backward()
         module.log_dict = lambda *a, **k: None
         res = {}
         for label, epoch in (("structure epoch", 0), ("feature epoch", 10)):
+            module.epoch_losses = [0.0] * epoch           # training_step's epoch = epochs done
             module.training_step(torch.tensor(epoch), 0)  # warm-up
             ts = []
             for _ in range(args.repeat):
+                module.epoch_losses = [0.0] * epoch
                 t = time.perf_counter()
                 module.training_step(torch.tensor(epoch), 0)
                 ts.append(time.perf_counter() - t)
             res[label] = min(ts)
-        period = hp["adj_epochs"] + hp["feat_epochs"]
-        mean = (hp["adj_epochs"] * res["structure epoch"] + hp["feat_epochs"] * res["feature epoch"]) / period
+        period = hp.adj_epochs + hp.feat_epochs
+        mean = (hp.adj_epochs * res["structure epoch"] + hp.feat_epochs * res["feature epoch"]) / period
         print(f"{name}: setup {setup:.2f} s | structure epoch {res['structure epoch']:.3f} s | feature epoch "
-              f"{res['feature epoch']:.3f} s | mean epoch {mean:.3f} s -> {hp['epochs']} epochs ~ "
-              f"{mean * hp['epochs'] / 60:.1f} min{warm}")
+              f"{res['feature epoch']:.3f} s | mean epoch {mean:.3f} s -> {hp.epochs} epochs ~ "
+              f"{mean * hp.epochs / 60:.1f} min{warm}")
     # baseline: per-class real-graph gradients by autograd vs the closed form (same numbers)
     h, y = module.h_real, module.onehot_real.argmax(1)
     w, b = module.init_model()

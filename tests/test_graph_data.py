@@ -124,3 +124,44 @@ def test_graph_datamodule_reads_each_format(shared_data, tmp_path):
         GraphDataModule("cora", train_per_class=20)
     with pytest.raises(DataNotFoundError, match="YelpChi.mat"):
         GraphDataModule("YelpChi", format="fraud_mat", root=str(tmp_path)).setup()
+
+
+def test_sparse_laplacian_eigenpairs_equal_dense_eigh(shared_data):
+    """SGDD's OT term takes the real graph's smallest non-zero Laplacian eigenpairs from the sparse
+    solver; they equal a dense float64 eigh's (the former path): eigenvalues to 1e-9, and the
+    rank-r pseudo-inverse they build, invariant to eigenvector signs / rotations, to 1e-6."""
+    from lightning_dd.data.graph_ops import dense_adjacency, laplacian_eigenpairs, normalized_laplacian_dense
+
+    d = read_planetoid(shared_data / "planetoid", "cora")
+    n = d.num_nodes
+    lam, u = torch.linalg.eigh(normalized_laplacian_dense(dense_adjacency(d.edge_index, n, torch.float64)))
+    nz = (lam > 1e-6).nonzero().squeeze(1)[:128]
+    ref = (u[:, nz] / lam[nz]) @ u[:, nz].T
+    l2, u2 = laplacian_eigenpairs(d.edge_index, n, 128)
+    assert l2.shape == (128,) and u2.shape == (n, 128)
+    assert torch.allclose(l2, lam[nz], atol=1e-9)
+    assert torch.allclose((u2 / l2) @ u2.T, ref, atol=1e-6)
+
+
+def test_link_prediction_negatives_are_exactly_as_many_distinct_non_edges():
+    """negative_sampling (seeded) gives exactly num_neg distinct non-edges; same seed, same AUC."""
+    from torch_geometric.data import Data
+
+    from lightning_dd.evaluate.graph import link_prediction_auc
+    from lightning_dd.nets.gnn import GNN
+
+    g = _ring(80, chords=60)
+    real = Data(x=torch.randn(80, 5, generator=torch.Generator().manual_seed(0)), edge_index=g, num_nodes=80)
+    net = GNN("GCN", 5, 3, hidden=8).eval()
+    a, b = link_prediction_auc(net, real, seed=3), link_prediction_auc(net, real, seed=3)
+    assert a == b and 0 <= a <= 1
+    import random
+
+    from torch_geometric.utils import negative_sampling
+
+    random.seed(0)
+    neg = negative_sampling(g, num_nodes=80, num_neg_samples=200, force_undirected=True)
+    neg = neg[:, neg[0] < neg[1]]
+    existing = set(map(tuple, g.T.tolist()))
+    assert neg.shape[1] == 100 and len(set(map(tuple, neg.T.tolist()))) == 100
+    assert not any(tuple(p) in existing for p in neg.T.tolist())

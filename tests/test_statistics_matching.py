@@ -1,5 +1,8 @@
-"""Statistics matching (SRe2L / CDA / G-VBSM): BN hooks, convolution statistics, crops, the CDA
-curriculum, FKD relabel replay, resumable recovery, multi-backbone sampling."""
+"""Statistics matching (SRe2L / CDA / G-VBSM): BN hooks, convolution statistics, the crop pipeline,
+the CDA curriculum, resumable recovery, multi-backbone sampling, the typed config, and the method
+end to end through a hand-built RunContext."""
+import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -7,9 +10,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_dd.methods.statistics_matching import (Backbone, StatsHooks, bn_loss_views, channel_stats,
-                                                      conv_statistics, crop_resize, crop_scale_min, recover_batch,
-                                                      relabel_fkd, replay_fkd, run_device, sample_crops)
+from lightning_dd.core.config import ConfigError, instantiate_node
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.methods.base import RunContext
+from lightning_dd.methods.statistics_matching import (Backbone, RecoverConfig, RecoverModule, StatisticsMatching,
+                                                      StatsHooks, TeacherConfig, backbone_weights, bn_loss_of,
+                                                      bn_loss_views, channel_stats, conv_statistics, crop_resize,
+                                                      crop_scale_min, jitter_crop_flip, recover_batch, run_device,
+                                                      sample_crops)
 from lightning_dd.nets import build_net
 
 
@@ -27,7 +35,15 @@ def _teacher(width=8, size=16, classes=4, seed=0) -> nn.Module:
 HP = {"iterations": 10, "lr": 0.1, "r_bn": 1.0, "first_bn_multiplier": 10.0, "jitter": 2, "flip": True,
       "crop_scale": [0.08, 1.0], "crop_schedule": "none", "milestone": 1.0, "backbones_per_iter": 1,
       "r_conv": 0.0, "r_logit": 0.0, "ckpt_every": 5}
+
+
+def rc(**kw) -> RecoverConfig:
+    """The test recovery settings :data:`HP` with ``kw`` changed."""
+    return RecoverConfig(**{**HP, **kw})
+
+
 LO, HI = torch.full((3,), -3.0), torch.full((3,), 3.0)
+CPU = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
 
 
 def test_bn_hooks_collect_the_statistics_of_each_bn_input():
@@ -77,6 +93,38 @@ def test_crops_lie_inside_the_image_and_follow_the_scale():
         sample_crops(1, 8, 8, (0.0, 1.0), g)
 
 
+def test_crop_resize_matches_kornias_crop_and_resize():
+    kornia = pytest.importorskip("kornia")
+    x = torch.rand(4, 3, 20, 20)
+    boxes = sample_crops(4, 20, 20, (0.2, 0.9), torch.Generator().manual_seed(1))
+    x0, y0, x1, y1 = boxes.unbind(1)
+    corners = torch.stack([torch.stack([x0, y0], 1), torch.stack([x1, y0], 1), torch.stack([x1, y1], 1),
+                           torch.stack([x0, y1], 1)], 1)
+    ref = kornia.geometry.transform.crop_and_resize(x, corners, (20, 20), mode="bilinear", align_corners=True)
+    assert torch.allclose(crop_resize(x, boxes), ref, atol=1e-5)
+
+
+def test_jitter_crop_flip_draws_in_the_documented_order():
+    """Roll offsets, then the crop boxes, then the flips (only when flip or draw_unused_flips): the
+    pipeline recovery and the BN views share, reproduced by hand from the same seed."""
+    x = torch.rand(5, 3, 16, 16, requires_grad=True)
+    for flip, draw in ((True, False), (False, False), (False, True)):
+        view = jitter_crop_flip(x, torch.Generator().manual_seed(7), jitter=3, scale=(0.3, 1.0), flip=flip,
+                                draw_unused_flips=draw)
+        g = torch.Generator().manual_seed(7)
+        dx, dy = torch.randint(-3, 4, (2,), generator=g).tolist()
+        boxes = sample_crops(5, 16, 16, (0.3, 1.0), g)
+        flips = torch.rand(5, generator=g) < 0.5 if flip or draw else None
+        expected = crop_resize(torch.roll(x, (dy, dx), (2, 3)), boxes, flips if flip else None)
+        assert torch.equal(view, expected)
+        # what is left in the stream: the flips were consumed exactly when documented
+        g2 = torch.Generator().manual_seed(7)
+        jitter_crop_flip(x, g2, jitter=3, scale=(0.3, 1.0), flip=flip, draw_unused_flips=draw)
+        assert torch.equal(torch.rand(3, generator=g2), torch.rand(3, generator=g))
+    view.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable in the images
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
 @pytest.mark.parametrize("milestone", [1.0, 0.5, 0.33])
 def test_cda_schedule_follows_cdas_code(schedule, milestone):
@@ -100,31 +148,10 @@ def test_cda_schedule_follows_cdas_code(schedule, milestone):
         assert all(v == 1.0 for v in s[:first_end])  # whole images until the milestone
     assert all(a >= b - 1e-12 for a, b in zip(s, s[1:]))  # easy -> hard: never increases
     assert crop_scale_min(5, iters, "none") == 0.08  # SRe2L: no curriculum
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError):
         crop_scale_min(0, iters, "exp")
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError):
         crop_scale_min(39, iters, "exp")  # also past the milestone
-
-
-def test_fkd_relabel_replay_gives_the_same_crops_and_targets():
-    teacher = _teacher(classes=4)
-    images = torch.randn(10, 3, 16, 16)
-    store = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5, batch_size=4)
-    assert store["boxes"].shape == (3, 10, 4) and store["topk_indices"].shape == (3, 10, 2)
-    again = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5)
-    assert all(torch.equal(store[k], again[k]) for k in ("boxes", "flips", "topk_values", "topk_indices"))
-    idx = torch.tensor([7, 2, 5])
-    crops, targets = replay_fkd(images, store, 1, idx)
-    crops2, targets2 = replay_fkd(images, store, 1, idx)
-    assert torch.equal(crops, crops2) and torch.equal(targets, targets2)
-    with torch.no_grad():
-        p = torch.softmax(teacher(crops), 1)
-    v, i = p.topk(2, 1)
-    assert torch.equal(i, store["topk_indices"][1][idx])  # the teacher agrees on the replayed crops
-    assert torch.allclose(targets.gather(1, i), v / v.sum(1, keepdim=True), atol=2e-3)
-    assert torch.allclose(targets.sum(1), torch.ones(3)) and not torch.equal(store["boxes"][0], store["boxes"][1])
-    with pytest.raises(IndexError):
-        replay_fkd(images, store, 3)
 
 
 class _Crash(Exception):
@@ -146,34 +173,43 @@ def test_recover_resumes_after_an_interruption(tmp_path):
     teacher = _teacher()
     x0 = torch.randn(8, 3, 16, 16)
     y = torch.arange(8) % 4
-    args = dict(seed=3, batch_index=1, accelerator="cpu")
-    full, hist = recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "a", **args)
+    args = dict(seed=3, batch_index=1, trainer=CPU)
+    full, hist = recover_batch(x0, y, [Backbone(teacher)], rc(), LO, HI, ckpt_dir=tmp_path / "a", **args)
     assert len(hist) == HP["iterations"]
     with pytest.raises(_Crash):
-        recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", callbacks=[_CrashAt(7)],
+        recover_batch(x0, y, [Backbone(teacher)], rc(), LO, HI, ckpt_dir=tmp_path / "b", callbacks=[_CrashAt(7)],
                       **args)
     assert (tmp_path / "b" / "last.ckpt").is_file()
-    resumed, hist2 = recover_batch(x0, y, [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", resume=True,
+    resumed, hist2 = recover_batch(x0, y, [Backbone(teacher)], rc(), LO, HI, ckpt_dir=tmp_path / "b", resume=True,
                                    **args)
     assert [h["step"] for h in hist2] == list(range(10))  # continued at the step-5 checkpoint, history restored
     assert [h["loss_bn"] for h in hist2] == pytest.approx([h["loss_bn"] for h in hist], rel=1e-5)
     assert torch.allclose(resumed, full, atol=1e-6)
     assert not torch.allclose(full, x0)
-    for changed in ({**HP, "iterations": 12}, {**HP, "crop_scale": [0.5, 1.0]}):
+    for changed in (rc(iterations=12), rc(crop_scale=[0.5, 1.0])):
         with pytest.raises(ValueError, match=r"last\.ckpt.*recover\.(iterations|crop_scale)"):
             recover_batch(x0, y, [Backbone(teacher)], changed, LO, HI, ckpt_dir=tmp_path / "b", resume=True, **args)
     with pytest.raises(ValueError, match="labels"):  # another ipc / batch: other labels
-        recover_batch(x0, y.flip(0), [Backbone(teacher)], HP, LO, HI, ckpt_dir=tmp_path / "b", resume=True, **args)
+        recover_batch(x0, y.flip(0), [Backbone(teacher)], rc(), LO, HI, ckpt_dir=tmp_path / "b", resume=True, **args)
+
+
+def test_recover_builds_its_trainers_from_the_factory(tmp_path):
+    """Every recover fit is ``trainer("recover", ...)``: the run-wide precision reaches it."""
+    made = TrainerFactory(accelerator="cpu", precision="bf16-mixed", enable_progress_bar=False)
+    x, hist = recover_batch(torch.randn(4, 3, 16, 16), torch.arange(4), [Backbone(_teacher())], rc(iterations=2),
+                            LO, HI, seed=0, batch_index=0, ckpt_dir=None, trainer=made)
+    assert [s for s, _ in made.built] == ["recover"]
+    assert made.built[0][1].precision == "bf16-mixed" and len(hist) == 2 and x.dtype == torch.float32
 
 
 def test_recovery_lowers_the_bn_loss_and_the_cda_curriculum_runs_to_its_end(tmp_path):
     teacher = _teacher()
     b = Backbone(teacher)
     x0 = torch.randn(16, 3, 16, 16)
-    hp = {**HP, "iterations": 60, "lr": 0.1, "crop_schedule": "cosine", "jitter": 1, "crop_scale": [0.5, 1.0]}
+    hp = rc(iterations=60, lr=0.1, crop_schedule="cosine", jitter=1, crop_scale=[0.5, 1.0])
     start = bn_loss_views(b, x0, hp)  # on the same fixed augmented views before and after
     x, hist = recover_batch(x0, torch.arange(16) % 4, [b], hp, LO, HI, seed=0, batch_index=0, ckpt_dir=None,
-                            accelerator="cpu")
+                            trainer=CPU)
     assert bn_loss_views(b, x, hp) < start / 3
     assert hist[-1]["loss_bn"] < hist[0]["loss_bn"] / 2  # the logged per-step loss too
     assert hist[0]["crop_scale_min"] == pytest.approx(1.0)
@@ -185,23 +221,21 @@ def test_gvbsm_samples_several_backbones_with_conv_and_logit_terms():
     nets = [_teacher(seed=s) for s in range(3)]
     x = torch.randn(50, 3, 16, 16)
     bbs = [Backbone(n, conv_statistics(n, x), torch.randn(4, 4)) for n in nets]
-    hp = {**HP, "iterations": 8, "backbones_per_iter": 2, "r_conv": 0.01, "r_logit": 1.0}
+    hp = rc(iterations=8, backbones_per_iter=2, r_conv=0.01, r_logit=1.0)
     _, hist = recover_batch(torch.randn(8, 3, 16, 16), torch.arange(8) % 4, bbs, hp, LO, HI, seed=0, batch_index=0,
-                            ckpt_dir=None, accelerator="cpu")
+                            ckpt_dir=None, trainer=CPU)
     assert all(len(h["backbones"]) == 2 for h in hist)
     assert len({i for h in hist for i in h["backbones"]}) == 3  # every backbone is used in the run
 
 
 def test_backbone_norm_start_weights_every_backbone_to_the_first_ones_scale():
-    from lightning_dd.methods.statistics_matching import backbone_weights
-
     nets = [_teacher(seed=0), _teacher(width=16, seed=1)]
     real = torch.randn(50, 3, 16, 16)
     bbs = [Backbone(n, conv_statistics(n, real), torch.randn(4, 4)) for n in nets]
     x0 = torch.randn(8, 3, 16, 16)
-    assert backbone_weights(bbs, x0, {**HP, "backbone_norm": "none"}) == ([1.0, 1.0], [1.0, 1.0])
-    assert backbone_weights(bbs, x0, HP) == ([1.0, 1.0], [1.0, 1.0])  # absent: none (unweighted, as G-VBSM)
-    wb, wc = backbone_weights(bbs, x0, {**HP, "backbone_norm": "start"})
+    assert backbone_weights(bbs, x0, rc(backbone_norm="none")) == ([1.0, 1.0], [1.0, 1.0])
+    assert backbone_weights(bbs, x0, rc()) == ([1.0, 1.0], [1.0, 1.0])  # default: none (unweighted, as G-VBSM)
+    wb, wc = backbone_weights(bbs, x0, rc(backbone_norm="start"))
     raw = []
     with torch.no_grad():
         for b in bbs:
@@ -210,8 +244,6 @@ def test_backbone_norm_start_weights_every_backbone_to_the_first_ones_scale():
     assert wb[0] == 1.0 and wc[0] == 1.0
     assert wb[1] * raw[1][0] == pytest.approx(raw[0][0], rel=1e-5)
     assert wc[1] * raw[1][1] == pytest.approx(raw[0][1], rel=1e-5)
-    with pytest.raises(ValueError, match="backbone_norm"):
-        backbone_weights(bbs, x0, {**HP, "backbone_norm": "max"})
 
 
 def test_conv_statistics_returns_the_logits_of_the_same_pass():
@@ -249,89 +281,88 @@ def test_real_statistics_are_cached_beside_the_teacher(tmp_path):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(conv, conv2))
 
 
-def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, monkeypatch):
-    """The whole method (squeeze -> recover in 2 batches -> relabel) on scikit-learn's digits; a run
-    that lost its second batch's result resumes (finished batch read back, the other from its
-    checkpoint, or recomputed) to the same distilled set."""
+# ----------------------------------------------------------------------------------------------
+# The method through a hand-built RunContext (what the runner does), on scikit-learn's digits
+# ----------------------------------------------------------------------------------------------
+def _digits_cfg(tmp_path, monkeypatch, *extra, experiment="sre2l_cifar10"):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from lightning_dd.methods.statistics_matching import run_statistics_matching
-    from lightning_dd.runner import build_datamodule
 
     monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=sre2l_cifar10", "data=digits", "data.zca=false", "method.ipc=2",
+        return compose("train", overrides=[
+            f"experiment={experiment}", "data=digits", "data.zca=false", "method.ipc=1",
             "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm}]", "method.teacher.epochs=1",
-            "method.recover.iterations=6", "method.recover.batch=10", "method.recover.ckpt_every=3",
-            "method.recover.jitter=1", "method.relabel.epochs=1", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false"])
-    dm = build_datamodule(cfg.data)
-    dm.setup()
+            "method.recover.iterations=3", "method.recover.batch=10", "method.recover.jitter=1",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra])
+
+
+def _run(cfg, out_dir, dm=None, **ctx_kw):
+    """``(method, ctx, output)``: the method built from ``cfg.method`` and run as the runner runs it."""
+    method = instantiate_node(cfg.method, "method")
+    method.check(cfg)
+    if dm is None:
+        dm = instantiate_node(cfg.data, "data")
+        dm.setup()
+    ctx = RunContext(cfg=cfg, dm=dm, out_dir=Path(out_dir), loggers=[], callbacks=[],
+                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=int(cfg.seed), **ctx_kw)
+    return method, ctx, method.run(ctx)
+
+
+@pytest.mark.slow
+def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, monkeypatch):
+    """The whole method (squeeze -> recover in 2 batches) on digits; a run that lost its second
+    batch's result resumes (finished batch read back, the other from its checkpoint, or
+    recomputed) to the same distilled set; changed settings refuse the finished batches."""
+    cfg = _digits_cfg(tmp_path, monkeypatch, "method.ipc=2", "method.recover.iterations=6",
+                      "method.recover.ckpt_every=3")
     out = tmp_path / "run"
-    a = run_statistics_matching(cfg, dm, out, [], [])
-    assert a["metrics"]["recover/n_batches"] == 2 and a["result"].images.shape == (20, 1, 8, 8)
-    assert (out / "fkd_labels.pt").is_file() and Path(a["teacher_ckpt"]).is_file()
-    hard = a["result"].meta["hard_labels"]  # the recovered classes, class-major, not the teacher's argmax
+    method, ctx, a = _run(cfg, out)
+    assert isinstance(method, StatisticsMatching) and method.name == "sre2l"
+    assert [s for s, _ in ctx.trainer.built] == ["squeeze", "recover", "recover"]  # every fit from the factory
+    assert a.metrics["recover/n_batches"] == 2 and a.result.images.shape == (20, 1, 8, 8)
+    assert Path(a.extras["teacher_ckpt"]).is_file() and not (out / "fkd_labels.pt").exists()
+    hard = a.result.meta["hard_labels"]  # the recovered classes, class-major, not the teacher's argmax
     assert torch.equal(hard, torch.arange(10).repeat_interleave(2))
-    teacher_argmax = a["result"].labels.argmax(1)
-    agree = float((teacher_argmax == hard).float().mean())
-    assert a["metrics"]["recover/teacher_acc_on_synthetic"] == pytest.approx(agree)
+    agree = float((a.result.labels.argmax(1) == hard).float().mean())
+    assert a.metrics["recover/teacher_acc_on_synthetic"] == pytest.approx(agree)
     from lightning_dd.results import DistilledSet
 
-    a["result"].save(tmp_path / "distilled.pt")
+    a.result.save(tmp_path / "distilled.pt")
     assert torch.equal(DistilledSet.load(tmp_path / "distilled.pt").meta["hard_labels"], hard)
-    assert torch.equal(a["result"].hard_labels(), hard)
+    assert torch.equal(a.result.hard_labels(), hard)
+    dm = ctx.dm
     (out / "recover" / "batch_001.pt").unlink()  # killed before batch 1 was saved
-    cfg.resume = True
-    b = run_statistics_matching(cfg, dm, out, [], [])
-    assert torch.allclose(a["result"].images, b["result"].images, atol=1e-6)
-    assert torch.equal(a["result"].labels.argmax(1), b["result"].labels.argmax(1))
-    import shutil
-
+    _, ctx_b, b = _run(cfg, out, dm, resume=True)
+    assert [s for s, _ in ctx_b.trainer.built] == ["recover"]  # teacher cached, batch 0 read back
+    assert torch.allclose(a.result.images, b.result.images, atol=1e-6)
+    assert torch.equal(a.result.labels.argmax(1), b.result.labels.argmax(1))
     (out / "recover" / "batch_001.pt").unlink()
     shutil.rmtree(out / "checkpoints" / "recover_001")  # nothing left of batch 1: recomputed alike
-    c = run_statistics_matching(cfg, dm, out, [], [])
-    assert torch.allclose(a["result"].images, c["result"].images, atol=1e-6)
-    import json
-
+    _, _, c = _run(cfg, out, dm, resume=True)
+    assert torch.allclose(a.result.images, c.result.images, atol=1e-6)
     hist = json.loads((out / "recover_history.json").read_text())  # batch 0 read back: its history too
     assert [(h["batch"], h["step"]) for h in hist] == [(b, i) for b in range(2) for i in range(6)]
     cfg.method.recover.iterations = 8  # changed settings: the finished batches are not reused
     with pytest.raises(ValueError, match=r"batch_000\.pt.*recover\.iterations: 6 there, 8 now"):
-        run_statistics_matching(cfg, dm, out, [], [])
+        _run(cfg, out, dm, resume=True)
     cfg.method.recover.iterations = 6
     cfg.method.recover.crop_scale = [0.5, 1.0]
     with pytest.raises(ValueError, match=r"recover\.crop_scale"):
-        run_statistics_matching(cfg, dm, out, [], [])
+        _run(cfg, out, dm, resume=True)
 
 
+@pytest.mark.slow
 def test_gvbsm_run_reports_every_backbone_and_takes_per_net_teacher_epochs(tmp_path, monkeypatch):
     """G-VBSM end to end on digits with two backbones: a net's own ``epochs`` overrides
-    ``teacher.epochs`` (and keys its cache), ``backbone_norm=start`` runs, and metrics.json gets
+    ``teacher.epochs`` (and keys its cache), ``backbone_norm=start`` runs, and the metrics get
     every backbone's BN loss start -> end."""
-    import json
-
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
-    from lightning_dd.methods.statistics_matching import run_statistics_matching
-    from lightning_dd.runner import build_datamodule
-
-    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=gvbsm_cifar10", "data=digits", "data.zca=false", "method.ipc=1",
-            "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm},"
-            "{name:ConvNet,width:4,depth:2,norm:batchnorm,epochs:2}]", "method.teacher.epochs=1",
-            "method.recover.iterations=4", "method.recover.batch=10", "method.recover.jitter=1",
-            "method.recover.backbone_norm=start", "method.relabel.epochs=0", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false"])
-    dm = build_datamodule(cfg.data)
-    dm.setup()
-    r = run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
-    m = r["metrics"]
+    cfg = _digits_cfg(tmp_path, monkeypatch, "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm},"
+                      "{name:ConvNet,width:4,depth:2,norm:batchnorm,epochs:2}]", "method.recover.iterations=4",
+                      "method.recover.backbone_norm=start", experiment="gvbsm_cifar10")
+    _, ctx, r = _run(cfg, tmp_path / "run")
+    m = r.metrics
     for i in range(2):
         assert m[f"recover/{i}_ConvNet/loss_bn_start"] > 0 and m[f"recover/{i}_ConvNet/loss_bn_end"] > 0
     assert m["recover/0_ConvNet/loss_bn_start"] == m["recover/loss_bn_start"]
@@ -341,6 +372,18 @@ def test_gvbsm_run_reports_every_backbone_and_takes_per_net_teacher_epochs(tmp_p
     assert specs == [1, 2]
     assert all("epochs" not in json.loads(p.read_text())["net"]
                for p in (tmp_path / "cache" / "teachers").glob("*/spec.json"))
+    squeezes = [t for s, t in ctx.trainer.built if s == "squeeze"]
+    assert [t.max_epochs for t in squeezes] == [1, 2]
+
+
+@pytest.mark.slow
+def test_stage_squeeze_stops_after_the_teachers(tmp_path, monkeypatch):
+    cfg = _digits_cfg(tmp_path, monkeypatch, "stage=squeeze")
+    method, ctx, out = _run(cfg, tmp_path / "run", stage="squeeze")
+    assert set(method.stages) == {"all", "squeeze", "recover"}
+    assert out.result is None and Path(out.extras["teacher_ckpt"]).is_file()
+    assert out.metrics["squeeze/n_backbones"] == 1 and [s for s, _ in ctx.trainer.built] == ["squeeze"]
+    assert not (tmp_path / "run" / "recover").exists()
 
 
 def test_given_teacher_checkpoint_and_bad_settings_fail_clearly(tmp_path):
@@ -383,38 +426,22 @@ def test_teacher_passes_run_on_the_teachers_device():
 
     teacher = _teacher()
     images = torch.randn(10, 3, 16, 16)
-    cpu = relabel_fkd(teacher, images, epochs=2, topk=2, seed=1)
     conv_cpu = conv_statistics(teacher, images, batch_size=4)
+    views_cpu = bn_loss_views(Backbone(teacher), images, rc())
     gpu_teacher = teacher.cuda()
-    gpu = relabel_fkd(gpu_teacher, images, epochs=2, topk=2, seed=1)  # images stay on the CPU
-    assert gpu["topk_values"].device.type == "cpu" and torch.equal(gpu["boxes"], cpu["boxes"])
-    assert torch.allclose(gpu["topk_values"].float(), cpu["topk_values"].float(), atol=2e-3)
-    conv_gpu = conv_statistics(gpu_teacher, images, batch_size=4)
+    conv_gpu = conv_statistics(gpu_teacher, images, batch_size=4)  # images stay on the CPU
     assert all(a[0].device.type == "cpu" and torch.allclose(a[0], b[0], atol=1e-4) for a, b in zip(conv_gpu, conv_cpu))
+    assert bn_loss_views(Backbone(gpu_teacher), images, rc()) == pytest.approx(views_cpu, rel=1e-3)
     assert 0 <= accuracy(gpu_teacher, images, torch.arange(10) % 4) <= 1
-
-
-def _digits_cfg(tmp_path, monkeypatch, *extra, experiment="sre2l_cifar10"):
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
-
-    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            f"experiment={experiment}", "data=digits", "data.zca=false", "method.ipc=1",
-            "method.teacher.nets=[{name:ConvNet,width:8,depth:2,norm:batchnorm}]", "method.teacher.epochs=1",
-            "method.recover.iterations=3", "method.recover.batch=10", "method.recover.jitter=1",
-            "method.relabel.epochs=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *extra])
 
 
 def _hooks(net: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in net.modules())
 
 
+@pytest.mark.slow
 def test_backbone_hooks_are_removed_after_recovery_even_when_it_fails(tmp_path, monkeypatch):
-    import lightning_dd.methods.statistics_matching as sm
-    from lightning_dd.runner import build_datamodule
+    import lightning_dd.methods.statistics_matching.method as sm
 
     b = Backbone(_teacher(), conv_statistics(_teacher(), torch.randn(8, 3, 16, 16)))
     assert _hooks(b.net) > 0
@@ -423,31 +450,27 @@ def test_backbone_hooks_are_removed_after_recovery_even_when_it_fails(tmp_path, 
     assert _hooks(b.net) == 0
 
     cfg = _digits_cfg(tmp_path, monkeypatch, "method.recover.r_conv=0.01", "method.recover.r_logit=1.0")
-    dm = build_datamodule(cfg.data)
-    dm.setup()
-    seen, real_teachers = [], sm._teachers
-    monkeypatch.setattr(sm, "_teachers", lambda cfg, dm: seen.extend(real_teachers(cfg, dm)) or seen)
-    r = sm.run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
-    assert r["result"] is not None and _hooks(seen[0]["net"]) == 0  # soft labels ran on a hook-free teacher
+    seen, real_teachers = [], sm.load_teachers
+    monkeypatch.setattr(sm, "load_teachers", lambda *a: seen.extend(real_teachers(*a)) or seen)
+    _, ctx, r = _run(cfg, tmp_path / "run")
+    assert r.result is not None and _hooks(seen[0]["net"]) == 0  # soft labels ran on a hook-free teacher
 
     def crash(*a, **k):
         assert _hooks(seen[0]["net"]) > 0  # hooked while recovering
         raise RuntimeError("killed")
 
     seen.clear()
-    monkeypatch.setattr(sm, "recover_batch", crash)
+    monkeypatch.setattr(sm, "recover_batches", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        sm.run_statistics_matching(cfg, dm, tmp_path / "run2", [], [])
+        _run(cfg, tmp_path / "run2", ctx.dm)
     assert _hooks(seen[0]["net"]) == 0
 
 
 def test_sampled_backbones_losses_are_averaged():
-    from lightning_dd.methods.statistics_matching import RecoverModule
-
     nets = [_teacher(seed=s) for s in range(2)]
     real = torch.randn(30, 3, 16, 16)
     bbs = [Backbone(n, conv_statistics(n, real), torch.randn(4, 4)) for n in nets]
-    hp = {**HP, "backbones_per_iter": 2, "r_conv": 0.01, "r_logit": 1.0}
+    hp = rc(backbones_per_iter=2, r_conv=0.01, r_logit=1.0)
     x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 4
     m = RecoverModule(x, y, bbs, hp, LO, HI)
     with torch.no_grad():
@@ -461,14 +484,13 @@ def test_sre2l_cifar_recovery_is_jitter_only():
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from lightning_dd.methods.statistics_matching import RecoverModule
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        r = compose("train", overrides=["experiment=sre2l_cifar10"]).method.recover
-        cda = compose("train", overrides=["experiment=cda_cifar10"]).method.recover
-    assert list(r.crop_scale) == [1.0, 1.0] and not r.flip and r.jitter == 4  # SRe2L's recover_cifar.py
-    assert list(cda.crop_scale) == [0.08, 1.0] and cda.flip and cda.crop_schedule == "cosine"
-    hp = {**HP, "crop_scale": [1.0, 1.0], "flip": False, "jitter": 3}
+        r = instantiate_node(compose("train", overrides=["experiment=sre2l_cifar10"]).method, "method").recover
+        cda = instantiate_node(compose("train", overrides=["experiment=cda_cifar10"]).method, "method").recover
+    assert r.crop_scale == (1.0, 1.0) and not r.flip and r.jitter == 4  # SRe2L's recover_cifar.py
+    assert cda.crop_scale == (0.08, 1.0) and cda.flip and cda.crop_schedule == "cosine"
+    hp = rc(crop_scale=[1.0, 1.0], flip=False, jitter=3)
     x = torch.randn(6, 3, 16, 16)
     m = RecoverModule(x, torch.arange(6) % 4, [Backbone(_teacher())], hp, LO, HI)
     for step in range(5):
@@ -478,73 +500,110 @@ def test_sre2l_cifar_recovery_is_jitter_only():
 
 
 def test_bn_loss_views_flip_only_when_recovery_does():
-    from lightning_dd.methods.statistics_matching import bn_loss_of
-
     b = Backbone(_teacher())
     x = torch.randn(8, 3, 16, 16)
-    plain = {**HP, "jitter": 0, "crop_scale": [1.0, 1.0], "flip": False}
-    assert bn_loss_views(b, x, plain) == pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-6)  # the whole images
-    flipped = bn_loss_views(b, x, {**plain, "flip": True})
+    plain = dict(jitter=0, crop_scale=[1.0, 1.0], flip=False)
+    assert bn_loss_views(b, x, rc(**plain)) == pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-6)  # the whole images
+    flipped = bn_loss_views(b, x, rc(**{**plain, "flip": True}))
     assert flipped != pytest.approx(bn_loss_of(b, x, 10.0), rel=1e-4)
-    assert bn_loss_views(b, x.flip(-1), {**plain, "flip": False}) == pytest.approx(bn_loss_of(b, x.flip(-1), 10.0))
+    assert bn_loss_views(b, x.flip(-1), rc(**plain)) == pytest.approx(bn_loss_of(b, x.flip(-1), 10.0))
 
 
-def test_relabel_crops_are_not_recoverys_random_stream():
-    from lightning_dd.methods.statistics_matching import RecoverModule, relabel_seed
-
-    teacher = _teacher()
-    images = torch.randn(10, 3, 16, 16)
-    store = relabel_fkd(teacher, images, epochs=3, topk=2, seed=5)
-    rm = RecoverModule(images, torch.arange(10) % 4, [Backbone(teacher)], HP, LO, HI, seed=5, batch_index=0)
-    for e in range(3):  # recovery batch 0, step e, draws its crops from rm.generator(e)
-        assert not torch.equal(store["boxes"][e], sample_crops(10, 16, 16, (0.08, 1.0), rm.generator(e)))
-    assert len({relabel_seed(s, e) for s in range(20) for e in range(50)}) == 1000
-
-
+# ----------------------------------------------------------------------------------------------
+# The typed config: bad values fail when the method node is built, naming the key
+# ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, key", [
     ("method.recover.crop_schedule=exp", "method.recover.crop_schedule"),
     ("method.recover.milestone=0", "method.recover.milestone"),
     ("method.recover.milestone=1.5", "method.recover.milestone"),
-    ("+method.recover.backbone_norm=max", "method.recover.backbone_norm"),
-    ("method.relabel.crop_scale=[0.0,1.0]", "method.relabel.crop_scale"),
-    ("method.relabel.crop_scale=[0.8,0.5]", "method.relabel.crop_scale"),
+    ("method.recover.backbone_norm=max", "method.recover.backbone_norm"),
+    ("method.recover.crop_scale=[0.0,1.0]", "method.recover.crop_scale"),
+    ("method.recover.crop_scale=[0.8,0.5]", "method.recover.crop_scale"),
     ("method.recover.crop_scale=[0.5,1.5]", "method.recover.crop_scale"),
+    ("method.recover.crop_scale=[0.5]", "method.recover.crop_scale"),
     ("method.recover.batch=0", "method.recover.batch"),
+    ("method.recover.iterations=-1", "method.recover.iterations"),
+    ("method.recover.lr=abc", "method.recover.lr"),
+    ("method.recover.r_bn=-0.1", "method.recover.r_bn"),
+    ("method.ipc=0", "method.ipc"),
+    ("method.teacher.epochs=0", "method.teacher.epochs"),
+    ("method.teacher.nets=[]", "method.teacher"),
+    ("method.teacher.nets=[{width:8}]", "method.teacher.nets"),
+    ("method.teacher.nets=[{name:ConvNet,epochs:0}]", "method.teacher.nets"),
+    ("+method.relabel.epochs=1", "method.relabel"),  # the FKD store is gone: an unknown key
+    ("+method.recover.bacbone_norm=start", "method.recover.bacbone_norm"),
 ])
-def test_bad_settings_fail_before_the_squeeze(tmp_path, monkeypatch, override, key):
-    from types import SimpleNamespace
+def test_bad_settings_fail_when_the_method_is_built(override, key):
+    from hydra import compose, initialize_config_dir
 
-    import lightning_dd.methods.statistics_matching as sm
-    from lightning_dd.data.images import Preprocessing
+    from conftest import ROOT
 
-    cfg = _digits_cfg(tmp_path, monkeypatch, override)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cda_cifar10", override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        instantiate_node(cfg.method, "method")
 
-    def no_squeeze(*a, **k):
-        raise AssertionError("squeezed before validating the settings")
 
-    monkeypatch.setattr(sm, "_teachers", no_squeeze)
-    dm = SimpleNamespace(preprocessing=Preprocessing(torch.zeros(1), torch.ones(1)))
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        sm.run_statistics_matching(cfg, dm, tmp_path / "run", [], [])
+def test_every_method_config_builds_the_same_class_with_its_settings():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        ms = {n: instantiate_node(compose(f"method/{n}").method, "method")
+              for n in ("sre2l", "cda", "gvbsm")}
+        zca = compose("train", overrides=["experiment=cda_cifar10", "data.zca=true"])
+        tpu = compose("train", overrides=["experiment=cda_cifar10", "trainer.accelerator=tpu"])
+    assert all(type(m) is StatisticsMatching for m in ms.values())
+    assert ms["sre2l"].recover.crop_schedule == "none" and ms["cda"].recover.crop_schedule == "cosine"
+    assert ms["cda"].recover.iterations == 4000 and len(ms["gvbsm"].teacher.nets) == 5
+    assert ms["gvbsm"].recover.r_conv == 0.01 and ms["gvbsm"].recover.backbones_per_iter == 2
+    assert isinstance(ms["sre2l"].teacher, TeacherConfig) and isinstance(ms["sre2l"].recover, RecoverConfig)
+    with pytest.raises(ConfigError, match=r"data\.zca"):
+        ms["cda"].check(zca)
+    with pytest.raises(ConfigError, match=r"trainer\.accelerator"):
+        ms["cda"].check(tpu)
+
+
+def test_cpu_presets_compose_and_imagenet_ones_share_one_data_config():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfgs = {e: compose("train", overrides=[f"experiment={e}", "scale=cpu"])
+                for e in ("sre2l_cifar10", "cda_cifar10", "gvbsm_cifar10", "sre2l_imagenet", "cda_imagenet")}
+    for e, c in cfgs.items():
+        assert c.scale_preset == e
+        instantiate_node(c.method, "method").check(c)
+    a, b = cfgs["sre2l_imagenet"], cfgs["cda_imagenet"]
+    assert a.data.name == "imagenet_sample" and a.method.recover.iterations == 12 and a.method.ipc == 1
+    for node in ("data", "net", "eval"):
+        assert OmegaConf.to_container(a[node]) == OmegaConf.to_container(b[node])
+    assert a.method.name == "sre2l" and b.method.name == "cda" and b.method.recover.crop_schedule == "cosine"
+    presets = ROOT / "conf" / "scale_preset"
+    assert "imagenet_sample" not in (presets / "cda_imagenet" / "cpu.yaml").read_text()  # included, not copied
 
 
 def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
     from lightning_dd.methods.statistics_matching import squeeze
-    from lightning_dd.runner import build_datamodule
 
     cfg = _digits_cfg(tmp_path, monkeypatch)
-    dm = build_datamodule(cfg.data)
+    dm = instantiate_node(cfg.data, "data")
     dm.setup()
-    tcfg = {"epochs": 1, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0, "label_smoothing": 0.0}
+    tcfg = TeacherConfig(epochs=1, lr=0.05, batch_size=64, weight_decay=0.0, label_smoothing=0.0)
     net_cfg = {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"}
-    a = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
-    b = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
+    made = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    a = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
+    b = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
+    assert [s for s, _ in made.built] == ["squeeze"]  # trained once, through the factory
     assert not a["cached"] and b["cached"] and a["path"] == b["path"] and b["test_acc"] == a["test_acc"]
     assert not b["net"].training
     assert all(torch.equal(v, b["net"].state_dict()[k]) for k, v in a["net"].state_dict().items())
     torch.save({"net_cfg": {**net_cfg, "width": 16}, "state_dict": a["net"].state_dict()}, a["path"])
     with pytest.raises(ValueError, match="cached teacher does not fit"):  # lightning_dd.nets.load_net_file's check
-        squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", accelerator="cpu")
+        squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
 
 
 def test_conv_hooks_have_no_builtin_targets():

@@ -22,8 +22,10 @@ from omegaconf import OmegaConf
 from lightning_dd.data.graphs import GraphDataModule
 from lightning_dd.evaluate.graph import evaluate_graph
 from lightning_dd.evaluate.led import led_cdf, w1_between_cdfs
-from lightning_dd.methods.gcond import GCond, condense
-from lightning_dd.methods.sgdd import SGDD
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.methods.gcond import GCondMethod
+from lightning_dd.methods.graph_run import fit_condenser
+from lightning_dd.methods.sgdd import SGDDMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +39,7 @@ def main():
     p.add_argument("--start", type=int, default=0, help="first epoch to measure (> 0: continue OUT.ckpt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(ROOT.parent / "shared" / "data")))
-    p.add_argument("--out", required=True, help="path prefix: OUT.ckpt (condensation), OUT.json (rows)")
+    p.add_argument("--out", required=True, help="path prefix: OUT_checkpoints/last.ckpt (condensation), OUT.json (rows)")
     p.add_argument("--save-at", type=int, nargs="*", default=[],
                    help="epochs whose condensed graph is also saved, as OUT_epochN.pt (evaluate it with "
                         "python -m lightning_dd.evaluate.graph)")
@@ -50,22 +52,24 @@ def main():
     data = dm.data
     grid = torch.linspace(0, 2, 2001, dtype=torch.float64)
     real = led_cdf(data.edge_index, data.x, grid)
-    hp = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "method" / f"{a.method}.yaml"),
-                                                OmegaConf.from_dotlist(a.set)))
-    cls = GCond if a.method == "gcond" else SGDD
-    ckpt, rows_path = Path(f"{a.out}.ckpt"), Path(f"{a.out}.json")
+    raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "method" / f"{a.method}.yaml"),
+                                                 OmegaConf.from_dotlist(a.set)))
+    raw.pop("_target_", None)
+    hp = (GCondMethod if a.method == "gcond" else SGDDMethod)(**raw)
+    make_trainer = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    ckdir, rows_path = Path(f"{a.out}_checkpoints"), Path(f"{a.out}.json")
+    ckpt = ckdir / "last.ckpt"
     rows = json.loads(rows_path.read_text()) if a.start > 0 else []
     t0 = time.perf_counter()
     for epoch in range(a.start, a.epochs + 1, a.every):
-        torch.manual_seed(a.seed)
-        module = cls(data, hp, a.seed)
+        module = hp.condenser(data, a.seed)
         if epoch == 0:
             if a.method == "sgdd":
                 module.warmup_structure()
             cond = module.condensed()
         else:
-            cond, _ = condense(module, epoch, ckpt_path=ckpt, ckpt_every=a.every,
-                               resume_from=ckpt if ckpt.is_file() and epoch > a.every else None)
+            cond, _ = fit_condenser(module, epoch, make_trainer, ckpt_dir=ckdir, ckpt_every=a.every,
+                                    resume_from=ckpt if ckpt.is_file() and epoch > a.every else None)
         if epoch in a.save_at:
             cond.save(f"{a.out}_epoch{epoch}.pt")
         acc = None

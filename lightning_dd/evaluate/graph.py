@@ -9,16 +9,27 @@ epoch):
 
 * link prediction on the real graph (SGDD, Sec. 5): nodes embedded by the network's hidden layer
   on the real graph, an edge scored by the cosine of its end points' embeddings; AUC of all real
-  edges against as many uniformly drawn non-edges (seeded);
+  edges against as many uniformly drawn non-edges (``torch_geometric.utils.negative_sampling``,
+  seeded);
 * anomaly detection (fraud graphs, binary labels): AUC of the predicted anomaly probability and
   macro-F1 of the arg-max prediction on the test nodes.
+
+:func:`evaluate_graph_run` is the whole judgement of a graph method's result (what
+:meth:`lightning_dd.methods.graph_run.GraphMethod.evaluate` returns); its ``eval`` node is
+:class:`GraphEvalConfig` (``conf/graph/cora_eval.yaml``).
+
+Deviations from the reference code: GCond's ``fit_with_val`` is followed (lr / 10 with a fresh
+Adam at half the epochs); link prediction uses no trained decoder (cosine of embeddings).
 """
 from __future__ import annotations
 
 import copy
+import logging
+import resource
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
 
 import lightning as L
 import numpy as np
@@ -26,10 +37,44 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pydantic import Field
+
+from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
 from lightning_dd.evaluate.student import EvalResult
 from lightning_dd.nets.gnn import GNN, dense_to_edges
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import CondensedGraph
+
+log = logging.getLogger(__name__)
+
+GNNKind = Literal["GCN", "SGC", "APPNP", "ChebNet", "GraphSAGE", "MLP"]
+
+
+class GraphEvalConfig(Typed):
+    """The ``eval`` node of the graph family (``conf/graph/cora_eval.yaml``).
+
+    Fields: nets (GNNs trained on the condensed graph); num_eval (seeds ``seed ..``); epochs;
+    full_epochs (epochs of the full-graph baseline, None: ``epochs``); lr, weight_decay (Adam);
+    lr_decay_at (fraction of the epochs after which lr drops 10x with a fresh Adam, 0: constant);
+    hidden, dropout; eval_every (real-graph validation every N epochs); baselines (random |
+    herding | kcenter | full); baseline_nets (None: ``nets``); link_prediction; led (LED shift).
+    """
+
+    nets: list[GNNKind] = Field(default_factory=lambda: ["GCN"], min_length=1)
+    num_eval: PositiveInt = 5
+    epochs: PositiveInt = 600
+    full_epochs: PositiveInt | None = None
+    lr: PositiveFloat = 0.01
+    weight_decay: NonNegFloat = 5e-4
+    lr_decay_at: Fraction = 0.5
+    hidden: PositiveInt = 256
+    dropout: float = Field(0.5, ge=0, lt=1)
+    eval_every: PositiveInt = 1
+    seed: int = 0
+    baselines: list[Literal["random", "herding", "kcenter", "full"]] = Field(default_factory=list)
+    baseline_nets: list[GNNKind] | None = None
+    link_prediction: bool = False
+    led: bool = True
 
 
 @dataclass
@@ -68,6 +113,12 @@ class GraphStudentModule(L.LightningModule):
         self.eval_every, self.decay_step = eval_every, decay_step
         self.best_val, self.test_at_best, self.best_state = -1.0, 0.0, None
 
+    def on_fit_start(self):
+        if self.x.device != self.device:  # the graphs are plain attributes: follow the accelerator
+            move = (lambda t: None if t is None else t.to(self.device))
+            self.x, self.ei, self.w, self.y, self.train_idx = map(move, (self.x, self.ei, self.w, self.y, self.train_idx))
+            self.real = self.real.clone().to(self.device)
+
     def training_step(self, batch, batch_idx):
         if self.decay_step and self.global_step == self.decay_step:
             opt = self.optimizers().optimizer
@@ -100,11 +151,15 @@ class GraphStudentModule(L.LightningModule):
 
 def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=None, epochs: int = 600,
               seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01, weight_decay: float = 5e-4,
-              eval_every: int = 1, accelerator: str = "cpu", lr_decay_at: float | None = 0.5) -> GraphStudentModule:
+              eval_every: int = 1, accelerator: str = "cpu", lr_decay_at: float | None = 0.5,
+              trainer=None) -> GraphStudentModule:
     """Train one fresh ``arch`` network for ``epochs`` full-batch steps; returns the module
-    (``test_at_best``, ``best_state``: weights at the best real-validation accuracy).
-    ``lr_decay_at``: fraction of ``epochs`` after which the lr drops 10x with a fresh Adam (GCond's
-    protocol: 0.5); None or 0: constant lr."""
+    (``test_at_best``, ``best_state``: weights at the best real-validation accuracy; its ``net``
+    back on the CPU). ``lr_decay_at``: fraction of ``epochs`` after which the lr drops 10x with a
+    fresh Adam (GCond's protocol: 0.5); None or 0: constant lr. ``trainer``: the run's
+    :class:`lightning_dd.core.trainer.TrainerFactory` (default: one on ``accelerator``)."""
+    from lightning_dd.core.trainer import TrainerFactory
+
     quiet_lightning()
     L.seed_everything(seed, verbose=False)
     k = int(real.y.max()) + 1
@@ -112,13 +167,12 @@ def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=
     decay_step = int(epochs * lr_decay_at) if lr_decay_at else None
     module = GraphStudentModule(net, x, edge_index, edge_weight, y, real, train_idx, lr, weight_decay, eval_every,
                                 decay_step)
-    trainer = L.Trainer(max_steps=epochs, max_epochs=-1, accelerator=accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(range(epochs), batch_size=None))
+    make = trainer or TrainerFactory(accelerator=accelerator, enable_progress_bar=False)
+    fit = make("evaluate", max_steps=epochs, max_epochs=-1, enable_progress_bar=False)
+    fit.fit(module, DataLoader(range(epochs), batch_size=None))
     if module.best_state is not None:
         net.load_state_dict(module.best_state)
-    net.eval()
+    net.cpu().eval()
     return module
 
 
@@ -137,12 +191,12 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
                    seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01,
                    weight_decay: float = 5e-4, eval_every: int = 1, accelerator: str = "cpu",
                    link_prediction: bool = False, anomaly: bool = False,
-                   lr_decay_at: float | None = 0.5) -> GraphEvalResult:
+                   lr_decay_at: float | None = 0.5, trainer=None) -> GraphEvalResult:
     """Test accuracy (at the best real-validation epoch) of ``num_eval`` fresh ``arch`` networks
     trained on ``cond`` (``None``: the full real graph, loss on its training nodes); seeds
     ``seed .. seed+num_eval-1``; the lr drops 10x after ``lr_decay_at`` of the epochs (GCond's
     protocol, see :class:`GraphStudentModule`). Optionally per-seed ``link_auc`` and ``anomaly_auc`` /
-    ``anomaly_macro_f1`` in ``extra``.
+    ``anomaly_macro_f1`` in ``extra``. ``trainer``: see :func:`train_gnn`.
 
     Raises:
         ValueError: see :func:`check_condensed`.
@@ -157,7 +211,7 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
     accs, extra, t0 = [], {}, time.perf_counter()
     for r in range(num_eval):
         m = train_gnn(x, ei, w, y, real, arch, train_idx, epochs, seed + r, hidden, dropout, lr, weight_decay,
-                      eval_every, accelerator, lr_decay_at)
+                      eval_every, accelerator, lr_decay_at, trainer)
         accs.append(m.test_at_best)
         if link_prediction:
             extra.setdefault("link_auc", []).append(link_prediction_auc(m.net, real, seed=seed + r))
@@ -165,6 +219,63 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
             for k, v in anomaly_scores(m.net, real).items():
                 extra.setdefault(k, []).append(v)
     return GraphEvalResult(arch, accs, time.perf_counter() - t0, extra)
+
+
+def evaluate_condensed(cond: CondensedGraph | None, data, ev: GraphEvalConfig, prefix: str, nets, task: str = "node",
+                       trainer=None) -> dict:
+    """Flat metrics ``{prefix}/{net}/acc_mean|acc_std|n_runs|seconds`` (+ link / anomaly scores) of
+    ``cond`` (None: the full graph, ``ev.full_epochs`` epochs) for each net in ``nets``."""
+    metrics = {}
+    kw = dict(epochs=ev.epochs, num_eval=ev.num_eval, seed=ev.seed, hidden=ev.hidden, dropout=ev.dropout, lr=ev.lr,
+              weight_decay=ev.weight_decay, eval_every=ev.eval_every, lr_decay_at=ev.lr_decay_at or None)
+    if cond is None and ev.full_epochs:
+        kw["epochs"] = ev.full_epochs
+    for net in nets:
+        r = evaluate_graph(cond, data, net, link_prediction=ev.link_prediction, anomaly=task == "anomaly",
+                           trainer=trainer, **kw)
+        metrics.update(r.metrics(prefix))
+        log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, net, 100 * r.mean, 100 * r.std, len(r.accs),
+                 r.seconds)
+    return metrics
+
+
+def evaluate_graph_run(ev: GraphEvalConfig, data, cond: CondensedGraph | None, own: str,
+                       baseline_graph: Callable[[str], CondensedGraph], trainer=None, task: str = "node") -> dict:
+    """Everything a graph method's result is judged by: ``eval/<net>/...`` of ``cond`` (None: the
+    full graph) over ``ev.nets``; ``baseline/<b>/<net>/...`` for each of ``ev.baselines`` but the
+    method's own (``own``): ``full`` is the real graph, the others ``baseline_graph(b)`` (the node
+    coresets of the method's rate, GCond Sec. 5.1, built by the method's family); ``eval/<net>/
+    improvement_over_random``; ``led_shift`` and ``baseline/<b>/led_shift`` (SGDD Sec. 3, the full
+    graph's is 0); ``timings/baselines_s``, ``timings/led_s``, ``memory/peak_rss_mib``."""
+    from lightning_dd.evaluate.led import led_cdf, w1_between_cdfs
+
+    nets = list(ev.nets)
+    metrics = evaluate_condensed(cond, data, ev, "eval", nets, task, trainer)
+    baselines = {}
+    t0 = time.perf_counter()
+    for b in ev.baselines:
+        if b == own:
+            continue
+        bg = None if b == "full" else baseline_graph(b)
+        baselines[b] = bg
+        metrics.update(evaluate_condensed(bg, data, ev, f"baseline/{b}", list(ev.baseline_nets or nets), task, trainer))
+    metrics["timings/baselines_s"] = time.perf_counter() - t0
+    for net in nets:
+        if f"baseline/random/{net}/acc_mean" in metrics:
+            metrics[f"eval/{net}/improvement_over_random"] = (metrics[f"eval/{net}/acc_mean"]
+                                                              - metrics[f"baseline/random/{net}/acc_mean"])
+    if ev.led:
+        t0 = time.perf_counter()
+        grid = torch.linspace(0, 2, 2001, dtype=torch.float64)
+        real_cdf = led_cdf(data.edge_index, data.x, grid)
+        # the full graph is the original: its LED shift is 0 by definition
+        metrics["led_shift"] = 0.0 if cond is None else w1_between_cdfs(real_cdf, led_cdf(cond.adj, cond.x, grid), grid)
+        for b, bg in baselines.items():
+            if bg is not None:
+                metrics[f"baseline/{b}/led_shift"] = w1_between_cdfs(real_cdf, led_cdf(bg.adj, bg.x, grid), grid)
+        metrics["timings/led_s"] = time.perf_counter() - t0
+    metrics["memory/peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return metrics
 
 
 @torch.no_grad()
@@ -181,21 +292,32 @@ def embed(net: GNN, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
 
 
 def link_prediction_auc(net: GNN, real, num_neg: int | None = None, seed: int = 0) -> float:
-    """AUC of cosine scores of the real graph's edges against ``num_neg`` (default: as many as
-    edges) uniformly drawn non-edges, with ``net``'s embeddings of the real graph (no training
-    of a link decoder: embeddings of a network trained on the condensed graph only)."""
+    """AUC of cosine scores of the real graph's edges (each undirected edge once) against
+    ``num_neg`` (default: as many as edges) uniformly drawn distinct non-edges
+    (``torch_geometric.utils.negative_sampling``, Python's RNG seeded with ``seed`` and restored),
+    with ``net``'s embeddings of the real graph (no trained link decoder: embeddings of a network
+    trained on the condensed graph only).
+
+    Raises:
+        RuntimeError: the sampler found fewer non-edges than asked (a near-complete graph)."""
+    import random
+
     from sklearn.metrics import roc_auc_score
+    from torch_geometric.utils import negative_sampling
 
     z = F.normalize(embed(net, real.x, real.edge_index), dim=1)
     ei = real.edge_index[:, real.edge_index[0] < real.edge_index[1]]
-    n = real.num_nodes
-    g = torch.Generator().manual_seed(seed)
     num_neg = num_neg or ei.shape[1]
-    existing = set((ei[0] * n + ei[1]).tolist())
-    cand = torch.randint(0, n, (2, 3 * num_neg), generator=g)
-    lo, hi = cand.min(0).values, cand.max(0).values
-    keep = [(a, b) for a, b in zip(lo.tolist(), hi.tolist()) if a != b and a * n + b not in existing][:num_neg]
-    neg = torch.tensor(keep).T
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        neg = negative_sampling(real.edge_index, num_nodes=real.num_nodes, num_neg_samples=2 * num_neg,
+                                force_undirected=True)
+    finally:
+        random.setstate(state)
+    neg = neg[:, neg[0] < neg[1]]
+    if neg.shape[1] != num_neg:
+        raise RuntimeError(f"link prediction: {neg.shape[1]} non-edges sampled, {num_neg} asked")
     pos_s = (z[ei[0]] * z[ei[1]]).sum(1)
     neg_s = (z[neg[0]] * z[neg[1]]).sum(1)
     labels = np.r_[np.ones(len(pos_s)), np.zeros(len(neg_s))]
@@ -224,15 +346,16 @@ def anomaly_scores(net: GNN, real) -> dict[str, float]:
 def full_graph_condensed(real) -> CondensedGraph:
     """The whole real graph with dense adjacency, every node labeled (for small graphs in tests;
     the full-graph *baseline* is ``evaluate_graph(None, real)``, trained on the training nodes)."""
-    n = real.num_nodes
-    adj = torch.zeros(n, n)
-    adj[real.edge_index[0], real.edge_index[1]] = 1.0
+    from lightning_dd.data.graph_ops import dense_adjacency
+
+    adj = dense_adjacency(real.edge_index, real.num_nodes)
     adj.fill_diagonal_(0)
     return CondensedGraph(real.x, adj, real.y, method="full", reduction_rate=1.0)
 
 
-__all__ = ["GraphEvalResult", "GraphStudentModule", "anomaly_scores", "check_condensed", "embed", "evaluate_graph",
-           "full_graph_condensed", "link_prediction_auc", "train_gnn"]
+__all__ = ["GraphEvalConfig", "GraphEvalResult", "GraphStudentModule", "anomaly_scores", "check_condensed", "embed",
+           "evaluate_condensed", "evaluate_graph", "evaluate_graph_run", "full_graph_condensed", "link_prediction_auc",
+           "train_gnn"]
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,9 @@ LEDs as distributions on ``[0, 2]``; we use the 1-Wasserstein distance (the area
 cumulative distributions), which is zero for a graph against itself, positive otherwise, and
 defined for graphs of different sizes.
 
+The normalized Laplacian is :func:`lightning_dd.data.graph_ops.normalized_laplacian_dense`
+(the one dense helper), the sparse normalized adjacency PyG's ``gcn_norm``.
+
 Eigen-decomposition: exact (dense ``torch.linalg.eigh``) up to ``dense_max`` nodes. Beyond it the
 LED is approximated without any eigenvector: its Chebyshev moments ``x^T T_j(L - I) x`` are exact
 sparse matrix-vector products (the kernel polynomial method, Jackson damping), and the density is
@@ -21,30 +24,25 @@ import math
 
 import torch
 
-
-def normalized_laplacian(adj: torch.Tensor) -> torch.Tensor:
-    """Dense symmetric normalized Laplacian ``I - D^-1/2 A D^-1/2`` of ``adj`` ``(N, N)`` (weights
-    allowed; isolated nodes get a zero row in the normalized adjacency)."""
-    deg = adj.sum(1)
-    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-    return torch.eye(len(adj), dtype=adj.dtype) - inv[:, None] * adj * inv[None, :]
+from lightning_dd.data.graph_ops import dense_adjacency, normalized_laplacian_dense
 
 
 def led_dense(adj: torch.Tensor, x: torch.Tensor, with_basis: bool = False) -> tuple[torch.Tensor, ...]:
     """Exact LED: ``(eigenvalues (N,), energy fractions (N,))`` for ``adj`` ``(N, N)``, ``x`` ``(N, F)``;
     ``with_basis``: also the eigenvectors ``(N, N)`` (columns, in the eigenvalues' order)."""
-    lam, u = torch.linalg.eigh(normalized_laplacian(adj.double()))
+    lam, u = torch.linalg.eigh(normalized_laplacian_dense(adj.double()))
     e = (u.T @ x.double()).pow(2).sum(1)
     out = (lam.clamp(0, 2), e / e.sum().clamp(min=1e-300))
     return (*out, u) if with_basis else out
 
 
 def _sparse_norm_adj(edge_index: torch.Tensor, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sparse float64 ``D^-1/2 A D^-1/2`` ``(n, n)`` (PyG's ``gcn_norm`` without self loops)."""
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
     w = torch.ones(edge_index.shape[1], dtype=torch.float64) if weight is None else weight.double()
-    deg = torch.zeros(n, dtype=torch.float64).index_add_(0, edge_index[0], w)
-    inv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-    vals = inv[edge_index[0]] * w * inv[edge_index[1]]
-    return torch.sparse_coo_tensor(edge_index, vals, (n, n)).coalesce()
+    ei, vals = gcn_norm(edge_index, w, n, add_self_loops=False)
+    return torch.sparse_coo_tensor(ei, vals, (n, n)).coalesce()
 
 
 def led_cdf_kpm(edge_index: torch.Tensor, n: int, x: torch.Tensor, grid: torch.Tensor, moments: int = 200,
@@ -93,8 +91,7 @@ def led_cdf(adj_or_edges, x: torch.Tensor, grid: torch.Tensor, dense_max: int = 
     else:
         if n > dense_max:
             return led_cdf_kpm(adj_or_edges, n, x, grid, moments)
-        adj = torch.zeros(n, n, dtype=torch.float64)
-        adj[adj_or_edges[0], adj_or_edges[1]] = 1.0
+        adj = dense_adjacency(adj_or_edges, n, torch.float64)
     return spectrum_cdf(*led_dense(adj, x), grid)
 
 

@@ -36,98 +36,36 @@ the edges among them, :func:`training_view`); evaluation is the same in both: a 
 condensed graph, tested on the test nodes of the full graph. ``N' = rate x`` training nodes in
 both (GCond's code).
 
-Checkpoints (:func:`condense` with ``ckpt_path``): every ``ckpt_every`` epochs the synthetic
-features, the structure generator (and SGDD's transport plan), both optimizers' states, the
-epochs done, the torch RNG state, the loss history and the skipped-update count are written
-atomically; a resumed run continues at the stored epoch with the same RNG stream, so (one torch
-thread) it ends with the same condensed graph as an uninterrupted run.
+Checkpoints (Lightning's, :func:`lightning_dd.methods.graph_run.fit_condenser`): one Lightning
+epoch is one condensation epoch; ``ModelCheckpoint(dirpath=<run>/checkpoints, save_last=True,
+every_n_epochs=ckpt_every)`` writes the module (synthetic features, structure generator, SGDD's
+transport plan), both optimizers' states and the loop's epoch counter; :meth:`on_save_checkpoint`
+adds the torch RNG state after the last epoch, the loss history and the skipped-update count; a
+run resumed with ``trainer.fit(..., ckpt_path=...)`` continues at the stored epoch with the same
+RNG stream, so (one torch thread) it ends with the same condensed graph as an uninterrupted run.
+
+Deviations from the reference code (GCond's ``train_gcond_transduct.py``): exact real-graph
+gradients (no neighbour sampler), closed-form per-class gradients, the generator's first layer
+split as ``W_i x_i + W_j x_j``; the structure and the features never update in the same epoch
+(as there), and only the side being updated gets gradients.
 """
 from __future__ import annotations
 
 import math
-import time
-from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
+from lightning_dd.core.config import NonNegFloat, PositiveInt
+from lightning_dd.data.graph_ops import (gcn_norm_dense, label_smoothness, propagate_sparse, synthetic_labels,
+                                            training_view)
+from lightning_dd.methods.graph_run import CondensationMethod
 from lightning_dd.results import CondensedGraph
-
-SETTINGS = ("transductive", "inductive")
-REQUIRED_KEYS = ("reduction_rate", "epochs", "outer_loop", "inner_loop", "lr_feat", "lr_adj", "lr_model",
-                 "adj_epochs", "feat_epochs", "nlayers")
-
-
-def check_keys(hp: dict, required: tuple[str, ...], where: str) -> None:
-    """Raises ValueError naming the missing ``method`` config keys."""
-    missing = [k for k in required if k not in hp]
-    if missing:
-        raise ValueError(f"{where}: method config lacks {missing} (see conf/method/{where}.yaml)")
-
-
-def gcn_norm_dense(adj: torch.Tensor) -> torch.Tensor:
-    """``D^-1/2 (A + I) D^-1/2`` of a dense weighted ``(N, N)`` adjacency (Kipf & Welling)."""
-    a = adj + torch.eye(len(adj), dtype=adj.dtype, device=adj.device)
-    d = a.sum(1).rsqrt()
-    return d[:, None] * a * d[None, :]
-
-
-def gcn_norm_sparse(edge_index: torch.Tensor, n: int) -> torch.Tensor:
-    """Sparse COO ``D^-1/2 (A + I) D^-1/2`` ``(N, N)`` of an unweighted graph ``edge_index (2, E)``."""
-    loops = torch.arange(n, device=edge_index.device).repeat(2, 1)
-    ei = torch.cat([edge_index, loops], 1)
-    deg = torch.zeros(n).index_add_(0, ei[0], torch.ones(ei.shape[1]))
-    w = deg[ei[0]].rsqrt() * deg[ei[1]].rsqrt()
-    return torch.sparse_coo_tensor(ei, w, (n, n)).coalesce()
-
-
-def propagate_sparse(edge_index: torch.Tensor, n: int, x: torch.Tensor, k: int) -> torch.Tensor:
-    """``A_hat^k X`` ``(N, F)`` on the real graph by ``k`` sparse products."""
-    a = gcn_norm_sparse(edge_index, n)
-    for _ in range(k):
-        x = torch.sparse.mm(a, x)
-    return x
-
-
-def training_view(data, setting: str = "transductive") -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """What condensation may see of ``data``: ``(x, edge_index, num_nodes, train)``, ``train`` the
-    training nodes' indices into that graph.
-
-    ``transductive``: the whole graph. ``inductive`` (GCond Sec. 3): the subgraph induced by the
-    training nodes -- their features and the edges among them, re-indexed ``0..n_train-1``.
-
-    Raises:
-        ValueError: unknown setting.
-    """
-    train = data.train_mask.nonzero().squeeze(1)
-    if setting == "transductive":
-        return data.x, data.edge_index, int(data.num_nodes), train
-    if setting != "inductive":
-        raise ValueError(f"method.setting must be one of {SETTINGS}, got {setting!r}")
-    pos = torch.full((int(data.num_nodes),), -1, dtype=torch.long)
-    pos[train] = torch.arange(len(train))
-    ei = pos[data.edge_index]
-    ei = ei[:, (ei >= 0).all(0)]
-    return data.x[train], ei, len(train), torch.arange(len(train))
-
-
-def synthetic_labels(y_train: torch.Tensor, num_classes: int, rate: float) -> torch.Tensor:
-    """GCond's label allocation: ``max(1, int(n_c rate))`` nodes per class, the largest class
-    taking the remainder so that the total is ``int(n_train rate)``; ``(N',)`` int64, sorted."""
-    counts = torch.bincount(y_train, minlength=num_classes)
-    total = int(len(y_train) * rate)
-    order = sorted(range(num_classes), key=lambda c: (int(counts[c]), c))
-    n = torch.zeros(num_classes, dtype=torch.long)
-    for i, c in enumerate(order):
-        if counts[c] == 0:
-            continue
-        n[c] = total - int(n.sum()) if i == len(order) - 1 else max(int(counts[c] * rate), 1)
-    if total < 1 or (n < 0).any():
-        raise ValueError(f"reduction_rate {rate} leaves no synthetic nodes for {len(y_train)} training nodes")
-    return torch.repeat_interleave(torch.arange(num_classes), n)
 
 
 def class_gradients(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, onehot: torch.Tensor,
@@ -187,36 +125,35 @@ class PGE(nn.Module):
 
 
 class GradientMatchingCondenser(L.LightningModule):
-    """The GCond loop (Alg. 1), manual optimization, one training step = one epoch. Subclasses
-    set the structure generator (:meth:`build_generator`) and may add structure losses
-    (:meth:`structure_loss`).
+    """The GCond loop (Alg. 1), manual optimization; one training step = one Lightning epoch = one
+    condensation epoch. Subclasses set the structure generator (:meth:`build_generator`) and may
+    add structure losses (:meth:`structure_loss`).
 
     Args:
         data: the real graph (``torch_geometric`` ``Data`` with ``x (N, F)``, ``y (N,)``,
-            ``edge_index``, ``train_mask``).
-        hp: the ``method`` config (dict): reduction_rate, epochs, outer_loop, inner_loop,
-            lr_feat, lr_adj, lr_model, adj_epochs, feat_epochs, nlayers, + the generator's keys.
+            ``edge_index (2, E)``, ``train_mask (N,)``).
+        hp: the typed method (:class:`lightning_dd.methods.graph_run.CondensationMethod`):
+            reduction_rate, outer_loop, inner_loop, lr_feat, lr_adj, lr_model, adj_epochs,
+            feat_epochs, nlayers, setting, + the generator's fields.
         seed: RNG seed of the initialization (synthetic features, generator).
 
     Raises:
-        ValueError: missing config keys; a reduction rate that leaves no nodes.
+        ValueError: a reduction rate that leaves no nodes.
     """
 
     method = "gradient_matching"
-    required = REQUIRED_KEYS
 
-    def __init__(self, data, hp: dict, seed: int = 0):
+    def __init__(self, data, hp, seed: int = 0):
         super().__init__()
-        check_keys(hp, self.required, self.method)
         self.automatic_optimization = False
-        self.hp = dict(hp)
+        self.hp = hp
         g = torch.Generator().manual_seed(seed)
-        self.setting = str(hp.get("setting", "transductive"))
+        self.setting = hp.setting
         x_real, ei_real, n_real, train = training_view(data, self.setting)
         y_train = data.y[data.train_mask.nonzero().squeeze(1)]
         k = int(data.y.max()) + 1
         self.num_classes = k
-        y_syn = synthetic_labels(y_train, k, float(hp["reduction_rate"]))
+        y_syn = synthetic_labels(y_train, k, float(hp.reduction_rate))
         n_syn = torch.bincount(y_syn, minlength=k)
         init = []
         for c in range(k):  # random real training nodes of each class (GCond's get_sub_adj_feat)
@@ -228,7 +165,7 @@ class GradientMatchingCondenser(L.LightningModule):
         self.register_buffer("y_syn", y_syn)
         # real side, once: H = A_hat^K X of the training nodes (exact receptive field) on the graph
         # condensation may see (the whole graph, or the training subgraph when inductive)
-        h_real = propagate_sparse(ei_real, n_real, x_real, int(hp["nlayers"]))[train]
+        h_real = propagate_sparse(ei_real, n_real, x_real, int(hp.nlayers))[train]
         self.register_buffer("h_real", h_real)
         self.register_buffer("onehot_real", F.one_hot(y_train, k).float())
         self.register_buffer("cw_real", F.one_hot(y_train, k).float() / torch.bincount(y_train, minlength=k).clamp(min=1))
@@ -238,9 +175,9 @@ class GradientMatchingCondenser(L.LightningModule):
         self.generator_net = self.build_generator(SimpleNamespace(x=x_real, edge_index=ei_real, num_nodes=n_real), g)
         self.epoch_losses: list[float] = []
         self.skipped_updates = 0
-        self.start_epoch = 0          # > 0 after load_condensation_state
-        self._pending = None          # (optimizer states, RNG state) to restore at the next step
+        self.start_epoch = 0          # epochs done when this fit started (> 0 after a resume)
         self.rng_after_step = None    # torch RNG state right after the last epoch (checkpointed)
+        self.saved_epochs = -1        # epochs done at the last checkpoint written
 
     # --- what subclasses change -------------------------------------------------------------
     def build_generator(self, data, g: torch.Generator) -> nn.Module:
@@ -263,13 +200,13 @@ class GradientMatchingCondenser(L.LightningModule):
 
     # --- Alg. 1 ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        return [torch.optim.Adam([self.feat], lr=self.hp["lr_feat"]),
-                torch.optim.Adam(self.generator_net.parameters(), lr=self.hp["lr_adj"])]
+        return [torch.optim.Adam([self.feat], lr=self.hp.lr_feat),
+                torch.optim.Adam(self.generator_net.parameters(), lr=self.hp.lr_adj)]
 
     def propagate(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``A'_hat^K X'`` on the synthetic graph."""
+        """``A'_hat^K X'`` ``(N', F)`` on the synthetic graph ``adj (N', N')``."""
         a = gcn_norm_dense(adj)
-        for _ in range(int(self.hp["nlayers"])):
+        for _ in range(int(self.hp.nlayers)):
             x = a @ x
         return x
 
@@ -281,27 +218,28 @@ class GradientMatchingCondenser(L.LightningModule):
         b = torch.empty(k, device=self.feat.device).uniform_(-s, s).requires_grad_()
         return w, b
 
+    def on_train_start(self):
+        self.start_epoch = len(self.epoch_losses)
+
     def training_step(self, batch, batch_idx):
         hp = self.hp
         opt_feat, opt_adj = self.optimizers()
-        if self._pending is not None:  # first step after a resume: optimizer states and RNG stream
-            states, rng = self._pending
-            for opt, st in zip((opt_feat, opt_adj), states):
-                getattr(opt, "optimizer", opt).load_state_dict(st)
-            torch.set_rng_state(rng)
-            self._pending = None
-        epoch = int(batch)
-        period = int(hp["adj_epochs"]) + int(hp["feat_epochs"])
-        update_adj = epoch % period < int(hp["adj_epochs"])
+        if self.rng_after_step is not None:
+            # the RNG stream continues from the last epoch (Lightning draws a DataLoader seed from
+            # the global RNG at every epoch; after a resume: the checkpoint's state)
+            torch.set_rng_state(self.rng_after_step)
+        epoch = len(self.epoch_losses)
+        period = int(hp.adj_epochs) + int(hp.feat_epochs)
+        update_adj = epoch % period < int(hp.adj_epochs)
         # only what this epoch updates needs gradients (the other side's backward is skipped)
         self.feat.requires_grad_(not update_adj)
         for group in opt_adj.optimizer.param_groups if hasattr(opt_adj, "optimizer") else opt_adj.param_groups:
             for p in group["params"]:
                 p.requires_grad_(update_adj)
         w, b = self.init_model()
-        opt_model = torch.optim.Adam([w, b], lr=hp["lr_model"])
+        opt_model = torch.optim.Adam([w, b], lr=hp.lr_model)
         total = 0.0
-        for ol in range(int(hp["outer_loop"])):
+        for ol in range(int(hp.outer_loop)):
             self.generator_net.train()
             adj = self.adjacency(self.feat)
             h_syn = self.propagate(adj, self.feat)
@@ -313,7 +251,7 @@ class GradientMatchingCondenser(L.LightningModule):
             total += float(loss.detach())
             if update_adj:
                 loss = loss + self.structure_loss(adj)
-            elif hp.get("reg_every_step"):
+            elif hp.reg_every_step:
                 loss = loss + self.smoothness_loss(adj)
             opt_feat.zero_grad()
             opt_adj.zero_grad()
@@ -322,133 +260,93 @@ class GradientMatchingCondenser(L.LightningModule):
                 (opt_adj if update_adj else opt_feat).step()
             else:
                 self.skipped_updates += 1
-            if ol == int(hp["outer_loop"]) - 1:
+            if ol == int(hp.outer_loop) - 1:
                 break
             with torch.no_grad():  # inner loop: train theta on the current synthetic graph
                 self.generator_net.eval()
                 h_in = self.propagate(self.adjacency(self.feat), self.feat)
-            for _ in range(int(hp["inner_loop"])):
+            for _ in range(int(hp.inner_loop)):
                 opt_model.zero_grad()
                 F.cross_entropy(h_in @ w + b, self.y_syn).backward()
                 opt_model.step()
-        mean = total / int(hp["outer_loop"])
+        mean = total / int(hp.outer_loop)
         self.epoch_losses.append(mean)
         self.rng_after_step = torch.get_rng_state()
         self.log_dict({"condense/match_loss": mean, "condense/update_adj": float(update_adj),
                        "condense/epoch": float(epoch + 1)})
 
-    # --- checkpoints -----------------------------------------------------------------------
-    def condensation_state(self, epochs_done: int, optimizers) -> dict:
-        """Everything a resumed run needs after ``epochs_done`` epochs (see the module docstring)."""
-        return {"kind": "graph_condensation", "method": self.method, "setting": self.setting,
-                "epoch": int(epochs_done), "state_dict": self.state_dict(),
-                "optimizers": [getattr(o, "optimizer", o).state_dict() for o in optimizers],
-                "rng": self.rng_after_step if self.rng_after_step is not None else torch.get_rng_state(),
-                "epoch_losses": list(self.epoch_losses), "skipped_updates": int(self.skipped_updates),
-                "init_index": self.init_index.clone()}
+    # --- checkpoints (Lightning's; what the module adds to them) ----------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Adds ``checkpoint["condensation"]``: method, setting, initial nodes, epochs done, RNG
+        state after the last epoch, loss history, skipped updates (and SGDD's warm-up losses)."""
+        self.saved_epochs = len(self.epoch_losses)
+        checkpoint["condensation"] = {
+            "method": self.method, "setting": self.setting, "init_index": self.init_index.clone(),
+            "epochs_done": len(self.epoch_losses), "epoch_losses": list(self.epoch_losses),
+            "rng": self.rng_after_step if self.rng_after_step is not None else torch.get_rng_state(),
+            "skipped_updates": int(self.skipped_updates), "warmup_losses": list(getattr(self, "warmup_losses", []))}
 
-    def load_condensation_state(self, state: dict) -> int:
-        """Restore a :meth:`condensation_state`; optimizer states and the RNG stream are applied at
-        the next training step. Returns the epochs done.
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores what :meth:`on_save_checkpoint` added (Lightning restores the weights, the
+        optimizers and the epoch counter).
 
         Raises:
             ValueError: a checkpoint of another method / setting or of another synthetic graph."""
-        if state.get("kind") != "graph_condensation" or state.get("method") != self.method:
-            raise ValueError(f"checkpoint is not a {self.method} condensation (method {state.get('method')!r})")
-        if state.get("setting", "transductive") != self.setting:
-            raise ValueError(f"checkpoint setting {state.get('setting')!r} != method.setting {self.setting!r}")
-        if not torch.equal(state["init_index"], self.init_index):
+        st = checkpoint.get("condensation")
+        if st is None or st.get("method") != self.method:
+            raise ValueError(f"checkpoint is not a {self.method} condensation "
+                             f"(method {None if st is None else st.get('method')!r})")
+        if st["setting"] != self.setting:
+            raise ValueError(f"checkpoint setting {st['setting']!r} != method.setting {self.setting!r}")
+        if not torch.equal(st["init_index"], self.init_index):
             raise ValueError("checkpoint was made with another seed / reduction rate (different initial nodes)")
-        self.load_state_dict(state["state_dict"])
-        self.epoch_losses = list(state["epoch_losses"])
-        self.skipped_updates = int(state["skipped_updates"])
-        self.start_epoch = int(state["epoch"])
-        self.rng_after_step = state["rng"]
-        self._pending = (state["optimizers"], state["rng"])
-        return self.start_epoch
+        self.epoch_losses = list(st["epoch_losses"])
+        self.skipped_updates = int(st["skipped_updates"])
+        self.start_epoch = self.saved_epochs = int(st["epochs_done"])
+        self.rng_after_step = st["rng"]
+        if st.get("warmup_losses"):
+            self.warmup_losses = list(st["warmup_losses"])
 
     @torch.no_grad()
     def condensed(self) -> CondensedGraph:
-        """The current ``(X', A', y')``, ``A'`` from the generator in eval mode (GCond's
-        ``pge.inference``), made exactly symmetric with a zero diagonal."""
+        """The current ``(X' (N', F), A' (N', N'), y' (N',))``, ``A'`` from the generator in eval mode
+        (GCond's ``pge.inference``), made exactly symmetric with a zero diagonal."""
         self.generator_net.eval()
         adj = self.adjacency(self.feat.detach()).float()
         adj = ((adj + adj.T) / 2).clamp(min=0)
         adj.fill_diagonal_(0)
         return CondensedGraph(self.feat.detach().cpu().clone(), adj.cpu(), self.y_syn.cpu().clone(),
-                              method=self.method, reduction_rate=float(self.hp["reduction_rate"]))
+                              method=self.method, reduction_rate=float(self.hp.reduction_rate))
 
 
 class GCond(GradientMatchingCondenser):
-    """GCond (arXiv 2110.07580): ``A' = PGE(X')`` (Sec. 3.3), optional label-smoothness
-    regularizer ``alpha tr(Y'^T L' Y')`` (GCond's ``--alpha``, 0 by default)."""
+    """GCond's condensation module (arXiv 2110.07580): ``A' = PGE(X')`` (Sec. 3.3), optional
+    label-smoothness regularizer ``alpha tr(Y'^T L' Y')`` (GCond's ``--alpha``, 0 by default)."""
 
     method = "gcond"
-    required = REQUIRED_KEYS + ("pge_hidden", "pge_layers")
 
     def build_generator(self, data, g):
-        return PGE(data.x.shape[1], int(self.hp["pge_hidden"]), int(self.hp["pge_layers"]))
+        return PGE(data.x.shape[1], int(self.hp.pge_hidden), int(self.hp.pge_layers))
 
     def structure_loss(self, adj):
         return self.smoothness_loss(adj)
 
     def smoothness_loss(self, adj):
-        alpha = float(self.hp.get("alpha", 0.0))
+        alpha = float(self.hp.alpha)
         return alpha * label_smoothness(adj, self.onehot_syn) if alpha else adj.new_zeros(())
 
 
-def label_smoothness(adj: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``tr(Y^T L Y)`` with the symmetric normalized Laplacian of ``adj (N, N)``, ``Y (N, K)``
-    (GCond/SGDD ``regularization``: small when edges join nodes of the same class)."""
-    deg = adj.sum(1)
-    inv = (deg + 1e-8).rsqrt()
-    lap = torch.diag(deg) - adj
-    lap = inv[:, None] * lap * inv[None, :]
-    return torch.trace(y.T @ lap @ y)
+class GCondMethod(CondensationMethod):
+    """GCond (Jin et al., ICLR 2022, arXiv 2110.07580): gradient matching with a PGE structure
+    generator; ``conf/method/gcond.yaml`` (the authors' Cora command). Fields beyond
+    :class:`CondensationMethod`'s: ``pge_hidden``, ``pge_layers`` (PGE width / depth, >= 2),
+    ``alpha`` (label-smoothness weight)."""
+
+    module_class: ClassVar[type] = GCond
+    name: str = "gcond"
+    pge_hidden: PositiveInt = 128
+    pge_layers: int = Field(3, ge=2)
+    alpha: NonNegFloat = 0.0
 
 
-class CondensationCheckpoint(L.Callback):
-    """Writes ``module.condensation_state`` to ``path`` (atomically) every ``every`` epochs and after
-    the last one."""
-
-    def __init__(self, path: str | Path, every: int, epochs: int):
-        self.path, self.every, self.epochs = Path(path), int(every), int(epochs)
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        done = int(batch) + 1
-        if done % self.every == 0 or done == self.epochs:
-            from lightning_dd.data.readers import atomic_save
-
-            atomic_save(module.condensation_state(done, trainer.optimizers), self.path)
-
-
-def condense(module: GradientMatchingCondenser, epochs: int, loggers=None, callbacks=None,
-             accelerator: str = "cpu", ckpt_path: str | Path | None = None, ckpt_every: int = 0,
-             resume_from: str | Path | None = None) -> tuple[CondensedGraph, float]:
-    """Run ``module`` up to epoch ``epochs`` with a Lightning Trainer; returns the condensed graph
-    and the seconds taken (in this call).
-
-    Args:
-        ckpt_path: where to write checkpoints (every ``ckpt_every`` > 0 epochs and at the end).
-        resume_from: a checkpoint written so; the run continues at its epoch (nothing to do when
-            it already holds ``epochs`` epochs).
-    """
-    from torch.utils.data import DataLoader
-
-    t = time.perf_counter()
-    if resume_from is not None:
-        module.load_condensation_state(torch.load(resume_from, map_location="cpu", weights_only=False))
-    start = module.start_epoch
-    callbacks = list(callbacks or [])
-    if ckpt_path is not None and ckpt_every > 0:
-        callbacks.append(CondensationCheckpoint(ckpt_path, ckpt_every, epochs))
-    if start < epochs:
-        trainer = L.Trainer(max_epochs=1, accelerator=accelerator, devices=1, logger=loggers or False,
-                            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10)
-        trainer.fit(module, DataLoader(torch.arange(start, epochs), batch_size=None))
-    return module.condensed(), time.perf_counter() - t
-
-
-__all__ = ["PGE", "GCond", "CondensationCheckpoint", "training_view", "GradientMatchingCondenser", "class_gradients", "condense", "gcn_norm_dense",
-           "label_smoothness", "match_distance", "synthetic_labels"]
+__all__ = ["PGE", "GCond", "GCondMethod", "GradientMatchingCondenser", "class_gradients", "match_distance"]

@@ -1,45 +1,47 @@
-"""The graph-condensation run (``method.family: graph``): condense a real graph with GCond
-(arXiv 2110.07580) or SGDD (arXiv 2310.09192), or select a node coreset (random, herding,
-k-center) or keep the full graph; save ``condensed.pt``; evaluate it on the real graph across
-GNN architectures (with link prediction / anomaly detection where asked), against the coreset
-baselines, and measure its LED shift (SGDD Sec. 3). Called by :func:`lightning_dd.runner.run`
-through ``METHODS['graph']``; returns ``{"result": None, "metrics": ..., "timings": ...}`` (the
-evaluation is done here, the runner writes ``metrics.json`` and the logs).
+"""The graph family on the method contract (:mod:`lightning_dd.methods.base`): condense a real graph
+with GCond (arXiv 2110.07580, :class:`lightning_dd.methods.gcond.GCondMethod`) or SGDD (arXiv
+2310.09192, :class:`lightning_dd.methods.sgdd.SGDDMethod`), or select a node coreset
+(:class:`NodeCoresetMethod`: random, herding, k-center) or keep the full graph
+(:class:`FullGraphMethod`); save ``condensed.pt``; :meth:`GraphMethod.evaluate` judges it on the
+real graph (:func:`lightning_dd.evaluate.graph.evaluate_graph_run`: GNNs across architectures,
+link prediction / anomaly detection, the coreset baselines, the LED shift of SGDD Sec. 3).
+``stage=condense`` stops after ``condensed.pt``.
 
 Coresets (GCond Sec. 5.1 baselines): per class, as many real training nodes as the synthetic
 graph has (GCond's label allocation), chosen at random, by herding (Welling 2009: greedily match
-the class mean) or k-center (greedy farthest point from the class mean's nearest node), in the
-space of propagated features ``A_hat^2 X``; the reduced graph is the subgraph the chosen nodes
-induce in the real graph.
+the class mean) or k-center (greedy farthest point from the class mean's nearest node) -- the
+image family's :func:`lightning_dd.methods.selection.herding` / ``k_center`` -- in the space of
+propagated features ``A_hat^2 X``; the reduced graph is the subgraph the chosen nodes induce in
+the real graph.
+
+Deviations from the reference code: GCond's coreset baselines embed nodes with a trained GCN;
+ours use the parameter-free ``A_hat^2 X`` (the condensation model's own features).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import resource
 import time
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from pydantic import Field
 
+from lightning_dd.core.config import ConfigError, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.evaluate.graph import GraphEvalConfig
+from lightning_dd.methods.base import Method, MethodOutput, RunContext
+from lightning_dd.data.graph_ops import dense_adjacency, propagate_sparse, synthetic_labels, training_view
 from lightning_dd.results import CondensedGraph
 
 log = logging.getLogger(__name__)
 
-CONDENSERS = ("gcond", "sgdd")
 CORESETS = ("random", "herding", "kcenter")
-BASELINES = CORESETS + ("full",)
-
-
-def _condenser(name: str):
-    from lightning_dd.methods.gcond import GCond
-    from lightning_dd.methods.sgdd import SGDD
-
-    return {"gcond": GCond, "sgdd": SGDD}[name]
 
 
 def select_coreset(kind: str, h: torch.Tensor, y: torch.Tensor, per_class: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Indices (into ``h``'s rows) of a per-class node coreset.
+    """Indices ``(sum(per_class),)`` (into ``h``'s rows) of a per-class node coreset.
 
     Args:
         kind: random | herding | kcenter. h: ``(n, F)`` node embeddings; y: ``(n,)`` labels;
@@ -48,6 +50,8 @@ def select_coreset(kind: str, h: torch.Tensor, y: torch.Tensor, per_class: torch
     Raises:
         ValueError: unknown kind, or a class with fewer nodes than asked.
     """
+    from lightning_dd.methods.selection import herding, k_center
+
     if kind not in CORESETS:
         raise ValueError(f"coreset kind must be one of {CORESETS}, got {kind!r}")
     g = torch.Generator().manual_seed(seed)
@@ -60,40 +64,18 @@ def select_coreset(kind: str, h: torch.Tensor, y: torch.Tensor, per_class: torch
             continue
         if kind == "random":
             out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-            continue
-        e = h[idx]
-        mu = e.mean(0)
-        chosen: list[int] = []
-        if kind == "herding":
-            acc = torch.zeros_like(mu)
-            for t in range(k):
-                d = (mu[None] - (acc[None] + e) / (t + 1)).norm(dim=1)
-                if chosen:
-                    d[chosen] = float("inf")
-                i = int(d.argmin())
-                chosen.append(i)
-                acc += e[i]
         else:
-            chosen.append(int((e - mu).norm(dim=1).argmin()))
-            dist = (e - e[chosen[0]]).norm(dim=1)
-            for _ in range(k - 1):
-                i = int(dist.argmax())
-                chosen.append(i)
-                dist = torch.minimum(dist, (e - e[i]).norm(dim=1))
-        out.append(idx[torch.tensor(chosen)])
+            out.append(idx[(herding if kind == "herding" else k_center)(h[idx], k)])
     return torch.cat(out)
 
 
 def induced_subgraph(data, nodes: torch.Tensor, method: str = "coreset", rate: float = 0.0) -> CondensedGraph:
-    """The subgraph of ``data`` induced by ``nodes`` ``(n,)`` as a :class:`CondensedGraph`
-    (binary adjacency, real features and labels)."""
-    n = len(nodes)
-    pos = torch.full((data.num_nodes,), -1, dtype=torch.long)
-    pos[nodes] = torch.arange(n)
-    ei = pos[data.edge_index]
-    ei = ei[:, (ei >= 0).all(0)]
-    adj = torch.zeros(n, n)
-    adj[ei[0], ei[1]] = 1.0
+    """The subgraph of ``data`` induced by ``nodes`` ``(n,)`` (``torch_geometric.utils.subgraph``)
+    as a :class:`CondensedGraph` (binary ``(n, n)`` adjacency, real features and labels)."""
+    from torch_geometric.utils import subgraph
+
+    ei, _ = subgraph(nodes, data.edge_index, relabel_nodes=True, num_nodes=int(data.num_nodes))
+    adj = dense_adjacency(ei, len(nodes))
     adj.fill_diagonal_(0)
     return CondensedGraph(data.x[nodes].clone(), adj, data.y[nodes].clone(), method=method, reduction_rate=rate)
 
@@ -103,8 +85,6 @@ def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0,
     """A ``kind`` node coreset of ``data``'s training nodes of the size GCond's rate gives;
     herding / k-center embed the nodes on the graph ``setting`` lets condensation see (the whole
     graph, or the training subgraph when inductive)."""
-    from lightning_dd.methods.gcond import propagate_sparse, synthetic_labels, training_view
-
     train = data.train_mask.nonzero().squeeze(1)
     k = int(data.y.max()) + 1
     per_class = torch.bincount(synthetic_labels(data.y[train], k, rate), minlength=k)
@@ -117,129 +97,174 @@ def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0,
     return induced_subgraph(data, train[pick], kind, rate)
 
 
-def _eval_kwargs(ev) -> dict:
-    return dict(epochs=int(ev.epochs), num_eval=int(ev.num_eval), seed=int(ev.seed), hidden=int(ev.hidden),
-                dropout=float(ev.dropout), lr=float(ev.lr), weight_decay=float(ev.weight_decay),
-                eval_every=int(ev.eval_every), lr_decay_at=float(ev.get("lr_decay_at") or 0) or None)
+def fit_condenser(module, epochs: int, make_trainer, ckpt_dir: str | Path | None = None, ckpt_every: int = 0,
+                  resume_from: str | Path | None = None, loggers=None, callbacks=None) -> tuple[CondensedGraph, float]:
+    """Fit a condensation module (:class:`lightning_dd.methods.gcond.GradientMatchingCondenser`) up
+    to epoch ``epochs`` with ``make_trainer("condense", ...)`` (a
+    :class:`lightning_dd.core.trainer.TrainerFactory`); returns the condensed graph and the
+    seconds this call took.
 
-
-def evaluate_condensed(cond: CondensedGraph | None, data, ev, prefix: str, nets, task: str = "node") -> dict:
-    """Flat metrics ``{prefix}/{net}/acc_mean|acc_std|n_runs|seconds`` (+ link / anomaly scores)."""
-    from lightning_dd.evaluate.graph import evaluate_graph
-
-    metrics = {}
-    kw = _eval_kwargs(ev)
-    if cond is None and ev.get("full_epochs"):
-        kw["epochs"] = int(ev.full_epochs)
-    for net in nets:
-        r = evaluate_graph(cond, data, net, link_prediction=bool(ev.get("link_prediction", False)),
-                           anomaly=task == "anomaly", **kw)
-        metrics.update(r.metrics(prefix))
-        log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, net, 100 * r.mean, 100 * r.std, len(r.accs),
-                 r.seconds)
-    return metrics
-
-
-def run_graph(cfg: DictConfig, dm, out_dir: Path, loggers: list, callbacks: list) -> dict:
-    """Condense (or select) ``dm.data``, save ``condensed.pt``, evaluate; see the module docstring.
-
-    Config: ``method`` (name: gcond | sgdd | random | herding | kcenter | full, + the method's
-    keys), ``eval`` (nets, num_eval, epochs, lr, weight_decay, hidden, dropout, eval_every,
-    baselines, baseline_nets, link_prediction, led, full_epochs).
-
-    Raises:
-        ValueError: unknown method name or baseline; a data module without a graph.
+    Args:
+        ckpt_dir: with ``ckpt_every > 0``, Lightning's ``ModelCheckpoint(dirpath=ckpt_dir,
+            save_last=True, every_n_epochs=ckpt_every)``, and ``ckpt_dir/last.ckpt`` is also written
+            after the last epoch.
+        resume_from: a checkpoint written so (``trainer.fit(ckpt_path=...)``): the run continues at
+            its epoch (nothing to do when it already holds ``epochs`` epochs).
     """
-    from lightning_dd.evaluate.led import led_cdf, w1_between_cdfs
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
 
-    hp = OmegaConf.to_container(cfg.method, resolve=True)
-    name = hp.get("name")
-    if name not in CONDENSERS + BASELINES:
-        raise ValueError(f"method.name {name!r} is not a graph method; known: {CONDENSERS + BASELINES}")
-    data = getattr(dm, "data", None)
-    if data is None:
-        raise ValueError("method.family=graph needs a graph data module (data=cora, _target_ GraphDataModule)")
-    ev = cfg.eval
-    for b in ev.get("baselines") or []:
-        if b not in BASELINES:
-            raise ValueError(f"eval.baselines: unknown graph baseline {b!r} (known: {BASELINES})")
-    threads = int(hp.get("num_threads") or 0)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)  # tiny dense ops: one thread beats two busy ones
-    task = getattr(dm, "task", "node")
-    rate = float(hp.get("reduction_rate", 0.5))
-    setting = str(hp.get("setting", "transductive"))
-    seed = int(cfg.seed)
-    timings, metrics = {}, {}
-    try:
-        t0 = time.perf_counter()
-        if name in CONDENSERS:
-            from lightning_dd.methods.gcond import condense
+    t = time.perf_counter()
+    callbacks = list(callbacks or [])
+    if ckpt_dir is not None and ckpt_every > 0:
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_epochs=ckpt_every))
+    else:
+        ckpt_dir = None
+    trainer = make_trainer("condense", max_epochs=epochs, logger=loggers or False, callbacks=callbacks,
+                           enable_checkpointing=ckpt_dir is not None, log_every_n_steps=10)
+    trainer.fit(module, DataLoader([0], batch_size=None), ckpt_path=None if resume_from is None else str(resume_from))
+    if ckpt_dir is not None and module.saved_epochs != len(module.epoch_losses):
+        trainer.save_checkpoint(Path(ckpt_dir) / "last.ckpt")   # the last epoch, when not a multiple of ckpt_every
+    return module.condensed(), time.perf_counter() - t
 
-            torch.manual_seed(seed)
-            module = _condenser(name)(data, hp, seed)
-            ckpt = out_dir / "checkpoints" / "last.ckpt"
-            resume_from = cfg.get("ckpt_path") or (ckpt if cfg.get("resume") and ckpt.is_file() else None)
-            if resume_from:
-                log.info("resuming condensation from %s", resume_from)
-            epochs = int(hp["epochs"])
-            cond, secs = condense(module, epochs, loggers, callbacks, ckpt_path=ckpt,
-                                  ckpt_every=int(hp.get("ckpt_every") or 0), resume_from=resume_from)
-            timings["condense_s"] = secs
-            timings["condense_epoch_s"] = secs / max(1, epochs - module.start_epoch)
-            metrics["condense/resumed_from_epoch"] = module.start_epoch
-            metrics["condense/final_match_loss"] = module.epoch_losses[-1]
-            metrics["condense/skipped_updates"] = module.skipped_updates  # non-finite losses (expected 0)
-            warm = getattr(module, "warmup_losses", None)  # SGDD's structure warm-up (not on resume)
-            if warm:
-                metrics["condense/warmup_loss_start"], metrics["condense/warmup_loss_end"] = warm[0], warm[-1]
-        elif name in CORESETS:
-            cond = coreset_graph(name, data, rate, int(hp.get("nlayers", 2)), seed, setting)
-            timings["select_s"] = time.perf_counter() - t0
-        else:
-            cond = None
+
+class GraphMethod(Method):
+    """Base of the graph family: builds a reduced graph (:meth:`build`), saves ``condensed.pt``;
+    :meth:`evaluate` judges it on the real graph (``eval`` node: :class:`GraphEvalConfig`).
+
+    Fields:
+        reduction_rate: GCond's convention, ``N' = rate x`` (number of labeled training nodes).
+        nlayers: propagation steps of ``A_hat^k X`` (condensation model / coreset embeddings).
+        num_threads: torch threads while the method runs and evaluates (0: leave as is; tiny
+            dense ops: one thread beats two busy ones).
+        setting: transductive | inductive (GCond Sec. 3; what condensation may see).
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("all", "condense")
+    eval_schema: ClassVar[type | None] = GraphEvalConfig
+    reduction_rate: float = Field(0.5, gt=0, le=1)
+    nlayers: PositiveInt = 2
+    num_threads: NonNegInt = 0
+    setting: Literal["transductive", "inductive"] = "transductive"
+
+    def check(self, ctx_cfg) -> None:
+        target = str((ctx_cfg.get("data") or {}).get("_target_", ""))
+        if not target.endswith("GraphDataModule"):
+            raise ConfigError(f"method {self.name} needs a graph data module (data=cora, _target_ "
+                              f"lightning_dd.data.graphs.GraphDataModule), got data._target_={target!r}")
+
+    @contextlib.contextmanager
+    def threads(self):
+        """``torch.set_num_threads(num_threads)`` for the block (restored after)."""
+        old = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(int(self.num_threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    def build(self, ctx: RunContext, data) -> tuple[CondensedGraph | None, dict, dict]:
+        """``(reduced graph or None for the full graph, metrics, timings)``."""
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext) -> MethodOutput:
+        """Build, save ``<out_dir>/condensed.pt``; the graph travels in ``extras["condensed"]``.
+
+        Raises:
+            ValueError: a data module without a graph."""
+        data = getattr(ctx.dm, "data", None)
+        if data is None:
+            raise ValueError(f"method {self.name} needs a graph data module (data=cora, _target_ GraphDataModule)")
+        with self.threads():
+            cond, metrics, timings = self.build(ctx, data)
         if cond is not None:
-            cond.meta.update(data=OmegaConf.to_container(cfg.data, resolve=True), method_cfg=hp)
-            cond.save(out_dir / "condensed.pt")
+            cond.meta.update(data=OmegaConf.to_container(ctx.cfg.data, resolve=True), method_cfg=self.model_dump())
+            cond.save(Path(ctx.out_dir) / "condensed.pt")
             metrics.update({"condensed/nodes": cond.x.shape[0], "condensed/edge_weight_mean": float(cond.adj.mean())})
-        if cfg.stage != "all":
-            return {"result": None, "metrics": metrics, "timings": timings}
+        return MethodOutput(result=None, extras={"condensed": cond}, metrics=metrics, timings=timings)
 
+    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
+        from lightning_dd.core.config import validated
+        from lightning_dd.evaluate.graph import evaluate_graph_run
+
+        ev = validated(GraphEvalConfig, ctx.cfg.eval, "eval")
+        with self.threads():
+            data = ctx.dm.data
+            return evaluate_graph_run(
+                ev, data, out.extras.get("condensed"), self.name,
+                lambda b: coreset_graph(b, data, self.reduction_rate, 2, int(ctx.seed), self.setting),
+                ctx.trainer, getattr(ctx.dm, "task", "node"))
+
+
+class NodeCoresetMethod(GraphMethod):
+    """A node coreset of the training nodes (GCond Sec. 5.1 baselines), ``kind``: random | herding |
+    kcenter (see the module docstring); the reduced graph is the induced subgraph."""
+
+    name: str = "coreset"
+    kind: Literal["random", "herding", "kcenter"] = "random"
+
+    def build(self, ctx, data):
         t0 = time.perf_counter()
-        nets = list(ev.nets)
-        metrics.update(evaluate_condensed(cond, data, ev, "eval", nets, task))
-        timings["eval_s"] = time.perf_counter() - t0
-
-        baselines = {}
-        t0 = time.perf_counter()
-        base_nets = list(ev.get("baseline_nets") or nets)
-        for b in ev.get("baselines") or []:
-            if b == name:
-                continue
-            bg = None if b == "full" else coreset_graph(b, data, rate, 2, seed, setting)
-            baselines[b] = bg
-            metrics.update(evaluate_condensed(bg, data, ev, f"baseline/{b}", base_nets, task))
-        timings["baselines_s"] = time.perf_counter() - t0
-        for net in nets:
-            if f"baseline/random/{net}/acc_mean" in metrics:
-                metrics[f"eval/{net}/improvement_over_random"] = (metrics[f"eval/{net}/acc_mean"]
-                                                                  - metrics[f"baseline/random/{net}/acc_mean"])
-
-        if ev.get("led", True):
-            t0 = time.perf_counter()
-            grid = torch.linspace(0, 2, 2001, dtype=torch.float64)
-            real_cdf = led_cdf(data.edge_index, data.x, grid)
-            # the full graph is the original: its LED shift is 0 by definition
-            metrics["led_shift"] = 0.0 if cond is None else w1_between_cdfs(real_cdf, led_cdf(cond.adj, cond.x, grid), grid)
-            for b, bg in baselines.items():
-                if bg is not None:
-                    metrics[f"baseline/{b}/led_shift"] = w1_between_cdfs(real_cdf, led_cdf(bg.adj, bg.x, grid), grid)
-            timings["led_s"] = time.perf_counter() - t0
-        metrics["memory/peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    finally:
-        torch.set_num_threads(old_threads)
-    return {"result": None, "metrics": metrics, "timings": timings}
+        cond = coreset_graph(self.kind, data, self.reduction_rate, self.nlayers, int(ctx.seed), self.setting)
+        return cond, {}, {"select_s": time.perf_counter() - t0}
 
 
-__all__ = ["coreset_graph", "evaluate_condensed", "induced_subgraph", "run_graph", "select_coreset"]
+class FullGraphMethod(GraphMethod):
+    """The full real graph (a GNN trained on its labeled training nodes): the upper reference."""
+
+    name: str = "full"
+
+    def build(self, ctx, data):
+        return None, {}, {}
+
+
+class CondensationMethod(GraphMethod):
+    """Gradient-matching condensation (GCond Alg. 1; SGDD reuses it): the shared fields and run.
+    A subclass names its LightningModule in ``module_class``.
+
+    Fields: epochs; outer_loop / inner_loop (matching steps / model steps per epoch); lr_feat,
+    lr_adj, lr_model (Adam lrs of ``X'``, the generator, the condensation model); adj_epochs /
+    feat_epochs (structure updated in epochs ``e % (adj + feat) < adj``, features otherwise);
+    reg_every_step (smoothness term on feature epochs too); ckpt_every (``checkpoints/last.ckpt``
+    every N epochs, 0: none).
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("all", "condense")
+    module_class: ClassVar[type | None] = None
+    epochs: PositiveInt = 600
+    outer_loop: PositiveInt = 20
+    inner_loop: NonNegInt = 15
+    lr_feat: PositiveFloat = 1e-4
+    lr_adj: PositiveFloat = 1e-4
+    lr_model: PositiveFloat = 0.01
+    adj_epochs: NonNegInt = 10
+    feat_epochs: NonNegInt = 40
+    reg_every_step: bool = False
+    ckpt_every: NonNegInt = 10
+
+    def condenser(self, data, seed: int = 0):
+        """A fresh condensation module on ``data`` (``torch.manual_seed(seed)`` first, as a run does)."""
+        torch.manual_seed(seed)
+        return self.module_class(data, self, seed)
+
+    def build(self, ctx, data):
+        if self.adj_epochs + self.feat_epochs == 0:
+            raise ConfigError("method.adj_epochs + method.feat_epochs must be > 0")
+        module = self.condenser(data, int(ctx.seed))
+        ckpt_dir = Path(ctx.out_dir) / "checkpoints"
+        resume = ctx.resume_from(ckpt_dir / "last.ckpt", "condensation")
+        cond, secs = fit_condenser(module, self.epochs, ctx.trainer, ckpt_dir, self.ckpt_every, resume,
+                                   ctx.loggers, ctx.callbacks)
+        metrics = {"condense/resumed_from_epoch": module.start_epoch,
+                   "condense/final_match_loss": module.epoch_losses[-1],
+                   "condense/skipped_updates": module.skipped_updates}  # non-finite losses (expected 0)
+        warm = getattr(module, "warmup_losses", None)  # SGDD's structure warm-up (not on resume)
+        if warm:
+            metrics["condense/warmup_loss_start"], metrics["condense/warmup_loss_end"] = warm[0], warm[-1]
+        timings = {"condense_s": secs, "condense_epoch_s": secs / max(1, self.epochs - module.start_epoch)}
+        return cond, metrics, timings
+
+
+__all__ = ["CORESETS", "CondensationMethod", "FullGraphMethod", "GraphMethod", "NodeCoresetMethod", "coreset_graph",
+           "fit_condenser", "induced_subgraph", "select_coreset"]

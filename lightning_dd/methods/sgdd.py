@@ -36,7 +36,10 @@ eigenvalues, the ones that dominate the pseudo-inverse), so ``P^T L_x^+ P = C^T 
 nuclear norm of ``C L_y^{+1/2}``; ``P`` starts from the cosine similarity of propagated features
 (``A_hat^2 X`` vs ``A'_hat^2 X'``, softmax at temperature ``plan_temperature``) instead of uniform
 noise, and has its own learning rate ``lr_plan``. Graphs larger than ``mx_size`` nodes use a
-random induced subgraph of ``mx_size`` nodes as ``L_x`` (as SGDD's code does at 5,000).
+random induced subgraph of ``mx_size`` nodes as ``L_x`` (as SGDD's code does at 5,000). The
+``ot_rank`` eigenpairs of ``L_x`` come from a sparse shift-invert Lanczos solver on the sparse
+Laplacian (:func:`lightning_dd.data.graph_ops.laplacian_eigenpairs`; SGDD's code decomposes
+the dense matrix); they equal a dense ``eigh``'s to ~1e-13 (tests).
 """
 from __future__ import annotations
 
@@ -44,7 +47,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dd.methods.gcond import REQUIRED_KEYS, GradientMatchingCondenser, label_smoothness, propagate_sparse
+from typing import ClassVar
+
+from pydantic import Field
+
+from lightning_dd.core.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.methods.gcond import GradientMatchingCondenser
+from lightning_dd.data.graph_ops import (label_smoothness, laplacian_eigenpairs, normalized_laplacian_dense,
+                                            propagate_sparse)
+from lightning_dd.methods.graph_run import CondensationMethod
 
 
 def latent_grid(n: int) -> torch.Tensor:
@@ -94,13 +105,6 @@ class IGNR(nn.Module):
         return adj * (1 - torch.eye(n, dtype=adj.dtype, device=adj.device))
 
 
-def normalized_laplacian_dense(adj: torch.Tensor) -> torch.Tensor:
-    """``I - D^-1/2 A D^-1/2`` of a dense ``(N, N)`` adjacency (isolated nodes: zero rows)."""
-    deg = adj.sum(1)
-    inv = torch.where(deg > 0, deg.clamp(min=1e-12).rsqrt(), torch.zeros_like(deg))
-    return torch.eye(len(adj), dtype=adj.dtype, device=adj.device) - inv[:, None] * adj * inv[None, :]
-
-
 def sinkhorn(p: torch.Tensor, iters: int) -> torch.Tensor:
     """``iters`` alternate row / column normalizations of a positive ``(N, N')`` plan: rows sum to
     1, then columns to ``N / N'`` (every synthetic node receives the same mass)."""
@@ -128,19 +132,15 @@ class StructureOT(nn.Module):
                  g: torch.Generator | None = None):
         super().__init__()
         self.sinkhorn_iter = sinkhorn_iter
+        from torch_geometric.utils import subgraph
+
         keep = torch.arange(num_nodes)
+        ei = edge_index
         if num_nodes > mx_size:
             keep = torch.randperm(num_nodes, generator=g)[:mx_size].sort().values
-        pos = torch.full((num_nodes,), -1, dtype=torch.long)
-        pos[keep] = torch.arange(len(keep))
-        ei = pos[edge_index]
-        ei = ei[:, (ei >= 0).all(0)]
-        n = len(keep)
-        adj = torch.zeros(n, n, dtype=torch.float64)
-        adj[ei[0], ei[1]] = 1.0
-        lam, u = torch.linalg.eigh(normalized_laplacian_dense(adj))
-        nz = (lam > 1e-6).nonzero().squeeze(1)[:rank]         # smallest non-zero eigenvalues
-        c0 = (lam[nz].rsqrt()[:, None] * u[:, nz].T).float()  # (r, N): L_x^+ ~= c0^T c0
+            ei, _ = subgraph(keep, edge_index, relabel_nodes=True, num_nodes=num_nodes)
+        lam, u = laplacian_eigenpairs(ei, len(keep), rank)   # smallest non-zero eigenvalues (sparse solver)
+        c0 = (lam.rsqrt()[:, None] * u.T).float()             # (r, N): L_x^+ ~= c0^T c0
         self.register_buffer("c0", c0)
         sim = F.normalize(h_real[keep], dim=1) @ F.normalize(h_syn, dim=1).T
         self.log_plan = nn.Parameter(torch.log_softmax(sim / temperature, 1))
@@ -173,37 +173,34 @@ class StructureOT(nn.Module):
 
 
 class SGDD(GradientMatchingCondenser):
-    """SGDD (arXiv 2310.09192): GCond's gradient matching with ``A' = IGNR(X')`` aligned to the
-    original structure by :class:`StructureOT` (weight ``opt_scale``) and the label-smoothness
-    term (weight ``beta``), both on the structure-update epochs.
-
-    Raises:
-        ValueError: missing config keys (see ``conf/method/sgdd.yaml``).
+    """SGDD's condensation module (arXiv 2310.09192): GCond's gradient matching with ``A' =
+    IGNR(X')`` aligned to the original structure by :class:`StructureOT` (weight ``opt_scale``)
+    and the label-smoothness term (weight ``beta``), both on the structure-update epochs; ``hp``:
+    an :class:`SGDDMethod`.
     """
 
     method = "sgdd"
-    required = REQUIRED_KEYS + ("ignr_hidden", "ignr_layers", "ep_ratio", "beta", "opt_scale", "sinkhorn_iter",
-                                "ot_rank", "mx_size", "lr_plan", "plan_temperature")
 
     def build_generator(self, data, g):
         hp = self.hp
-        h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, int(hp["nlayers"]))
-        self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], int(hp["ot_rank"]),
-                              int(hp["sinkhorn_iter"]), int(hp["mx_size"]), float(hp["plan_temperature"]), g)
-        return IGNR(data.x.shape[1], len(self.y_syn), int(hp["ignr_hidden"]), int(hp["ignr_layers"]),
-                    float(hp["ep_ratio"]))
+        h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, int(hp.nlayers))
+        self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], int(hp.ot_rank),
+                              int(hp.sinkhorn_iter), int(hp.mx_size), float(hp.plan_temperature), g)
+        return IGNR(data.x.shape[1], len(self.y_syn), int(hp.ignr_hidden), int(hp.ignr_layers),
+                    float(hp.ep_ratio))
 
     def configure_optimizers(self):
         hp = self.hp
-        return [torch.optim.Adam([self.feat], lr=hp["lr_feat"]),
-                torch.optim.Adam(self.structure_params(float(hp["lr_adj"])))]
+        return [torch.optim.Adam([self.feat], lr=hp.lr_feat),
+                torch.optim.Adam(self.structure_params(float(hp.lr_adj)))]
 
     def structure_params(self, lr: float) -> list[dict]:
         """Adam parameter groups of the structure: IGNR at ``lr``, the transport plan at ``lr_plan``."""
         return [{"params": self.generator_net.parameters(), "lr": lr},
-                {"params": self.ot.parameters(), "lr": float(self.hp["lr_plan"])}]
+                {"params": self.ot.parameters(), "lr": float(self.hp.lr_plan)}]
 
     def on_train_start(self):
+        super().on_train_start()
         if self.start_epoch == 0:   # a resumed run has the warmed-up structure in its checkpoint
             self.warmup_structure()
 
@@ -215,13 +212,11 @@ class SGDD(GradientMatchingCondenser):
         structure learning", default 400) with the loop itself commented out; see
         ``conf/method/sgdd.yaml`` for why it is on here. Returns (and keeps in
         ``self.warmup_losses``) the structure loss before each step and after the last."""
-        steps = int(self.hp.get("warmup_epochs") or 0)
+        steps = int(self.hp.warmup_epochs)
         self.warmup_losses = []
         if steps <= 0:
             return self.warmup_losses
-        if "warmup_lr" not in self.hp:
-            raise ValueError("sgdd: method.warmup_epochs > 0 needs method.warmup_lr (see conf/method/sgdd.yaml)")
-        opt = torch.optim.Adam(self.structure_params(float(self.hp["warmup_lr"])))
+        opt = torch.optim.Adam(self.structure_params(float(self.hp.warmup_lr)))
         feat = self.feat.detach()
         self.generator_net.train()
         for step in range(steps + 1):
@@ -235,14 +230,41 @@ class SGDD(GradientMatchingCondenser):
         return self.warmup_losses
 
     def smoothness_loss(self, adj):
-        beta = float(self.hp["beta"])
+        beta = float(self.hp.beta)
         return beta * label_smoothness(adj, self.onehot_syn) if beta else adj.new_zeros(())
 
     def structure_loss(self, adj):
         loss = self.smoothness_loss(adj)
-        if float(self.hp["opt_scale"]):
-            loss = loss + float(self.hp["opt_scale"]) * self.ot(adj)
+        if float(self.hp.opt_scale):
+            loss = loss + float(self.hp.opt_scale) * self.ot(adj)
         return loss
 
 
-__all__ = ["IGNR", "SGDD", "StructureOT", "latent_grid", "sinkhorn"]
+class SGDDMethod(CondensationMethod):
+    """SGDD (Yang et al., NeurIPS 2023, arXiv 2310.09192): GCond's gradient matching with an IGNR
+    structure broadcast from the original graph by optimal transport; ``conf/method/sgdd.yaml``.
+
+    Fields beyond :class:`CondensationMethod`'s: ignr_hidden, ignr_layers (>= 2), ep_ratio (IGNR);
+    beta (label smoothness), opt_scale (OT term), sinkhorn_iter, ot_rank (rank of ``L_x^+``),
+    mx_size, lr_plan, plan_temperature (the transport plan); warmup_epochs, warmup_lr (structure
+    warm-up, :meth:`SGDD.warmup_structure`).
+    """
+
+    module_class: ClassVar[type] = SGDD
+    name: str = "sgdd"
+    epochs: PositiveInt = 2000
+    ignr_hidden: PositiveInt = 128
+    ignr_layers: int = Field(3, ge=2)
+    ep_ratio: Fraction = 0.5
+    beta: NonNegFloat = 0.5
+    opt_scale: NonNegFloat = 1.0
+    sinkhorn_iter: PositiveInt = 5
+    ot_rank: PositiveInt = 256
+    mx_size: PositiveInt = 5000
+    lr_plan: PositiveFloat = 0.01
+    plan_temperature: PositiveFloat = 0.1
+    warmup_epochs: NonNegInt = 400
+    warmup_lr: PositiveFloat = 0.01
+
+
+__all__ = ["IGNR", "SGDD", "SGDDMethod", "StructureOT", "latent_grid", "sinkhorn"]

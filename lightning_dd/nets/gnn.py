@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 def dense_to_edges(adj: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N, N)`` weighted adjacency -> ``edge_index (2, E)``, ``edge_weight (E,)`` of entries
-    above ``threshold`` (differentiable in the kept weights)."""
-    ei = (adj > threshold).nonzero().T
-    return ei, adj[ei[0], ei[1]]
+    above ``threshold``, row-major (``torch_geometric.utils.dense_to_sparse``; differentiable in
+    the kept weights)."""
+    from torch_geometric.utils import dense_to_sparse
+
+    return dense_to_sparse(torch.where(adj > threshold, adj, torch.zeros_like(adj)))
 
 
 class GNN(nn.Module):

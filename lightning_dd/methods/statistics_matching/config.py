@@ -1,0 +1,109 @@
+"""Typed settings of statistics matching: ``method.teacher`` (:class:`TeacherConfig`, the squeeze)
+and ``method.recover`` (:class:`RecoverConfig`, the recovery), the nested fields of
+:class:`~.method.StatisticsMatching`. Every value is checked when the method node is
+instantiated (before any data is read); an error names the key (``method.recover.milestone``)."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Typed
+
+# (min, max) area fraction of a random-resized crop: 0 < min <= max <= 1
+CropScale = tuple[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)],
+                  Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]]
+
+
+class TeacherConfig(Typed):
+    """``method.teacher``: the squeezed BatchNorm backbones (SRe2L Sec. 3.1), or a given checkpoint.
+
+    Attributes:
+        ckpt: a teacher checkpoint ``{"net_cfg", "state_dict", ...}`` used instead of training one.
+        nets: the backbones to squeeze, ``{"name" | "_target_": ..., **kwargs}``; the first is the
+            evaluator's KD teacher; a net's own ``epochs`` (positive int) overrides ``epochs``.
+        epochs, lr, batch_size, weight_decay, label_smoothing: the squeeze's SGD (epochs, lr at
+            step 0 of the cosine schedule, images per step, L2 weight, CE label smoothing).
+    """
+
+    ckpt: str | None = None
+    nets: list[dict[str, Any]] = [{"name": "ResNet18BN"}]
+    epochs: PositiveInt = 100
+    lr: PositiveFloat = 0.1
+    batch_size: PositiveInt = 256
+    weight_decay: NonNegFloat = 0.0001
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+
+    @field_validator("nets")
+    @classmethod
+    def _nets(cls, nets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, n in enumerate(nets):
+            if not ("name" in n or "_target_" in n):
+                raise ValueError(f"net {i} ({n}) names no architecture: give name or _target_")
+            e = n.get("epochs")
+            if e is not None and (isinstance(e, bool) or not isinstance(e, int) or e <= 0):
+                raise ValueError(f"net {i}: epochs must be a positive integer, got {e!r}")
+        return nets
+
+    @model_validator(mode="after")
+    def _some_teacher(self):
+        if not self.ckpt and not self.nets:
+            raise ValueError("nets is empty and no ckpt given: give at least one BatchNorm backbone or ckpt")
+        return self
+
+    def net_names(self) -> list[str]:
+        """A label per teacher for metric keys: the net's ``name`` (or its ``_target_``'s last part);
+        ``["ckpt"]`` for a given checkpoint."""
+        if self.ckpt:
+            return ["ckpt"]
+        return [str(n.get("name") or str(n["_target_"]).rsplit(".", 1)[-1]) for n in self.nets]
+
+
+class RecoverConfig(Typed):
+    """``method.recover``: recovery of the synthetic images (SRe2L Sec. 3.2, Eq. 5-7; CDA; G-VBSM).
+
+    Attributes:
+        iterations: Adam steps per batch. batch: images optimized together (labels cycle over the
+            classes). lr: Adam's lr (betas 0.5, 0.9), cosine to 0 over ``iterations``.
+        r_bn: weight of the BN-statistics loss (SRe2L Eq. 6); first_bn_multiplier: weight of its
+            first layer (and of G-VBSM's first conv layer).
+        jitter: max roll in pixels; flip: random horizontal flips; crop_scale: ``(min, max)``
+            area fraction of the random-resized crops, ``0 < min <= max <= 1``.
+        crop_schedule: CDA's curriculum on the min scale (``none`` = SRe2L: always ``min``);
+            milestone: fraction of ``iterations`` in ``(0, 1]`` at which it reaches ``min``.
+        backbones_per_iter: G-VBSM's backbones sampled per step; r_conv, r_logit: weights of its
+            convolution-statistics and per-class logit (MSE) terms; backbone_norm: ``none``
+            (unweighted) or ``start`` (each backbone's BN/conv loss rescaled to the first one's on
+            the initial batch).
+        init_std: std of the ``N(0, init_std)`` initial images (model space).
+        ckpt_every: checkpoint period in steps (not part of a batch's identity for resume).
+    """
+
+    iterations: PositiveInt = 1000
+    batch: PositiveInt = 100
+    lr: PositiveFloat = 0.25
+    r_bn: NonNegFloat = 0.01
+    first_bn_multiplier: NonNegFloat = 10.0
+    jitter: NonNegInt = 32
+    flip: bool = True
+    crop_scale: CropScale = (0.08, 1.0)
+    crop_schedule: Literal["none", "cosine", "linear", "step"] = "none"
+    milestone: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    backbones_per_iter: PositiveInt = 1
+    r_conv: NonNegFloat = 0.0
+    r_logit: NonNegFloat = 0.0
+    backbone_norm: Literal["none", "start"] = "none"
+    init_std: PositiveFloat = 1.0
+    ckpt_every: PositiveInt = 100
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError("crop_scale must be [min, max] with min <= max")
+        return v
+
+    def identity(self) -> dict:
+        """The settings that determine a recovered batch (all but ``ckpt_every``), JSON-like
+        (lists, not tuples), as stored in batch files and checkpoints for resume checks."""
+        return self.model_dump(mode="json", exclude={"ckpt_every"})
