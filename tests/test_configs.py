@@ -56,3 +56,24 @@ def test_paper_settings_of_statistics_matching():
     assert len(_cfg("experiment=gvbsm_cifar10").method.teacher.nets) == 5
     assert _cfg("experiment=gvbsm_cifar10", "scale=cpu").method.recover.backbones_per_iter == 2
     assert _cfg("experiment=cda_imagenet", "scale=cpu").data.root.endswith("imagenet_sample")
+
+
+def test_the_imagenet_experiments_switch_the_data_group_with_the_scale():
+    for name in ("cda_imagenet", "sre2l_imagenet"):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            paper = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+            cpu = compose("train", overrides=[f"experiment={name}", "scale=cpu"], return_hydra_config=True)
+        assert paper.hydra.runtime.choices.data == "imagenet_paper" and paper.data.name == "imagenet"
+        assert cpu.hydra.runtime.choices.data == "imagenet_cpu" and cpu.data.name == "imagenet_sample"
+        assert cpu.data.image_size == 112 and cpu.data.train_per_class is None
+
+
+def test_no_two_config_files_are_copies():
+    """Settings live in one file (shared presets are included, not copied); two files may only share
+    a short defaults list of includes."""
+    seen = {}
+    for p in sorted((ROOT / "conf").rglob("*.yaml")):
+        body = "\n".join(ln.split("#")[0].rstrip() for ln in p.read_text().splitlines()
+                         if ln.split("#")[0].strip() and not ln.startswith("scale_preset:"))
+        assert body not in seen or len(body.splitlines()) <= 4, f"{p} repeats {seen[body]}"
+        seen.setdefault(body, p)
