@@ -154,7 +154,7 @@ def test_link_prediction_negatives_are_exactly_as_many_distinct_non_edges():
     real = Data(x=torch.randn(80, 5, generator=torch.Generator().manual_seed(0)), edge_index=g, num_nodes=80)
     net = GNN("GCN", 5, 3, hidden=8).eval()
     a, b = link_prediction_auc(net, real, seed=3), link_prediction_auc(net, real, seed=3)
-    assert a == b and 0 <= a <= 1
+    assert a == b  # same seed, same negatives, same AUC
     import random
 
     from torch_geometric.utils import negative_sampling
