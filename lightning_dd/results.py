@@ -7,6 +7,7 @@ method and IPC.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,21 @@ def check_set(images: torch.Tensor, labels: torch.Tensor, num_classes: int, imag
         raise ValueError(f"images contain {int((~torch.isfinite(images)).sum())} NaN/inf values")
 
 
+def check_lr(lr) -> None:
+    """Raises ValueError unless ``lr`` is ``None`` or a finite number > 0 (a 0-d tensor counts)."""
+    if lr is None:
+        return
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr must be a number, got a tensor of shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"lr must be None or a number, got {type(lr).__name__}")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be None or a finite number > 0, got {lr} (a student trained with it learns "
+                         f"nothing; re-run the distillation, or drop the lr and evaluate with eval.lr)")
+
+
 @dataclass
 class DistilledSet:
     """A distilled (or selected) image set.
@@ -112,8 +128,18 @@ class DistilledSet:
         return load_artifact(cls, path, ("images", "labels"), "distilled set")
 
     def validate(self) -> None:
-        """Raises ValueError naming the problem: shape, label count/range, NaN, class count."""
+        """Raises ValueError naming the problem: images/labels not tensors, shape, label
+        count/range, NaN/inf pixels or soft labels, class count, an ``lr`` that is not ``None`` or
+        a finite number > 0 (a NaN lr would train every student to chance), a negative ``ipc``."""
+        if not isinstance(self.images, torch.Tensor) or not isinstance(self.labels, torch.Tensor):
+            raise ValueError(f"images and labels must be tensors, got {type(self.images).__name__} and "
+                             f"{type(self.labels).__name__}")
+        if not self.images.is_floating_point():
+            raise ValueError(f"images must be floating point (model space), got {self.images.dtype}")
         check_set(self.images, self.labels, len(self.classes))
+        check_lr(self.lr)
+        if not isinstance(self.ipc, int) or self.ipc < 0:
+            raise ValueError(f"ipc must be a non-negative int, got {self.ipc!r}")
 
 
 @dataclass
@@ -155,6 +181,10 @@ class CondensedGraph:
             raise ValueError(f"adj must be ({n}, {n}) for {n} nodes, got {tuple(self.adj.shape)}")
         if self.y.shape != (n,) or self.y.dtype != torch.int64:
             raise ValueError(f"y must be ({n},) int64, got {tuple(self.y.shape)} {self.y.dtype}")
+        if not (self.x.is_floating_point() and self.adj.is_floating_point()):
+            raise ValueError(f"x and adj must be floating point, got {self.x.dtype} and {self.adj.dtype}")
+        if n and int(self.y.min()) < 0:
+            raise ValueError(f"y must be class indices >= 0, got min {int(self.y.min())}")
         if not (torch.isfinite(self.x).all() and torch.isfinite(self.adj).all()):
             raise ValueError("x or adj contain NaN/inf")
         if (self.adj < 0).any():

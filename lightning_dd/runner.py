@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -17,48 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
 from lightning_dd.evaluate.images import quick_eval
 from lightning_dd.evaluate.table import print_table
+from lightning_dd.loggers import build_loggers, finish_wandb, resume_hint
 from lightning_dd.methods.base import RunContext
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.viz import PeriodicEvaluation, SyntheticImageLogger, save_grid
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
-    """CSV always; W&B when ``logger.wandb.enabled`` (offline unless ``WANDB_MODE``/``logger.wandb.mode``
-    say online)."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers = [CSVLogger(save_dir=str(out_dir), name="csv", version="")]
-    wb = cfg.logger.wandb
-    if wb.enabled:
-        from lightning.pytorch.loggers import WandbLogger
-
-        mode = os.environ.get("WANDB_MODE", wb.mode)
-        group, name = wb.group, wb.name
-        sweep = _sweep_info()
-        if sweep is not None:  # one W&B run per job, grouped by sweep
-            group = f"{wb.group}-{sweep[0]}" if wb.group else sweep[0]
-            name = name or sweep[1]
-        os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=group, name=name,
-                                   save_dir=str(out_dir), offline=mode != "online", tags=list(wb.tags or []),
-                                   config=OmegaConf.to_container(cfg, resolve=True), job_type=cfg.stage))
-    return loggers
-
-
-def _sweep_info() -> tuple[str, str] | None:
-    """``(sweep id, job name)`` when running inside a Hydra multirun, else ``None``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
-        return None
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hc.sweep.dir).name, hc.job.override_dirname or f"job{hc.job.num}"
 
 
 def _experiment_name() -> str | None:
@@ -69,6 +33,23 @@ def _experiment_name() -> str | None:
         return HydraConfig.get().runtime.choices.get("experiment")
     except (ImportError, ValueError):
         return None
+
+
+def _check_net(cfg: DictConfig) -> None:
+    """Build the run's net once for a placeholder 3x32x32, 10-class input: a bad ``net.*`` value fails
+    here, before any data is read.
+
+    Raises:
+        ConfigError: naming the ``net`` node.
+    """
+    from hydra.errors import InstantiationException
+
+    from lightning_dd.nets import build_net_cfg
+
+    try:
+        build_net_cfg(OmegaConf.to_container(cfg.net, resolve=True), 3, 10, (32, 32))
+    except (ValueError, TypeError, InstantiationException) as e:
+        raise ConfigError(f"invalid config:\nnet: {e.__cause__ or e}") from None
 
 
 def check_config(cfg: DictConfig):
@@ -92,6 +73,7 @@ def check_config(cfg: DictConfig):
     if method.eval_schema is not None:
         validated(method.eval_schema, cfg.eval, "eval")
     method.check(cfg)
+    _check_net(cfg)
     make_trainer = instantiate_node(cfg.trainer, "trainer")
     if run_cfg.ckpt_path and not Path(run_cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {run_cfg.ckpt_path}")
@@ -115,18 +97,23 @@ def run(cfg: DictConfig) -> dict:
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
     timings = {"data_s": time.perf_counter() - t0}
-    loggers = build_loggers(cfg, out_dir)
+    loggers = build_loggers(cfg, out_dir, resume=run_cfg.resume)
     callbacks = []
     if getattr(dm, "preprocessing", None) is not None:
         callbacks.append(SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
-                                              nrow=int(getattr(method, "ipc", 10))))
+                                              nrow=int(getattr(method, "ipc", 10)), classes=dm.classes))
         if cfg.logger.get("eval_every"):
             callbacks.append(PeriodicEvaluation(lambda x, y, lr: quick_eval(cfg, dm, make_trainer, x, y, lr),
                                                 cfg.logger.eval_every))
     ctx = RunContext(cfg=cfg, dm=dm, out_dir=out_dir, loggers=loggers, callbacks=callbacks, trainer=make_trainer,
                      seed=run_cfg.seed, stage=run_cfg.stage, resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
 
-    out = method.run(ctx)
+    try:
+        out = method.run(ctx)
+    except (KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl-C into SystemExit(1)
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            print(f"\n{resume_hint(out_dir)}", file=sys.stderr, flush=True)
+        raise
     timings.update(out.timings)
     metrics = dict(out.metrics)
     result = out.result
@@ -134,7 +121,8 @@ def run(cfg: DictConfig) -> dict:
         result.meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)  # evaluate.py rebuilds the test set
         result.meta["net"] = OmegaConf.to_container(cfg.net, resolve=True)  # ... and evaluates on the same net
         result.save(out_dir / "distilled.pt")
-        save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", nrow=max(1, result.ipc))
+        save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", labels=result.hard_labels(),
+                  classes=result.classes, title=f"{result.method}, IPC {result.ipc}")
     if run_cfg.stage == "all":
         t0 = time.perf_counter()
         metrics.update(method.evaluate(ctx, out))
@@ -151,11 +139,3 @@ def run(cfg: DictConfig) -> dict:
     finish_wandb()
     print_table(metrics, title=f"{method.name} on {cfg.data.name} -> {out_dir}")
     return metrics
-
-
-def finish_wandb() -> None:
-    """Close the active W&B run so that the next job of a multirun starts its own."""
-    import sys
-
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()

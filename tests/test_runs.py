@@ -82,3 +82,40 @@ def test_killed_distillation_resumes_where_it_stopped(tmp_path):
     b = torch.load(run / "distilled.pt", weights_only=False)
     assert torch.allclose(a["images"], b["images"], atol=1e-5) and torch.allclose(a["labels"], b["labels"], atol=1e-5)
     assert abs(a["lr"] - b["lr"]) < 1e-7
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_keeps_its_logs(tmp_path):
+    """Ctrl-C (SIGINT) prints the last checkpoint and the resume command; that command continues the
+    run without Lightning's "not resumable" warning, keeps the CSV rows logged before the stop and
+    continues the same W&B run."""
+    run = tmp_path / "run"
+    common = ["stage=distill", "method.iterations=40", "method.ckpt_every=5", "trainer.enable_progress_bar=false"]
+    p = _train([*common, f"hydra.run.dir={run}"], tmp_path, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if list((run / "checkpoints").glob("distill-step=*.ckpt")) if (run / "checkpoints").is_dir() else False:
+            time.sleep(1.0)
+            os.killpg(p.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0, "the run finished before it could be interrupted"
+    assert "Last checkpoint:" in out and "resume=true" in out, out[-2000:]
+    cmd = out.split("Resume with:")[1].strip().splitlines()[0].split()
+    assert cmd[:2] == ["python", "train.py"] and f"hydra.run.dir={run}" in cmd
+    import csv
+
+    before = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("distill/loss")]
+    run_id = (run / "wandb" / "run_id").read_text()
+
+    p = _train(cmd[2:], tmp_path)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    assert "not resumable" not in out and "resuming distillation from" in out
+    after = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("distill/loss")]
+    steps = [int(r["step"]) for r in after]
+    assert steps == list(range(40)), steps  # every iteration once: the rows before the stop were kept
+    assert [r["distill/loss"] for r in after[: len(before)]] == [r["distill/loss"] for r in before][: len(after)]
+    assert (run / "wandb" / "run_id").read_text() == run_id
+    assert all(d.name.endswith(run_id) for d in (run / "wandb").glob("offline-run-*"))

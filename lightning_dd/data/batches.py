@@ -58,3 +58,33 @@ def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, ep
                  seed: int | None = None) -> DataLoader:
     """A DataLoader of ``(images[idx], labels[idx])`` batches (see :class:`TensorBatches`)."""
     return DataLoader(TensorBatches((images, labels), batch_size, epochs, seed), batch_size=None)
+
+
+class StepLoader:
+    """The "data" of a stage whose steps draw their own inputs (distillation, recovery): yields the
+    step indices ``0 .. n-1``, one per optimizer step, and is resumable the way Lightning expects
+    (``state_dict`` / ``load_state_dict``), so a run resumed mid-way continues at the step it
+    stopped at: no "dataloader is not resumable" warning and a progress bar that counts
+    ``k .. n`` of ``n``.
+
+    Args:
+        n: number of steps (the stage's ``max_steps``).
+        position: returns the number of steps done (e.g. ``lambda: module.global_step``), saved
+            in checkpoints.
+    """
+
+    def __init__(self, n: int, position):
+        self.n, self.position, self.start = n, position, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        return iter(range(start, self.n))
+
+    def state_dict(self) -> dict:
+        return {"next": int(self.position())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = int(state.get("next", 0))

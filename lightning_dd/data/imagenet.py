@@ -174,7 +174,8 @@ def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.nd
     scale first (PIL ``draft``) when that still leaves at least ``resize_size`` pixels.
 
     Raises:
-        OSError: unreadable file (PIL's error, with the path added).
+        OSError: unreadable file (truncated, corrupt, not an image): the message names ``path``
+            and PIL's error.
     """
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
@@ -184,8 +185,8 @@ def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.nd
             if im.format == "JPEG":
                 im.draft("RGB", (resize_size, resize_size))  # keeps both sides >= the requested size
             im = im.convert("RGB")
-    except OSError as e:
-        raise OSError(f"cannot decode image {path}: {e}") from e
+    except Exception as e:  # PIL raises OSError (truncated), SyntaxError, ValueError, DecompressionBombError, ...
+        raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     im = TF.resize(im, resize_size, antialias=True)
     im = TF.center_crop(im, [image_size, image_size])
     return np.asarray(im, dtype=np.uint8)
@@ -193,7 +194,11 @@ def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.nd
 
 def decode_files(files: list[tuple[Path, int]], image_size: int, resize_size: int, workers: int = 4
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode ``files`` in a thread pool -> ``(N, 3, S, S)`` uint8 and ``(N,)`` int64 labels."""
+    """Decode ``files`` in a thread pool -> ``(N, 3, S, S)`` uint8 and ``(N,)`` int64 labels.
+
+    Raises:
+        OSError: a file cannot be decoded (:func:`decode_resized`; the message names it).
+    """
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         arrays = list(pool.map(lambda f: decode_resized(f[0], image_size, resize_size), files))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -224,7 +229,10 @@ def val_transforms(image_size: int = 224, resize_size: int = 256):
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """Streaming ``(image (3, S, S) float32, label int)`` pairs over ``files`` with ``transform``
-    (see :func:`train_transforms`, :func:`val_transforms`)."""
+    (see :func:`train_transforms`, :func:`val_transforms`).
+
+    ``dataset[i]`` raises OSError naming the file when it cannot be decoded (truncated, corrupt).
+    """
 
     def __init__(self, files: list[tuple[Path, int]], transform):
         self.files, self.transform = files, transform
@@ -236,7 +244,15 @@ class ImageFileDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         path, label = self.files[i]
-        with Image.open(path) as im:
+        im = None
+        try:
+            im = Image.open(path)
+            im.load()  # decode here, so a truncated file fails with its name
+        except Exception as e:
+            if im is not None:
+                im.close()
+            raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+        with im:
             return self.transform(im), label
 
 
@@ -314,7 +330,7 @@ class ImageNetDataModule(ImageDataModule):
                     h.update(f"{split}|{f.relative_to(self.root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             cache = self.cache_dir / "decoded" / f"{self.name}-{self.root.name}-{h.hexdigest()[:16]}.pt"
             if cache.is_file():
-                return ImageSet(**torch.load(cache))
+                return ImageSet(**torch.load(cache, weights_only=True))
         xtr, ytr = decode_files(train, self.image_size, self.resize_size, self.decode_workers)
         xte, yte = decode_files(val, self.image_size, self.resize_size, self.decode_workers)
         out = ImageSet(xtr, ytr, xte, yte, classes)

@@ -114,18 +114,39 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(path: Path) -> np.ndarray:
+    """One image file -> ``(H, W, 3)`` uint8 RGB (any mode converted).
+
+    Raises:
+        OSError: the file cannot be decoded (truncated, corrupt, not an image); the message names
+            ``path`` and PIL's reason.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 def _decode_all(files: list[tuple[Path, int]], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``(file, label)`` pairs in a thread pool -> ``(N, 3, H, W)`` uint8, ``(N,)`` int64.
+
+    Raises:
+        OSError: a file cannot be decoded (named). ValueError: the images differ in size (one file
+            of each size is named).
+    """
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         arrays = list(pool.map(_decode, [f for f, _ in files], chunksize=256))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"images of different sizes {sorted(shapes)[:4]}...: resize them first")
+    by_shape: dict[tuple, tuple[Path, int]] = {}
+    for (f, _), a in zip(files, arrays):
+        first, count = by_shape.get(a.shape, (f, 0))
+        by_shape[a.shape] = (first, count + 1)
+    if len(by_shape) > 1:
+        sizes = "; ".join(f"{c} of {s[1]}x{s[0]} (e.g. {f})" for s, (f, c) in
+                          sorted(by_shape.items(), key=lambda kv: -kv[1][1])[:4])
+        raise ValueError(f"images of different sizes: {sizes}{'; ...' if len(by_shape) > 4 else ''}: resize them "
+                         f"to one size first")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([c for _, c in files], dtype=torch.int64)
 
@@ -141,6 +162,7 @@ def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, wo
     Raises:
         DataNotFoundError: ``root/train`` or ``root/test`` missing or empty.
         ValueError: the test split has classes the train split lacks, or image sizes differ.
+        OSError: an image cannot be decoded (truncated, corrupt); the message names the file.
     """
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "test").is_dir():
@@ -161,7 +183,7 @@ def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, wo
             h.update(f"{f.relative_to(root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         cache = Path(cache_dir) / "decoded" / f"{root.name}-{h.hexdigest()[:16]}.pt"
         if cache.is_file():
-            return ImageSet(**torch.load(cache))
+            return ImageSet(**torch.load(cache, weights_only=True))
     xtr, ytr = _decode_all(train, workers)
     xte, yte = _decode_all(test, workers)
     out = ImageSet(xtr, ytr, xte, yte, classes)

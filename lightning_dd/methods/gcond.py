@@ -153,7 +153,7 @@ class GradientMatchingCondenser(L.LightningModule):
         y_train = data.y[data.train_mask.nonzero().squeeze(1)]
         k = int(data.y.max()) + 1
         self.num_classes = k
-        y_syn = synthetic_labels(y_train, k, float(hp.reduction_rate))
+        y_syn = synthetic_labels(y_train, k, hp.reduction_rate)
         n_syn = torch.bincount(y_syn, minlength=k)
         init = []
         for c in range(k):  # random real training nodes of each class (GCond's get_sub_adj_feat)
@@ -165,7 +165,7 @@ class GradientMatchingCondenser(L.LightningModule):
         self.register_buffer("y_syn", y_syn)
         # real side, once: H = A_hat^K X of the training nodes (exact receptive field) on the graph
         # condensation may see (the whole graph, or the training subgraph when inductive)
-        h_real = propagate_sparse(ei_real, n_real, x_real, int(hp.nlayers))[train]
+        h_real = propagate_sparse(ei_real, n_real, x_real, hp.nlayers)[train]
         self.register_buffer("h_real", h_real)
         self.register_buffer("onehot_real", F.one_hot(y_train, k).float())
         self.register_buffer("cw_real", F.one_hot(y_train, k).float() / torch.bincount(y_train, minlength=k).clamp(min=1))
@@ -206,7 +206,7 @@ class GradientMatchingCondenser(L.LightningModule):
     def propagate(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``A'_hat^K X'`` ``(N', F)`` on the synthetic graph ``adj (N', N')``."""
         a = gcn_norm_dense(adj)
-        for _ in range(int(self.hp.nlayers)):
+        for _ in range(self.hp.nlayers):
             x = a @ x
         return x
 
@@ -229,8 +229,8 @@ class GradientMatchingCondenser(L.LightningModule):
             # the global RNG at every epoch; after a resume: the checkpoint's state)
             torch.set_rng_state(self.rng_after_step)
         epoch = len(self.epoch_losses)
-        period = int(hp.adj_epochs) + int(hp.feat_epochs)
-        update_adj = epoch % period < int(hp.adj_epochs)
+        period = hp.adj_epochs + hp.feat_epochs
+        update_adj = epoch % period < hp.adj_epochs
         # only what this epoch updates needs gradients (the other side's backward is skipped)
         self.feat.requires_grad_(not update_adj)
         for group in opt_adj.optimizer.param_groups if hasattr(opt_adj, "optimizer") else opt_adj.param_groups:
@@ -239,7 +239,7 @@ class GradientMatchingCondenser(L.LightningModule):
         w, b = self.init_model()
         opt_model = torch.optim.Adam([w, b], lr=hp.lr_model)
         total = 0.0
-        for ol in range(int(hp.outer_loop)):
+        for ol in range(hp.outer_loop):
             self.generator_net.train()
             adj = self.adjacency(self.feat)
             h_syn = self.propagate(adj, self.feat)
@@ -260,16 +260,16 @@ class GradientMatchingCondenser(L.LightningModule):
                 (opt_adj if update_adj else opt_feat).step()
             else:
                 self.skipped_updates += 1
-            if ol == int(hp.outer_loop) - 1:
+            if ol == hp.outer_loop - 1:
                 break
             with torch.no_grad():  # inner loop: train theta on the current synthetic graph
                 self.generator_net.eval()
                 h_in = self.propagate(self.adjacency(self.feat), self.feat)
-            for _ in range(int(hp.inner_loop)):
+            for _ in range(hp.inner_loop):
                 opt_model.zero_grad()
                 F.cross_entropy(h_in @ w + b, self.y_syn).backward()
                 opt_model.step()
-        mean = total / int(hp.outer_loop)
+        mean = total / hp.outer_loop
         self.epoch_losses.append(mean)
         self.rng_after_step = torch.get_rng_state()
         self.log_dict({"condense/match_loss": mean, "condense/update_adj": float(update_adj),
@@ -316,7 +316,7 @@ class GradientMatchingCondenser(L.LightningModule):
         adj = ((adj + adj.T) / 2).clamp(min=0)
         adj.fill_diagonal_(0)
         return CondensedGraph(self.feat.detach().cpu().clone(), adj.cpu(), self.y_syn.cpu().clone(),
-                              method=self.method, reduction_rate=float(self.hp.reduction_rate))
+                              method=self.method, reduction_rate=self.hp.reduction_rate)
 
 
 class GCond(GradientMatchingCondenser):
@@ -326,13 +326,13 @@ class GCond(GradientMatchingCondenser):
     method = "gcond"
 
     def build_generator(self, data, g):
-        return PGE(data.x.shape[1], int(self.hp.pge_hidden), int(self.hp.pge_layers))
+        return PGE(data.x.shape[1], self.hp.pge_hidden, self.hp.pge_layers)
 
     def structure_loss(self, adj):
         return self.smoothness_loss(adj)
 
     def smoothness_loss(self, adj):
-        alpha = float(self.hp.alpha)
+        alpha = self.hp.alpha
         return alpha * label_smoothness(adj, self.onehot_syn) if alpha else adj.new_zeros(())
 
 

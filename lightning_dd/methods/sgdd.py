@@ -183,21 +183,21 @@ class SGDD(GradientMatchingCondenser):
 
     def build_generator(self, data, g):
         hp = self.hp
-        h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, int(hp.nlayers))
-        self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], int(hp.ot_rank),
-                              int(hp.sinkhorn_iter), int(hp.mx_size), float(hp.plan_temperature), g)
-        return IGNR(data.x.shape[1], len(self.y_syn), int(hp.ignr_hidden), int(hp.ignr_layers),
-                    float(hp.ep_ratio))
+        h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, hp.nlayers)
+        self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], hp.ot_rank,
+                              hp.sinkhorn_iter, hp.mx_size, hp.plan_temperature, g)
+        return IGNR(data.x.shape[1], len(self.y_syn), hp.ignr_hidden, hp.ignr_layers,
+                    hp.ep_ratio)
 
     def configure_optimizers(self):
         hp = self.hp
         return [torch.optim.Adam([self.feat], lr=hp.lr_feat),
-                torch.optim.Adam(self.structure_params(float(hp.lr_adj)))]
+                torch.optim.Adam(self.structure_params(hp.lr_adj))]
 
     def structure_params(self, lr: float) -> list[dict]:
         """Adam parameter groups of the structure: IGNR at ``lr``, the transport plan at ``lr_plan``."""
         return [{"params": self.generator_net.parameters(), "lr": lr},
-                {"params": self.ot.parameters(), "lr": float(self.hp.lr_plan)}]
+                {"params": self.ot.parameters(), "lr": self.hp.lr_plan}]
 
     def on_train_start(self):
         super().on_train_start()
@@ -212,11 +212,11 @@ class SGDD(GradientMatchingCondenser):
         structure learning", default 400) with the loop itself commented out; see
         ``conf/method/sgdd.yaml`` for why it is on here. Returns (and keeps in
         ``self.warmup_losses``) the structure loss before each step and after the last."""
-        steps = int(self.hp.warmup_epochs)
+        steps = self.hp.warmup_epochs
         self.warmup_losses = []
         if steps <= 0:
             return self.warmup_losses
-        opt = torch.optim.Adam(self.structure_params(float(self.hp.warmup_lr)))
+        opt = torch.optim.Adam(self.structure_params(self.hp.warmup_lr))
         feat = self.feat.detach()
         self.generator_net.train()
         for step in range(steps + 1):
@@ -230,13 +230,13 @@ class SGDD(GradientMatchingCondenser):
         return self.warmup_losses
 
     def smoothness_loss(self, adj):
-        beta = float(self.hp.beta)
+        beta = self.hp.beta
         return beta * label_smoothness(adj, self.onehot_syn) if beta else adj.new_zeros(())
 
     def structure_loss(self, adj):
         loss = self.smoothness_loss(adj)
-        if float(self.hp.opt_scale):
-            loss = loss + float(self.hp.opt_scale) * self.ot(adj)
+        if self.hp.opt_scale:
+            loss = loss + self.hp.opt_scale * self.ot(adj)
         return loss
 
 

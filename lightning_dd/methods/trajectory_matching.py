@@ -30,10 +30,10 @@ from typing import ClassVar, Literal
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from pydantic import model_validator
-from torch.utils.data import DataLoader
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
@@ -292,10 +292,10 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         ckpt_dir = ctx.out_dir / "checkpoints"
         ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
                                   save_last=True, save_top_k=1)
-        trainer = ctx.trainer("distill", max_steps=self.iterations, max_epochs=-1, logger=ctx.loggers,
+        trainer = ctx.trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
                               callbacks=[ckpt_cb, *ctx.callbacks], log_every_n_steps=1, enable_checkpointing=True)
         ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
-        trainer.fit(module, DataLoader(range(self.iterations), batch_size=None), ckpt_path=ckpt_path)
+        trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
         timings["distill_s"] = time.perf_counter() - t0
         metrics["distill/iterations"] = trainer.global_step
         x, y, lr = module.current_set()

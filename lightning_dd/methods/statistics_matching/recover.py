@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.data.readers import atomic_save
+from lightning_dd.data.batches import StepLoader
+from lightning_dd.io import atomic_save
 from lightning_dd.methods.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.statistics_matching.crops import crop_scale_min, jitter_crop_flip
 from lightning_dd.methods.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
@@ -196,7 +197,6 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
         ValueError: ``resume`` and a ``last.ckpt`` of other settings (:func:`check_settings`).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader
 
     quiet_lightning()
     trainer = trainer or TrainerFactory()
@@ -214,9 +214,9 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
             check_settings(stored, settings, ckpt_path)
             log.info("recover batch %d: resuming from %s", batch_index, ckpt_path)
     iters = hp.iterations
-    fit = trainer("recover", max_steps=iters, max_epochs=-1, logger=loggers if loggers else False, callbacks=cbs,
+    fit = trainer("recover", max_steps=iters, max_epochs=1, logger=loggers if loggers else False, callbacks=cbs,
                   log_every_n_steps=10, enable_checkpointing=ckpt_dir is not None)
-    fit.fit(module, DataLoader(range(iters), batch_size=None), ckpt_path=ckpt_path)
+    fit.fit(module, StepLoader(iters, lambda: module.global_step), ckpt_path=ckpt_path)
     return module.images.detach().cpu(), module.history
 
 

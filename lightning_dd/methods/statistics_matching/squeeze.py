@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.data.readers import atomic_save
+from lightning_dd.io import atomic_save
 from lightning_dd.methods.experts import experts_key
 from lightning_dd.methods.statistics_matching.config import TeacherConfig
 from lightning_dd.methods.statistics_matching.statistics import device_of

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lightning_dd.data.readers import atomic_save
+from lightning_dd.io import atomic_save
 from lightning_dd.methods.experts import experts_key
 from lightning_dd.methods.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.statistics_matching.crops import jitter_crop_flip
