@@ -50,16 +50,26 @@ QUICK = ["method.iterations=15", "method.num_experts=2", "method.expert_train_ep
          "eval.epochs=40", "eval.num_eval=1", "eval.baselines=[]", "trainer.enable_progress_bar=false"]
 
 
+def _only_sweep_dir(log_dir):
+    """The one sweep directory ``train.py -m`` made under ``<log_dir>/multirun/`` (its own default
+    ``hydra.sweep.dir``: issue 13 was a sweep dir that stopped every multirun before its first job,
+    hidden while tests passed ``hydra.sweep.dir=``; only ``paths.log_dir`` is redirected here)."""
+    sweeps = list((log_dir / "multirun").iterdir())
+    assert len(sweeps) == 1, sweeps
+    return sweeps[0]
+
+
 @pytest.mark.slow
 def test_grid_multirun_over_two_seeds_compares_as_mean_std(tmp_path):
-    sweep = tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "train.py", "-m", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep}"],
+    r = subprocess.run([sys.executable, "train.py", "-m", "seed=0,1", *QUICK, f"paths.log_dir={tmp_path / 'outputs'}"],
                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep = _only_sweep_dir(tmp_path / "outputs")
+    assert sorted(p.name for p in (sweep / "datm_digits").iterdir()) == ["0", "1"]  # <experiment>/<job number>
     runs = find_runs([sweep])
     assert sorted(run.config["seed"] for run in runs) == [0, 1]
     # one W&B run per job, grouped by the sweep
-    assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 2
+    assert len(list(sweep.glob("datm_digits/*/wandb/offline-run-*"))) == 2
     header, rows = aggregate_rows(runs)
     assert len(rows) == 1 and rows[0][header.index("runs")] == "2"
     assert " ± " in rows[0][header.index("eval/ConvNet")]
@@ -67,14 +77,15 @@ def test_grid_multirun_over_two_seeds_compares_as_mean_std(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_finishes_and_reports_best(tmp_path):
-    sweep = tmp_path / "optuna"
     r = subprocess.run([sys.executable, "train.py", "-m", "hparams_search=datm_optuna", "hydra.sweeper.n_trials=2",
-                        *QUICK, f"hydra.sweep.dir={sweep}", "logger.wandb.enabled=false"],
+                        *QUICK, f"paths.log_dir={tmp_path / 'outputs'}", "logger.wandb.enabled=false"],
                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep = _only_sweep_dir(tmp_path / "outputs")
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"method.lr_img", "method.lr_y", "method.lr_lr"}
-    accs = [json.loads((sweep / str(i) / "metrics.json").read_text())["eval/ConvNet/acc_mean"] for i in range(2)]
+    accs = [json.loads((sweep / "datm_digits" / str(i) / "metrics.json").read_text())["eval/ConvNet/acc_mean"]
+            for i in range(2)]
     assert abs(best["best_value"] - max(accs)) < 1e-9
 
 

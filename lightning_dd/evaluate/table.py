@@ -18,4 +18,5 @@ def print_table(metrics: dict, title: str = "") -> None:
             t.add_row(base, net, f"{100 * metrics[k]:.2f} ± {100 * std:.2f}", str(int(n)))
     Console().print(t)
     tim = ", ".join(f"{k.split('/', 1)[1]}={v:.0f}s" for k, v in sorted(metrics.items()) if k.startswith("timings/"))
-    Console().print(f"timings: {tim}")
+    if tim:
+        Console().print(f"timings: {tim}")
