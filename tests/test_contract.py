@@ -156,3 +156,26 @@ def test_a_new_method_is_one_class_and_one_config(tmp_path):
     assert d.method == "toy" and d.images.shape[0] == 30
     bad = subprocess.run([*args, "method.scale=abc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "method.scale" in bad.stdout + bad.stderr
+
+
+def test_resume_without_a_checkpoint_says_so_and_starts_fresh(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lightning_dd"):
+        m = run(_cfg(tmp_path, *QUICK, "resume=true", "stage=distill"))
+    assert m["distill/iterations"] == 2
+    assert any("resume=true but there is no checkpoint" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_step_loader_resumes_at_the_saved_step():
+    """What Lightning saves and restores for a mid-way checkpoint: the next step, so the resumed
+    epoch yields steps k..n-1 of n (the progress bar counts k..n of n)."""
+    from lightning_dd.data.batches import StepLoader
+
+    done = {"steps": 12}
+    loader = StepLoader(40, lambda: done["steps"])
+    state = loader.state_dict()
+    fresh = StepLoader(40, lambda: 0)
+    fresh.load_state_dict(state)
+    assert len(fresh) == 40 and list(fresh) == list(range(12, 40))
+    assert list(fresh) == list(range(40))  # the next epoch starts at 0 again
