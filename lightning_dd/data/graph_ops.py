@@ -39,7 +39,7 @@ def gcn_norm_sparse(edge_index: torch.Tensor, n: int) -> torch.Tensor:
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
     ei, w = gcn_norm(edge_index, None, n, add_self_loops=True)
-    return torch.sparse_coo_tensor(ei, w, (n, n)).coalesce()
+    return torch.sparse_coo_tensor(ei, w, (n, n), check_invariants=True).coalesce()
 
 
 def propagate_sparse(edge_index: torch.Tensor, n: int, x: torch.Tensor, k: int) -> torch.Tensor:

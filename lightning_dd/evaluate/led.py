@@ -42,7 +42,7 @@ def _sparse_norm_adj(edge_index: torch.Tensor, n: int, weight: torch.Tensor | No
 
     w = torch.ones(edge_index.shape[1], dtype=torch.float64) if weight is None else weight.double()
     ei, vals = gcn_norm(edge_index, w, n, add_self_loops=False)
-    return torch.sparse_coo_tensor(ei, vals, (n, n)).coalesce()
+    return torch.sparse_coo_tensor(ei, vals, (n, n), check_invariants=True).coalesce()
 
 
 def led_cdf_kpm(edge_index: torch.Tensor, n: int, x: torch.Tensor, grid: torch.Tensor, moments: int = 200,
