@@ -11,6 +11,10 @@ labels, evaluated by the same student evaluator as every distilled set.
 Embeddings are the penultimate features (the input of the classifier) of a network trained on the
 real data: the last checkpoint of the first cached expert trajectory (trained on demand with the
 ``method`` expert settings, shared with trajectory matching).
+
+The budget is ``ipc`` images per class, or, with ``fraction`` set (a keep ratio, e.g. 0.1), that
+fraction of each class's training pool (``round(fraction * n)`` of its ``n`` images), so the
+selectors run at the same budget as Dataset Quantization (``methods/dataset_quantization.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ import time
 
 import torch
 from omegaconf import OmegaConf
+
+from typing import Annotated
+
+from pydantic import Field
 
 from lightning_dd.core.config import PositiveInt
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
@@ -73,17 +81,31 @@ def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torc
     return torch.cat(feats)
 
 
-class RandomSelection(ImageMethod):
-    """``ipc`` uniformly random real training images per class, hard labels (``conf/method/random.yaml``)."""
+class Budget(ImageMethod):
+    """A selector's budget: ``ipc`` images per class, or ``fraction`` of each class's pool when set."""
+
+    fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+
+    def per_class(self, dm) -> int:
+        """Images kept per class: ``ipc``, or ``round(fraction * n)`` (at least 1) with ``n`` the
+        smallest class's training-pool size when ``fraction`` is set."""
+        if self.fraction is None:
+            return self.ipc
+        return max(1, round(self.fraction * min(len(i) for i in dm.class_indices())))
+
+
+class RandomSelection(Budget):
+    """``ipc`` (or ``fraction``) uniformly random real training images per class, hard labels
+    (``conf/method/random.yaml``)."""
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        t0 = time.perf_counter()
-        x, y = ctx.dm.random_subset(self.ipc, ctx.seed)
-        res = DistilledSet(x, y, None, ctx.dm.classes, ctx.dm.preprocessing.state(), method=self.name, ipc=self.ipc)
+        t0, ipc = time.perf_counter(), self.per_class(ctx.dm)
+        x, y = ctx.dm.random_subset(ipc, ctx.seed)
+        res = DistilledSet(x, y, None, ctx.dm.classes, ctx.dm.preprocessing.state(), method=self.name, ipc=ipc)
         return MethodOutput(result=res, timings={"select_s": time.perf_counter() - t0})
 
 
-class FeatureCoreset(ExpertSettings, ImageMethod):
+class FeatureCoreset(ExpertSettings, Budget):
     """``ipc`` real training images per class chosen by :meth:`select` in the penultimate feature space
     of the first cached expert's last checkpoint (trained on demand with the expert settings,
     shared with trajectory matching); hard labels, the evaluator's default lr."""
@@ -95,10 +117,12 @@ class FeatureCoreset(ExpertSettings, ImageMethod):
         """Indices of ``k`` rows of ``features`` ``(N, D)``."""
         raise NotImplementedError
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def feature_net(self, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
+        """The first cached expert's last checkpoint as a ``ctx.cfg.net`` network (trained on demand
+        with the expert settings) and its metrics (``selection/feature_net_test_acc``)."""
         from torch.nn.utils import vector_to_parameters
 
-        dm, t0, metrics = ctx.dm, time.perf_counter(), {}
+        dm, metrics = ctx.dm, {}
         expert = expert_bank(ctx.cfg, dm, self, ctx.trainer).ensure(
             1, dm.train_images, dm.train_labels, dm.num_classes, test=(dm.test_images, dm.test_labels))[0]
         if expert.get("test_acc") is not None:
@@ -106,10 +130,15 @@ class FeatureCoreset(ExpertSettings, ImageMethod):
         net = build_net_cfg(OmegaConf.to_container(ctx.cfg.net, resolve=True), dm.train_images.shape[1],
                             dm.num_classes, dm.image_shape[1:])
         vector_to_parameters(expert["trajectory"][-1], net.parameters())  # FlatParams order = parameters()
+        return net, metrics
+
+    def run(self, ctx: RunContext) -> MethodOutput:
+        dm, t0, ipc = ctx.dm, time.perf_counter(), self.per_class(ctx.dm)
+        net, metrics = self.feature_net(ctx)
         feats = embed(net, dm.train_images)
-        idx = torch.cat([i[self.select(feats[i], self.ipc)] for i in dm.class_indices()])
+        idx = torch.cat([i[self.select(feats[i], ipc)] for i in dm.class_indices()])
         x, y = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
-        res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=self.name, ipc=self.ipc)
+        res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=self.name, ipc=ipc)
         return MethodOutput(result=res, metrics=metrics, timings={"select_s": time.perf_counter() - t0})
 
 
