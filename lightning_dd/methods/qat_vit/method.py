@@ -1,0 +1,261 @@
+"""QAT-ViT as a framework method: FP model -> PTQ baseline -> QAT with and without the
+variation-aware regularizer -> integer export, per-layer report and test accuracies
+(Huang et al., arXiv 2307.00331, TMLR 2024). See the package docstring for the pieces."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
+
+from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.data.batches import batch_loader
+from lightning_dd.io import atomic_save, load_dict, safe_load
+from lightning_dd.methods.base import Method, MethodOutput, RunContext
+from lightning_dd.methods.experts import experts_key
+from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
+                                                quantized_layers, quantizers)
+from lightning_dd.methods.qat_vit.regularizer import within_bin_variance
+from lightning_dd.methods.qat_vit.training import FPModule, QATModule
+from lightning_dd.methods.statistics_matching.squeeze import accuracy, run_device
+from lightning_dd.nets import build_net_cfg
+from lightning_dd.nets.vit import ViT, load_vit_state
+from lightning_dd.nets.weight_selection import weight_selection
+from lightning_dd.quiet import quiet_lightning
+
+log = logging.getLogger(__name__)
+
+Bits = Annotated[int, Field(ge=2, le=8)]
+
+
+class QATViT(Method):
+    """Variation-aware low-bit QAT of a ViT (``conf/method/qat_vit.yaml``; the net is ``net``, a
+    :class:`lightning_dd.nets.vit.ViT`).
+
+    Stages: ``fp`` (train or load the FP model; cached under ``paths.cache_dir/qat_vit_fp``),
+    ``ptq`` (+ calibrated post-training quantization), ``qat`` (+ QAT without and with the
+    regularizer, export to ``quantized.pt``, per-layer report ``layers.csv`` / ``layers.json``),
+    ``all`` (+ test accuracies: ``eval/{fp,ptq,qat_noreg,qat}/acc`` and ``eval/qat/export_acc``).
+
+    Fields (defaults = the paper's DeiT/ImageNet settings):
+        bits / act_bits: weight / activation bits of the blocks (``act_bits`` null = ``bits``);
+            keep_bits: patch embedding and head. grad_scale: step-gradient convention.
+        fp_ckpt: an FP checkpoint (ours ``{"state_dict"}``, or timm/DeiT with fused qkv, optionally
+            under ``"model"``) instead of training one; loaded strictly.
+        fp_*: FP training (AdamW, warmup + cosine, crop/flip, label smoothing).
+        fp_init_from / fp_init: weight selection (arXiv 2311.18823): initialize the FP model from a
+            larger ViT checkpoint instead of at random.
+        epochs, lr, weight_decay, batch_size (views per step = images x num_crops), num_crops,
+            crop_scale, warmup_epochs: QAT. reg_weight / reg_start: the regularizer's peak weight
+            and the training fraction before it starts.
+        calib_images: images of the batch that calibrates the activation steps.
+        baselines: ``ptq`` and/or ``qat_noreg``, run in the same run.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ("fp", "ptq", "qat", "all")
+    name: str = "qat_vit"
+    bits: Bits = 4
+    act_bits: Bits | None = None
+    keep_bits: Bits = 8
+    grad_scale: Literal["reference", "lsq"] = "reference"
+    fp_ckpt: str | None = None
+    fp_init_from: str | None = None
+    fp_epochs: PositiveInt = 300
+    fp_lr: PositiveFloat = 5e-4
+    fp_batch_size: PositiveInt = 512
+    fp_weight_decay: NonNegFloat = 0.05
+    fp_warmup_epochs: NonNegInt = 5
+    label_smoothing: Fraction = 0.1
+    drop_path: Fraction = 0.1
+    epochs: PositiveInt = 150
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegFloat = 1e-4
+    batch_size: PositiveInt = 512
+    num_crops: PositiveInt = 4
+    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
+    warmup_epochs: NonNegInt = 0
+    reg_weight: NonNegFloat = 0.01
+    reg_start: Fraction = 0.25
+    calib_images: PositiveInt = 256
+    baselines: list[Literal["ptq", "qat_noreg"]] = ["ptq", "qat_noreg"]
+
+    def check(self, cfg: DictConfig) -> None:
+        target = str(cfg.net.get("_target_", "")) if "net" in cfg else ""
+        if not target.endswith("nets.vit.ViT"):
+            raise ConfigError("net: QAT-ViT quantizes a lightning_dd.nets.vit.ViT (net=vit_*); got "
+                              f"{target or cfg.net.get('name')!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"method.crop_scale: need 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        if self.batch_size < self.num_crops:
+            raise ConfigError(f"method.batch_size ({self.batch_size}) is the number of views per step: at least "
+                              f"num_crops ({self.num_crops})")
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def _net_cfg(self, ctx: RunContext) -> dict:
+        cfg = OmegaConf.to_container(ctx.cfg.net, resolve=True)
+        return {**cfg, "drop_path": self.drop_path}
+
+    def _build(self, ctx: RunContext, net_cfg: dict) -> ViT:
+        dm = ctx.dm
+        return build_net_cfg(net_cfg, dm.image_shape[0], dm.num_classes, dm.image_shape[1:])
+
+    def fp_model(self, ctx: RunContext) -> tuple[ViT, dict]:
+        """The FP ViT: ``fp_ckpt`` loaded strictly (fused qkv split), else trained once and cached.
+        Returns ``(net in eval mode on the run's device, info)``."""
+        dm, dev, net_cfg = ctx.dm, run_device(ctx.trainer.accelerator), self._net_cfg(ctx)
+        if self.fp_ckpt:
+            d = safe_load(self.fp_ckpt, "FP checkpoint (method.fp_ckpt)")
+            state = d.get("state_dict", d.get("model", d)) if isinstance(d, dict) else None
+            if not isinstance(state, dict):
+                raise ValueError(f"{self.fp_ckpt}: not a state dict nor a dict holding one")
+            net = load_vit_state(self._build(ctx, net_cfg), state)
+            return net.to(dev).eval(), {"path": self.fp_ckpt, "cached": True, "seconds": 0.0}
+        spec = {"data": dm.identity(), "net": net_cfg, "seed": ctx.seed, "epochs": self.fp_epochs, "lr": self.fp_lr,
+                "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
+                "ls": self.label_smoothing, "init_from": self.fp_init_from}
+        path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / experts_key(spec) / "fp.pt"
+        if path.is_file():
+            d = load_dict(path, ("net_cfg", "state_dict"), "cached FP ViT")
+            net = load_vit_state(self._build(ctx, net_cfg), d["state_dict"])
+            log.info("FP ViT from the cache %s (test acc %.4f)", path, d.get("test_acc", float("nan")))
+            return net.to(dev).eval(), {"path": str(path), "cached": True, "seconds": 0.0}
+        quiet_lightning()
+        L.seed_everything(ctx.seed, verbose=False)
+        t0 = time.perf_counter()
+        net = self._build(ctx, net_cfg)
+        if self.fp_init_from:
+            src = load_dict(self.fp_init_from, ("state_dict",), "weight-selection source (method.fp_init_from)")
+            from lightning_dd.nets.vit import split_fused_qkv
+            weight_selection(net, split_fused_qkv(src["state_dict"]))
+        loader = batch_loader(dm.train_images, dm.train_labels, self.fp_batch_size, epochs=1, seed=ctx.seed)
+        steps = self.fp_epochs * len(loader)
+        module = FPModule(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
+                          dm.image_shape[1:], self.label_smoothing)
+        ctx.trainer("fp", max_epochs=self.fp_epochs, logger=ctx.loggers).fit(module, loader)
+        net = net.to(dev).eval()
+        secs = time.perf_counter() - t0
+        acc = accuracy(net, dm.test_images, dm.test_labels)
+        atomic_save({"net_cfg": net_cfg, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                     "test_acc": acc, "spec": spec, "seconds": secs}, path)
+        (path.parent / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
+        log.info("FP ViT: %d epochs in %.0fs, test acc %.4f -> %s", self.fp_epochs, secs, acc, path)
+        return net, {"path": str(path), "cached": False, "seconds": secs}
+
+    def ptq(self, ctx: RunContext, fp: ViT) -> ViT:
+        """Post-training quantization: :func:`quantize_vit` of ``fp``, weight steps by the MSE fit,
+        activation steps from the first ``calib_images`` training images (no training)."""
+        q = quantize_vit(fp, self.bits, self.act_bits, self.keep_bits, self.grad_scale)
+        g = torch.Generator().manual_seed(ctx.seed)
+        idx = torch.randperm(len(ctx.dm.train_images), generator=g)[: self.calib_images]
+        return calibrate(q, ctx.dm.train_images[idx])
+
+    def qat(self, ctx: RunContext, fp: ViT, init: ViT, reg_weight: float, prefix: str) -> tuple[ViT, QATModule]:
+        """QAT of a copy of ``init`` (the calibrated PTQ model) against ``fp``, with ``reg_weight``."""
+        import copy
+
+        quiet_lightning()
+        L.seed_everything(ctx.seed, verbose=False)
+        student = copy.deepcopy(init).train()
+        per_step = max(1, self.batch_size // self.num_crops)
+        loader = batch_loader(ctx.dm.train_images, ctx.dm.train_labels, per_step, epochs=1, seed=ctx.seed)
+        steps = self.epochs * len(loader)
+        module = QATModule(student, fp, self.lr, self.weight_decay, steps, self.warmup_epochs * len(loader),
+                           self.num_crops, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
+        ctx.trainer(prefix, max_epochs=self.epochs, logger=ctx.loggers).fit(module, loader)
+        return student.eval(), module
+
+    def run(self, ctx: RunContext) -> MethodOutput:
+        timings, metrics, models = {}, {}, {}
+        t0 = time.perf_counter()
+        fp, info = self.fp_model(ctx)
+        timings["fp_s"] = time.perf_counter() - t0
+        models["fp"] = fp
+        extras = {"models": models, "fp_path": info["path"]}
+        if ctx.stage == "fp":
+            return MethodOutput(extras=extras, timings=timings)
+        t0 = time.perf_counter()
+        ptq = self.ptq(ctx, fp)
+        timings["ptq_s"] = time.perf_counter() - t0
+        models["ptq"] = ptq
+        if ctx.stage == "ptq":
+            return MethodOutput(extras=extras, timings=timings)
+        trained = {}
+        runs = [("qat_noreg", 0.0)] if "qat_noreg" in self.baselines else []
+        for prefix, reg in runs + [("qat", self.reg_weight)]:
+            t0 = time.perf_counter()
+            model, module = self.qat(ctx, fp, ptq, reg, prefix)
+            timings[f"{prefix}_s"] = time.perf_counter() - t0
+            models[prefix], trained[prefix] = model, module
+            metrics.update(self._variation(model, module, prefix))
+        export = export_quantized(models["qat"], self._net_cfg(ctx), self.bits, self.act_bits or self.bits,
+                                  self.keep_bits, self.grad_scale)
+        atomic_save(export, ctx.out_dir / "quantized.pt")
+        extras["quantized_path"] = str(ctx.out_dir / "quantized.pt")
+        self._report(ctx.out_dir, models, trained)
+        if "ptq" not in self.baselines:
+            models.pop("ptq")
+        return MethodOutput(extras=extras, metrics=metrics, timings=timings)
+
+    # ------------------------------------------------------------------------------ measurements
+
+    def _variation(self, model: ViT, module: QATModule, prefix: str) -> dict:
+        """Mean within-bin variance and oscillation rate (last epoch) over the target-bit layers."""
+        layers = {n: m for n, m in quantized_layers(model).items() if m.wq.bits == self.bits}
+        var = [within_bin_variance(m.weight, m.wq.step, m.wq.qn, m.wq.qp) for m in layers.values()]
+        rates = getattr(module, "last_rates", {})
+        osc = [rates[n] for n in layers if n in rates]
+        return {f"{prefix}/bin_var": sum(var) / max(1, len(var)), f"{prefix}/osc_rate": sum(osc) / max(1, len(osc))}
+
+    def _report(self, out_dir: Path, models: dict, trained: dict) -> None:
+        """``layers.csv`` / ``layers.json``: one row per quantizer of the QAT model(s) and PTQ."""
+        rows = []
+        for which in ("ptq", "qat_noreg", "qat"):
+            if which not in models:
+                continue
+            model = models[which]
+            rates = getattr(trained.get(which), "last_rates", {})
+            layers = quantized_layers(model)
+            for name, q in quantizers(model).items():
+                owner = name.rsplit(".", 1)[0]
+                row = {"model": which, "quantizer": name, "kind": q.kind, "bits": q.bits, "signed": q.signed,
+                       "step": float(q.step), "offset": float(q.beta) if q.beta is not None else 0.0,
+                       "bin_var": "", "quant_mse": "", "osc_rate": ""}
+                if q.kind == "weight" and owner in layers:
+                    w = layers[owner].weight.detach()
+                    row["bin_var"] = within_bin_variance(w, q.step, q.qn, q.qp)
+                    row["quant_mse"] = float(((q(w) - w) ** 2).mean() / (q.step.detach() ** 2))
+                    row["osc_rate"] = rates.get(owner, "")
+                rows.append(row)
+        with open(out_dir / "layers.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+        (out_dir / "layers.json").write_text(json.dumps(rows, indent=1))
+
+    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
+        """Test accuracy (fraction) of every model of the run, ``eval/<model>/acc``, and of the
+        reloaded ``quantized.pt``: ``eval/qat/export_acc`` and ``eval/qat/export_agree`` (share of
+        test predictions equal to the fake-quantized model's; 1.0 expected)."""
+        dm, res = ctx.dm, {}
+        dev = run_device(ctx.trainer.accelerator)
+        for name, model in out.extras.get("models", {}).items():
+            res[f"eval/{name}/acc"] = accuracy(model.to(dev), dm.test_images, dm.test_labels)
+        path = out.extras.get("quantized_path")
+        if path:
+            d = safe_load(path, "quantized model")
+            q = load_quantized(d, dm.image_shape[0], dm.num_classes, dm.image_shape[1:]).to(dev)
+            res["eval/qat/export_acc"] = accuracy(q, dm.test_images, dm.test_labels)
+            ref = out.extras["models"]["qat"].to(dev).eval()
+            with torch.no_grad():
+                agree = sum(int((q(x.to(dev)).argmax(1) == ref(x.to(dev)).argmax(1)).sum())
+                            for x in dm.test_images.split(500))
+            res["eval/qat/export_agree"] = agree / max(1, len(dm.test_images))
+        return res

@@ -1,0 +1,206 @@
+"""QAT-ViT (arXiv 2307.00331) and weight selection (arXiv 2311.18823): quantizer against PyTorch's
+learnable fake-quantize op, at most 2^b values per quantized tensor, the vectorized regularizer
+against a per-bin loop, the integer export, fused-qkv loading and weight selection."""
+import math
+
+import pytest
+import torch
+
+from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
+                                                quantized_layers, quantizers)
+from lightning_dd.methods.qat_vit.quantizer import Quantizer, mse_step, qrange
+from lightning_dd.methods.qat_vit.regularizer import (OscillationTracker, bin_regularizer, bin_stats, ramp,
+                                                      within_bin_variance)
+from lightning_dd.nets.vit import ViT, load_vit_state, split_fused_qkv
+from lightning_dd.nets.weight_selection import uniform_indices, weight_selection
+
+SMALL = dict(patch_size=4, embed_dim=24, depth=2, num_heads=3)
+
+
+def small_vit(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ViT(3, 10, (16, 16), **{**SMALL, **kw})
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, True), (8, False)])
+@pytest.mark.parametrize("mode", ["reference", "lsq"])
+def test_quantizer_matches_pytorch_learnable_fake_quantize(bits, signed, mode):
+    """Forward values and the gradients of x and of the step equal
+    torch._fake_quantize_learnable_per_tensor_affine's at the same gradient factor."""
+    torch.manual_seed(bits)
+    x = (torch.randn(6, 50) * 1.3).requires_grad_()
+    q = Quantizer(bits, signed, "act", grad_scale=mode)
+    q.init_act(x.detach())
+    with torch.no_grad():
+        q.step.mul_(0.7)  # push some values outside the range
+    dy = torch.randn(6, 50)
+    y = q(x)
+    (y * dy).sum().backward()
+    qn, qp = qrange(bits, signed)
+    x2 = x.detach().clone().requires_grad_()
+    s2 = q.step.detach().clone().reshape(1).requires_grad_()
+    zp = torch.zeros(1)
+    g = q.grad_factor(x.detach())
+    y2 = torch._fake_quantize_learnable_per_tensor_affine(x2, s2, zp, qn, qp, g)
+    (y2 * dy).sum().backward()
+    torch.testing.assert_close(y, y2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)  # s * (1/s) rounding
+    assert torch.equal(x.grad == 0, x2.grad == 0)
+    torch.testing.assert_close(q.step.grad.reshape(1), s2.grad, rtol=1e-4, atol=1e-6)
+    assert ((y.detach() / q.step.detach()).round() - y.detach() / q.step.detach()).abs().max() < 1e-4
+
+
+def test_gradient_factor_conventions():
+    w = torch.randn(8, 16)
+    ref = Quantizer(4, True, "weight", grad_scale="reference").grad_factor(w)
+    lsq = Quantizer(4, True, "weight", grad_scale="lsq").grad_factor(w)
+    assert math.isclose(ref, 1 / math.sqrt(float(w.abs().sum()) * 7), rel_tol=1e-6)
+    assert math.isclose(lsq, 1 / math.sqrt(128 * 7), rel_tol=1e-6)
+    x = torch.randn(5, 4, 6)
+    assert math.isclose(Quantizer(4, True, "act").grad_factor(x), 1 / math.sqrt(120 * 7), rel_tol=1e-6)
+    assert math.isclose(Quantizer(4, True, "act", grad_scale="lsq").grad_factor(x), 1 / math.sqrt(24 * 7),
+                        rel_tol=1e-6)
+
+
+def test_offset_quantizer_matches_fake_quantize_with_zero_point():
+    """An unsigned quantizer with offset beta = -zp * s equals the fake-quantize op with zero point zp."""
+    x = torch.randn(200) * 0.5
+    q = Quantizer(3, False, "act", offset=True)
+    with torch.no_grad():
+        q.step.fill_(0.125)
+        q.beta.fill_(-2 * 0.125)
+        q.initialized.fill_(True)
+    y2 = torch._fake_quantize_learnable_per_tensor_affine(x, torch.tensor([0.125]), torch.tensor([2.0]), 0, 7, 1.0)
+    torch.testing.assert_close(q(x), y2, rtol=0, atol=1e-6)
+
+
+def test_mse_step_is_a_fixed_point_that_beats_max_scaling():
+    w = torch.randn(4000)
+    s = mse_step(w, -8, 7)
+    err = lambda st: float(((w / st).round().clamp(-8, 7) * st - w).pow(2).mean())  # noqa: E731
+    assert err(s) < err(w.abs().max() / 7) and err(s) <= err(s * 1.05) and err(s) <= err(s * 0.95)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_quantized_tensor_takes_at_most_2_to_the_b_values(bits):
+    """Hooks on every quantizer: each quantized weight and activation tensor has <= 2^b distinct values
+    (8 bits for the patch embedding and head); the blocks' weights and activations use the target bits."""
+    model = calibrate(quantize_vit(small_vit(), bits), torch.randn(16, 3, 16, 16))
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m.bits, o.detach())))
+             for n, q in quantizers(model).items()]
+    model(torch.randn(8, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    names = set(quantizers(model))
+    assert set(seen) == names and len(names) == 2 * (6 + 10) + 4
+    for name, (b, out) in seen.items():
+        assert out.unique().numel() <= 2 ** b, name
+        expect = 8 if name.startswith(("patch_embed", "head")) else bits
+        assert b == expect, name
+    assert sum(q.signed is False for q in quantizers(model).values()) == 2 * 2  # softmax + GELU output per block
+    assert all(q.beta is not None for n, q in quantizers(model).items() if n.endswith("fc2.aq"))
+
+
+def _naive_bin_reg(w, s, qn, qp):
+    u = (w / s).clamp(qn, qp).flatten()
+    q = u.detach().round()
+    total = (u - q).pow(2).mean()
+    for b in range(qn, qp + 1):
+        sel = u[q == b]
+        if sel.numel() > 0:
+            total = total + sel.var(unbiased=False)
+    return total
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_vectorized_regularizer_equals_the_per_bin_loop(bits):
+    torch.manual_seed(bits)
+    qn, qp = qrange(bits, True)
+    w = (torch.randn(64, 48, dtype=torch.float64) * 0.05).requires_grad_()  # float64: no cancellation noise
+    s = mse_step(w, qn, qp).double()
+    fast = bin_regularizer(w, s, qn, qp)
+    (gf,) = torch.autograd.grad(fast, w)
+    slow = _naive_bin_reg(w, s, qn, qp)
+    (gs,) = torch.autograd.grad(slow, w)
+    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gf, gs, rtol=1e-7, atol=1e-9 * float(gs.abs().max()))
+    cnt, _, var = bin_stats(w, s, qn, qp)
+    assert cnt.numel() == 2 ** bits and int(cnt.sum()) == w.numel() and (var >= 0).all()
+
+
+def test_regularizer_steps_lower_within_bin_variance_and_ramp_shape():
+    w = (torch.randn(2000) * 0.1).requires_grad_()
+    s = mse_step(w, -8, 7)
+    before = within_bin_variance(w, s, -8, 7)
+    opt = torch.optim.SGD([w], lr=1e-4)
+    for _ in range(20):
+        opt.zero_grad()
+        bin_regularizer(w, s, -8, 7).backward()
+        opt.step()
+    assert within_bin_variance(w, s, -8, 7) < before
+    assert ramp(0.1) == 0 and ramp(0.25) == 0 and math.isclose(ramp(1.0), 0.01) and 0 < ramp(0.6) < 0.01
+
+
+def test_oscillation_tracker_counts_back_and_forth_flips():
+    lay = torch.nn.Module()
+    lay.weight = torch.nn.Parameter(torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    lay.wq = Quantizer(4, True, "weight")
+    with torch.no_grad():
+        lay.wq.step.fill_(1.0)
+    tr = OscillationTracker({"l": lay})
+    for vals in ([1.0, 1.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [1.0, 3.0, 0.0, 0.0]):
+        lay.weight.data = torch.tensor(vals)
+        tr.update()
+    # weight 0 goes up, down, up: 2 oscillations in 3 steps over 4 weights; weight 1 only goes up
+    assert math.isclose(tr.rates()["l"], 2 / 4 / 3)
+
+
+def test_export_reloads_to_identical_predictions(tmp_path):
+    from lightning_dd.io import atomic_save, safe_load
+
+    model = calibrate(quantize_vit(small_vit(), 3), torch.randn(16, 3, 16, 16))
+    cfg = {"_target_": "lightning_dd.nets.vit.ViT", **SMALL}
+    atomic_save(export_quantized(model, cfg, 3, 3, 8, "reference"), tmp_path / "quantized.pt")
+    d = safe_load(tmp_path / "quantized.pt")
+    assert all(t.dtype == torch.int8 and t.unique().numel() <= 8 for n, t in d["int_weights"].items()
+               if not n.startswith(("patch_embed", "head")))
+    back = load_quantized(d, 3, 10, (16, 16))
+    x = torch.randn(64, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))
+    for n, lay in quantized_layers(back).items():
+        assert torch.equal(lay.wq(lay.weight), quantized_layers(model)[n].wq(quantized_layers(model)[n].weight))
+
+
+def test_fused_qkv_checkpoints_are_split_and_loaded_strictly():
+    src = small_vit(1)
+    state = src.state_dict()
+    fused = {k: v for k, v in state.items() if ".attn.q." not in k and ".attn.k." not in k and ".attn.v." not in k}
+    for i in range(SMALL["depth"]):
+        for part in ("weight", "bias"):
+            fused[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([state[f"blocks.{i}.attn.{n}.{part}"] for n in "qkv"])
+    assert set(split_fused_qkv(fused)) == set(state)
+    dst = load_vit_state(small_vit(2), {f"module.{k}": v for k, v in fused.items()})
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(dst.eval()(x), src.eval()(x))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_vit_state(small_vit(2), {k: v for k, v in fused.items() if k != "norm.weight"})
+
+
+def test_weight_selection_picks_uniformly_spaced_elements_of_the_first_layers():
+    assert uniform_indices(12, 4).tolist() == [0, 3, 6, 9]
+    assert uniform_indices(10, 4).tolist() == [0, 3, 6, 9]
+    assert uniform_indices(11, 4).tolist() == [0, 3, 7, 10]
+    teacher = ViT(3, 10, (16, 16), 4, embed_dim=48, depth=4, num_heads=3)
+    student = ViT(3, 7, (16, 16), 4, embed_dim=24, depth=2, num_heads=3)
+    head = student.head.weight.detach().clone()
+    weight_selection(student, teacher.state_dict())
+    t, s = teacher.state_dict(), student.state_dict()
+    idx = torch.arange(0, 48, 2)
+    torch.testing.assert_close(s["blocks.1.mlp.fc1.weight"], t["blocks.1.mlp.fc1.weight"][::2][:, idx])
+    torch.testing.assert_close(s["blocks.0.attn.q.bias"], t["blocks.0.attn.q.bias"][idx])
+    torch.testing.assert_close(s["pos_embed"], t["pos_embed"][:, :, idx])
+    assert torch.equal(s["head.weight"], head)
+    with pytest.raises(ValueError, match="teacher has no"):
+        weight_selection(ViT(3, 7, (16, 16), 4, embed_dim=24, depth=6, num_heads=3), teacher.state_dict())
