@@ -1,0 +1,256 @@
+"""CLoM: guidance of dataset distillation by a pool of trained models (Lu et al., "Can pre-trained
+models assist in dataset distillation?", arXiv 2310.03295; the paper's DDInterpreter study).
+
+The distillation loss gets an extra term computed with a *pooled* model (a network trained on the
+real data): ``L = L_DD + alpha * L_CLoM``. Two kinds (``kind``):
+
+* ``ce`` (CE-CLoM): ``CE(f(S), y_S)``, the pooled model's cross-entropy on the synthetic images.
+* ``cos`` (cosine CLoM): with ``D_ij = 1 - cos(phi(s_i), phi(r_j))`` between the pooled model's
+  penultimate features of synthetic image ``i`` and real image ``j`` and ``M_ij = [y_i = y_j]``,
+  ``sum(M * D) / sum(D)``: the share of the feature distance that lies within a class (pulls
+  synthetic images towards their class's real images relative to the other classes).
+
+The pool (:class:`ModelPool`): architectures x seeds x checkpoints per epoch (the paper's study
+axes: sub-optimal, early-epoch models and a diverse pool can help). Each iteration draws one member
+uniformly. The members are expert trajectories of :mod:`lightning_dd.methods.experts` (SGD on the
+real data with DSA, parameters recorded after every epoch), so the pool is trained once, cached
+under a directory keyed by everything that determines it, written atomically, loaded with
+``weights_only=True``, and shared with trajectory matching and the feature coresets when the
+settings agree (e.g. the CIFAR-10 ``scale=cpu`` experts).
+
+Deviations from the paper:
+
+* Pooled models are trained by the framework (no downloadable pretrained weights here): plain SGD
+  (lr ``lr``, no momentum, DSA) for ``max(epochs)`` epochs, the expert recipe of MTT.
+* Members must be buffer-free (instance norm, no BatchNorm): an expert trajectory stores the flat
+  parameters only. :meth:`ClomConfig.check_archs` says so before any work.
+
+Hook for another distillation loop (e.g. trajectory matching): build ``pool = ModelPool.build(...)``
+and ``term = ClomTerm(cfg, pool)`` once, then in each iteration, before the optimizer step,
+``term(images, labels, generator, real=(x, y)).backward()`` accumulates ``alpha * L_CLoM`` into
+the images' gradient.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from pydantic import field_validator
+
+from lightning_dd.augment.dsa import DSA
+from lightning_dd.core.config import ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Typed
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.evaluate.images import eval_net_cfg
+from lightning_dd.losses import label_loss
+from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.nets import FlatParams, build_net_cfg
+
+log = logging.getLogger(__name__)
+
+
+class ClomConfig(Typed):
+    """``method.clom``: the CLoM term and its pool (arXiv 2310.03295, Sec. 4-5).
+
+    Attributes:
+        enabled: add the term.
+        kind: ``ce`` (CE-CLoM) or ``cos`` (cosine CLoM).
+        alpha: weight of the term.
+        archs: pool architectures (names of :data:`lightning_dd.nets.ARCHITECTURES`; the run's own
+            ``net`` config when the name is the run's net, else that architecture's defaults).
+        seeds: models per architecture (seeds ``seed .. seed + seeds - 1``).
+        epochs: the checkpoints drawn from (epoch numbers >= 1; each model trains ``max(epochs)``).
+        lr, batch: the pool models' SGD lr and batch size.
+        on_augmented: compute the term on the DSA-augmented synthetic batch (default: on ``S``).
+    """
+
+    enabled: bool = False
+    kind: Literal["ce", "cos"] = "ce"
+    alpha: NonNegFloat = 1.0
+    archs: list[str] = ["ConvNet"]
+    seeds: PositiveInt = 3
+    epochs: list[PositiveInt] = [2, 3, 4, 5]
+    lr: PositiveFloat = 0.01
+    batch: PositiveInt = 256
+    on_augmented: bool = False
+
+    @field_validator("archs", "epochs")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    def check_archs(self, run_net: dict) -> None:
+        """Raises :class:`ConfigError` for an unknown or a BatchNorm (buffered) pool architecture."""
+        for name in self.archs:
+            try:
+                net = build_net_cfg(eval_net_cfg(run_net, name), 3, 10, (32, 32))
+            except ValueError as e:
+                raise ConfigError(f"method.clom.archs: {e}") from None
+            if any(True for _ in net.buffers()):
+                raise ConfigError(f"method.clom.archs: {name} has buffers (BatchNorm); pool members are stored as "
+                                  "flat parameters: use an instance-norm architecture")
+
+
+@dataclass
+class PoolMember:
+    """One pooled model: architecture index, seed index, epoch and its flat parameters ``(P,)``."""
+
+    arch: int
+    seed: int
+    epoch: int
+    theta: torch.Tensor
+
+
+class ModelPool:
+    """Trained models drawn by CLoM: ``archs x seeds x epochs`` members.
+
+    Args:
+        flats: one :class:`FlatParams` template per architecture.
+        members: the members (parameters on the device they will run on).
+        test_acc: ``{arch name: [test accuracy after max(epochs), per seed]}`` (or empty).
+    """
+
+    def __init__(self, flats: list[FlatParams], names: list[str], members: list[PoolMember],
+                 test_acc: dict | None = None, dirs: list[Path] | None = None):
+        if not members:
+            raise ValueError("empty model pool")
+        self.flats, self.names, self.members = flats, names, members
+        self.test_acc, self.dirs = test_acc or {}, dirs or []
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @classmethod
+    def build(cls, hp: ClomConfig, cfg, dm, make_trainer: TrainerFactory) -> "ModelPool":
+        """Train the missing pool models (cached) and load all of them.
+
+        The cache is the expert bank's (``paths.cache_dir/experts/<key>``), keyed by the data,
+        augmentation, architecture config, lr, ``max(epochs)``, batch and ``seed``: a change of
+        any of them trains a new pool, anything else reuses it.
+        """
+        dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+        spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
+        run_net = OmegaConf.to_container(cfg.net, resolve=True)
+        train_epochs = max(hp.epochs)
+        flats, members, accs, dirs = [], [], {}, []
+        for a, name in enumerate(hp.archs):
+            net_cfg = eval_net_cfg(run_net, name)
+            bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr, train_epochs, hp.batch,
+                              dsa=dsa, seed=int(cfg.seed), make_trainer=make_trainer)
+            t0 = time.perf_counter()
+            recs = bank.ensure(hp.seeds, dm.train_images, dm.train_labels, dm.num_classes,
+                               test=(dm.test_images, dm.test_labels))
+            log.info("CLoM pool %s: %d models in %s (%.1fs)", name, len(recs), bank.dir, time.perf_counter() - t0)
+            flats.append(FlatParams(build_net_cfg(net_cfg, dm.train_images.shape[1], dm.num_classes,
+                                                  dm.image_shape[1:]).eval()))
+            accs[name] = [r["test_acc"] for r in recs]
+            dirs.append(bank.dir)
+            for s, r in enumerate(recs):
+                members += [PoolMember(a, s, e, r["trajectory"][e].clone()) for e in hp.epochs]
+        return cls(flats, list(hp.archs), members, accs, dirs)
+
+    def to(self, device) -> "ModelPool":
+        for m in self.members:
+            m.theta = m.theta.to(device)
+        for f in self.flats:
+            f.module.to(device)
+        return self
+
+    def draw(self, generator: torch.Generator) -> PoolMember:
+        """One member, uniformly (the paper samples one pooled model per iteration)."""
+        return self.members[int(torch.randint(len(self.members), (1,), generator=generator))]
+
+    def logits(self, member: PoolMember, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, K)`` logits of ``member``, differentiable in ``x``."""
+        return self.flats[member.arch].call(member.theta, x)
+
+    def features(self, member: PoolMember, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> ``(N, D)`` penultimate features of ``member`` (input of its last linear layer)."""
+        flat = self.flats[member.arch]
+        return penultimate(flat.module, lambda inp: flat.call(member.theta, inp), x)
+
+
+def last_linear(net: torch.nn.Module) -> torch.nn.Linear:
+    """The last :class:`torch.nn.Linear` of ``net`` (its classifier).
+
+    Raises:
+        ValueError: ``net`` has no linear layer.
+    """
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no linear classifier to take penultimate features from")
+    return linears[-1]
+
+
+def penultimate(net: torch.nn.Module, forward, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features: the input of ``net``'s last linear layer while ``forward(x)`` runs.
+
+    ``forward`` is ``net`` itself or a functional call of it (:meth:`FlatParams.call`). For ConvNet
+    this is the flattened conv features, DM's ``net.embed`` in the reference code.
+
+    Shapes: ``x (N, C, H, W)`` -> ``(N, D)``.
+    """
+    feats = []
+    hook = last_linear(net).register_forward_pre_hook(lambda m, inp: feats.append(inp[0].flatten(1)))
+    try:
+        forward(x)
+    finally:
+        hook.remove()
+    return feats[0]
+
+
+def ce_clom(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE-CLoM: the pooled model's cross-entropy on the synthetic set (hard or soft labels).
+
+    Shapes: ``logits (N, K)``, ``labels (N,)`` int64 or ``(N, K)`` soft -> scalar.
+    """
+    return label_loss(logits, labels)
+
+
+def cos_clom(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+    """Cosine CLoM ``sum(M * D) / sum(D)`` with ``D = 1 - cos(f_syn_i, f_real_j)``, ``M = [y_syn_i == y_real_j]``.
+
+    Shapes: ``f_syn (S, D)``, ``y_syn (S,)``, ``f_real (R, D)``, ``y_real (R,)`` -> scalar in ``[0, 1]``.
+    """
+    d = 1 - F.normalize(f_syn, dim=1) @ F.normalize(f_real, dim=1).T  # (S, R)
+    m = (y_syn.view(-1, 1) == y_real.view(1, -1)).to(d.dtype)
+    return (m * d).sum() / d.sum().clamp_min(1e-12)
+
+
+class ClomTerm:
+    """``alpha * L_CLoM`` with one member drawn per call.
+
+    Args:
+        hp: the config; pool: the built pool (on the images' device).
+    """
+
+    def __init__(self, hp: ClomConfig, pool: ModelPool):
+        self.hp, self.pool = hp, pool
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                 real: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, PoolMember]:
+        """``(alpha * loss, the member used)``.
+
+        Shapes: ``images (N, C, H, W)``, ``labels (N,)`` (hard; ``(N, K)`` soft for ``ce``),
+        ``real = (x (R, C, H, W), y (R,))`` (needed by ``cos``).
+
+        Raises:
+            ValueError: ``cos`` without ``real``, or with soft labels.
+        """
+        member = self.pool.draw(generator)
+        if self.hp.kind == "ce":
+            loss = ce_clom(self.pool.logits(member, images), labels)
+        else:
+            if real is None or labels.dim() != 1:
+                raise ValueError("cosine CLoM needs a real batch and hard labels")
+            with torch.no_grad():
+                f_real = self.pool.features(member, real[0])
+            loss = cos_clom(self.pool.features(member, images), labels, f_real, real[1])
+        return self.hp.alpha * loss, member
