@@ -1,0 +1,123 @@
+"""Shared parts of the point-cloud video methods: the typed encoder settings, the encoder
+checkpoint (``encoder.pt``), clip features of a frozen encoder and the linear probe, video-level
+evaluation. Data: :class:`lightning_dd.data.point_video.PointVideoDataModule`."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
+from lightning_dd.data.point_video import ClipDataset, video_accuracy
+from lightning_dd.io import atomic_save, load_dict
+from lightning_dd.nets.p4transformer import P4Encoder
+
+log = logging.getLogger(__name__)
+
+
+class EncoderConfig(Typed):
+    """P4Transformer encoder settings (:class:`lightning_dd.nets.p4transformer.P4Encoder`); defaults
+    = P4Transformer's MSR-Action3D settings (radius 0.7 in mm/300 units, 32 neighbours, spatial
+    stride 32, temporal kernel 3, stride 2, dim 1024, depth 5, 8 heads, MLP 2048)."""
+
+    dim: PositiveInt = 1024
+    depth: PositiveInt = 5
+    heads: PositiveInt = 8
+    mlp_dim: PositiveInt = 2048
+    radius: PositiveFloat = 0.7
+    k: PositiveInt = 32
+    spatial_stride: PositiveInt = 32
+    tk: PositiveInt = 3
+    ts: PositiveInt = 2
+    padding: tuple[int, int] = (1, 0)
+    dropout: Fraction = 0.0
+
+    def build(self) -> P4Encoder:
+        if self.dim % self.heads:
+            raise ValueError(f"encoder.dim={self.dim} must be divisible by encoder.heads={self.heads}")
+        return P4Encoder(**self.model_dump())
+
+
+class ProbeConfig(Typed):
+    """The linear probe on frozen clip features (max- and mean-pooled encoder tokens, standardized):
+    a linear classifier, full batch, ``steps`` of Adam at ``lr`` with weight decay ``weight_decay``."""
+
+    steps: PositiveInt = 300
+    lr: PositiveFloat = 0.01
+    weight_decay: NonNegFloat = 1e-4
+    train_views: PositiveInt = 1   # augmented passes over the training clips
+
+
+def save_encoder(encoder: P4Encoder, cfg: EncoderConfig, path: Path, method: str, **extra) -> None:
+    """``encoder.pt``: ``{"encoder": state_dict, "encoder_config": dict, "method": str, ...}``, atomic."""
+    atomic_save({"encoder": encoder.state_dict(), "encoder_config": cfg.model_dump(), "method": method, **extra}, path)
+
+
+def load_encoder(path: str | Path) -> tuple[P4Encoder, EncoderConfig]:
+    """The encoder of an ``encoder.pt`` (loaded with ``weights_only=True``) and its settings.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: not an encoder checkpoint, or weights that do not fit.
+    """
+    d = load_dict(path, ("encoder", "encoder_config"), "pretrained encoder")
+    cfg = EncoderConfig.model_validate(d["encoder_config"])
+    enc = cfg.build()
+    try:
+        enc.load_state_dict(d["encoder"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: encoder weights do not fit its own encoder_config: {str(e)[:300]}") from None
+    return enc, cfg
+
+
+@torch.no_grad()
+def clip_features(encoder: P4Encoder, ds: ClipDataset, batch_size: int = 32, views: int = 1):
+    """Frozen-encoder features of every clip of ``ds``: [max, mean] over the encoder's output tokens.
+
+    Shapes:
+        Returns features ``(views * n, 2 dim)``, labels ``(views * n,)``, video indices ``(views * n,)``.
+    """
+    encoder.eval()
+    feats, labels, vids = [], [], []
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    for _ in range(views):
+        for clip, y, v in loader:
+            xyzt, f = encoder.tokens(clip)
+            out = encoder.encode(f, xyzt)
+            feats.append(torch.cat([out.amax(1), out.mean(1)], -1))
+            labels.append(y)
+            vids.append(v)
+    return torch.cat(feats), torch.cat(labels), torch.cat(vids)
+
+
+def linear_probe(encoder: P4Encoder, train: ClipDataset, test: ClipDataset, test_labels: torch.Tensor,
+                 num_classes: int, cfg: ProbeConfig, seed: int = 0) -> dict:
+    """Train a linear classifier on frozen clip features of ``train``; video accuracy on ``test``
+    (summed clip softmax scores). Returns ``{"clip_acc", "video_acc", "train_acc"}``."""
+    xtr, ytr, _ = clip_features(encoder, train, views=cfg.train_views)
+    xte, yte, vte = clip_features(encoder, test)
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    torch.manual_seed(seed)
+    lin = nn.Linear(xtr.shape[1], num_classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            opt.zero_grad()
+            F.cross_entropy(lin(xtr), ytr).backward()
+            opt.step()
+    with torch.no_grad():
+        scores = lin(xte).softmax(1)
+        return {"clip_acc": float((scores.argmax(1) == yte).float().mean()),
+                "video_acc": video_accuracy(scores, vte, test_labels),
+                "train_acc": float((lin(xtr).argmax(1) == ytr).float().mean())}
+
+
+def cosine_warmup(step: int, total: int, warmup: int) -> float:
+    """LR factor: linear warmup over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))

@@ -1,0 +1,228 @@
+"""Point-cloud videos (issue 15): point ops vs brute force, the npz reader and clips, the skeleton
+renderer on a real MSR-Action3D file, the P4Transformer tube embedding, MaST-Pre's losses, and a
+whole MaST-Pre -> fine-tune run on tiny files in the real layout."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+from lightning_dd.data.point_ops import ball_query, chamfer_l2, farthest_point_sample, gather_points
+from lightning_dd.data.point_video import (ClipDataset, PointVideoDataModule, parse_video_name, read_point_video,
+                                           video_accuracy)
+from lightning_dd.data.skeleton_render import BONES, fill_untracked, read_skeleton, render_video
+from lightning_dd.nets.p4transformer import P4Encoder
+
+SKELETON = SHARED_DATA / "msr_action3d" / "skeleton3D"
+
+
+# ---------------------------------------------------------------- point ops vs brute force
+def _fps_ref(x, m):
+    chosen, mind = [0], np.full(len(x), np.inf)
+    for _ in range(m - 1):
+        mind = np.minimum(mind, ((x - x[chosen[-1]]) ** 2).sum(1))
+        chosen.append(int(np.argmax(mind)))
+    return chosen
+
+
+def _ball_ref(r, k, x, c):
+    out = []
+    for ci in c:
+        hits = [j for j in range(len(x)) if ((x[j] - ci) ** 2).sum() < r * r][:k]
+        out.append(hits + [hits[0]] * (k - len(hits)) if hits else [0] * k)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fps_ball_query_and_chamfer_match_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 200, 3, generator=g, dtype=torch.float64)
+    idx = farthest_point_sample(x, 17)
+    for b in range(3):
+        assert idx[b].tolist() == _fps_ref(x[b].numpy(), 17)
+    centres = torch.cat([gather_points(x, idx), torch.full((3, 2, 3), 5.0, dtype=x.dtype)], 1)  # 2 with no hit
+    for r, k in [(0.15, 8), (0.3, 40), (2.0, 5)]:
+        got = ball_query(r, k, x, centres, chunk=7)
+        for b in range(3):
+            assert got[b].tolist() == _ball_ref(r, k, x[b].numpy(), centres[b].numpy()), (r, k)
+    y = torch.rand(3, 50, 3, generator=g, dtype=torch.float64)
+    ref = [np.mean([min(((p - q) ** 2).sum() for q in y[b].numpy()) for p in x[b].numpy()])
+           + np.mean([min(((p - q) ** 2).sum() for p in x[b].numpy()) for q in y[b].numpy()]) for b in range(3)]
+    assert torch.allclose(chamfer_l2(x, y, "none"), torch.tensor(ref, dtype=x.dtype))
+    assert float(chamfer_l2(x, x)) == 0.0
+    with pytest.raises(ValueError):
+        farthest_point_sample(x, 201)
+
+
+# ---------------------------------------------------------------- the npz reader and clips
+def _write(folder, name, frames, as_object=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    if as_object:
+        arr = np.empty(len(frames), dtype=object)
+        arr[:] = frames
+    else:
+        arr = np.stack(frames)
+    np.savez_compressed(folder / name, point_clouds=arr)
+
+
+def test_reader_reads_the_real_layout_and_names_bad_files(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = [rng.normal(size=(n, 3)) * 300 for n in (40, 55, 31)]  # variable counts: an object array
+    _write(tmp_path, "a03_s07_e02_sdepth.npz", frames)
+    assert parse_video_name(tmp_path / "a03_s07_e02_sdepth.npz") == (2, 7, 2)
+    with pytest.raises(ValueError, match="a03_s07_e02_sdepth.npz.*allow_pickle"):
+        read_point_video(tmp_path / "a03_s07_e02_sdepth.npz")
+    got = read_point_video(tmp_path / "a03_s07_e02_sdepth.npz", allow_pickle=True)
+    assert [f.shape for f in got] == [(40, 3), (55, 3), (31, 3)] and np.allclose(got[1].numpy(), frames[1])
+    (tmp_path / "a01_s01_e01_sdepth.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="a01_s01_e01_sdepth.npz"):
+        read_point_video(tmp_path / "a01_s01_e01_sdepth.npz")
+    np.savez(tmp_path / "a01_s01_e02_sdepth.npz", points=np.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="a01_s01_e02_sdepth.npz.*point_clouds"):
+        read_point_video(tmp_path / "a01_s01_e02_sdepth.npz")
+    np.savez(tmp_path / "a01_s01_e03_sdepth.npz", point_clouds=np.zeros((2, 4, 2)))
+    with pytest.raises(ValueError, match="a01_s01_e03_sdepth.npz.*frame 0"):
+        read_point_video(tmp_path / "a01_s01_e03_sdepth.npz")
+    with pytest.raises(FileNotFoundError, match="a09"):
+        read_point_video(tmp_path / "a09_s01_e01_sdepth.npz")
+    dm = PointVideoDataModule(format="npz", root=str(tmp_path), allow_pickle=True)
+    with pytest.raises(ValueError, match="a01_s01_e01_sdepth.npz"):
+        dm.setup()  # the corrupt file stops the setup, named
+
+
+def test_clips_resample_scale_pad_and_score_videos(tmp_path):
+    rng = np.random.default_rng(0)
+    for s in (1, 6):
+        _write(tmp_path, f"a02_s{s:02d}_e01_sdepth.npz", [rng.normal(size=(100, 3)) * 300 for _ in range(12)], False)
+    _write(tmp_path, "a05_s02_e01_sdepth.npz", [rng.normal(size=(7, 3)) + t for t in range(3)], False)  # short, few points
+    dm = PointVideoDataModule(format="npz", root=str(tmp_path), clip_len=5, frame_stride=2, num_points=16, batch_size=4)
+    dm.setup()
+    assert dm.train_labels.tolist() == [1, 4] and dm.test_labels.tolist() == [1]
+    train = dm.clips("train")
+    assert sorted(train.index) == [(0, t) for t in range(4)] + [(1, 0)]  # 12 - 2*4 starts; the short video once
+    clip, y, v = train[len(train) - 1]
+    assert clip.shape == (5, 16, 3) and int(y) == 4 and v == 1
+    # the 3-frame video: frames 0, 2, then the last frame repeated; 7 points -> each twice + 2 more
+    short = dm.train_videos[1]
+    test_view = ClipDataset([short], torch.tensor([4]), 5, 2, 1, 16, train=False)
+    c = test_view[0][0] * 300
+    for i, f in enumerate([0, 2, 2, 2, 2]):
+        rows = {tuple(np.round(p, 4)) for p in c[i].numpy()}
+        assert rows == {tuple(np.round(p, 4)) for p in short[f].numpy()}  # every point kept
+        counts = np.unique(c[i].numpy(), axis=0, return_counts=True)[1]
+        assert sorted(counts.tolist()) == [2] * 5 + [3] * 2
+    # enough points: without replacement; units mm / 300; train jitter within U(0.9, 1.1) per axis
+    tclip = dm.clips("test")[0][0]
+    assert len(np.unique(tclip[0].numpy(), axis=0)) == 16 and torch.equal(tclip, dm.clips("test")[0][0])
+    src = dm.test_videos[0][0] / 300
+    assert all(any(torch.allclose(p, q) for q in src) for p in tclip[0])
+    ratio = torch.stack([ClipDataset(dm.test_videos, dm.test_labels, 1, 1, 1, 100, train=True)[0][0][0].sort(0).values
+                         for _ in range(20)]) / src.sort(0).values
+    assert ratio.min() >= 0.9 - 1e-5 and ratio.max() <= 1.1 + 1e-5 and ratio.std() > 0.01
+    scores = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55], [0.2, 0.8]])  # video 0: summed -> 0, votes -> 1
+    assert video_accuracy(scores, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1])) == 1.0
+    assert video_accuracy(scores, torch.tensor([0, 0, 0, 1]), torch.tensor([1, 0])) == 0.0
+
+
+# ---------------------------------------------------------------- the renderer on a real file
+def test_renderer_keeps_the_camera_facing_body_surface():
+    j = read_skeleton(SKELETON / "a01_s01_e01_skeleton3D.txt")
+    assert j.shape[1:] == (20, 4)
+    joints = fill_untracked(j)[:6, :, :3]
+    video = render_video(joints, points_per_frame=400, samples_per_frame=6000, seed=0, noise=False)
+    assert video.shape == (6, 400, 3)
+    a = torch.tensor(joints[:, [b[0] for b in BONES]])
+    b = torch.tensor(joints[:, [b[1] for b in BONES]])
+    rad = torch.tensor([x[2] for x in BONES])
+    p = torch.tensor(video, dtype=torch.float64).float() / 1000.0  # mm -> m
+    d = b - a
+    t = ((p.unsqueeze(2) - a.unsqueeze(1)) * d.unsqueeze(1)).sum(-1) / d.pow(2).sum(-1).clamp_min(1e-12).unsqueeze(1)
+    q = a.unsqueeze(1) + t.clamp(0, 1).unsqueeze(-1) * d.unsqueeze(1)
+    dist = (p.unsqueeze(2) - q).norm(dim=-1)                      # (F, P, bones)
+    gap = (dist - rad).abs().min(-1)
+    # on the body surface (pixel-centre back-projection moves a point < 1 cm)
+    assert float(gap.values.max()) < 0.015, float(gap.values.max())
+    # near the joints: every point within 15 cm of a joint
+    near = (p.unsqueeze(2) - torch.tensor(joints).unsqueeze(1)).norm(dim=-1).min(-1).values
+    assert float(near.max()) < 0.6 and float(near.median()) < 0.15
+    # camera-facing: the outward normal of the nearest capsule points back to the camera
+    bone = gap.indices.unsqueeze(-1).unsqueeze(-1).expand(-1, -1, 1, 3)
+    normal = p - torch.gather(q, 2, bone).squeeze(2)
+    facing = (normal * p).sum(-1) / (normal.norm(dim=-1) * p.norm(dim=-1)).clamp_min(1e-9)
+    assert float((facing < 0.15).float().mean()) > 0.97
+    # the noisy render differs by about a centimetre in depth, not more
+    noisy = render_video(joints[:1], 400, 6000, seed=0)
+    assert 0.003 < np.abs(noisy[0, :, 2].mean() - video[0, :, 2].mean()) / 1000 + 0.005 < 0.03
+
+
+def test_untracked_frames_take_the_nearest_tracked_skeleton():
+    j = np.random.default_rng(0).normal(size=(5, 20, 3)).astype(np.float32)
+    j[[0, 3]] = 0
+    f = fill_untracked(j)
+    assert np.array_equal(f[0], j[1]) and np.array_equal(f[3], j[2]) and fill_untracked(j * 0) is None
+
+
+# ---------------------------------------------------------------- the tube embedding and MaST-Pre
+def test_tube_embedding_shapes_and_translation_invariance():
+    enc = P4Encoder(dim=32, depth=1, heads=4, mlp_dim=64, radius=0.5, k=8, spatial_stride=8)
+    x = torch.randn(2, 6, 64, 3)
+    xyzt, f, neigh = enc.tokens(x, return_neighbours=True)
+    assert xyzt.shape == (2, 3 * 8, 4) and f.shape == (2, 24, 32) and neigh.shape == (2, 24, 3, 8, 3)
+    assert xyzt[0, :, 3].tolist() == [1.0] * 8 + [2.0] * 8 + [3.0] * 8
+    _, f2 = enc.tokens(x + torch.tensor([3.0, -1.0, 2.0]))
+    assert torch.allclose(f, f2, atol=1e-4)  # features see displacements only
+    assert (neigh[:, :, 1].norm(dim=-1) < 0.5 + 1e-5).all()  # the anchor's own frame always has hits
+
+
+def test_mast_pre_losses_fall_on_a_fixed_batch():
+    from lightning_dd.methods.point_video.mast_pre import MaSTPre, MaSTPreModule, soft_cardinality
+
+    counts = soft_cardinality(torch.tensor([[[0.1, 0.3, 0.0]] * 4 + [[-0.1, -0.3, 0.0]] * 4]), radius=0.7)
+    assert torch.allclose(counts.sum(-1), torch.ones(1)) and counts[0, 0] > 0.4 and counts[0, 6] > 0.4
+    torch.manual_seed(0)
+    hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
+                                                radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    m = MaSTPreModule(hp.encoder.build(), hp, 10)
+    x = torch.randn(4, 6, 64, 3)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        out = m.losses(x)
+        first = first or {k: v.item() for k, v in out.items()}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["loss"]) < 0.7 * first["loss"] and float(out["points"]) < first["points"]
+
+
+@pytest.mark.slow
+def test_mast_pre_then_finetune_runs_on_tiny_npz_files(tmp_path):
+    """`train.py experiment=mast_pre_msr scale=cpu` on a tiny folder in the real layout, then
+    `experiment=msr_finetune method.pretrained=<encoder.pt>` (weights_only load)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "npz"
+    for a in (1, 2):
+        for s in (1, 2, 6, 7):
+            centre = np.array([0.0, 0.0, 2700.0]) + (200.0 if a == 2 else 0.0)
+            _write(data, f"a{a:02d}_s{s:02d}_e01_sdepth.npz",
+                   [centre + rng.normal(size=(300, 3)) * (300 + 100 * a) for _ in range(18)], False)
+    common = ["scale=cpu", "data.format=npz", f"data.root={data}", "data.num_classes=2", "logger.wandb.enabled=false",
+              "trainer.enable_progress_bar=false", "data.clip_step=2", "data.test_clip_step=2"]
+    env = {"LDD_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    import os
+
+    def train(*args):
+        p = subprocess.run([sys.executable, "train.py", *common, *args], cwd=ROOT, env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    train("experiment=mast_pre_msr", "method.epochs=2", f"hydra.run.dir={tmp_path / 'pre'}")
+    m = json.loads((tmp_path / "pre" / "metrics.json").read_text())
+    assert 0 <= m["eval/linear_probe/video_acc"] <= 1 and "eval/linear_probe_random/video_acc" in m
+    enc = tmp_path / "pre" / "encoder.pt"
+    assert set(torch.load(enc, weights_only=True)) >= {"encoder", "encoder_config"}
+    train("experiment=msr_finetune", f"method.pretrained={enc}", "method.epochs=1", f"hydra.run.dir={tmp_path / 'ft'}")
+    m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert 0 <= m["eval/video_acc"] <= 1 and m["train/labelled_videos"] == 4
