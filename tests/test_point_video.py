@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from lightning_dd.data.point_ops import ball_query, chamfer_l2, farthest_point_sample, gather_points
+from lightning_dd.nets.point_ops import ball_query, chamfer_l2, farthest_point_sample, gather_points
 from lightning_dd.data.point_video import (ClipDataset, PointVideoDataModule, parse_video_name, read_point_video,
                                            video_accuracy)
 from lightning_dd.data.skeleton_render import BONES, fill_untracked, read_skeleton, render_video
@@ -226,3 +226,32 @@ def test_mast_pre_then_finetune_runs_on_tiny_npz_files(tmp_path):
     train("experiment=msr_finetune", f"method.pretrained={enc}", "method.epochs=1", f"hydra.run.dir={tmp_path / 'ft'}")
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert 0 <= m["eval/video_acc"] <= 1 and m["train/labelled_videos"] == 4
+
+
+def test_point_contrast_matches_tokens_and_its_losses_fall():
+    from lightning_dd.methods.point_video.point_contrast import (PointContrast, PointContrastModule, kmeans,
+                                                                 match_tokens)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(2, 10, 3, generator=g), torch.arange(1.0, 3.0).repeat_interleave(5).view(1, 10, 1).expand(2, 10, 1)], -1)
+    perm = torch.randperm(10, generator=g)
+    scaled = x[:, perm] * torch.tensor([1.1, 0.9, 1.05, 1.0])  # view 2: shuffled, scaled per axis
+    assert torch.equal(perm[match_tokens(x, scaled)], torch.arange(10).expand(2, 10))
+    blobs = torch.cat([torch.randn(2, 6, 2, generator=g) * 0.01, torch.randn(2, 6, 2, generator=g) * 0.01 + 5], 1)
+    ids = kmeans(blobs, 2, 3)
+    assert (ids[:, :6] == ids[:, :1]).all() and (ids[:, 6:] != ids[:, :1]).all()
+    torch.manual_seed(0)
+    hp = PointContrast(name="pc", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8),
+                       proj_dim=16, superpoints=4)
+    m = PointContrastModule(hp.encoder.build(), hp, 10)
+    clip = torch.randn(4, 1, 6, 64, 3)
+    views = torch.cat([clip, clip * torch.tensor([1.05, 0.95, 1.0])], 1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        out = m.losses(views)
+        first = first or out["loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.6 * first

@@ -1,6 +1,6 @@
 """P4Transformer (Fan, Yang & Kankanhalli, "Point 4D Transformer Networks for Spatio-Temporal
 Modeling in Point Cloud Videos", CVPR 2021), the backbone of MaST-Pre (ICCV 2023) and PointCPSC
-(ICCV 2023), in pure PyTorch (point ops from :mod:`lightning_dd.data.point_ops`).
+(ICCV 2023), in pure PyTorch (point ops from :mod:`lightning_dd.nets.point_ops`).
 
 * :class:`P4DConv`, the point-tube embedding (Sec. 3.1): anchors by farthest point sampling on every
   ``ts``-th frame (after replicate-padding ``padding`` frames at the start/end), a temporal kernel of
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lightning_dd.data.point_ops import ball_query, farthest_point_sample, gather_points
+from lightning_dd.nets.point_ops import ball_query, farthest_point_sample, gather_points
 
 
 class P4DConv(nn.Module):

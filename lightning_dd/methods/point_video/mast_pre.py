@@ -8,7 +8,7 @@ visible tokens (linearly projected) and one shared mask token per masked tube, e
 decoder position embedding, and predicts for every masked tube
 
 * its point patch in each of the ``tk`` kernel frames: the ``k`` neighbour displacements of the
-  ball query, scored by Chamfer-L2 per frame (:func:`~lightning_dd.data.point_ops.chamfer_l2`),
+  ball query, scored by Chamfer-L2 per frame (:func:`~lightning_dd.nets.point_ops.chamfer_l2`),
   averaged over the frames (Sec. 3.3, "point cloud reconstruction");
 * its temporal cardinality differences (Sec. 3.4): per kernel frame the soft counts of the
   neighbours in 2 elevation x 4 azimuth bins (:func:`soft_cardinality`), differenced between
@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
-from lightning_dd.data.point_ops import chamfer_l2
+from lightning_dd.nets.point_ops import chamfer_l2
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.point_video.common import (EncoderConfig, ProbeConfig, cosine_warmup, linear_probe,
                                                      load_encoder, save_encoder)
