@@ -29,7 +29,7 @@ def test_quantizer_matches_pytorch_learnable_fake_quantize(bits, signed, mode):
     torch._fake_quantize_learnable_per_tensor_affine's at the same gradient factor."""
     torch.manual_seed(bits)
     x = (torch.randn(6, 50) * 1.3).requires_grad_()
-    q = Quantizer(bits, signed, "act", grad_scale=mode)
+    q = Quantizer(bits, signed, "act", grad_scale=mode, impl="explicit")
     q.init_act(x.detach())
     with torch.no_grad():
         q.step.mul_(0.7)  # push some values outside the range
@@ -48,6 +48,24 @@ def test_quantizer_matches_pytorch_learnable_fake_quantize(bits, signed, mode):
     assert torch.equal(x.grad == 0, x2.grad == 0)
     torch.testing.assert_close(q.step.grad.reshape(1), s2.grad, rtol=1e-4, atol=1e-6)
     assert ((y.detach() / q.step.detach()).round() - y.detach() / q.step.detach()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_fused_and_explicit_quantizers_agree(offset):
+    """The default (fused-kernel) path equals the explicit one in values and in every gradient."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 30) * 0.8 - 0.1
+    dy = torch.randn(4, 30)
+    outs = []
+    for impl in ("explicit", "fused"):
+        q = Quantizer(3, not offset, "act", offset=offset, impl=impl)
+        q.init_act(x)
+        xi = x.clone().requires_grad_()
+        (q(xi) * dy).sum().backward()
+        outs.append((q(x).detach(), xi.grad, q.step.grad, q.beta.grad if offset else None))
+    for a, b in zip(*outs):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_factor_conventions():

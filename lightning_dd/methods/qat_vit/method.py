@@ -56,6 +56,11 @@ class QATViT(Method):
             crop_scale, warmup_epochs: QAT. reg_weight / reg_start: the regularizer's peak weight
             and the training fraction before it starts.
         calib_images: images of the batch that calibrates the activation steps.
+        eval_per_class: test accuracies on this many test images per class (the first ones; null =
+            the whole test set; CPU presets only, to keep six evaluations cheap).
+        stream_train: read the training images from disk through the DataModule's
+            ``streaming_dataset("train")`` (ImageNet; standard random-resized-crop transform, then
+            the multi-crop views of it) instead of the in-memory tensors; ``loader_workers`` workers.
         baselines: ``ptq`` and/or ``qat_noreg``, run in the same run.
     """
 
@@ -84,6 +89,9 @@ class QATViT(Method):
     reg_weight: NonNegFloat = 0.01
     reg_start: Fraction = 0.25
     calib_images: PositiveInt = 256
+    stream_train: bool = False
+    eval_per_class: PositiveInt | None = None
+    loader_workers: NonNegInt = 0
     baselines: list[Literal["ptq", "qat_noreg"]] = ["ptq", "qat_noreg"]
 
     def check(self, cfg: DictConfig) -> None:
@@ -125,7 +133,7 @@ class QATViT(Method):
         if path.is_file():
             d = load_dict(path, ("net_cfg", "state_dict"), "cached FP ViT")
             net = load_vit_state(self._build(ctx, net_cfg), d["state_dict"])
-            log.info("FP ViT from the cache %s (test acc %.4f)", path, d.get("test_acc", float("nan")))
+            log.info("FP ViT from the cache %s", path)
             return net.to(dev).eval(), {"path": str(path), "cached": True, "seconds": 0.0}
         quiet_lightning()
         L.seed_everything(ctx.seed, verbose=False)
@@ -135,19 +143,29 @@ class QATViT(Method):
             src = load_dict(self.fp_init_from, ("state_dict",), "weight-selection source (method.fp_init_from)")
             from lightning_dd.nets.vit import split_fused_qkv
             weight_selection(net, split_fused_qkv(src["state_dict"]))
-        loader = batch_loader(dm.train_images, dm.train_labels, self.fp_batch_size, epochs=1, seed=ctx.seed)
+        loader = self._loader(ctx, self.fp_batch_size)
         steps = self.fp_epochs * len(loader)
         module = FPModule(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
                           dm.image_shape[1:], self.label_smoothing)
         ctx.trainer("fp", max_epochs=self.fp_epochs, logger=ctx.loggers).fit(module, loader)
         net = net.to(dev).eval()
         secs = time.perf_counter() - t0
-        acc = accuracy(net, dm.test_images, dm.test_labels)
+        acc = accuracy(net, dm.test_images, dm.test_labels) if self.eval_per_class is None else None
         atomic_save({"net_cfg": net_cfg, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                      "test_acc": acc, "spec": spec, "seconds": secs}, path)
         (path.parent / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
-        log.info("FP ViT: %d epochs in %.0fs, test acc %.4f -> %s", self.fp_epochs, secs, acc, path)
+        log.info("FP ViT: %d epochs in %.0fs -> %s", self.fp_epochs, secs, path)
         return net, {"path": str(path), "cached": False, "seconds": secs}
+
+    def _loader(self, ctx: RunContext, batch: int):
+        """Training batches ``(x (B, C, H, W), y (B,))``: in-memory tensors, or streamed from disk."""
+        if not self.stream_train:
+            return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1, seed=ctx.seed)
+        if not hasattr(ctx.dm, "streaming_dataset"):
+            raise ConfigError(f"method.stream_train: {type(ctx.dm).__name__} has no streaming_dataset")
+        return torch.utils.data.DataLoader(ctx.dm.streaming_dataset("train"), batch_size=batch, shuffle=True,
+                                           drop_last=True, num_workers=self.loader_workers,
+                                           persistent_workers=self.loader_workers > 0)
 
     def ptq(self, ctx: RunContext, fp: ViT) -> ViT:
         """Post-training quantization: :func:`quantize_vit` of ``fp``, weight steps by the MSE fit,
@@ -165,7 +183,7 @@ class QATViT(Method):
         L.seed_everything(ctx.seed, verbose=False)
         student = copy.deepcopy(init).train()
         per_step = max(1, self.batch_size // self.num_crops)
-        loader = batch_loader(ctx.dm.train_images, ctx.dm.train_labels, per_step, epochs=1, seed=ctx.seed)
+        loader = self._loader(ctx, per_step)
         steps = self.epochs * len(loader)
         module = QATModule(student, fp, self.lr, self.weight_decay, steps, self.warmup_epochs * len(loader),
                            self.num_crops, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
@@ -246,16 +264,24 @@ class QATViT(Method):
         test predictions equal to the fake-quantized model's; 1.0 expected)."""
         dm, res = ctx.dm, {}
         dev = run_device(ctx.trainer.accelerator)
+        xs, ys = dm.test_images, dm.test_labels
+        if self.eval_per_class:
+            keep = torch.cat([(ys == c).nonzero().flatten()[: self.eval_per_class] for c in range(dm.num_classes)])
+            xs, ys = xs[keep], ys[keep]
+            res["eval/test_images"] = len(ys)
         for name, model in out.extras.get("models", {}).items():
-            res[f"eval/{name}/acc"] = accuracy(model.to(dev), dm.test_images, dm.test_labels)
+            res[f"eval/{name}/acc"] = accuracy(model.to(dev), xs, ys)
         path = out.extras.get("quantized_path")
         if path:
             d = safe_load(path, "quantized model")
             q = load_quantized(d, dm.image_shape[0], dm.num_classes, dm.image_shape[1:]).to(dev)
-            res["eval/qat/export_acc"] = accuracy(q, dm.test_images, dm.test_labels)
             ref = out.extras["models"]["qat"].to(dev).eval()
+            agree = correct = 0
             with torch.no_grad():
-                agree = sum(int((q(x.to(dev)).argmax(1) == ref(x.to(dev)).argmax(1)).sum())
-                            for x in dm.test_images.split(500))
-            res["eval/qat/export_agree"] = agree / max(1, len(dm.test_images))
+                for x, y in zip(xs.split(500), ys.split(500)):
+                    pq = q(x.to(dev)).argmax(1).cpu()
+                    agree += int((pq == ref(x.to(dev)).argmax(1).cpu()).sum())
+                    correct += int((pq == y).sum())
+            res["eval/qat/export_acc"] = correct / max(1, len(ys))
+            res["eval/qat/export_agree"] = agree / max(1, len(ys))
         return res

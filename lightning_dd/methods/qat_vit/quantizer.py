@@ -84,7 +84,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mse_step(w: torch.Tensor, qn: int, qp: int, iters: int = 30, starts: int = 16) -> torch.Tensor:
+def mse_step(w: torch.Tensor, qn: int, qp: int, iters: int = 12, starts: int = 8) -> torch.Tensor:
     """The step ``s`` minimizing ``||w - s * clamp(round(w/s), qn, qp)||^2`` by fixed-point
     iteration (given the integers ``q``, the best step is ``<w, q> / <q, q>``; repeat), run from
     ``starts`` initial steps ``max|w| / qp * linspace(1/starts, 1, starts)`` at once (the iteration
@@ -114,6 +114,11 @@ class Quantizer(nn.Module):
             batch in :meth:`forward`); also selects the gradient-scale formula.
         offset: learn an offset ``beta`` (the unsigned GELU output, whose minimum is about -0.17).
         grad_scale: ``"reference"`` | ``"lsq"`` (module docstring).
+        impl: ``"fused"`` (default): PyTorch's fused learnable fake-quantize kernel
+            (``torch._fake_quantize_learnable_per_tensor_affine``, one pass forward and backward,
+            the offset subtracted before and added after it); ``"explicit"``: :meth:`explicit`, the
+            same computation written out (the tests check that both agree in values and gradients).
+            The fused kernel is the faster of the two on CPU (benchmarks/qat_step.py).
 
     Attributes:
         step: ``()`` parameter. beta: ``()`` parameter (``offset``) or ``None``.
@@ -124,14 +129,16 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, bits: int, signed: bool, kind: Literal["weight", "act"] = "act", offset: bool = False,
-                 grad_scale: GradScale = "reference"):
+                 grad_scale: GradScale = "reference", impl: Literal["fused", "explicit"] = "fused"):
         super().__init__()
         self.bits, self.signed, self.kind, self.grad_mode = bits, signed, kind, grad_scale
         self.qn, self.qp = qrange(bits, signed)
         self.step = nn.Parameter(torch.tensor(1.0))
         self.beta = nn.Parameter(torch.tensor(0.0)) if offset else None
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("_zero", torch.zeros(1), persistent=False)
         self.enabled = True
+        self.impl = impl
 
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}, signed={self.signed}, offset={self.beta is not None}"
@@ -175,9 +182,19 @@ class Quantizer(nn.Module):
                 self.init_weight(x)
             else:
                 self.init_act(x)
-        s = self.step.clamp(min=1e-8)
         g = self.grad_factor(x) if torch.is_grad_enabled() and self.step.requires_grad else 1.0
-        s = grad_scale(s, g)
+        if self.impl == "fused":
+            beta = grad_scale(self.beta, g) if self.beta is not None else None
+            xc = x - beta if beta is not None else x
+            y = torch._fake_quantize_learnable_per_tensor_affine(
+                xc, self.step.clamp(min=1e-8).reshape(1), self._zero, self.qn, self.qp, g)
+            return y + beta if beta is not None else y
+        return self.explicit(x, g)
+
+    def explicit(self, x: torch.Tensor, g: float = 1.0) -> torch.Tensor:
+        """The quantizer written out (module docstring): ``s * clamp(round_ste((x - beta)/s)) + beta``
+        with ``s``, ``beta`` gradient-scaled by ``g``. Same values and gradients as the fused path."""
+        s = grad_scale(self.step.clamp(min=1e-8), g)
         if self.beta is None:
             return s * self._clamp(round_ste(x / s))
         beta = grad_scale(self.beta, g)

@@ -1,0 +1,93 @@
+"""Time one QAT training step of a quantized ViT against one FP training step of the same ViT on the
+same batch, in the same run, and print the ratio (target: under 2x).
+
+Both steps: forward, cross-entropy (the QAT step: soft cross-entropy against fixed teacher logits,
+so the teacher's forward is not counted), backward, AdamW update. The QAT step optionally adds the
+bin regularizer (``--reg``, as in the last 75% of QAT). Each configuration runs ``--warmup`` steps,
+then the median of ``--repeats`` steps is reported (interleaved FP / QAT rounds, so machine load
+hits both alike).
+
+    python benchmarks/qat_step.py                              # the CIFAR ViT (192 wide, depth 6), batch 128
+    python benchmarks/qat_step.py --bits 2 --reg --batch 64
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--patch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--reg", action="store_true", help="add the bin regularizer to the QAT loss")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_dd.losses import soft_cross_entropy
+    from lightning_dd.methods.qat_vit.model import calibrate, quantize_vit, quantized_layers
+    from lightning_dd.methods.qat_vit.regularizer import bin_regularizer
+    from lightning_dd.nets.vit import ViT
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fp = ViT(3, 10, (args.size, args.size), args.patch, embed_dim=args.dim, depth=args.depth, num_heads=args.heads)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 10, (args.batch,))
+    q = calibrate(quantize_vit(fp, args.bits), x).train()
+    fp.train()
+    with torch.no_grad():
+        target = fp(x)
+    layers = list(quantized_layers(q).values())
+    opt_fp = torch.optim.AdamW(fp.parameters(), 1e-4)
+    opt_q = torch.optim.AdamW(q.parameters(), 1e-4)
+
+    def fp_step():
+        loss = F.cross_entropy(fp(x), y)
+        opt_fp.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_fp.step()
+
+    def qat_step():
+        loss = soft_cross_entropy(q(x), target)
+        if args.reg:
+            loss = loss + 0.01 * sum(bin_regularizer(m.weight, m.wq.step, m.wq.qn, m.wq.qp) for m in layers)
+        opt_q.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_q.step()
+
+    for _ in range(args.warmup):
+        fp_step()
+        qat_step()
+    t_fp, t_q = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((fp_step, t_fp), (qat_step, t_q)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    a, b = statistics.median(t_fp), statistics.median(t_q)
+    print(f"ViT dim {args.dim} depth {args.depth} patch {args.patch} at {args.size}px, batch {args.batch}, "
+          f"W{args.bits}A{args.bits}{' + bin regularizer' if args.reg else ''}, {torch.get_num_threads()} threads")
+    print(f"FP step  {a * 1000:8.1f} ms (median of {args.repeats})")
+    print(f"QAT step {b * 1000:8.1f} ms (median of {args.repeats})")
+    print(f"ratio QAT / FP: {b / a:.2f}x (target < 2x)")
+
+
+if __name__ == "__main__":
+    main()
