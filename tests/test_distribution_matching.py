@@ -1,0 +1,173 @@
+"""Distribution matching (arXiv 2110.04181) and CLoM (arXiv 2310.03295): the loss, its vectorized
+form against the reference's per-class loop, the cosine CLoM formula, the cached model pool, and a
+short real-CIFAR run."""
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from lightning_dd.augment.dsa import DSA
+from lightning_dd.core.config import ConfigError
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool, cos_clom, penultimate
+from lightning_dd.methods.distribution_matching import (DistributionMatching, DMMethod, class_table, dm_loss,
+                                                        sample_per_class, siamese_dsa)
+from lightning_dd.nets import build_net
+
+
+def test_dm_loss_is_zero_iff_every_class_mean_matches():
+    g = torch.Generator().manual_seed(0)
+    f_real = torch.randn(4, 16, 8, generator=g)
+    noise = torch.randn(4, 3, 8, generator=g)
+    f_syn = noise - noise.mean(1, keepdim=True) + f_real.mean(1, keepdim=True)  # same class means
+    assert dm_loss(f_real, f_syn).item() < 1e-10
+    for c in range(4):  # any single class off -> positive, equal to that class's squared mean gap
+        off = f_syn.clone()
+        off[c, 0] += 0.3
+        expected = ((f_real[c].mean(0) - off[c].mean(0)) ** 2).sum()
+        assert dm_loss(f_real, off).item() == pytest.approx(expected.item(), rel=1e-4)
+        assert dm_loss(f_real, off).item() > 1e-4
+    # swapping two classes' synthetic sets breaks the match (the loss is per class, not global)
+    assert dm_loss(f_real, f_syn[[1, 0, 2, 3]]).item() > 1e-2
+
+
+def test_vectorized_dm_step_equals_the_reference_per_class_loop():
+    """One forward of all classes + grouped siamese DSA == the reference loop (per class: DSA with a
+    shared draw on real and synthetic, embed, squared mean gap), in loss and pixel gradient."""
+    torch.manual_seed(0)
+    C, B, I = 5, 7, 3
+    net = build_net("ConvNet", 3, C, (16, 16), width=8, depth=2).requires_grad_(False)
+    real = torch.randn(C, B, 3, 16, 16)
+    syn = torch.randn(C, I, 3, 16, 16, requires_grad=True)
+    dsa = DSA()
+    fast_r, fast_s = siamese_dsa(dsa, real, syn, torch.Generator().manual_seed(3))
+    f_r = penultimate(net, net, fast_r.flatten(0, 1)).unflatten(0, (C, B))
+    f_s = penultimate(net, net, fast_s.flatten(0, 1)).unflatten(0, (C, I))
+    loss = dm_loss(f_r, f_s)
+    (grad,) = torch.autograd.grad(loss, syn)
+
+    g = torch.Generator().manual_seed(3)
+    naive = torch.zeros(())
+    families = set()
+    for c in range(C):
+        p = dsa.sample(max(B, I), (16, 16), generator=g)
+        families.add(p.ops)
+        r = dsa.apply(real[c], p.index(torch.arange(B)))
+        s = dsa.apply(syn[c], p.index(torch.arange(I)))
+        naive = naive + (penultimate(net, net, r).mean(0) - penultimate(net, net, s).mean(0)).pow(2).sum()
+    (grad_naive,) = torch.autograd.grad(naive, syn)
+    assert len(families) > 1  # the grouping by DSA family was exercised
+    assert torch.allclose(loss, naive, rtol=1e-4)
+    assert torch.allclose(grad, grad_naive, rtol=1e-3, atol=1e-6)
+    assert grad.abs().sum() > 0
+
+
+def test_real_batches_are_distinct_and_from_their_class():
+    labels = torch.tensor([0, 1, 2] * 20 + [2] * 5)
+    table, counts = class_table(labels, 3)
+    idx = sample_per_class(table, counts, 15, torch.Generator().manual_seed(0))
+    assert idx.shape == (3, 15)
+    for c in range(3):
+        assert (labels[idx[c]] == c).all() and len(set(idx[c].tolist())) == 15
+    assert sample_per_class(table, counts, 100, torch.Generator()).shape == (3, 20)  # capped at the smallest class
+    with pytest.raises(ValueError, match="without training images"):
+        class_table(torch.tensor([0, 0, 2]), 3)
+
+
+def test_cosine_clom_matches_the_naive_formula():
+    g = torch.Generator().manual_seed(1)
+    f_s, f_r = torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g)
+    y_s, y_r = torch.randint(3, (6,), generator=g), torch.randint(3, (9,), generator=g)
+    num = den = 0.0
+    for i in range(6):
+        for j in range(9):
+            d = 1 - float(torch.dot(f_s[i], f_r[j]) / (f_s[i].norm() * f_r[j].norm()))
+            num += d * (y_s[i] == y_r[j]).item()
+            den += d
+    assert cos_clom(f_s, y_s, f_r, y_r).item() == pytest.approx(num / den, rel=1e-5)
+    # synthetic features equal to their class's real features and orthogonal to the others -> 0
+    e = torch.eye(3)
+    assert cos_clom(e, torch.arange(3), e.repeat(2, 1), torch.arange(3).repeat(2)).item() == pytest.approx(0, abs=1e-6)
+
+
+class _TinyData:
+    """A DataModule stand-in: 2 classes of 4x8x8 random images (enough to train a pool)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.train_labels = torch.arange(40) % 2
+        self.train_images = torch.randn(40, 3, 8, 8, generator=g) + self.train_labels.view(-1, 1, 1, 1)
+        self.test_images, self.test_labels = self.train_images[:10], self.train_labels[:10]
+        self.num_classes, self.image_shape = 2, (3, 8, 8)
+
+    def identity(self):
+        return {"name": "tiny", "n": 40}
+
+
+def _pool_cfg(cache: Path):
+    return OmegaConf.create({"augment": {"dsa_enabled": False, "dsa": {}}, "paths": {"cache_dir": str(cache)},
+                             "net": {"name": "ConvNet", "width": 4, "depth": 1}, "seed": 0})
+
+
+def test_pool_is_trained_once_and_keyed_by_its_config(tmp_path):
+    hp = ClomConfig(enabled=True, archs=["ConvNet"], seeds=2, epochs=[1, 2], batch=16)
+    dm, cfg = _TinyData(), _pool_cfg(tmp_path)
+    make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    pool = ModelPool.build(hp, cfg, dm, make)
+    assert len(pool) == 4 and sorted((m.seed, m.epoch) for m in pool.members) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert len(make.built) == 2  # one training per seed
+    first = [m.theta for m in pool.members]
+    again = ModelPool.build(hp, cfg, dm, make)
+    assert len(make.built) == 2  # reused from the cache: nothing trained
+    assert all(torch.equal(a, m.theta) for a, m in zip(first, again.members))
+    other = ModelPool.build(hp.model_copy(update={"lr": 0.05}), cfg, dm, make)  # another config -> another pool
+    assert len(make.built) == 4 and other.dirs[0] != pool.dirs[0]
+    # epochs 1 and 2 of one model differ; the members run and give CE-CLoM gradients on the images only
+    assert not torch.equal(pool.members[0].theta, pool.members[1].theta)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    term, member = ClomTerm(hp, pool)(x, torch.tensor([0, 1, 0, 1]), torch.Generator().manual_seed(0))
+    ce = F.cross_entropy(pool.logits(member, x), torch.tensor([0, 1, 0, 1]))
+    assert term.item() == pytest.approx(hp.alpha * ce.item())
+    term.backward()
+    assert x.grad.abs().sum() > 0 and not member.theta.requires_grad
+
+
+def test_pool_rejects_batchnorm_architectures():
+    cfg = OmegaConf.create({"net": {"name": "ConvNet", "width": 8}, "stage": "all"})
+    DMMethod(name="dm", clom={"enabled": True, "archs": ["ConvNet", "ResNet18"]}).check(cfg)
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        DMMethod(name="dm", clom={"enabled": True, "archs": ["ResNet18BN"]}).check(cfg)
+    with pytest.raises(ConfigError, match="clom.archs"):
+        DMMethod(name="dm", clom={"enabled": True, "archs": ["NoSuchNet"]}).check(cfg)
+
+
+def _probe(module, iterations):
+    """Mean DM loss over fixed probe iterations (fixed nets, real batches and DSA draws)."""
+    with torch.no_grad():
+        return sum(float(module.dm_step_loss(k)[1]["distill/loss_dm"]) for k in iterations) / len(iterations)
+
+
+@pytest.mark.slow
+def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_dir, tmp_path):
+    from lightning_dd.data import CIFARDataModule
+    from lightning_dd.data.batches import StepLoader
+
+    dm = CIFARDataModule(root=str(shared_data / "cifar10"), zca=True, train_per_class=100, cache_dir=str(cache_dir))
+    dm.setup()
+    x, y = dm.random_subset(2, 0)
+    hp = DMMethod(name="dm", ipc=2, iterations=12, batch_real=16, lr_img=1.0)
+    module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes,
+                                  {"name": "ConvNet", "width": 16}, hp, DSA(), seed=0)
+    probes = range(10_000, 10_006)
+    before = _probe(module, probes)
+    trainer = TrainerFactory(accelerator="cpu", enable_progress_bar=False)("distill", max_steps=hp.iterations,
+                                                                         max_epochs=1)
+    trainer.fit(module, StepLoader(hp.iterations, lambda: module.global_step))
+    assert trainer.global_step == hp.iterations
+    after = _probe(module, probes)
+    assert after < 0.9 * before, (before, after)
+    images, labels, lr = module.current_set()
+    assert torch.equal(labels, y) and lr is None and not torch.equal(images, x)
