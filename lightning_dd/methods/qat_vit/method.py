@@ -60,7 +60,9 @@ class QATViT(Method):
             the whole test set; CPU presets only, to keep six evaluations cheap).
         stream_train: read the training images from disk through the DataModule's
             ``streaming_dataset("train")`` (ImageNet; standard random-resized-crop transform, then
-            the multi-crop views of it) instead of the in-memory tensors; ``loader_workers`` workers.
+            the multi-crop views of it) instead of the in-memory tensors; ``loader_workers`` workers;
+            ``stream_per_class`` files per class (null = all; independent of ``data.train_per_class``,
+            which then only sizes the in-memory calibration sample).
         baselines: ``ptq`` and/or ``qat_noreg``, run in the same run.
     """
 
@@ -90,6 +92,7 @@ class QATViT(Method):
     reg_start: Fraction = 0.25
     calib_images: PositiveInt = 256
     stream_train: bool = False
+    stream_per_class: PositiveInt | None = None
     eval_per_class: PositiveInt | None = None
     loader_workers: NonNegInt = 0
     baselines: list[Literal["ptq", "qat_noreg"]] = ["ptq", "qat_noreg"]
@@ -128,7 +131,8 @@ class QATViT(Method):
             return net.to(dev).eval(), {"path": self.fp_ckpt, "cached": True, "seconds": 0.0}
         spec = {"data": dm.identity(), "net": net_cfg, "seed": ctx.seed, "epochs": self.fp_epochs, "lr": self.fp_lr,
                 "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
-                "ls": self.label_smoothing, "init_from": self.fp_init_from}
+                "ls": self.label_smoothing, "init_from": self.fp_init_from,
+                "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
         path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / experts_key(spec) / "fp.pt"
         if path.is_file():
             d = load_dict(path, ("net_cfg", "state_dict"), "cached FP ViT")
@@ -161,9 +165,14 @@ class QATViT(Method):
         """Training batches ``(x (B, C, H, W), y (B,))``: in-memory tensors, or streamed from disk."""
         if not self.stream_train:
             return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1, seed=ctx.seed)
-        if not hasattr(ctx.dm, "streaming_dataset"):
-            raise ConfigError(f"method.stream_train: {type(ctx.dm).__name__} has no streaming_dataset")
-        return torch.utils.data.DataLoader(ctx.dm.streaming_dataset("train"), batch_size=batch, shuffle=True,
+        from lightning_dd.data.imagenet import image_folder_dataset
+
+        dm = ctx.dm
+        if not hasattr(dm, "layout"):
+            raise ConfigError(f"method.stream_train: {type(dm).__name__} is not an image-folder DataModule")
+        ds = image_folder_dataset(dm.root, "train", dm.layout, dm.image_size, dm.resize_size, self.stream_per_class,
+                                  dm.subset_seed)
+        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True,
                                            drop_last=True, num_workers=self.loader_workers,
                                            persistent_workers=self.loader_workers > 0)
 
