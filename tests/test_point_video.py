@@ -255,3 +255,23 @@ def test_point_contrast_matches_tokens_and_its_losses_fall():
         out["loss"].backward()
         opt.step()
     assert out["loss"].item() < 0.6 * first
+
+
+def test_paper_and_cpu_sizes_of_the_point_video_experiments():
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dd.nets.p4transformer import P4DConv
+
+    for exp in ("mast_pre_msr", "msr_finetune", "point_contrast_msr"):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            paper = compose("train", overrides=[f"experiment={exp}"])
+            cpu = compose("train", overrides=[f"experiment={exp}", "scale=cpu"])
+        e = paper.method.encoder
+        assert (paper.data.clip_len, paper.data.num_points, e.radius, e.dim, e.depth) == (24, 2048, 0.7, 1024, 5)
+        assert (cpu.data.clip_len, cpu.data.num_points, cpu.method.encoder.dim, cpu.method.encoder.depth) == (16, 256, 128, 4)
+        tube = P4DConv(8, 0.7, 4, cpu.method.encoder.spatial_stride, cpu.method.encoder.tk, cpu.method.encoder.ts)
+        assert len(tube.anchor_frames(cpu.data.clip_len)) * cpu.data.num_points // cpu.method.encoder.spatial_stride == 128
+    assert paper.data.train_subjects == [1, 2, 3, 4, 5]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        mast = compose("train", overrides=["experiment=mast_pre_msr"]).method
+    assert (mast.mask_ratio, mast.decoder_dim, mast.decoder_depth, mast.epochs) == (0.75, 512, 4, 200)

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, PositiveFloat, PositiveInt
+from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.point_video import video_accuracy
 from lightning_dd.io import atomic_save, load_dict
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
@@ -77,7 +77,7 @@ class PointVideoFinetune(Method):
     epochs: PositiveInt = 50
     lr: PositiveFloat = 5e-4
     weight_decay: NonNegFloat = 0.05
-    warmup_epochs: int = 5
+    warmup_epochs: NonNegInt = 5
     label_smoothing: Fraction = 0.1
     head_hidden: PositiveInt = 256
     head_dropout: Fraction = 0.5
