@@ -158,10 +158,10 @@ def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_
     dm = CIFARDataModule(root=str(shared_data / "cifar10"), zca=True, train_per_class=100, cache_dir=str(cache_dir))
     dm.setup()
     x, y = dm.random_subset(2, 0)
-    hp = DMMethod(name="dm", ipc=2, iterations=12, batch_real=16, lr_img=1.0)
+    hp = DMMethod(name="dm", ipc=2, iterations=15, batch_real=16, lr_img=1.0)
     module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes,
                                   {"name": "ConvNet", "width": 16}, hp, DSA(), seed=0)
-    probes = range(10_000, 10_006)
+    probes = range(10_000, 10_008)
     before = _probe(module, probes)
     trainer = TrainerFactory(accelerator="cpu", enable_progress_bar=False)("distill", max_steps=hp.iterations,
                                                                          max_epochs=1)
