@@ -2,7 +2,6 @@
 form against the reference's per-class loop, the cosine CLoM formula, the cached model pool, and a
 short real-CIFAR run."""
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
