@@ -29,7 +29,9 @@ def test_experiment_builds_and_validates(name, scale):
     assert (run_cfg.scale_preset == name) == (scale == "cpu")
     if scale == "cpu" and name.endswith("cifar10") and isinstance(method, ExpertSettings):
         # the CIFAR-10 CPU presets of expert-based methods share data, net and experts (one cache)
-        assert cfg.data.train_per_class == 2000 and cfg.net.width == 64 and method.num_experts == 2
+        # (keep-ratio selectors, DQ and GraphCut, select from the pool of 1,000 per class)
+        pool = 1000 if getattr(method, "fraction", None) else 2000
+        assert cfg.data.train_per_class == pool and cfg.net.width == 64 and method.num_experts == 2
 
 
 def test_paper_settings_of_datm_and_mtt():
