@@ -128,8 +128,9 @@ def test_graph_datamodule_reads_each_format(shared_data, tmp_path):
 
 def test_sparse_laplacian_eigenpairs_equal_dense_eigh(shared_data):
     """SGDD's OT term takes the real graph's smallest non-zero Laplacian eigenpairs from the sparse
-    solver; they equal a dense float64 eigh's (the former path): eigenvalues to 1e-9, and the
-    rank-r pseudo-inverse they build, invariant to eigenvector signs / rotations, to 1e-6."""
+    solver above ``dense_max`` nodes; they equal a dense float64 eigh's: eigenvalues to 1e-9, and
+    the rank-r pseudo-inverse they build, invariant to eigenvector signs / rotations, to 1e-6.
+    At most ``dense_max`` nodes, the pairs are exactly the dense eigh's (bitwise)."""
     from lightning_dd.data.graph_ops import dense_adjacency, laplacian_eigenpairs, normalized_laplacian_dense
 
     d = read_planetoid(shared_data / "planetoid", "cora")
@@ -137,10 +138,12 @@ def test_sparse_laplacian_eigenpairs_equal_dense_eigh(shared_data):
     lam, u = torch.linalg.eigh(normalized_laplacian_dense(dense_adjacency(d.edge_index, n, torch.float64)))
     nz = (lam > 1e-6).nonzero().squeeze(1)[:128]
     ref = (u[:, nz] / lam[nz]) @ u[:, nz].T
-    l2, u2 = laplacian_eigenpairs(d.edge_index, n, 128)
+    l2, u2 = laplacian_eigenpairs(d.edge_index, n, 128, dense_max=0)   # the sparse solver
     assert l2.shape == (128,) and u2.shape == (n, 128)
     assert torch.allclose(l2, lam[nz], atol=1e-9)
     assert torch.allclose((u2 / l2) @ u2.T, ref, atol=1e-6)
+    l3, u3 = laplacian_eigenpairs(d.edge_index, n, 128)
+    assert torch.equal(l3, lam[nz]) and torch.equal(u3, u[:, nz])
 
 
 def test_link_prediction_negatives_are_exactly_as_many_distinct_non_edges():

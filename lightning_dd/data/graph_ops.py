@@ -59,13 +59,24 @@ def normalized_laplacian_dense(adj: torch.Tensor) -> torch.Tensor:
     return torch.eye(len(adj), dtype=adj.dtype, device=adj.device) - inv[:, None] * adj * inv[None, :]
 
 
-def laplacian_eigenpairs(edge_index: torch.Tensor, n: int, rank: int, tol: float = 1e-6):
+def laplacian_eigenpairs(edge_index: torch.Tensor, n: int, rank: int, tol: float = 1e-6, dense_max: int = 5000):
     """The ``rank`` smallest non-zero eigenvalues ``(r,)`` and their eigenvectors ``(n, r)`` (float64) of
     the symmetric normalized Laplacian of ``edge_index (2, E)`` on ``n`` nodes (``get_laplacian``),
     by shift-invert Lanczos (``scipy.sparse.linalg.eigsh``) on the sparse matrix; the null space
     (one vector per connected component with an edge) is computed and dropped. Same pairs as a
     dense ``eigh`` up to precision (eigenvectors up to sign / rotation within a repeated eigenvalue).
-    ``r < rank`` when the graph has fewer non-zero eigenvalues."""
+    ``r < rank`` when the graph has fewer non-zero eigenvalues.
+
+    Graphs of at most ``dense_max`` nodes (SGDD's ``mx_size`` cap, 5,000, is the default) are
+    decomposed densely (float64 ``torch.linalg.eigh``, under a minute at 5,000 nodes), the sparse
+    solver is for larger ones. Why: SGDD's condensation is chaotic in its OT term. On Cora,
+    eigenpairs that agree with the dense ones to 1e-13 (projector) gave a different run, 76.88 vs
+    81.24 % (same seed, same machine), so the dense path keeps the recorded numbers reproducible.
+    """
+    if n <= dense_max:
+        lam, u = torch.linalg.eigh(normalized_laplacian_dense(dense_adjacency(edge_index, n, torch.float64)))
+        nz = (lam > tol).nonzero().squeeze(1)[:rank]
+        return lam[nz], u[:, nz]
     import numpy as np
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
