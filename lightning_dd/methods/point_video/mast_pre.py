@@ -114,7 +114,24 @@ class MaSTPreModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class MaSTPre(Method):
+class PointVideoPretraining(Method):
+    """What the self-supervised pretexts share: the encoder settings, AdamW ``lr``/``weight_decay``,
+    ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine, and the evaluation, linear
+    probes of the saved ``encoder.pt`` against a random encoder (:func:`probe_pretrained_vs_random`)."""
+
+    stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
+    encoder: EncoderConfig = EncoderConfig()
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegFloat = 0.05
+    epochs: PositiveInt = 200
+    warmup_fraction: Fraction = 0.05
+    probe: ProbeConfig = ProbeConfig()
+
+    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
+        return probe_pretrained_vs_random(ctx, Path(out.extras["encoder"]), self.probe)
+
+
+class MaSTPre(PointVideoPretraining):
     """MaST-Pre pretraining (module docstring), ``conf/method/mast_pre.yaml``; saves ``encoder.pt``.
 
     Fields: ``encoder`` (P4Transformer settings), decoder width/depth/heads, ``mask_ratio``, AdamW
@@ -122,17 +139,10 @@ class MaSTPre(Method):
     ``probe``: the linear-probe evaluation (pretrained vs random encoder).
     """
 
-    stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
-    encoder: EncoderConfig = EncoderConfig()
     decoder_dim: PositiveInt = 512
     decoder_depth: PositiveInt = 4
     decoder_heads: PositiveInt = 8
     mask_ratio: Fraction = 0.75
-    lr: PositiveFloat = 1e-3
-    weight_decay: NonNegFloat = 0.05
-    epochs: PositiveInt = 200
-    warmup_fraction: Fraction = 0.05
-    probe: ProbeConfig = ProbeConfig()
 
     def check(self, ctx_cfg) -> None:
         from lightning_dd.core.config import ConfigError
@@ -160,10 +170,6 @@ class MaSTPre(Method):
         save_encoder(module.encoder, self.encoder, path, self.name, final_losses=hist)
         return MethodOutput(extras={"encoder": str(path)}, metrics={f"{k}": v for k, v in hist.items()},
                             timings={"pretrain_s": time.perf_counter() - t0})
-
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        return probe_pretrained_vs_random(ctx, Path(out.extras["encoder"]), self.probe)
-
 
 def probe_pretrained_vs_random(ctx: RunContext, encoder_path: Path, probe: ProbeConfig) -> dict:
     """Linear probes (:func:`linear_probe`) of the saved encoder and of a random encoder of the

@@ -28,18 +28,16 @@ reproduced. No momentum encoder (both views share the weights, gradients through
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import ClassVar
 
 import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dd.core.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import EncoderConfig, ProbeConfig, cosine_warmup, save_encoder
-from lightning_dd.methods.point_video.mast_pre import probe_pretrained_vs_random
+from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.point_video.common import cosine_warmup, save_encoder
+from lightning_dd.methods.point_video.mast_pre import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder
 
 
@@ -154,12 +152,10 @@ class PointContrastModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class PointContrast(Method):
+class PointContrast(PointVideoPretraining):
     """Point-level contrastive pretraining (module docstring), ``conf/method/point_contrast.yaml``;
     saves ``encoder.pt``; evaluated like MaST-Pre (linear probes, pretrained vs random encoder)."""
 
-    stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
-    encoder: EncoderConfig = EncoderConfig()
     proj_dim: PositiveInt = 128
     temperature: PositiveFloat = 0.1
     superpoints: PositiveInt = 8
@@ -167,11 +163,6 @@ class PointContrast(Method):
     superpoint_weight: NonNegFloat = 1.0
     supplement: NonNegInt = 2
     supplement_threshold: float = 0.9
-    lr: PositiveFloat = 1e-3
-    weight_decay: NonNegFloat = 0.05
-    epochs: PositiveInt = 200
-    warmup_fraction: Fraction = 0.05
-    probe: ProbeConfig = ProbeConfig()
 
     def run(self, ctx: RunContext) -> MethodOutput:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -190,5 +181,3 @@ class PointContrast(Method):
         save_encoder(module.encoder, self.encoder, path, self.name, final_losses=hist)
         return MethodOutput(extras={"encoder": str(path)}, metrics=hist, timings={"pretrain_s": time.perf_counter() - t0})
 
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        return probe_pretrained_vs_random(ctx, Path(out.extras["encoder"]), self.probe)
