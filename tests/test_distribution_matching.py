@@ -170,3 +170,40 @@ def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_
     assert after < 0.9 * before, (before, after)
     images, labels, lr = module.current_set()
     assert torch.equal(labels, y) and lr is None and not torch.equal(images, x)
+
+
+@pytest.mark.parametrize("kind", ["ce", "cos"])
+def test_trajectory_matching_adds_the_clom_term_to_the_image_gradient_only(tmp_path, kind):
+    """``method.clom`` in trajectory matching: ``clom_backward`` adds exactly ``alpha * L_CLoM`` of the
+    member drawn from its (seed, iteration) generator to the images' gradient; labels and lr get none."""
+    from lightning_dd.methods.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.nets import FlatParams, build_net
+
+    hp_clom = ClomConfig(enabled=True, kind=kind, alpha=5.0, archs=["ConvNet"], seeds=1, epochs=[1, 2], batch=16)
+    dm, cfg = _TinyData(), _pool_cfg(tmp_path)
+    pool = ModelPool.build(hp_clom, cfg, dm, TrainerFactory(accelerator="cpu", enable_progress_bar=False))
+    net = build_net("ConvNet", 3, 2, (8, 8), width=4, depth=1)
+    traj = torch.stack([FlatParams(net).flatten()] * 3)
+    hp = TrajectoryMatchingMethod(name="datm", soft_labels=True, min_start_epoch=0, current_max_start_epoch=1,
+                                  max_start_epoch=1, expert_epochs=1, expert_train_epochs=3, clom=hp_clom)
+    x = dm.train_images[:4].clone()
+    soft = F.one_hot(dm.train_labels[:4], 2).float() * 3
+    module = TrajectoryMatching(x, soft, [traj], net, hp, None, clom=ClomTerm(hp_clom, pool),
+                                clom_real=(dm.train_images, dm.train_labels))
+    module.on_fit_start()
+    logs = module.clom_backward(3)
+    g = torch.Generator().manual_seed(3 + 7_777_777)
+    member = pool.draw(g)
+    xi = x.clone().requires_grad_(True)
+    if kind == "ce":
+        want = hp_clom.alpha * F.cross_entropy(pool.logits(member, xi), F.softmax(soft, 1))
+    else:
+        idx = torch.randperm(40, generator=g)[:40]
+        with torch.no_grad():
+            f_real = pool.features(member, dm.train_images[idx])
+        want = hp_clom.alpha * cos_clom(pool.features(member, xi), dm.train_labels[:4], f_real, dm.train_labels[idx])
+    want.backward()
+    assert logs["distill/loss_clom"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert logs["distill/clom_epoch"] == member.epoch
+    torch.testing.assert_close(module.images.grad, xi.grad)
+    assert module.labels.grad is None and module.syn_lr.grad is None

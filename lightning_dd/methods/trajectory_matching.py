@@ -17,6 +17,10 @@ Initialization (DATM): real images the experts classify correctly (``pix_init =
 samples_predicted_correctly``), soft labels = expert logits averaged over the experts that classify
 each image correctly. MTT is the same module with ``soft_labels=false``, ``pix_init=real`` and a
 fixed window (``sequential_generation=false``).
+
+``method.clom.*`` (off by default) adds the CLoM term of a trained model pool (Lu et al., arXiv
+2310.03295; :mod:`lightning_dd.methods.clom`) to the images' gradient after the matching
+meta-gradient, before the step (:meth:`TrajectoryMatching.clom_backward`).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
+from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
 from lightning_dd.nets import FlatParams, build_net_cfg
@@ -117,11 +122,17 @@ class TrajectoryMatching(L.LightningModule):
         net: the student architecture (its parameters are only a template).
         hp: the method (:class:`TrajectoryMatchingMethod`: syn_steps, expert_epochs, window, lrs, ...).
         dsa: augmentation of synthetic minibatches.
+        clom: optional CLoM term (arXiv 2310.03295) added to the images' gradient each iteration;
+            ``clom_real``: ``(x (N_r, C, H, W), y (N_r,))`` real images it draws real batches from
+            (cosine CLoM only).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, trajectories: list[torch.Tensor],
-                 net: torch.nn.Module, hp: "TrajectoryMatchingMethod", dsa: DSA | None, seed: int = 0):
+                 net: torch.nn.Module, hp: "TrajectoryMatchingMethod", dsa: DSA | None, seed: int = 0,
+                 clom: ClomTerm | None = None, clom_real: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        self.clom, self.clom_real = clom, clom_real
+        self.register_buffer("hard_labels", labels.argmax(1) if labels.dim() == 2 else labels.clone(), persistent=False)
         self.automatic_optimization = False
         self.hp, self.dsa, self.seed = hp, dsa, seed
         self.images = torch.nn.Parameter(images.clone())
@@ -137,6 +148,23 @@ class TrajectoryMatching(L.LightningModule):
     def on_fit_start(self):
         self.trajectories = [t.to(self.device) for t in self.trajectories]
         self.fns = StudentFunctions(FlatParams(self.net), compile=self.hp.compile)
+        if self.clom is not None:
+            self.clom.pool.to(self.device)
+
+    def clom_backward(self, iteration: int) -> dict:
+        """Add ``alpha * L_CLoM`` of one pooled model to the images' gradient (the labels and lr
+        get none: the term guides the images). Its own generator, keyed by (seed, iteration), leaves
+        the expert/window/batch draws of :meth:`sample_iteration` unchanged. Returns log entries."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration + 7_777_777)
+        real = None
+        if self.clom.hp.kind == "cos":
+            x, y = self.clom_real
+            idx = torch.randperm(len(y), generator=g)[: min(len(y), 32 * int(y.max() + 1))]
+            real = (x[idx].to(self.device), y[idx].to(self.device))
+        labels = self.labels.detach() if self.clom.hp.kind == "ce" else self.hard_labels
+        term, member = self.clom(self.images, labels, g, real=real)
+        term.backward()
+        return {"distill/loss_clom": term.detach(), "distill/clom_epoch": float(member.epoch)}
 
     def configure_optimizers(self):
         """One SGD, three parameter groups (images, lr, soft labels) with the papers' lrs and
@@ -184,10 +212,11 @@ class TrajectoryMatching(L.LightningModule):
                                        traj[start + hp.expert_epochs], steps, self.dsa, mode=hp.meta_grad)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"iteration {it}: matching loss is {loss.item()}; lower method.lr_img / lr_lr")
+        clom_logs = self.clom_backward(it) if self.clom is not None else {}
         if loss > hp.threshold:  # DATM skips the update; SGD skips parameters without .grad
             opt.zero_grad(set_to_none=True)
         opt.step()
-        self.log_dict({"distill/loss": loss, "distill/syn_lr": self.syn_lr.detach(),
+        self.log_dict({**clom_logs, "distill/loss": loss, "distill/syn_lr": self.syn_lr.detach(),
                        "distill/start_epoch": float(start), "distill/window_upper": float(upper),
                        "distill/iter_seconds": time.perf_counter() - t0}, prog_bar=False)
         self.log("loss", loss, prog_bar=True, logger=False)
@@ -231,6 +260,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
     meta_grad: Literal["unroll", "recompute"] = "unroll"
     compile: bool = False
     ckpt_every: PositiveInt = 50
+    clom: ClomConfig = ClomConfig()
 
     @model_validator(mode="after")
     def _window(self):
@@ -247,6 +277,8 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         if cfg.net.get("norm") == "batchnorm":
             raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
                               "not batchnorm")
+        if self.clom.enabled:
+            self.clom.check_archs(OmegaConf.to_container(cfg.net, resolve=True))
 
     def run(self, ctx: RunContext) -> MethodOutput:
         cfg, dm, seed = ctx.cfg, ctx.dm, ctx.seed
@@ -286,9 +318,17 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
                             dm.preprocessing.state(), method=f"{self.name}-init", ipc=self.ipc)
         timings["init_s"] = time.perf_counter() - t0
 
-        # 3. distillation
+        # 3. distillation (+ the optional CLoM term of a trained model pool)
+        clom = None
+        if self.clom.enabled:
+            t0 = time.perf_counter()
+            pool = ModelPool.build(self.clom, cfg, dm, ctx.trainer)
+            timings["pool_s"] = time.perf_counter() - t0
+            metrics["clom/pool_size"] = len(pool)
+            clom = ClomTerm(self.clom, pool)
         t0 = time.perf_counter()
-        module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed)
+        module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed, clom=clom,
+                                    clom_real=(dm.train_images, dm.train_labels))
         ckpt_dir = ctx.out_dir / "checkpoints"
         ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
                                   save_last=True, save_top_k=1)
