@@ -38,6 +38,7 @@ class ImageEvalConfig(Typed):
     temperature: PositiveFloat = 1.0
     teacher_ckpt: str | None = None
     seed: int = 0
+    parallel_seeds: Literal["auto", "vmap", "sequential"] = "auto"
     baselines: list[Literal["init", "random"]] = ["init", "random"]
     full_data_acc: dict[str, float] = {}
 
@@ -74,7 +75,8 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, make
                          num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
                          weight_decay=ev.weight_decay, make_trainer=make_trainer, augment=ev.augment,
                          label_mode=ev.label_mode, soft_loss_kind=ev.soft_loss, temperature=ev.temperature,
-                         teacher=teacher, precision=ev.get("precision"))
+                         teacher=teacher, precision=ev.get("precision"),
+                         parallel_seeds=ev.get("parallel_seeds", "auto"))
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)

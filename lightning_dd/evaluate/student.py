@@ -9,6 +9,7 @@ mean ± std.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,11 +21,24 @@ import torchmetrics
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import TensorBatches, batch_loader
+from lightning_dd.evaluate.ensemble import (SeedEnsembleModule, SeedRng, batched_support, seed_mode, trains_on_cuda,
+                                            zipped_loader)
 from lightning_dd.losses import soft_loss
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.nets import build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import check_set
+
+log = logging.getLogger(__name__)
+
+
+def target_loss(logits: torch.Tensor, targets: torch.Tensor, soft_loss_kind: str = "soft_ce",
+                temperature: float = 1.0) -> torch.Tensor:
+    """The student's training loss: cross-entropy for ``(B,)`` labels, :func:`lightning_dd.losses.soft_loss`
+    for ``(B, K)`` soft-label or teacher logits. ``logits (B, K)`` -> scalar batch mean."""
+    if targets.dim() == 2:
+        return soft_loss(logits, targets, soft_loss_kind, temperature)
+    return F.cross_entropy(logits, targets)
 
 
 def make_augment(kind: str, dsa: DSA | None = None, image_size: tuple[int, int] | None = None):
@@ -86,9 +100,7 @@ class StudentModule(L.LightningModule):
         if self.teacher is not None:
             with torch.no_grad():
                 y = self.teacher(x)
-        if y.dim() == 2:
-            return soft_loss(out, y, self.soft_loss_kind, self.temperature)
-        return F.cross_entropy(out, y)
+        return target_loss(out, y, self.soft_loss_kind, self.temperature)
 
     def test_step(self, batch, batch_idx):
         x, y = batch
@@ -131,7 +143,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
                  dsa: DSA | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
                  make_trainer: TrainerFactory | None = None, augment: str | None = None,
                  label_mode: str = "auto", soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
-                 teacher: torch.nn.Module | None = None, precision: str | None = None) -> EvalResult:
+                 teacher: torch.nn.Module | None = None, precision: str | None = None,
+                 parallel_seeds: str = "auto") -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
 
     The MTT/DATM protocol: SGD (momentum 0.9, weight decay 5e-4) for ``epochs`` passes, lr x0.1
@@ -154,13 +167,20 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
             ``32-true``, or ``bf16-mixed``
             (autocast to bfloat16; AlexNet/VGG11/ResNet18 steps on 100 CIFAR images went from
             0.78/0.47/1.66 s to 0.38/0.31/0.89 s on a 2-core AVX512-BF16 CPU), ``16-mixed`` on GPUs.
+        parallel_seeds: ``sequential`` (one Trainer per seed), ``vmap`` (all seeds stacked in one
+            batched network, :mod:`lightning_dd.evaluate.ensemble`: seed ``i`` gets the same
+            initial weights, batch order and augmentation draws as its sequential run; losses
+            equal to float32 rounding, not bitwise) or ``auto`` (vmap on CUDA when the net
+            supports it, else sequential; the choice is logged). Compilation applies to the
+            sequential runs only.
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
 
     Raises:
-        ValueError: if shapes or label counts do not match, the images contain NaN/inf, or the
-            label mode does not fit the labels.
+        ValueError: if shapes or label counts do not match, the images contain NaN/inf, the
+            label mode does not fit the labels, or ``parallel_seeds=vmap`` is impossible here
+            (Trainer settings, or a network that cannot be stacked; the reason is given).
     """
     check_set(images, labels, num_classes, tuple(test_images.shape[1:]))
     quiet_lightning()
@@ -179,16 +199,57 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         make_trainer.precision = precision
     name = net_cfg.get("name") or str(net_cfg.get("_target_")).rsplit(".", 1)[-1]
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
-    accs = []
+    teacher = teacher if label_mode == "teacher" else None
+    mode, why = seed_mode(parallel_seeds, num_eval, make_trainer)
+    if mode == "vmap":
+        with torch.random.fork_rng(devices=[]):
+            probe = build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:])
+            unsupported = batched_support(probe, images)
+        if unsupported:
+            if parallel_seeds == "vmap":
+                raise ValueError(f"eval.parallel_seeds=vmap: {name} cannot be stacked over seeds ({unsupported}); "
+                                 "use eval.parallel_seeds=sequential or auto")
+            mode, why = "sequential", f"{name} cannot be stacked over seeds ({unsupported})"
+    log.info("evaluating %d seeds of %s %s (%s)", num_eval, name,
+             "stacked with vmap" if mode == "vmap" else "one by one", why)
     t0 = time.perf_counter()
+    if mode == "vmap":
+        def loss(out, y):
+            return target_loss(out, y, soft_loss_kind, temperature)
+
+        accs = _train_stacked(images, labels, test_images, test_labels, num_classes, net_cfg, lr, steps, epochs,
+                              batch_size, num_eval, seed, aug, momentum, weight_decay, make_trainer, loss, teacher)
+        return EvalResult(name, accs, time.perf_counter() - t0)
+    accs = []
     for r in range(num_eval):
         L.seed_everything(seed + r, verbose=False)
         net = build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:])
         module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, aug, make_trainer.compile,
-                               teacher if label_mode == "teacher" else None, soft_loss_kind, temperature)
+                               teacher, soft_loss_kind, temperature)
         trainer = make_trainer("evaluate", max_steps=steps, max_epochs=1, enable_progress_bar=False)
         trainer.fit(module, batch_loader(images, labels, batch_size=batch_size, epochs=epochs, seed=seed + r))
         out = trainer.test(module, batch_loader(test_images, test_labels, batch_size=1000, epochs=1),
                            verbose=False)
         accs.append(float(out[0]["acc"]))
     return EvalResult(name, accs, time.perf_counter() - t0)
+
+
+def _train_stacked(images, labels, test_images, test_labels, num_classes, net_cfg, lr, steps, epochs, batch_size,
+                   num_eval, seed, aug, momentum, weight_decay, make_trainer, loss, teacher) -> list[float]:
+    """The seeds of :func:`evaluate_set` trained at once (:class:`SeedEnsembleModule`). Per seed ``r``
+    the global RNG is consumed in the sequential run's order: ``seed_everything(seed + r)``, the net's
+    initialization, starting the seeded batch loader; the augmentation then continues that stream
+    (:class:`SeedRng`), and the global state is left where the last sequential run leaves it."""
+    nets, rngs, iterators = [], [], []
+    cuda = trains_on_cuda(make_trainer)
+    for r in range(num_eval):
+        L.seed_everything(seed + r, verbose=False)
+        nets.append(build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:]))
+        iterators.append(iter(batch_loader(images, labels, batch_size=batch_size, epochs=epochs, seed=seed + r)))
+        rngs.append(SeedRng(cuda))
+    module = SeedEnsembleModule(nets, rngs, loss, lr, steps, momentum, weight_decay, aug, teacher)
+    trainer = make_trainer("evaluate", max_steps=steps, max_epochs=1, enable_progress_bar=False)
+    trainer.fit(module, zipped_loader(iterators, steps))
+    rngs[-1].make_global()  # the test loader then draws its seed from here, as the last sequential run's does
+    trainer.test(module, batch_loader(test_images, test_labels, batch_size=1000, epochs=1), verbose=False)
+    return module.accs
