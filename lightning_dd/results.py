@@ -8,25 +8,49 @@ method and IPC.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from lightning_dd.io import atomic_save, load_dict
+from lightning_dd.io import atomic_save, format_version, load_dict
 
 FORMAT_VERSION = 1
+"""Version of the ``distilled.pt`` / ``condensed.pt`` dicts. 1: every dataclass field, as
+written since the first release. 0 (no ``format_version`` key: a file written by hand or by
+another tool): only the required keys; ``lr`` defaults to ``None`` and ``classes`` to
+``["0", "1", ...]`` (one per label class), the other fields to their dataclass defaults."""
+
+
+def _version0_defaults(d: dict) -> dict:
+    """Fill what a version-0 artifact may lack (see :data:`FORMAT_VERSION`)."""
+    out = dict(d)
+    out.setdefault("lr", None)
+    out.setdefault("preprocessing", {})
+    labels = out.get("labels")
+    if "classes" not in out and isinstance(labels, torch.Tensor) and labels.numel():
+        k = labels.shape[1] if labels.dim() == 2 else int(labels.max()) + 1
+        out["classes"] = [str(i) for i in range(k)]
+    return out
 
 
 def load_artifact(cls, path: str | Path, keys: tuple[str, ...], what: str):
-    """Load a saved dataclass artifact ``cls`` (unknown keys ignored) and validate it; errors are
-    prefixed with ``path``.
+    """Load a saved dataclass artifact ``cls`` (unknown keys ignored; a version-0 file gets the
+    defaults of :func:`_version0_defaults`) and validate it; errors are prefixed with ``path``.
 
     Raises:
-        FileNotFoundError: no file. ValueError: not such an artifact, or invalid (``cls.validate``).
+        FileNotFoundError: no file. UnsafeFileError (a ValueError): the file needs arbitrary
+            unpickling (refused, nothing runs). ValueError: not such an artifact, a format version
+            newer than :data:`FORMAT_VERSION`, a missing field, or invalid (``cls.validate``).
     """
     d = load_dict(path, keys, what)
-    out = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+    if format_version(d, path, what, FORMAT_VERSION) == 0:
+        d = _version0_defaults(d)
+    fields = cls.__dataclass_fields__
+    missing = [k for k, f in fields.items() if k not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{path}: not a complete {what}: missing {', '.join(missing)}")
+    out = cls(**{k: v for k, v in d.items() if k in fields})
     try:
         out.validate()
     except ValueError as e:

@@ -17,7 +17,8 @@ Two ways to serve images:
   :class:`lightning_dd.data.images.ImageDataModule`): each image is decoded once, resized so its
   shorter side is ``resize_size`` and center-cropped to ``image_size`` (the standard
   256 -> 224 evaluation transform), stored as uint8 and cached (``cache_dir``, keyed by every
-  file's name, size and mtime and the two sizes). ``train_per_class`` / ``val_per_class`` limit
+  file's name, size and mtime and the two sizes; checksummed, a corrupted entry is decoded again:
+  :meth:`~lightning_dd.data.readers.ImageSet.load_cache`). ``train_per_class`` / ``val_per_class`` limit
   the files decoded per class. All of ImageNet-1k cannot be held this way: its 1.28M training
   images at 224 px are ~180 GiB as uint8 and ~720 GiB (~770 GB) as the float32 tensors the
   methods read, so :meth:`ImageNetDataModule.read` refuses, before decoding anything, a selection
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from lightning_dd.data.images import ImageDataModule, Preprocessing
-from lightning_dd.data.readers import IMAGE_SUFFIXES, DataNotFoundError, ImageSet, atomic_save
+from lightning_dd.data.readers import IMAGE_SUFFIXES, DataNotFoundError, ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +330,14 @@ class ImageNetDataModule(ImageDataModule):
                     st = f.stat()
                     h.update(f"{split}|{f.relative_to(self.root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             cache = self.cache_dir / "decoded" / f"{self.name}-{self.root.name}-{h.hexdigest()[:16]}.pt"
-            if cache.is_file():
-                return ImageSet(**torch.load(cache, weights_only=True))
+            cached = ImageSet.load_cache(cache)  # None: missing, or unusable (reported, deleted)
+            if cached is not None:
+                return cached
         xtr, ytr = decode_files(train, self.image_size, self.resize_size, self.decode_workers)
         xte, yte = decode_files(val, self.image_size, self.resize_size, self.decode_workers)
         out = ImageSet(xtr, ytr, xte, yte, classes)
         if cache is not None:
-            atomic_save(out.__dict__, cache)
+            out.save_cache(cache)
         log.info("%s: decoded %d train / %d val images from %s", self.name, len(ytr), len(yte), self.root)
         return out
 

@@ -17,8 +17,9 @@ import lightning as L
 import torch
 
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.data.readers import (CIFAR_LAYOUT, DataNotFoundError, ImageSet, atomic_save, cifar_pickle_dir,
+from lightning_dd.data.readers import (CIFAR_LAYOUT, DataNotFoundError, ImageSet, cifar_pickle_dir,
                                        missing_message, read_cifar, read_class_folders)
+from lightning_dd.io import load_cache, require_keys, save_cache
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,21 @@ class ImageDataModule(L.LightningDataModule):
             return Preprocessing.fit(x01, self.zca, self.zca_eps)
         key = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = self.cache_dir / "preprocessing" / f"{self.name}-{key}.pt"
-        if path.is_file():
-            return Preprocessing.from_state(torch.load(path))
+        c, d = x01.shape[1], x01[0].numel()
+
+        def check(st):  # the matrices of this data's (C, H, W); else the entry is rebuilt
+            require_keys("mean", "std", "zca", "zca_mean", "zca_inv")(st)
+            if tuple(st["mean"].shape) != (c,) or tuple(st["std"].shape) != (c,):
+                raise ValueError(f"mean/std of shape {tuple(st['mean'].shape)}, expected ({c},)")
+            if any(not isinstance(st[k], torch.Tensor) or tuple(st[k].shape) != s
+                   for k, s in (("zca", (d, d)), ("zca_mean", (1, d)), ("zca_inv", (d, d)))):
+                raise ValueError(f"ZCA matrices are not ({d}, {d}), (1, {d}), ({d}, {d})")
+
+        state = load_cache(path, "cached ZCA preprocessing", check)  # None: missing, or unusable (deleted)
+        if state is not None:
+            return Preprocessing.from_state(state)
         pre = Preprocessing.fit(x01, self.zca, self.zca_eps)
-        atomic_save(pre.state(), path)
+        save_cache(pre.state(), path)
         return pre
 
     def class_indices(self) -> list[torch.Tensor]:

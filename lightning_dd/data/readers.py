@@ -8,7 +8,8 @@
   copy in ``shared/data/cifar10`` is JPEG in this layout). Classes are the sorted folder names.
 
 Decoded tensors are cached (``cache_dir``) keyed by the files' names, sizes and mtimes, so a
-changed file is never served stale. Every write is atomic (:func:`atomic_save`).
+changed file is never served stale. Every write is atomic, and a cache entry carries a checksum:
+a truncated or corrupted entry is reported, deleted and decoded again (:meth:`ImageSet.load_cache`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from lightning_dd.io import atomic_save  # noqa: F401  (re-exported)
+from lightning_dd.io import load_cache, require_keys, save_cache
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -45,6 +47,29 @@ class ImageSet:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
+
+    def save_cache(self, path: str | Path) -> None:
+        """Write this set as a decode-cache entry (atomic, with a checksum: :func:`lightning_dd.io.save_cache`)."""
+        save_cache(dict(self.__dict__), path)
+
+    @classmethod
+    def load_cache(cls, path: str | Path) -> "ImageSet | None":
+        """The decode-cache entry at ``path``, or ``None`` when it is missing or unusable
+        (truncated, corrupted, not uint8 ``(N, C, H, W)`` images with ``(N,)`` labels: reported
+        and deleted, so the caller decodes again; :func:`lightning_dd.io.load_cache`).
+
+        Raises:
+            lightning_dd.io.UnsafeFileError: the entry needs arbitrary unpickling (refused)."""
+        def check(d):
+            require_keys(*cls.__dataclass_fields__)(d)
+            for split in ("train", "test"):
+                x, y = d[f"{split}_images"], d[f"{split}_labels"]
+                if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4
+                        and isinstance(y, torch.Tensor) and y.shape == (len(x),)):
+                    raise ValueError(f"{split} images/labels are not uint8 (N, C, H, W) and (N,)")
+
+        d = load_cache(path, "decoded-image cache entry", check)
+        return None if d is None else cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
 CIFAR_LAYOUT = {
@@ -182,11 +207,12 @@ def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, wo
             st = f.stat()
             h.update(f"{f.relative_to(root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         cache = Path(cache_dir) / "decoded" / f"{root.name}-{h.hexdigest()[:16]}.pt"
-        if cache.is_file():
-            return ImageSet(**torch.load(cache, weights_only=True))
+        cached = ImageSet.load_cache(cache)
+        if cached is not None:
+            return cached
     xtr, ytr = _decode_all(train, workers)
     xte, yte = _decode_all(test, workers)
     out = ImageSet(xtr, ytr, xte, yte, classes)
     if cache is not None:
-        atomic_save(out.__dict__, cache)
+        out.save_cache(cache)
     return out

@@ -7,8 +7,9 @@ parameters are recorded before training and after every epoch: a trajectory ``(E
 Experts are cached on disk, one file per expert, under a directory keyed by everything that
 determines them (data set and preprocessing, network, lr, epochs, batch size, augmentation,
 seed); a changed value gives a new directory, and asking for more experts reuses the ones
-already trained. Files are written atomically. ``python train.py stage=experts ...`` trains them
-alone.
+already trained. Files are written atomically with a checksum (:func:`lightning_dd.io.save_cache`);
+a truncated or corrupted expert file is reported, deleted and retrained, never used
+(:func:`lightning_dd.io.load_cache`). ``python train.py stage=experts ...`` trains them alone.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.core.config import PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.io import atomic_save
+from lightning_dd.io import atomic_write_text, load_cache, save_cache
 from lightning_dd.losses import label_loss
 from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
@@ -99,6 +100,21 @@ class ExpertBank:
     def path(self, i: int) -> Path:
         return self.dir / f"expert_{i:03d}.pt"
 
+    def load(self, i: int) -> dict | None:
+        """Expert ``i`` from the cache (``weights_only=True``, checksum verified), or ``None`` when
+        it is missing or was unusable (truncated, corrupted, not a ``(E+1, P)`` trajectory of
+        ``epochs + 1`` rows: reported and deleted, so it is retrained).
+
+        Raises:
+            lightning_dd.io.UnsafeFileError: the file needs arbitrary unpickling (refused)."""
+        def check(rec):
+            t = rec["trajectory"]
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != self.epochs + 1:
+                raise ValueError(f"trajectory of shape {tuple(getattr(t, 'shape', ()))}, expected "
+                                 f"({self.epochs + 1}, P)")
+
+        return load_cache(self.path(i), "cached expert trajectory", check)
+
     def ensure(self, n: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                test: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
         """Train the missing experts among ``0..n-1`` on ``(images, labels)``; return all ``n``.
@@ -107,11 +123,12 @@ class ExpertBank:
         """
         quiet_lightning()
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "spec.json").write_text(json.dumps(self.spec, indent=1, sort_keys=True, default=str))
+        atomic_write_text(json.dumps(self.spec, indent=1, sort_keys=True, default=str), self.dir / "spec.json")
         out = []
         for i in range(n):
-            if self.path(i).is_file():
-                out.append(torch.load(self.path(i)))
+            rec = self.load(i)
+            if rec is not None:
+                out.append(rec)
                 continue
             t0 = time.perf_counter()
             L.seed_everything(self.seed + i, verbose=False)
@@ -129,7 +146,7 @@ class ExpertBank:
                 acc = correct / len(test[1])
             rec = {"trajectory": torch.stack(module.trajectory), "test_acc": acc,
                    "seconds": time.perf_counter() - t0}
-            atomic_save(rec, self.path(i))
+            save_cache(rec, self.path(i))
             log.info("expert %d: %d epochs in %.1fs, test acc %s", i, self.epochs, rec["seconds"], acc)
             out.append(rec)
         return out

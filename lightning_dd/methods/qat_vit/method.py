@@ -17,7 +17,7 @@ from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.io import atomic_save, load_dict, safe_load
+from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.experts import experts_key
 from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
@@ -134,11 +134,15 @@ class QATViT(Method):
                 "ls": self.label_smoothing, "init_from": self.fp_init_from,
                 "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
         path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / experts_key(spec) / "fp.pt"
-        if path.is_file():
-            d = load_dict(path, ("net_cfg", "state_dict"), "cached FP ViT")
-            net = load_vit_state(self._build(ctx, net_cfg), d["state_dict"])
+        built = {}
+
+        def check(d):  # weights that do not fit the net make the entry unusable (ValueError): retrained
+            require_keys("net_cfg", "state_dict")(d)
+            built["net"] = load_vit_state(self._build(ctx, net_cfg), d["state_dict"])
+
+        if load_cache(path, "cached FP ViT", check) is not None:  # None: missing, or unusable (deleted)
             log.info("FP ViT from the cache %s", path)
-            return net.to(dev).eval(), {"path": str(path), "cached": True, "seconds": 0.0}
+            return built["net"].to(dev).eval(), {"path": str(path), "cached": True, "seconds": 0.0}
         quiet_lightning()
         L.seed_everything(ctx.seed, verbose=False)
         t0 = time.perf_counter()
@@ -155,9 +159,9 @@ class QATViT(Method):
         net = net.to(dev).eval()
         secs = time.perf_counter() - t0
         acc = accuracy(net, dm.test_images, dm.test_labels) if self.eval_per_class is None else None
-        atomic_save({"net_cfg": net_cfg, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                     "test_acc": acc, "spec": spec, "seconds": secs}, path)
-        (path.parent / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
+        save_cache({"net_cfg": net_cfg, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                    "test_acc": acc, "spec": spec, "seconds": secs}, path)
+        atomic_write_text(json.dumps(spec, indent=1, sort_keys=True, default=str), path.parent / "spec.json")
         log.info("FP ViT: %d epochs in %.0fs -> %s", self.fp_epochs, secs, path)
         return net, {"path": str(path), "cached": False, "seconds": secs}
 

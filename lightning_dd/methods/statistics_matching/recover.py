@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import StepLoader
-from lightning_dd.io import atomic_save
+from lightning_dd.io import atomic_save, check_checkpoint, load_dict, safe_fit_kwargs
 from lightning_dd.methods.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.statistics_matching.crops import crop_scale_min, jitter_crop_flip
 from lightning_dd.methods.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
@@ -194,7 +194,9 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
         fit (restored from the checkpoint when resumed).
 
     Raises:
-        ValueError: ``resume`` and a ``last.ckpt`` of other settings (:func:`check_settings`).
+        ValueError: ``resume`` and a ``last.ckpt`` of other settings (:func:`check_settings`), or a
+            truncated one. lightning_dd.io.UnsafeFileError: a ``last.ckpt`` that needs arbitrary
+            unpickling (refused before Lightning reads it; both reads use ``weights_only=True``).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -210,13 +212,13 @@ def recover_batch(images: torch.Tensor, labels: torch.Tensor, backbones: list[Ba
                                    save_last=True, save_top_k=1))
         if resume and (Path(ckpt_dir) / "last.ckpt").is_file():
             ckpt_path = str(Path(ckpt_dir) / "last.ckpt")
-            stored = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("recover_settings")
+            stored = check_checkpoint(ckpt_path, "recovery checkpoint").get("recover_settings")  # weights_only
             check_settings(stored, settings, ckpt_path)
             log.info("recover batch %d: resuming from %s", batch_index, ckpt_path)
     iters = hp.iterations
     fit = trainer("recover", max_steps=iters, max_epochs=1, logger=loggers if loggers else False, callbacks=cbs,
                   log_every_n_steps=10, enable_checkpointing=ckpt_dir is not None)
-    fit.fit(module, StepLoader(iters, lambda: module.global_step), ckpt_path=ckpt_path)
+    fit.fit(module, StepLoader(iters, lambda: module.global_step), ckpt_path=ckpt_path, **safe_fit_kwargs())
     return module.images.detach().cpu(), module.history
 
 
@@ -273,7 +275,7 @@ def recover_batches(hp: RecoverConfig, dm, backbones: list[Backbone], labels: to
         x0 = torch.maximum(torch.minimum(x0, hi.view(1, -1, 1, 1)), lo.view(1, -1, 1, 1))
         settings = recover_settings(hp, seed, b, x0, y, lo, hi, extra)
         if resume and done.is_file():
-            d = torch.load(done)
+            d = load_dict(done, ("images",), "recovered batch")  # weights_only=True
             check_settings(d.get("settings"), settings, done)
             images.append(d["images"]), bn_start.append(d["loss_bn_start"]), bn_end.append(d["loss_bn_end"])
             bn_full.append(d["loss_bn_full"])

@@ -1,10 +1,13 @@
 """Squeeze (SRe2L Sec. 3.1): train BatchNorm teachers on the real data with Lightning, cached by
-their settings, or load a given teacher checkpoint."""
+their settings, or load a given teacher checkpoint. A teacher in training is checkpointed after
+every epoch (``<cache>/teachers/<key>/partial/last.ckpt``); a killed run started again continues it
+there and ends with the teacher an uninterrupted run trains."""
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -15,8 +18,8 @@ import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.io import atomic_save
-from lightning_dd.methods.experts import experts_key
+from lightning_dd.io import atomic_write_text, load_cache, require_keys, save_cache
+from lightning_dd.methods.experts import epoch_checkpoints, experts_key
 from lightning_dd.methods.statistics_matching.config import TeacherConfig
 from lightning_dd.methods.statistics_matching.statistics import device_of
 from lightning_dd.nets import build_net_cfg, load_net_file
@@ -118,8 +121,11 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
         "seconds": float, "cached": bool}``; the file is a teacher checkpoint ``{"net_cfg",
         "state_dict", "test_acc", "spec"}`` that ``eval.teacher_ckpt`` / ``method.teacher.ckpt`` accept.
 
+    The cache entry is written atomically with a checksum; a truncated, corrupted or unfitting one
+    is reported, deleted and trained again (:func:`lightning_dd.io.load_cache`).
+
     Raises:
-        ValueError: a cached file that does not fit the data (:func:`lightning_dd.nets.load_net_file`).
+        lightning_dd.io.UnsafeFileError: a cached file that needs arbitrary unpickling (refused).
     """
     trainer = trainer or TrainerFactory()
     net_cfg = dict(net_cfg)
@@ -128,9 +134,21 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
             "batch_size": tcfg.batch_size, "weight_decay": tcfg.weight_decay, "label_smoothing": tcfg.label_smoothing}
     path = Path(cache_root) / experts_key(spec) / "teacher.pt"
     dev = run_device(trainer.accelerator)
-    if path.is_file():
-        net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:], "cached teacher")
-        return {"net": net.to(dev).eval(), "path": path, "test_acc": d["test_acc"], "seconds": 0.0, "cached": True}
+    built = {}
+
+    def check(d):  # the stored weights must fit this data; else the entry is rebuilt
+        require_keys("net_cfg", "state_dict", "test_acc")(d)
+        net = build_net_cfg(dict(d["net_cfg"]), dm.image_shape[0], dm.num_classes, dm.image_shape[1:])
+        try:
+            net.load_state_dict(d["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"weights do not fit the data: {str(e)[:200]}") from None
+        built["net"] = net
+
+    d = load_cache(path, "cached teacher", check)  # None: missing, or unusable (reported, deleted)
+    if d is not None:
+        return {"net": built["net"].to(dev).eval(), "path": path, "test_acc": d["test_acc"], "seconds": 0.0,
+                "cached": True}
     quiet_lightning()
     t0 = time.perf_counter()
     L.seed_everything(seed, verbose=False)
@@ -138,14 +156,17 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     loader = batch_loader(dm.train_images, dm.train_labels, tcfg.batch_size, epochs=1, seed=seed)
     steps = epochs * len(loader)
     module = TeacherModule(net, tcfg.lr, steps, tcfg.weight_decay, dm.image_shape[1:], tcfg.label_smoothing)
-    trainer("squeeze", max_epochs=epochs, enable_progress_bar=False).fit(module, loader)
+    callbacks, resume = epoch_checkpoints(path.parent / "partial", loader.dataset, f"teacher {path.parent.name}")
+    trainer("squeeze", max_epochs=epochs, enable_progress_bar=False, callbacks=callbacks,
+            enable_checkpointing=True).fit(module, loader, ckpt_path=resume)
     net = net.to(dev).eval()
     acc = accuracy(net, dm.test_images, dm.test_labels)
     secs = time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    atomic_save({"net_cfg": dict(net_cfg), "state_dict": state, "test_acc": acc, "spec": spec,
-                 "seconds": secs}, path)
-    (path.parent / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
+    save_cache({"net_cfg": dict(net_cfg), "state_dict": state, "test_acc": acc, "spec": spec,
+                "seconds": secs}, path)
+    atomic_write_text(json.dumps(spec, indent=1, sort_keys=True, default=str), path.parent / "spec.json")
+    shutil.rmtree(path.parent / "partial", ignore_errors=True)  # after teacher.pt: a kill between keeps one
     log.info("teacher %s: %d epochs in %.0fs, test acc %.4f -> %s", net_cfg.get("name", net_cfg.get("_target_")),
              epochs, secs, acc, path)
     return {"net": net, "path": path, "test_acc": acc, "seconds": secs, "cached": False}

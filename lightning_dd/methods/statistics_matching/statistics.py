@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lightning_dd.io import atomic_save
+from lightning_dd.io import load_cache, require_keys, save_cache
 from lightning_dd.methods.experts import experts_key
 from lightning_dd.methods.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.statistics_matching.crops import jitter_crop_flip
@@ -145,7 +145,8 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     :func:`~.squeeze.squeeze`): the convolution statistics (:func:`conv_statistics`) and the
     per-class mean logits. Cached beside the teacher file (``real_stats-<key>.pt``, keyed by the
     data's identity and the teacher file's size and mtime), so a run reuses them and a changed
-    teacher or data set never does.
+    teacher or data set never does; written atomically with a checksum, a corrupted entry is
+    recomputed (:func:`lightning_dd.io.load_cache`).
 
     Shapes:
         returns ``([(mean (C_l,), var (C_l,)), ...], class_logits (K, K))``.
@@ -155,14 +156,14 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     key = experts_key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size,
                        "mtime": st.st_mtime_ns})
     cache = path.parent / f"real_stats-{key}.pt"
-    if cache.is_file():
-        d = torch.load(cache)
+    d = load_cache(cache, "cached real-data statistics", require_keys("conv", "class_logits"))
+    if d is not None:  # None: missing, or unusable (reported and deleted): computed again
         return d["conv"], d["class_logits"]
     net = teacher["net"]
     conv, logits = conv_statistics(net, dm.train_images, return_logits=True)  # one pass over the data
     class_logits = torch.zeros(dm.num_classes, logits.shape[1]).index_add_(0, dm.train_labels, logits)
     class_logits /= torch.bincount(dm.train_labels, minlength=dm.num_classes).clamp(min=1).unsqueeze(1)
-    atomic_save({"conv": conv, "class_logits": class_logits}, cache)
+    save_cache({"conv": conv, "class_logits": class_logits}, cache)
     return conv, class_logits
 
 
