@@ -14,9 +14,10 @@ The pool (:class:`ModelPool`): architectures x seeds x checkpoints per epoch (th
 axes: sub-optimal, early-epoch models and a diverse pool can help). Each iteration draws one member
 uniformly. The members are expert trajectories of :mod:`lightning_dd.methods.experts` (SGD on the
 real data with DSA, parameters recorded after every epoch), so the pool is trained once, cached
-under a directory keyed by everything that determines it, written atomically, loaded with
-``weights_only=True``, and shared with trajectory matching and the feature coresets when the
-settings agree (e.g. the CIFAR-10 ``scale=cpu`` experts).
+under a directory keyed by everything that determines it, written atomically with a checksum,
+loaded with ``weights_only=True`` (a corrupted member file is reported and retrained:
+:meth:`lightning_dd.methods.experts.ExpertBank.load`), and shared with trajectory matching and the
+feature coresets when the settings agree (e.g. the CIFAR-10 ``scale=cpu`` experts).
 
 Deviations from the paper:
 
