@@ -10,12 +10,18 @@ seed); a changed value gives a new directory, and asking for more experts reuses
 already trained. Files are written atomically with a checksum (:func:`lightning_dd.io.save_cache`);
 a truncated or corrupted expert file is reported, deleted and retrained, never used
 (:func:`lightning_dd.io.load_cache`). ``python train.py stage=experts ...`` trains them alone.
+
+An expert in training is checkpointed after every epoch (``<bank>/partial/expert_XXX/last.ckpt``:
+weights, optimizer, trajectory so far, global RNG states, loader shuffle position); a killed run,
+started again with the same settings, continues that expert at its last finished epoch and ends
+with the trajectory an uninterrupted run gives (bitwise on the same machine).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -46,7 +52,14 @@ class ExpertModule(L.LightningModule):
         self.trajectory: list[torch.Tensor] = []
 
     def on_train_start(self):
-        self.trajectory = [self.flat.flatten().cpu()]
+        if not self.trajectory:  # a resumed fit has the epochs done (on_load_checkpoint)
+            self.trajectory = [self.flat.flatten().cpu()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["expert_trajectory"] = torch.stack(self.trajectory)  # (epochs done + 1, P)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trajectory = list(checkpoint["expert_trajectory"].unbind(0))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -62,6 +75,58 @@ class ExpertModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
+
+
+class EpochResume(L.Callback):
+    """Makes a fit over a :class:`lightning_dd.data.batches.TensorBatches` loader, checkpointed at
+    epoch ends, resume exactly: every checkpoint stores the global RNG states (CPU, and CUDA when
+    initialized; DSA and kornia draw from them) and the loader's shuffle pass count; a resumed fit
+    gets both back, so its next epoch draws and shuffles what the uninterrupted fit's did. Lightning
+    restores weights, optimizer, scheduler and loop counters itself, but neither of these.
+
+    Args:
+        batches: the loader's dataset (``batch_loader(...).dataset``).
+    """
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def state_dict(self) -> dict:
+        st = {"passes": int(self.batches._passes), "cpu_rng": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            st["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        # restored before the fit loop first iterates the loader, which draws the DataLoader's base
+        # seed from the global RNG, as the uninterrupted fit did right after this checkpoint
+        self.batches._passes = int(state["passes"])
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def epoch_checkpoints(ckpt_dir: Path, batches, what: str) -> tuple[list, str | None]:
+    """The callbacks of an epoch-checkpointed, exactly resumable fit (:class:`EpochResume` and
+    a ``ModelCheckpoint`` keeping one file, ``ckpt_dir/last.ckpt``, rewritten atomically after
+    every epoch) and the checkpoint to resume from
+    (``ckpt_dir/last.ckpt`` when it is a readable checkpoint; an unreadable one is reported and
+    deleted, and the fit starts over). ``what`` names the fit in the log."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = Path(ckpt_dir) / "last.ckpt"
+    resume = None
+    if ckpt.is_file():
+        try:
+            epoch = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+            resume = str(ckpt)
+            log.info("%s: resuming from %s (%d epochs done)", what, ckpt, epoch + 1)
+        except Exception as e:  # truncated / not a checkpoint: start over
+            log.warning("%s: checkpoint %s is unreadable (%s: %s); starting over", what, ckpt, type(e).__name__, e)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    cbs = [EpochResume(batches), ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
+                                                 every_n_epochs=1, enable_version_counter=False)]
+    return cbs, resume
 
 
 def experts_key(spec: dict) -> str:
@@ -134,9 +199,12 @@ class ExpertBank:
             L.seed_everything(self.seed + i, verbose=False)
             net = build_net_cfg(self.net_cfg, images.shape[1], num_classes, images.shape[2:])
             module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.make_trainer.compile)
-            trainer = self.make_trainer("experts", max_epochs=self.epochs)
-            trainer.fit(module, batch_loader(images, labels, batch_size=self.batch_size, epochs=1,
-                                             seed=self.seed + i))
+            loader = batch_loader(images, labels, batch_size=self.batch_size, epochs=1, seed=self.seed + i)
+            part = self.dir / "partial" / f"expert_{i:03d}"
+            callbacks, resume = epoch_checkpoints(part, loader.dataset, f"expert {i}")
+            trainer = self.make_trainer("experts", max_epochs=self.epochs, callbacks=callbacks,
+                                        enable_checkpointing=True)
+            trainer.fit(module, loader, ckpt_path=resume)
             acc = None
             if test is not None:
                 net.eval()
@@ -147,6 +215,7 @@ class ExpertBank:
             rec = {"trajectory": torch.stack(module.trajectory), "test_acc": acc,
                    "seconds": time.perf_counter() - t0}
             save_cache(rec, self.path(i))
+            shutil.rmtree(part, ignore_errors=True)  # after the expert's file: a kill between keeps one
             log.info("expert %d: %d epochs in %.1fs, test acc %s", i, self.epochs, rec["seconds"], acc)
             out.append(rec)
         return out
