@@ -27,17 +27,32 @@ Two ways to get them, with the same result:
   The per-step functions are built with :mod:`torch.func` (``grad`` and ``vjp``) and can be
   compiled with ``torch.compile`` (``compile=True``), which fuses the elementwise work of the
   double backward.
+
+``auto`` (the default, :func:`resolve_meta_grad`) picks one of them once per fit: compiled
+``recompute`` where compile is verified for the student (:data:`lightning_dd.nets.COMPILE_VERIFIED`,
+images of at least 32x32 pixels) -- on 2 CPU cores at ConvNet-128, syn_steps 20 it took 0.53x the
+reference loop's time at a seventh of its memory; else ``unroll`` when its predicted peak memory
+(:func:`unroll_memory_bytes`) fits the free memory of the device; else ``recompute``. All three
+give the same gradient.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.func import grad, vjp
 
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.losses import label_loss
-from lightning_dd.nets import FlatParams
+from lightning_dd.evaluate.standalone import worth_compiling
+from lightning_dd.nets import COMPILE_VERIFIED, FlatParams
+
+log = logging.getLogger(__name__)
+
+#: The exact modes :func:`matching_loss_and_grads` runs; ``method.meta_grad`` may also be ``auto``.
+MODES = ("unroll", "recompute")
 
 
 @dataclass
@@ -92,6 +107,13 @@ def _batch(images, labels, step: StudentStep, dsa: DSA | None):
     return x, labels[step.idx]
 
 
+def _unrolled_step(fns, theta, images, labels, syn_lr, step: StudentStep, dsa):
+    """One differentiable student step ``theta - alpha * grad l(theta; x, y)`` (graph kept)."""
+    x, y = _batch(images, labels, step, dsa)
+    g, = torch.autograd.grad(label_loss(fns.flat.call(theta, x), y), theta, create_graph=True)
+    return theta - syn_lr * g
+
+
 def matching_loss_and_grads(fns: StudentFunctions, images: torch.Tensor, labels: torch.Tensor,
                             syn_lr: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor,
                             steps: list[StudentStep], dsa: DSA | None = None, mode: str = "unroll") -> torch.Tensor:
@@ -104,7 +126,8 @@ def matching_loss_and_grads(fns: StudentFunctions, images: torch.Tensor, labels:
         syn_lr: scalar learnable student lr (leaf).
         theta_start, theta_target: ``(P,)`` expert parameters at epochs t and t+M.
         steps: the ``syn_steps`` minibatches (and their DSA parameters).
-        mode: ``"unroll"`` or ``"recompute"`` (see module docstring; same gradient).
+        mode: ``"unroll"`` or ``"recompute"`` (see module docstring; same gradient); ``auto`` is
+            resolved before, by :func:`resolve_meta_grad`.
 
     Returns:
         The loss (a detached scalar).
@@ -116,9 +139,7 @@ def matching_loss_and_grads(fns: StudentFunctions, images: torch.Tensor, labels:
     if mode == "unroll":
         theta = theta_start.detach().requires_grad_(True)
         for st in steps:
-            x, y = _batch(images, labels, st, dsa)
-            g, = torch.autograd.grad(label_loss(fns.flat.call(theta, x), y), theta, create_graph=True)
-            theta = theta - syn_lr * g
+            theta = _unrolled_step(fns, theta, images, labels, syn_lr, st, dsa)
         loss = (theta - theta_target).pow(2).sum() / denom
         loss.backward()
         return loss.detach()
@@ -147,3 +168,136 @@ def matching_loss_and_grads(fns: StudentFunctions, images: torch.Tensor, labels:
     if syn_lr.requires_grad:
         syn_lr.grad = lr_grad if syn_lr.grad is None else syn_lr.grad + lr_grad
     return loss.detach()
+
+
+# --- method.meta_grad=auto -------------------------------------------------------------------------
+
+#: Measured peak / predicted ``(syn_steps + 1) x`` saved bytes of one step was 1.16-1.18 on CPU
+#: (ConvNet-32 and -128, batch 100: allocator overhead, transient buffers); 1.25 keeps it an upper bound.
+UNROLL_OVERHEAD = 1.25
+#: ``unroll`` is chosen only when its prediction is below this fraction of the free memory.
+MEMORY_MARGIN = 0.8
+
+
+@dataclass(frozen=True)
+class MetaGradChoice:
+    """A resolved ``method.meta_grad``: ``mode`` (one of :data:`MODES`), ``compile`` (compile the
+    per-step functions; used by ``recompute`` only) and ``reason`` (one line, logged)."""
+
+    mode: str
+    compile: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        """``unroll``, ``recompute`` or ``recompute+compile`` (the benchmark's row names)."""
+        return self.mode + ("+compile" if self.compile and self.mode == "recompute" else "")
+
+
+def choose_meta_grad(compile_ok: bool, predicted_bytes: float | None, available_bytes: float | None,
+                     margin: float = MEMORY_MARGIN) -> MetaGradChoice:
+    """The ``auto`` rule, a pure function: compiled ``recompute`` when compile is verified for the
+    student (on 2 CPU cores, ConvNet-128: 0.53x the reference loop's time against 0.85x for
+    ``unroll``, at constant memory); else ``unroll`` when its ``predicted_bytes`` are at most
+    ``margin x available_bytes``; else (too big, or either figure unknown = ``None``) eager
+    ``recompute``, whose memory does not grow with ``syn_steps``."""
+    if compile_ok:
+        return MetaGradChoice("recompute", True, "compile is verified for this student")
+    if predicted_bytes is None or available_bytes is None:
+        return MetaGradChoice("recompute", False, "unroll's memory could not be predicted")
+    need, have = predicted_bytes / 2**30, available_bytes / 2**30
+    if predicted_bytes <= margin * available_bytes:
+        return MetaGradChoice("unroll", False, f"no verified compile; unroll's predicted {need:.2f} GiB fits "
+                                               f"{margin:.0%} of {have:.2f} GiB free")
+    return MetaGradChoice("recompute", False, f"no verified compile; unroll's predicted {need:.2f} GiB exceeds "
+                                              f"{margin:.0%} of {have:.2f} GiB free")
+
+
+def unroll_memory_bytes(fns: StudentFunctions, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
+                        step: StudentStep, dsa: DSA | None, syn_steps: int) -> int:
+    """Predicted peak bytes that ``unroll`` adds for ``syn_steps`` steps: ``UNROLL_OVERHEAD x
+    (syn_steps + 1) x`` the bytes one real step (``step``'s batch, its DSA, the net's parameters)
+    keeps for the backward pass -- the distinct storages its autograd graph saves, counted with
+    :func:`torch.autograd.graph.saved_tensors_hooks` (activations of the forward and of the
+    create-graph backward, the parameter vector). Runs that one step; shapes as in
+    :func:`matching_loss_and_grads`."""
+    sizes: dict[tuple, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        sizes[(t.device, s.data_ptr())] = s.nbytes()
+        return t
+
+    theta = fns.flat.flatten().detach().to(images.device).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _unrolled_step(fns, theta, images, labels, syn_lr, step, dsa)
+    return int(UNROLL_OVERHEAD * (syn_steps + 1) * sum(sizes.values()))
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes: on CUDA the driver's free memory plus PyTorch's cached,
+    unallocated blocks; on CPU ``MemAvailable`` (psutil, else ``/proc/meminfo``); ``None`` when
+    unknown (another device type, or neither source)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def compile_verified(net: torch.nn.Module, image_shape) -> bool:
+    """Whether compiling the student's per-step functions is trusted and worth it: its class is in
+    :data:`lightning_dd.nets.COMPILE_VERIFIED` and the images have at least 32x32 pixels (below,
+    compiling costs more than it saves, see :func:`lightning_dd.evaluate.standalone.worth_compiling`)."""
+    return type(net).__name__ in COMPILE_VERIFIED and worth_compiling(tuple(image_shape))
+
+
+def resolve_meta_grad(requested: str, compile: bool | None, verified: bool,
+                      predict_unroll_bytes: Callable[[], int], device: torch.device) -> MetaGradChoice:
+    """``method.meta_grad`` and ``method.compile`` as run.
+
+    Args:
+        requested: ``auto``, ``unroll`` or ``recompute``.
+        compile: ``True``/``False`` forces compiling the per-step functions on/off; ``None`` =
+            where ``verified``.
+        verified: :func:`compile_verified` for the student and images.
+        predict_unroll_bytes: called only when ``auto`` needs it (:func:`unroll_memory_bytes`).
+        device: where the student runs (its free memory, :func:`available_memory_bytes`).
+
+    Raises:
+        ValueError: unknown ``requested``.
+    """
+    compile_ok = verified if compile is None else compile
+    if requested == "unroll":
+        return MetaGradChoice("unroll", False, "method.meta_grad=unroll")
+    if requested == "recompute":
+        return MetaGradChoice("recompute", compile_ok, "method.meta_grad=recompute")
+    if requested != "auto":
+        raise ValueError(f"method.meta_grad must be 'auto', 'unroll' or 'recompute', got {requested!r}")
+    if compile_ok:
+        choice = choose_meta_grad(True, None, None)
+        return choice if compile is None else MetaGradChoice("recompute", True, "method.compile=true")
+    try:
+        predicted = predict_unroll_bytes()
+    except torch.OutOfMemoryError:  # one step did not fit: unroll cannot
+        return MetaGradChoice("recompute", False, "one unrolled step ran out of memory")
+    choice = choose_meta_grad(False, predicted, available_memory_bytes(device))
+    if compile is False and verified:
+        reason = choice.reason.replace("no verified compile", "method.compile=false")
+        choice = MetaGradChoice(choice.mode, False, reason)
+    return choice

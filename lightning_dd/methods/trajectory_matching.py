@@ -41,7 +41,8 @@ from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
 from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
-from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
+from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
+                                            matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
 from lightning_dd.nets import FlatParams, build_net_cfg
 from lightning_dd.results import DistilledSet
 
@@ -144,12 +145,33 @@ class TrajectoryMatching(L.LightningModule):
         self.trajectories = trajectories
         self.net = net
         self.fns = None
+        self.meta_grad: MetaGradChoice | None = None  # resolved in on_fit_start
 
     def on_fit_start(self):
         self.trajectories = [t.to(self.device) for t in self.trajectories]
-        self.fns = StudentFunctions(FlatParams(self.net), compile=self.hp.compile)
+        flat = FlatParams(self.net)
+        self.meta_grad = self.resolve_meta_grad(flat)
+        self.fns = StudentFunctions(flat, compile=self.meta_grad.compile)
         if self.clom is not None:
             self.clom.pool.to(self.device)
+
+    def resolve_meta_grad(self, flat: FlatParams) -> MetaGradChoice:
+        """``method.meta_grad`` / ``method.compile`` as run on this device (``auto`` resolved, see
+        :func:`lightning_dd.methods.meta_grad.resolve_meta_grad`), logged with the reason."""
+        hp, n = self.hp, self.images.shape[0]
+        batch = min(hp.batch_syn or n, n)
+
+        def predict() -> int:  # one real unrolled step of a batch_syn batch
+            aug = self.dsa.sample(batch, self.images.shape[-2:], generator=torch.Generator().manual_seed(0),
+                                  device=self.device) if self.dsa is not None and self.dsa.enabled else None
+            step = StudentStep(torch.arange(batch, device=self.device), aug)
+            return unroll_memory_bytes(StudentFunctions(flat), self.images, self.labels, self.syn_lr, step, self.dsa,
+                                       hp.syn_steps)
+
+        choice = resolve_meta_grad(hp.meta_grad, hp.compile, compile_verified(self.net, self.images.shape[1:]),
+                                   predict, self.device)
+        log.info("method.meta_grad=%s runs %s: %s", hp.meta_grad, choice.label, choice.reason)
+        return choice
 
     def clom_backward(self, iteration: int) -> dict:
         """Add ``alpha * L_CLoM`` of one pooled model to the images' gradient (the labels and lr
@@ -209,7 +231,7 @@ class TrajectoryMatching(L.LightningModule):
         opt.zero_grad()
         t0 = time.perf_counter()
         loss = matching_loss_and_grads(self.fns, self.images, self.labels, self.syn_lr, traj[start],
-                                       traj[start + hp.expert_epochs], steps, self.dsa, mode=hp.meta_grad)
+                                       traj[start + hp.expert_epochs], steps, self.dsa, mode=self.meta_grad.mode)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"iteration {it}: matching loss is {loss.item()}; lower method.lr_img / lr_lr")
         clom_logs = self.clom_backward(it) if self.clom is not None else {}
@@ -257,8 +279,8 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
     pix_init: Literal["samples_predicted_correctly", "real"] = "samples_predicted_correctly"
     label_init_epoch: int = -1
     threshold: PositiveFloat = 1.0
-    meta_grad: Literal["unroll", "recompute"] = "unroll"
-    compile: bool = False
+    meta_grad: Literal["auto", "unroll", "recompute"] = "auto"
+    compile: bool | None = None
     ckpt_every: PositiveInt = 50
     clom: ClomConfig = ClomConfig()
 
@@ -338,6 +360,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
         timings["distill_s"] = time.perf_counter() - t0
         metrics["distill/iterations"] = trainer.global_step
+        metrics["distill/meta_grad_mode"] = module.meta_grad.label
         x, y, lr = module.current_set()
         result = DistilledSet(x, y, lr, dm.classes, dm.preprocessing.state(), method=self.name, ipc=self.ipc,
                               meta={"iterations": metrics["distill/iterations"]})
