@@ -153,13 +153,13 @@ def test_last_layer_gradient_embedding_is_the_classifier_gradient(loss):
     assert none is None and torch.allclose(e, e2)
 
 
-def test_typed_fields_and_the_unimplemented_pixel_step_are_refused():
+def test_typed_fields_are_checked():
     with pytest.raises(ValueError, match="fraction"):
         DatasetQuantization(name="dq", fraction=1.5)
     with pytest.raises(ValueError, match="embedding"):
         GraphCutSelection(name="graphcut", embedding="pixels")
-    with pytest.raises(ConfigError, match="not implemented"):
-        DatasetQuantization(name="dq", pixel_quantization=True).check(None)
+    with pytest.raises(ValueError, match="drop_ratio"):
+        DatasetQuantization(name="dq", pixel={"enabled": True, "drop_ratio": 1.5})
 
 
 class _DM:
