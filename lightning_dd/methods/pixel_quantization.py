@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dd.core.config import Fraction, PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.io import atomic_save, safe_load
+from lightning_dd.io import load_cache, require_keys, save_cache
 from lightning_dd.nets.mae import MAE, mae_loss, random_mask
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,9 @@ def build_mae(hp: PixelQuantizationConfig, channels: int, image_size) -> MAE:
 def trained_mae(hp: PixelQuantizationConfig, images: torch.Tensor, data_identity: dict, cache_dir: str | Path,
                 make_trainer: TrainerFactory, seed: int = 0) -> tuple[MAE, dict]:
     """The MAE of ``hp`` trained on ``images`` (the real pool), from the cache when a run with the
-    same data, settings and seed trained it before (``<cache_dir>/mae/<key>/mae.pt``, written
-    atomically, read with ``weights_only=True``). Returns ``(mae in eval mode, info)`` with
+    same data, settings and seed trained it before (``<cache_dir>/mae/<key>/mae.pt``, a checksummed
+    cache entry: :func:`lightning_dd.io.save_cache` / :func:`~lightning_dd.io.load_cache`; a
+    corrupted one is retrained). Returns ``(mae in eval mode, info)`` with
     ``info = {"mae/loss": final training loss, "mae/train_s": seconds (0 when cached)}``.
 
     Shapes: ``images (N, C, H, W)`` model space.
@@ -198,8 +199,8 @@ def trained_mae(hp: PixelQuantizationConfig, images: torch.Tensor, data_identity
     key = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "mae" / key / "mae.pt"
     mae = build_mae(hp, images.shape[1], images.shape[-2:])
-    if path.is_file():
-        d = safe_load(path, "MAE checkpoint")
+    d = load_cache(path, "MAE cache entry", check=require_keys("state_dict", "loss"))
+    if d is not None:
         mae.load_state_dict(d["state_dict"])
         log.info("MAE from the cache %s (loss %.4f)", path, d["loss"])
         return mae.eval(), {"mae/loss": float(d["loss"]), "mae/train_s": 0.0}
@@ -211,7 +212,7 @@ def trained_mae(hp: PixelQuantizationConfig, images: torch.Tensor, data_identity
     trainer = make_trainer("mae", max_epochs=hp.mae_epochs, logger=False, enable_checkpointing=False)
     trainer.fit(module, loader)
     loss = float(trainer.callback_metrics.get("mae/loss", float("nan")))
-    atomic_save({"state_dict": mae.state_dict(), "loss": loss, "spec": json.dumps(spec, default=str)}, path)
+    save_cache({"state_dict": mae.state_dict(), "loss": loss, "spec": json.dumps(spec, default=str)}, path)
     info = {"mae/loss": loss, "mae/train_s": time.perf_counter() - t0}
     log.info("MAE trained in %.0fs (final loss %.4f) -> %s", info["mae/train_s"], loss, path)
     return mae.eval(), info
