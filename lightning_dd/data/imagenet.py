@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from lightning_dd.data.images import ImageDataModule, Preprocessing
-from lightning_dd.data.readers import IMAGE_SUFFIXES, DataNotFoundError, ImageSet
+from lightning_dd.data.readers import (IMAGE_SUFFIXES, DataFormatError, DataNotFoundError, ImageDecodeError, ImageSet,
+                                       utf8_name)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,60 @@ def _images_in(d: Path) -> list[Path]:
 
 
 def _class_dirs(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    """Sorted class folders of ``d`` (none when ``d`` is no folder).
+
+    Raises:
+        DataFormatError: a folder name that is not UTF-8 (it would become a class name).
+    """
+    dirs = sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+    for p in dirs:
+        utf8_name(p, "class folder")
+    return dirs
+
+
+def _class_images(d: Path) -> list[Path]:
+    """The images of class folder ``d``. Raises DataFormatError: none (an empty class)."""
+    files = _images_in(d) if d.is_dir() else []
+    if not files:
+        raise DataFormatError(f"{d}: empty class folder (no {'/'.join(sorted(IMAGE_SUFFIXES))} files); remove it "
+                              f"or add its images")
+    return files
+
+
+def _val_annotations(root: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
+    """Tiny-ImageNet's ``val/val_annotations.txt``: ``<file>\\t<wnid>[\\t...]`` per line.
+
+    Raises:
+        DataFormatError: not UTF-8 text, a line without two tab-separated fields, a file name with
+            a path in it, a file listed twice or missing from ``val/images``, or a wnid not in
+            ``train`` (the message names the file and line).
+    """
+    path = root / "val" / "val_annotations.txt"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text ({e})") from None
+    files, seen = [], set()
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        where = f"{path} line {i}"
+        if len(parts) < 2 or not parts[0]:
+            raise DataFormatError(f"{where}: expected '<file>\\t<wnid>...', got {line[:80]!r}")
+        name, wnid = parts[0], parts[1]
+        if Path(name).name != name or name in (".", ".."):
+            raise DataFormatError(f"{where}: {name[:80]!r} must be a file name in {root / 'val' / 'images'}")
+        if wnid not in index:
+            raise DataFormatError(f"{where}: class {wnid[:80]!r} is not in {root}/train")
+        if name in seen:
+            raise DataFormatError(f"{where}: {name[:80]!r} is listed twice")
+        f = root / "val" / "images" / name
+        if not f.is_file():
+            raise DataFormatError(f"{where}: {f} does not exist")
+        seen.add(name)
+        files.append((f, index[wnid]))
+    return sorted(files)
 
 
 def expected_layouts(root: Path) -> str:
@@ -93,7 +147,10 @@ def list_files(root: str | Path, layout: str = "auto",
         root: the data set directory. layout: one of :data:`LAYOUTS`. split: ``train`` | ``val``.
 
     Raises:
-        ValueError: unknown layout/split, or val classes the train split lacks.
+        ValueError: unknown layout/split.
+        DataFormatError (a ValueError): val classes the train split lacks, an empty class folder,
+            a class folder name that is not UTF-8, a malformed ``val_annotations.txt`` (file and
+            line named).
         DataNotFoundError: the split has no images where the layout expects them.
     """
     root = Path(root)
@@ -106,31 +163,22 @@ def list_files(root: str | Path, layout: str = "auto",
     if layout == "flat":
         dirs = _class_dirs(root)
         classes = [d.name for d in dirs]
-        files = [(f, c) for c, d in enumerate(dirs) for f in _images_in(d)]
+        files = [(f, c) for c, d in enumerate(dirs) for f in _class_images(d)]
     elif layout == "imagenet":
         classes = [d.name for d in _class_dirs(root / "train")]
         index = {w: i for i, w in enumerate(classes)}
         files = []
         for d in _class_dirs(root / split):
             if d.name not in index:
-                raise ValueError(f"{root}/{split}: class {d.name!r} is not in {root}/train")
-            files += [(f, index[d.name]) for f in _images_in(d)]
+                raise DataFormatError(f"{root}/{split}: class {d.name!r} is not in {root}/train")
+            files += [(f, index[d.name]) for f in _class_images(d)]
     else:  # tiny
         classes = [d.name for d in _class_dirs(root / "train")]
         index = {w: i for i, w in enumerate(classes)}
         if split == "train":
-            files = [(f, c) for c, w in enumerate(classes) if (root / "train" / w / "images").is_dir()
-                     for f in _images_in(root / "train" / w / "images")]
+            files = [(f, c) for c, w in enumerate(classes) for f in _class_images(root / "train" / w / "images")]
         else:
-            files = []
-            for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
-                parts = line.split("\t")
-                if len(parts) < 2:
-                    continue
-                if parts[1] not in index:
-                    raise ValueError(f"{root}/val/val_annotations.txt: class {parts[1]!r} is not in {root}/train")
-                files.append((root / "val" / "images" / parts[0], index[parts[1]]))
-            files.sort()
+            files = _val_annotations(root, index)
     if not files:
         raise DataNotFoundError(f"no {split} images found under {root} (layout {layout}); " + expected_layouts(root))
     return classes, files
@@ -175,8 +223,8 @@ def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.nd
     scale first (PIL ``draft``) when that still leaves at least ``resize_size`` pixels.
 
     Raises:
-        OSError: unreadable file (truncated, corrupt, not an image): the message names ``path``
-            and PIL's error.
+        ImageDecodeError (an OSError): unreadable file (truncated, corrupt, not an image): the
+            message names ``path`` and PIL's error.
     """
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
@@ -187,7 +235,7 @@ def decode_resized(path: str | Path, image_size: int, resize_size: int) -> np.nd
                 im.draft("RGB", (resize_size, resize_size))  # keeps both sides >= the requested size
             im = im.convert("RGB")
     except Exception as e:  # PIL raises OSError (truncated), SyntaxError, ValueError, DecompressionBombError, ...
-        raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     im = TF.resize(im, resize_size, antialias=True)
     im = TF.center_crop(im, [image_size, image_size])
     return np.asarray(im, dtype=np.uint8)
@@ -198,7 +246,8 @@ def decode_files(files: list[tuple[Path, int]], image_size: int, resize_size: in
     """Decode ``files`` in a thread pool -> ``(N, 3, S, S)`` uint8 and ``(N,)`` int64 labels.
 
     Raises:
-        OSError: a file cannot be decoded (:func:`decode_resized`; the message names it).
+        ImageDecodeError (an OSError): a file cannot be decoded (:func:`decode_resized`; the
+            message names it).
     """
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         arrays = list(pool.map(lambda f: decode_resized(f[0], image_size, resize_size), files))
@@ -232,7 +281,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """Streaming ``(image (3, S, S) float32, label int)`` pairs over ``files`` with ``transform``
     (see :func:`train_transforms`, :func:`val_transforms`).
 
-    ``dataset[i]`` raises OSError naming the file when it cannot be decoded (truncated, corrupt).
+    ``dataset[i]`` raises :class:`ImageDecodeError` (an OSError) naming the file when it cannot be
+    decoded (truncated, corrupt).
     """
 
     def __init__(self, files: list[tuple[Path, int]], transform):
@@ -252,7 +302,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         except Exception as e:
             if im is not None:
                 im.close()
-            raise OSError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+            raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
         with im:
             return self.transform(im), label
 
@@ -288,7 +338,10 @@ class ImageNetDataModule(ImageDataModule):
         ValueError: the selected images would need more than ``max_memory_gib`` (raised before
             anything is decoded or read from the cache; names ``data.train_per_class``,
             ``data.val_per_class`` and the estimate).
-        OSError: an unreadable image (its path is named).
+        DataFormatError: an empty class folder, a folder name that is not UTF-8, a malformed
+            ``val_annotations.txt`` (named).
+        ImageDecodeError (a DataFormatError and an OSError): an unreadable image (its path is
+            named). Nothing is written to ``cache_dir`` unless every image decoded.
     """
 
     def __init__(self, root: str, name: str = "imagenet", layout: str = "auto", image_size: int = 224,
@@ -328,7 +381,8 @@ class ImageNetDataModule(ImageDataModule):
             for split, files in (("train", train), ("val", val)):
                 for f, c in files:
                     st = f.stat()
-                    h.update(f"{split}|{f.relative_to(self.root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                    h.update(f"{split}|{f.relative_to(self.root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n"
+                             .encode("utf-8", "surrogateescape"))
             cache = self.cache_dir / "decoded" / f"{self.name}-{self.root.name}-{h.hexdigest()[:16]}.pt"
             cached = ImageSet.load_cache(cache)  # None: missing, or unusable (reported, deleted)
             if cached is not None:

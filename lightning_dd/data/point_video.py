@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import tempfile
-import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_dd.data.readers import DataNotFoundError
+from lightning_dd.data.readers import DataFormatError, DataNotFoundError
 from lightning_dd.data.skeleton_render import NAME, read_skeleton, render_video, resample_indices, video_seed
 
 log = logging.getLogger(__name__)
@@ -44,11 +43,14 @@ def parse_video_name(path: str | Path) -> tuple[int, int, int]:
     """``(label, subject, episode)`` of ``aXX_sYY_eZZ...``: label = XX - 1.
 
     Raises:
-        ValueError: the name has no ``aXX_sYY_eZZ`` field (names the file).
+        DataFormatError (a ValueError): the name has no ``aXX_sYY_eZZ`` field, or ``XX`` is 0 (no
+            label -1); the message names the file.
     """
     m = NAME.search(Path(path).name)
     if m is None:
-        raise ValueError(f"{path}: file name has no aXX_sYY_eZZ field (MSR-Action3D naming)")
+        raise DataFormatError(f"{path}: file name has no aXX_sYY_eZZ field (MSR-Action3D naming)")
+    if int(m.group(1)) < 1:
+        raise DataFormatError(f"{path}: action number a{m.group(1)} must be >= 1 (label = XX - 1)")
     return int(m.group(1)) - 1, int(m.group(2)), int(m.group(3))
 
 
@@ -59,36 +61,49 @@ def read_point_video(path: str | Path, allow_pickle: bool = False) -> list[torch
         Returns T float32 tensors ``(N_t, 3)`` in the file's units.
 
     Raises:
-        FileNotFoundError: no file. ValueError: unreadable/corrupt npz, no ``point_clouds`` key, an
-        object array without ``allow_pickle``, no frames, or a frame not ``(N_t >= 1, 3)`` (each
-        message names the file).
+        FileNotFoundError: no file. DataFormatError (a ValueError): not an npz (zip) file,
+        unreadable/corrupt/truncated, no ``point_clouds`` key, an object array without
+        ``allow_pickle``, no frames, a frame not ``(N_t >= 1, 3)`` integers or floats, or NaN/inf
+        coordinates (each message names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"point-cloud video not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would try other formats (.npy, pickle)
+            raise DataFormatError(f"{path}: not an npz (zip) file (empty, truncated or another format)")
     try:
         with np.load(path, allow_pickle=allow_pickle) as z:
             if "point_clouds" not in z.files:
-                raise ValueError(f"{path}: no 'point_clouds' key (keys: {z.files})")
+                raise DataFormatError(f"{path}: no 'point_clouds' key (keys: {z.files})")
             pc = z["point_clouds"]
+    except DataFormatError:
+        raise
     except ValueError as e:
         if "allow_pickle" in str(e):
-            raise ValueError(f"{path}: 'point_clouds' is an object array (frames of different sizes); "
-                             f"set data.allow_pickle=true only if you trust this file") from None
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: not a readable npz file: {e}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable npz file (corrupt or truncated): {type(e).__name__}: {e}") from None
+            raise DataFormatError(f"{path}: 'point_clouds' is an object array (frames of different sizes); "
+                                  f"set data.allow_pickle=true only if you trust this file") from None
+        raise DataFormatError(f"{path}: not a readable npz file: {e}") from None
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, OSError, MemoryError, ...
+        raise DataFormatError(f"{path}: not a readable npz file (corrupt or truncated): {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
     frames = list(pc) if pc.dtype == object or pc.ndim == 3 else None
     if not frames:
-        raise ValueError(f"{path}: 'point_clouds' must hold T >= 1 frames of (N_t, 3) points, got shape {pc.shape}")
+        raise DataFormatError(f"{path}: 'point_clouds' must hold T >= 1 frames of (N_t, 3) points, got shape "
+                              f"{pc.shape}")
     out = []
     for t, f in enumerate(frames):
-        f = np.asarray(f)
-        if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0 or not np.issubdtype(f.dtype, np.number):
-            raise ValueError(f"{path}: frame {t} must be (N_t >= 1, 3) numbers, got {f.shape} {f.dtype}")
-        out.append(torch.from_numpy(f.astype(np.float32)))
+        if not isinstance(f, np.ndarray):
+            raise DataFormatError(f"{path}: frame {t} is a {type(f).__name__}, not an array of points")
+        if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0 or f.dtype == np.bool_ or not (
+                np.issubdtype(f.dtype, np.integer) or np.issubdtype(f.dtype, np.floating)):
+            raise DataFormatError(f"{path}: frame {t} must be (N_t >= 1, 3) integers or floats, got {f.shape} "
+                                  f"{f.dtype}")
+        f = f.astype(np.float32)
+        if not np.isfinite(f).all():
+            raise DataFormatError(f"{path}: frame {t} has {int((~np.isfinite(f)).sum())} NaN/inf coordinates "
+                                  f"(in float32)")
+        out.append(torch.from_numpy(f))
     return out
 
 
@@ -180,12 +195,16 @@ def render_skeleton_folder(skeleton_root: str | Path, cache_dir: str | Path, poi
     each npz is written atomically, so an interrupted render resumes.
 
     Raises:
-        DataNotFoundError: no skeleton files. ValueError: a malformed file (named).
+        DataNotFoundError: no skeleton files. DataFormatError (a ValueError): a malformed file, a
+        file name without ``aXX_sYY_eZZ``, or a sequence that renders to an empty or non-finite
+        frame (each names the file); the videos rendered before it stay (complete npz files).
     """
     skeleton_root = Path(skeleton_root)
     files = sorted(skeleton_root.glob("a*_s*_e*_skeleton3D.txt"))
     if not files:
         raise DataNotFoundError(f"no aXX_sYY_eZZ_skeleton3D.txt files in {skeleton_root} (MSR-Action3D skeletons)")
+    for f in files:
+        parse_video_name(f)  # every name valid before anything is rendered
     key = hashlib.sha256(json.dumps([RENDER_VERSION, points_per_frame, samples_per_frame, seed,
                                      [(f.name, f.stat().st_size) for f in files]]).encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"msr_rendered_{key}"
@@ -199,7 +218,14 @@ def render_skeleton_folder(skeleton_root: str | Path, cache_dir: str | Path, poi
         target = out / f"{name}_sdepth.npz"
         if target.is_file():
             continue
-        video = render_video(read_skeleton(f), points_per_frame, samples_per_frame, video_seed(name, seed))
+        try:
+            video = render_video(read_skeleton(f), points_per_frame, samples_per_frame, video_seed(name, seed))
+        except DataFormatError:
+            raise
+        except ValueError as e:  # e.g. a tracked frame with every joint behind the camera: nothing to see
+            raise DataFormatError(f"{f}: cannot render this skeleton sequence: {e}") from None
+        if video is not None and not np.isfinite(video).all():
+            raise DataFormatError(f"{f}: rendering gave NaN/inf points (joint coordinates far outside a room?)")
         if video is None:
             skipped.append(f.name)
             continue

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lightning_dd.data.readers import DataFormatError
 
 #: MSR-Action3D's joint order (0-based): shoulders, neck, spine, hips, hip centre, elbows, wrists,
 #: hands, knees, ankles, feet, head.
@@ -58,18 +61,24 @@ def read_skeleton(path: str | Path) -> np.ndarray:
         Returns ``(T, 20, 4)`` float32: x, y, z (metres, camera space), confidence.
 
     Raises:
-        FileNotFoundError: no file. ValueError: not 4 numbers per line or not 20 lines per frame
-        (the message names the file).
+        FileNotFoundError: no file. DataFormatError (a ValueError): not UTF-8 text, not 4 numbers
+        per line, not 20 lines per frame, or NaN/inf values (the message names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"skeleton file not found: {path}")
     try:
-        a = np.loadtxt(path, dtype=np.float32, ndmin=2)
-    except ValueError as e:
-        raise ValueError(f"{path}: not an MSR-Action3D skeleton file (4 numbers per line): {e}") from None
+        with warnings.catch_warnings():  # an empty file: "input contained no data", refused below
+            warnings.simplefilter("ignore", UserWarning)
+            a = np.loadtxt(path, dtype=np.float32, ndmin=2, encoding="utf-8")
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DataFormatError(f"{path}: not an MSR-Action3D skeleton file (4 numbers per line): "
+                              f"{str(e)[:200]}") from None
     if a.shape[1] != 4 or len(a) % 20 or len(a) == 0:
-        raise ValueError(f"{path}: expected 20 lines of 4 numbers per frame, got {a.shape[0]} lines of {a.shape[1]}")
+        raise DataFormatError(f"{path}: expected 20 lines of 4 numbers per frame, got {a.shape[0]} lines of "
+                              f"{a.shape[1]}")
+    if not np.isfinite(a).all():
+        raise DataFormatError(f"{path}: {int((~np.isfinite(a)).sum())} NaN/inf values (or beyond float32)")
     return a.reshape(-1, 20, 4)
 
 
