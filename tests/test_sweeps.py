@@ -104,6 +104,20 @@ def test_slurm_launcher_config_composes(monkeypatch, tmp_path):
     assert local._target_.endswith("submitit_launcher.LocalLauncher")
 
 
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_job(tmp_path):
+    """The submitit path without SLURM (``hydra/launcher=submitit_local``): the job is pickled, run in a
+    subprocess by submitit and its result returned to the sweep."""
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "seed=0", *TINY,
+                        f"hydra.sweep.dir={sweep}"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((sweep / "datm_digits" / "0" / "metrics.json").read_text())
+    assert 0 <= metrics["eval/ConvNet/acc_mean"] <= 1
+    assert list((sweep / ".submitit").glob("*/*_result.pkl"))  # submitit ran it and kept its result
+
+
 FAKE_SBATCH = """#!/bin/sh
 # stands in for SLURM's sbatch: keeps the script and answers as sbatch does
 cp "$1" "{record}"
@@ -260,9 +274,9 @@ def test_killed_optuna_sweep_resumes_with_its_finished_trials(tmp_path):
 
 
 def test_storage_needs_a_study_name_and_sqlalchemy_1(monkeypatch, tmp_path):
-    import sqlalchemy
+    from lightning_dd.sweeps import check_storage  # first: it silences SQLAlchemy 1.4's warning about optuna 2.10
 
-    from lightning_dd.sweeps import check_storage
+    import sqlalchemy
 
     check_storage(None, None)  # in memory: nothing to check
     with pytest.raises(ValueError, match="hydra.sweeper.study_name"):
