@@ -229,7 +229,7 @@ class SeedEnsembleModule(L.LightningModule):
         self.accs = (self._correct.float() / max(self._total, 1)).tolist()
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(self.stacked.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.total_steps // 2], gamma=0.1)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

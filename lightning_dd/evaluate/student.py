@@ -171,8 +171,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
             batched network, :mod:`lightning_dd.evaluate.ensemble`: seed ``i`` gets the same
             initial weights, batch order and augmentation draws as its sequential run; losses
             equal to float32 rounding, not bitwise) or ``auto`` (vmap on CUDA when the net
-            supports it, else sequential; the choice is logged). Compilation applies to the
-            sequential runs only.
+            supports it, else sequential, also after running out of device memory; the choice is
+            logged). Compilation applies to the sequential runs only.
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
@@ -217,9 +217,16 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         def loss(out, y):
             return target_loss(out, y, soft_loss_kind, temperature)
 
-        accs = _train_stacked(images, labels, test_images, test_labels, num_classes, net_cfg, lr, steps, epochs,
-                              batch_size, num_eval, seed, aug, momentum, weight_decay, make_trainer, loss, teacher)
-        return EvalResult(name, accs, time.perf_counter() - t0)
+        try:
+            accs = _train_stacked(images, labels, test_images, test_labels, num_classes, net_cfg, lr, steps, epochs,
+                                  batch_size, num_eval, seed, aug, momentum, weight_decay, make_trainer, loss, teacher)
+            return EvalResult(name, accs, time.perf_counter() - t0)
+        except torch.OutOfMemoryError:
+            if parallel_seeds == "vmap":
+                raise
+            log.warning("%d stacked %s students do not fit in device memory; evaluating them one by one",
+                        num_eval, name)
+            torch.cuda.empty_cache()
     accs = []
     for r in range(num_eval):
         L.seed_everything(seed + r, verbose=False)
