@@ -3,43 +3,103 @@ prints: where its last checkpoint is and the command that resumes it."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from lightning_dd.io import atomic_write_text
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer that, with ``keep``, neither warns about nor deletes an existing
+    ``metrics.csv``: the first :meth:`log_metrics` rewrites it (atomically) with the rows an earlier
+    run logged at steps before that call's step, and later rows are appended. Header rewrites (new
+    metric keys) are atomic too, so a kill never leaves half a file."""
+
+    def __init__(self, log_dir: str, keep: bool = False):
+        self._keep, self._previous, self._max_step = keep, None, -1
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._keep:
+            return super()._check_log_dir_exists()
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                self._previous = (list(reader.fieldnames or []), list(reader))
+
+    def next_step(self) -> int:
+        """One after the largest step logged so far (by this run, or kept from the earlier one)."""
+        pending = self._previous[1] if self._previous is not None else []
+        return max([self._max_step, *(s for r in pending if (s := _step_of(r)) is not None)]) + 1
+
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        if step is None:
+            step = self.next_step()
+        if self._previous is not None:  # the resumed run's first row: keep what came before it
+            header, rows = self._previous
+            self._previous = None
+            kept = [r for r in rows if (s := _step_of(r)) is None or s < step]
+            self._max_step = max([-1, *(s for r in kept if (s := _step_of(r)) is not None)])
+            self.metrics_keys = [k for k in header if k]
+            self._write_all(self.metrics_keys, kept)
+        self._max_step = max(self._max_step, int(step))
+        super().log_metrics(metrics_dict, step)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        self._write_all(fieldnames, rows)
+
+    def _write_all(self, fieldnames: list[str], rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(buf.getvalue(), self.metrics_file_path)
+
+
+def _step_of(row: dict) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except ValueError:
+        return None
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger (``<save_dir>/<name>/metrics.csv``) that, when ``keep_previous``, keeps
-    the rows an earlier run in the same directory logged before the step this run starts logging
-    at (a resumed run replaces only what it logs again); plain ``CSVLogger`` deletes them."""
+    """Lightning's CSVLogger (``<save_dir>/<name>/metrics.csv``) that writes every row as it is
+    logged (``flush_logs_every_n_steps=1``: a SIGKILL loses no logged row; Lightning's default
+    buffers 100) and, with ``keep_previous`` (a resumed run), keeps the rows the earlier run in the
+    same directory logged before the step this run starts logging at: the resumed run replaces only
+    what it logs again. Plain ``CSVLogger`` warns "Previous log files in this directory will be
+    deleted" and deletes them."""
 
     def __init__(self, *args, keep_previous: bool = False, **kwargs):
+        kwargs.setdefault("flush_logs_every_n_steps", 1)
         super().__init__(*args, **kwargs)
-        path = Path(self.log_dir) / "metrics.csv"
-        self._previous = None
-        if keep_previous and path.is_file():
-            with open(path, newline="") as fh:
-                self._previous = [{k: _number(v) for k, v in row.items() if v not in ("", None)}
-                                  for row in csv.DictReader(fh)]
+        self._keep_previous = keep_previous
 
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _KeepingWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, keep=self._keep_previous)
+        return self._experiment
+
+    @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        if self._previous is not None:
-            first = step if step is not None else 0
-            kept = [r for r in self._previous if "step" in r and r["step"] < first]
-            self._previous = None
-            self.experiment.metrics[:0] = kept  # the writer deleted the file; its next save rewrites these
-        super().log_metrics(metrics, step)
-
-
-def _number(v: str):
-    try:
-        f = float(v)
-    except ValueError:
-        return v
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+        """Lightning's, but a row without a step (the runner's final metrics) comes after every
+        step logged so far (Lightning numbers it by the rows not yet flushed)."""
+        super().log_metrics(metrics, self.experiment.next_step() if step is None else step)
 
 
 def _wandb_id(out_dir: Path, resume: bool) -> str:

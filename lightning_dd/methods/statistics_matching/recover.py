@@ -119,8 +119,12 @@ class RecoverModule(L.LightningModule):
             rec["recover/loss_conv"] = ls["conv"].detach()
         if hp.r_logit > 0:
             rec["recover/loss_logit"] = ls["logit"].detach()
-        if self.trainer.loggers:
-            self.log_dict(rec, logger=True, on_step=True, on_epoch=False)
+        if self.trainer.loggers and ((step + 1) % 10 == 0 or step + 1 == hp.iterations):
+            # logged at the run-wide step batch_index * iterations + step: every batch is its own fit
+            # (whose steps restart at 0), and a resumed run's logs replace only what they log again
+            row = {k: float(v) for k, v in rec.items()}
+            for lg in self.trainer.loggers:
+                lg.log_metrics(row, step=self.batch_index * hp.iterations + step)
         self.history.append({"batch": self.batch_index, "step": step, "loss_bn": float(ls["bn"].detach()),
                              "crop_scale_min": smin, "backbones": chosen})
         return loss
