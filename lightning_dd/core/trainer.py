@@ -11,7 +11,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
 import lightning as L
+
+
+class SafeTrainer(L.Trainer):
+    """A ``lightning.Trainer`` whose :meth:`fit` resumes from ``ckpt_path`` with
+    ``torch.load(weights_only=True)``: a checkpoint that would need arbitrary unpickling (code
+    execution) is refused. Lightning 2.6 passes ``weights_only=None`` (torch's default, which an
+    environment variable can turn unsafe), so every stage's Trainer sets it explicitly."""
+
+    _FIT_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(L.Trainer.fit).parameters
+
+    def fit(self, *args, **kwargs):
+        if self._FIT_TAKES_WEIGHTS_ONLY:
+            kwargs.setdefault("weights_only", True)
+        return super().fit(*args, **kwargs)
 
 
 class TrainerFactory:
@@ -47,7 +63,7 @@ class TrainerFactory:
                 "precision": self.precision, "num_nodes": self.num_nodes}
 
     def __call__(self, stage: str, **stage_kwargs) -> L.Trainer:
-        """A Trainer for ``stage`` (a label kept in :attr:`built`) with the stage's own arguments
+        """A Trainer (:class:`SafeTrainer`: resumes load with ``weights_only=True``) for ``stage`` (a label kept in :attr:`built`) with the stage's own arguments
         (``max_steps``, ``logger``, ``callbacks``, ...); defaults: no logger, no checkpointing,
         no model summary, no sanity validation, the factory's progress-bar setting.
 
@@ -60,6 +76,6 @@ class TrainerFactory:
         kw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
               "num_sanity_val_steps": 0, "enable_progress_bar": self.enable_progress_bar,
               "deterministic": self.deterministic, "benchmark": self.benchmark, **stage_kwargs}
-        trainer = L.Trainer(**self.kwargs(), **kw)
+        trainer = SafeTrainer(**self.kwargs(), **kw)
         self.built.append((stage, trainer))
         return trainer

@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from lightning_dd.core.config import PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.evaluate.images import ImageEvalConfig, evaluate_with_baselines
+from lightning_dd.io import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,20 @@ class RunContext:
     def resume_from(self, ckpt: Path, what: str) -> str | None:
         """The checkpoint a stage resumes from: ``ckpt_path`` when given, else ``ckpt`` when
         ``resume=true`` and it exists; logs the choice. ``resume=true`` without a checkpoint says
-        so and starts fresh."""
+        so and starts fresh. The checkpoint is read with ``weights_only=True`` first
+        (:func:`lightning_dd.io.check_checkpoint`).
+
+        Raises:
+            lightning_dd.io.UnsafeFileError: it needs arbitrary unpickling. ValueError: truncated or
+                not a Lightning checkpoint (the message names the file).
+        """
         if self.ckpt_path:
+            check_checkpoint(self.ckpt_path, f"{what} checkpoint (ckpt_path)")
             log.info("resuming %s from %s", what, self.ckpt_path)
             return str(self.ckpt_path)
         if self.resume:
             if Path(ckpt).is_file():
+                check_checkpoint(ckpt, f"{what} checkpoint")
                 log.info("resuming %s from %s", what, ckpt)
                 return str(ckpt)
             log.warning("resume=true but there is no checkpoint at %s: %s starts from scratch", ckpt, what)
