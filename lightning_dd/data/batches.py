@@ -21,19 +21,25 @@ class TensorBatches(IterableDataset):
         epochs: passes over the data per ``iter()``.
         seed: shuffle seed; ``None`` keeps the order. Each ``iter()`` continues the shuffle
             stream, so successive Lightning epochs see different orders, reproducibly.
+        shard: under ``torch.distributed`` with ``W > 1`` processes (Lightning's DDP), each process
+            yields its part of every batch (:func:`shard_batch`), so the ``W`` parts together are the
+            one-process batch and DDP's averaged gradient is the batch mean (Lightning shards a
+            map-style DataLoader with a ``DistributedSampler`` the same way); same number of batches
+            on every process. ``False``: every process sees whole batches.
 
     Raises:
         ValueError: empty tensors, mismatched first dimensions or a non-positive batch size.
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, epochs: int = 1, seed: int | None = None):
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, epochs: int = 1, seed: int | None = None,
+                 shard: bool = True):
         n = {t.shape[0] for t in tensors}
         if len(n) != 1:
             raise ValueError(f"tensors must share their first dimension, got {[tuple(t.shape) for t in tensors]}")
         if batch_size <= 0 or not tensors or next(iter(n)) == 0:
             raise ValueError(f"need a positive batch size and non-empty tensors (batch_size={batch_size})")
         self.tensors, self.n = tensors, next(iter(n))
-        self.batch_size, self.epochs, self.seed = min(batch_size, self.n), epochs, seed
+        self.batch_size, self.epochs, self.seed, self.shard = min(batch_size, self.n), epochs, seed, shard
         self._passes = 0
 
     def steps_per_epoch(self) -> int:
@@ -51,13 +57,32 @@ class TensorBatches(IterableDataset):
                 order = torch.randperm(self.n, generator=g)
             self._passes += 1
             for idx in order.split(self.batch_size):
+                if self.shard:
+                    idx = shard_batch(idx)
                 yield tuple(t[idx] for t in self.tensors)
 
 
+def shard_batch(idx: torch.Tensor) -> torch.Tensor:
+    """This process's part of the batch ``idx (B,)`` under ``torch.distributed`` (rank ``r`` of
+    ``W``): ``idx[r::W]`` after padding ``idx`` to a multiple of ``W`` by repeating its first entries
+    (as ``DistributedSampler`` pads), so every process gets ``ceil(B / W)`` samples, never an empty
+    batch. Unchanged on one process or without an initialized process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return idx
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = math.ceil(len(idx) / world) * world
+    if size != len(idx):
+        idx = idx.repeat(math.ceil(size / len(idx)))[:size]
+    return idx[rank::world]
+
+
 def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, epochs: int = 1,
-                 seed: int | None = None) -> DataLoader:
-    """A DataLoader of ``(images[idx], labels[idx])`` batches (see :class:`TensorBatches`)."""
-    return DataLoader(TensorBatches((images, labels), batch_size, epochs, seed), batch_size=None)
+                 seed: int | None = None, shard: bool = True) -> DataLoader:
+    """A DataLoader of ``(images[idx], labels[idx])`` batches (see :class:`TensorBatches`; under DDP
+    each process gets its part of every batch unless ``shard=False``)."""
+    return DataLoader(TensorBatches((images, labels), batch_size, epochs, seed, shard), batch_size=None)
 
 
 class StepLoader:

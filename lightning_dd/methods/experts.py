@@ -15,6 +15,11 @@ An expert in training is checkpointed after every epoch (``<bank>/partial/expert
 weights, optimizer, trajectory so far, global RNG states, loader shuffle position); a killed run,
 started again with the same settings, continues that expert at its last finished epoch and ends
 with the trajectory an uninterrupted run gives (bitwise on the same machine).
+
+Under DDP (``trainer.devices=2 trainer.strategy=ddp``) an expert is one DDP fit: each process trains
+on its part of every batch (:func:`lightning_dd.data.batches.shard_batch`; the parts together are
+the one-process batch), the gradients are averaged, every process records the same trajectory,
+and rank 0 alone writes it to the cache. The number of processes is not part of the cache key.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.core.config import PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.io import atomic_write_text, load_cache, save_cache
+from lightning_dd.io import atomic_write_text, load_cache, safe_fit_kwargs, save_cache
 from lightning_dd.losses import label_loss
 from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
@@ -204,7 +209,7 @@ class ExpertBank:
             callbacks, resume = epoch_checkpoints(part, loader.dataset, f"expert {i}")
             trainer = self.make_trainer("experts", max_epochs=self.epochs, callbacks=callbacks,
                                         enable_checkpointing=True)
-            trainer.fit(module, loader, ckpt_path=resume)
+            trainer.fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())
             acc = None
             if test is not None:
                 net.eval()
@@ -214,8 +219,10 @@ class ExpertBank:
                 acc = correct / len(test[1])
             rec = {"trajectory": torch.stack(module.trajectory), "test_acc": acc,
                    "seconds": time.perf_counter() - t0}
-            save_cache(rec, self.path(i))
-            shutil.rmtree(part, ignore_errors=True)  # after the expert's file: a kill between keeps one
+            if trainer.is_global_zero:  # under DDP every rank holds the same trajectory: rank 0 writes it
+                save_cache(rec, self.path(i))
+                shutil.rmtree(part, ignore_errors=True)  # after the expert's file: a kill between keeps one
+                log.info("expert %d written to %s", i, self.path(i))
             log.info("expert %d: %d epochs in %.1fs, test acc %s", i, self.epochs, rec["seconds"], acc)
             out.append(rec)
         return out

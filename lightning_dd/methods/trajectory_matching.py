@@ -21,6 +21,21 @@ fixed window (``sequential_generation=false``).
 ``method.clom.*`` (off by default) adds the CLoM term of a trained model pool (Lu et al., arXiv
 2310.03295; :mod:`lightning_dd.methods.clom`) to the images' gradient after the matching
 meta-gradient, before the step (:meth:`TrajectoryMatching.clom_backward`).
+
+Several devices (``trainer.devices=2 trainer.strategy=ddp``; gloo on CPU, NCCL on GPUs): DDP cannot
+synchronize the double backward of an unrolled student (its reducer would fire on every partial
+backward of ``recompute`` and never on the unused template net), so the expert draws are sharded
+instead. Each iteration makes ``method.expert_draws`` draws (expert, start epoch, minibatches, DSA),
+draw ``d`` from its own generator keyed by (seed, iteration, d), all for the same synthetic set; rank
+``r`` of ``W`` computes draws ``r, r + W, ...``; one ``all_reduce`` (sum) of the draws' losses and
+summed gradients (images, soft labels, lr) gives every rank the same mean gradient over the kept
+draws, then each steps its identical copy. A draw whose loss exceeds ``threshold`` is dropped
+(DATM's skip, per draw; no step when all are dropped), decided from the all-reduced losses so that
+every rank agrees. One process with ``expert_draws=1`` is the single-draw algorithm, number for
+number. Lightning's ``DDPStrategy`` still wraps the module (and broadcasts rank 0's synthetic set at
+start), but in manual optimization its reducer only runs for ``manual_backward``, which is never
+called here; so ``ddp``, ``ddp_spawn`` and the single-device strategies are supported, others are
+refused (:meth:`TrajectoryMatching.check_strategy`).
 """
 from __future__ import annotations
 
@@ -39,7 +54,7 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool
+from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
                                             matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
@@ -148,6 +163,8 @@ class TrajectoryMatching(L.LightningModule):
         self.meta_grad: MetaGradChoice | None = None  # resolved in on_fit_start
 
     def on_fit_start(self):
+        if self._trainer is not None:
+            self.check_strategy()
         self.trajectories = [t.to(self.device) for t in self.trajectories]
         flat = FlatParams(self.net)
         self.meta_grad = self.resolve_meta_grad(flat)
@@ -198,11 +215,13 @@ class TrajectoryMatching(L.LightningModule):
             groups.append({"params": [self.labels], "lr": hp.lr_y, "momentum": hp.momentum_y})
         return torch.optim.SGD(groups)
 
-    def sample_iteration(self, iteration: int):
-        """The random choices of one iteration, from a generator keyed by (seed, iteration), so a
-        resumed run makes the same choices. Returns ``(expert, start_epoch, upper, steps)``."""
+    def sample_iteration(self, iteration: int, draw: int = 0):
+        """The random choices of draw ``draw`` of one iteration, from a generator keyed by (seed,
+        iteration, draw), so a resumed run, and any split of the draws over processes, makes the same
+        choices (draw 0's key is the single-draw one; the CPU generator keeps 32 bits of a seed, so
+        draws are offset by an odd 32-bit constant). Returns ``(expert, start_epoch, upper, steps)``."""
         hp = self.hp
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + iteration + draw * 2_654_435_761) % 2**63)
         expert = int(torch.randint(len(self.trajectories), (1,), generator=g))
         upper = window_upper_bound(iteration, hp.min_start_epoch, hp.current_max_start_epoch, hp.max_start_epoch,
                                    hp.expansion_end_epoch, hp.sequential_generation)
@@ -219,32 +238,97 @@ class TrajectoryMatching(L.LightningModule):
             steps.append(StudentStep(idx.to(self.device), aug))
         return expert, start, upper, steps
 
+    def local_draws(self) -> range:
+        """The global indices of the expert draws this process computes: ``rank, rank + W, ...``
+        below ``expert_draws`` (all of them on one process)."""
+        rank, world = (self._trainer.global_rank, self._trainer.world_size) if self._trainer is not None else (0, 1)
+        return range(rank, self.hp.expert_draws, world)
+
+    def check_strategy(self) -> None:
+        """Refuse a strategy the draw sharding does not support, or more processes than draws.
+
+        Raises:
+            ConfigError: naming ``trainer.strategy`` or ``method.expert_draws``.
+        """
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ConfigError(f"trainer.strategy: trajectory matching runs on one device or under DDP (ddp, ddp_spawn, "
+                              f"...: expert draws sharded over ranks), not {type(strategy).__name__}")
+        if world > self.hp.expert_draws:
+            raise ConfigError(f"method.expert_draws: {self.hp.expert_draws} expert draw(s) per iteration cannot be "
+                              f"split over {world} processes; set method.expert_draws={world} (or a multiple)")
+
+    def all_reduce_draws(self, losses: torch.Tensor, grads: list[torch.Tensor]):
+        """Sum ``losses (E,)`` and the gradient sums ``grads`` over the processes, in one ``all_reduce``
+        (identity on one process). Returns ``(losses, grads)``."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return losses, grads
+        flat = self.trainer.strategy.reduce(torch.cat([losses, *(g.reshape(-1) for g in grads)]), reduce_op="sum")
+        parts = flat.split([losses.numel(), *(g.numel() for g in grads)])
+        return parts[0], [t.view_as(g) for t, g in zip(parts[1:], grads)]
+
     def training_step(self, batch, batch_idx):
         hp = self.hp
         it = self.global_step  # = iterations done, also after a resume
-        expert, start, upper, steps = self.sample_iteration(it)
-        traj = self.trajectories[expert]
-        if start + hp.expert_epochs >= traj.shape[0]:
-            raise ValueError(f"start epoch {start} + expert_epochs {hp.expert_epochs} exceeds the expert trajectory "
-                             f"({traj.shape[0] - 1} epochs): lower method.max_start_epoch or train longer experts")
         opt = self.optimizers()
         opt.zero_grad()
         t0 = time.perf_counter()
-        loss = matching_loss_and_grads(self.fns, self.images, self.labels, self.syn_lr, traj[start],
-                                       traj[start + hp.expert_epochs], steps, self.dsa, mode=self.meta_grad.mode)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"iteration {it}: matching loss is {loss.item()}; lower method.lr_img / lr_lr")
+        leaves = [p for p in (self.images, self.syn_lr, self.labels) if p.requires_grad]
+        losses = torch.zeros(hp.expert_draws, device=self.device)
+        sums = [torch.zeros_like(p) for p in leaves]  # gradients summed over this process's kept draws
+        first = None
+        for d in self.local_draws():
+            expert, start, upper, steps = self.sample_iteration(it, d)
+            traj = self.trajectories[expert]
+            if start + hp.expert_epochs >= traj.shape[0]:
+                raise ValueError(f"start epoch {start} + expert_epochs {hp.expert_epochs} exceeds the expert "
+                                 f"trajectory ({traj.shape[0] - 1} epochs): lower method.max_start_epoch or train "
+                                 f"longer experts")
+            first = first or (start, upper)
+            for p in leaves:
+                p.grad = None
+            losses[d] = matching_loss_and_grads(self.fns, self.images, self.labels, self.syn_lr, traj[start],
+                                                traj[start + hp.expert_epochs], steps, self.dsa,
+                                                mode=self.meta_grad.mode)
+            if torch.isfinite(losses[d]) and not losses[d] > hp.threshold:
+                for s, p in zip(sums, leaves):
+                    s += p.grad
+        losses, sums = self.all_reduce_draws(losses, sums)  # every rank now holds every draw's loss
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(f"iteration {it}: matching loss is {losses.tolist()} (per draw); lower "
+                                     f"method.lr_img / lr_lr")
+        kept = int((losses <= hp.threshold).sum())  # DATM skips a draw whose loss exceeds the threshold
+        for s, p in zip(sums, leaves):
+            p.grad = s / kept if kept else None  # the mean over kept draws; SGD skips parameters without .grad
         clom_logs = self.clom_backward(it) if self.clom is not None else {}
-        if loss > hp.threshold:  # DATM skips the update; SGD skips parameters without .grad
+        if not kept:
             opt.zero_grad(set_to_none=True)
         opt.step()
+        start, upper = first
+        loss = losses.mean()
         self.log_dict({**clom_logs, "distill/loss": loss, "distill/syn_lr": self.syn_lr.detach(),
                        "distill/start_epoch": float(start), "distill/window_upper": float(upper),
+                       "distill/draws_kept": kept / hp.expert_draws,
                        "distill/iter_seconds": time.perf_counter() - t0}, prog_bar=False)
         self.log("loss", loss, prog_bar=True, logger=False)
 
     def current_set(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         return self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(), float(self.syn_lr.detach())
+
+
+def planned_world_size(trainer_cfg) -> int | None:
+    """``trainer.devices x trainer.num_nodes`` when ``devices`` is a count or a list of devices;
+    ``None`` when only Lightning knows (``auto``, ``-1``)."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if not isinstance(devices, (str, int)) and devices is not None:
+        return len(list(devices)) * nodes
+    return None
 
 
 def _expert_predictors(flat: FlatParams, trajectories, epoch: int):
@@ -279,6 +363,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
     pix_init: Literal["samples_predicted_correctly", "real"] = "samples_predicted_correctly"
     label_init_epoch: int = -1
     threshold: PositiveFloat = 1.0
+    expert_draws: PositiveInt = 1
     meta_grad: Literal["auto", "unroll", "recompute"] = "auto"
     compile: bool | None = None
     ckpt_every: PositiveInt = 50
@@ -296,6 +381,15 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         return self
 
     def check(self, cfg) -> None:
+        world = planned_world_size(cfg.get("trainer", {}))
+        if world is not None and world > self.expert_draws:
+            raise ConfigError(f"method.expert_draws: {self.expert_draws} expert draw(s) per iteration cannot be split "
+                              f"over {world} processes (trainer.devices x trainer.num_nodes); set "
+                              f"method.expert_draws={world} (or a multiple)")
+        strategy = cfg.get("trainer", {}).get("strategy", "auto")
+        if isinstance(strategy, str) and not (strategy in ("auto", "single_device") or strategy.startswith("ddp")):
+            raise ConfigError(f"trainer.strategy: trajectory matching runs on one device or under DDP (auto, ddp, "
+                              f"ddp_spawn, ...), not {strategy!r}")
         if cfg.net.get("norm") == "batchnorm":
             raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
                               "not batchnorm")
@@ -341,13 +435,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         timings["init_s"] = time.perf_counter() - t0
 
         # 3. distillation (+ the optional CLoM term of a trained model pool)
-        clom = None
-        if self.clom.enabled:
-            t0 = time.perf_counter()
-            pool = ModelPool.build(self.clom, cfg, dm, ctx.trainer)
-            timings["pool_s"] = time.perf_counter() - t0
-            metrics["clom/pool_size"] = len(pool)
-            clom = ClomTerm(self.clom, pool)
+        clom = clom_term(self.clom, cfg, dm, ctx.trainer, timings, metrics) if self.clom.enabled else None
         t0 = time.perf_counter()
         module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed, clom=clom,
                                     clom_real=(dm.train_images, dm.train_labels))

@@ -1,0 +1,110 @@
+"""A script the DDP tests run as a subprocess (``python tests/ddp_worker.py <what> <out> <devices> <strategy> ...``):
+Lightning's ``ddp`` strategy relaunches this same script once per extra rank, so it must run as a
+file, not inside pytest (``ddp_spawn`` works from it too).
+
+``tm <out> <devices> <strategy> <expert_draws> [keep_all]``: trajectory matching on a tiny problem
+(ConvNet width 8 on 8x8 images, 3 synthetic expert trajectories); every rank of every fit writes
+``<out>/<fit>_rank<r>.pt``: the synthetic-set gradient of the first iteration (after the
+all-reduce, as the optimizer steps with it), its draws and the set at the end (:func:`run_tm`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as for train.py
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+class SaveFirstGradient(L.Callback):
+    """Records the gradients the optimizer steps with at the first iteration and, at the end of the
+    fit, writes what this rank saw to ``<out>/<tag>_rank<r>.pt`` (inside the worker process, so it
+    works under ``ddp_spawn`` as under ``ddp``)."""
+
+    def __init__(self, out: Path, tag: str):
+        self.out, self.tag, self.grads = out, tag, None
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        if self.grads is None:
+            self.grads = {n: (None if p.grad is None else p.grad.detach().clone())
+                          for n, p in (("images", module.images), ("labels", module.labels), ("lr", module.syn_lr))}
+
+    def on_train_end(self, trainer, module):
+        kept = trainer.callback_metrics.get("distill/draws_kept")
+        torch.save({"grads": self.grads, "world": trainer.world_size, "draws": list(module.local_draws()),
+                    "set": module.current_set(), "last_draws_kept": None if kept is None else float(kept)},
+                   self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
+
+
+def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0):
+    """A tiny trajectory-matching module: 12 synthetic 3x8x8 images of 3 classes, 3 expert
+    trajectories of 4 epochs (random walks from one init: the gradient only needs fixed targets)."""
+    from lightning_dd.augment.dsa import DSA
+    from lightning_dd.methods.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.nets import FlatParams, build_net
+
+    g = torch.Generator().manual_seed(0)
+    net = build_net("ConvNet", 3, 3, (8, 8), width=8, depth=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    theta0 = FlatParams(net).flatten()
+    trajs = [theta0 + torch.cumsum(0.05 * torch.randn(5, theta0.numel(), generator=g), 0) for _ in range(3)]
+    images = torch.randn(12, 3, 8, 8, generator=g)
+    labels = torch.randn(12, 3, generator=g) if soft else torch.arange(12) % 3
+    hp = TrajectoryMatchingMethod(name="datm", ipc=4, syn_steps=4, batch_syn=6, expert_epochs=2, min_start_epoch=0,
+                                  current_max_start_epoch=2, max_start_epoch=3, expert_train_epochs=4,
+                                  soft_labels=soft, lr_teacher=0.05, lr_img=10.0, threshold=threshold,
+                                  meta_grad="unroll", expert_draws=expert_draws)
+    return TrajectoryMatching(images, labels, trajs, net, hp, DSA(), seed=3)
+
+
+def first_iteration_losses(expert_draws: int) -> list[float]:
+    """The matching loss of each draw of iteration 0 (one process, no Trainer)."""
+    from lightning_dd.methods.meta_grad import matching_loss_and_grads
+
+    m = tm_problem(expert_draws)
+    m.on_fit_start()
+    out = []
+    for d in range(expert_draws):
+        expert, start, _, steps = m.sample_iteration(0, d)
+        t = m.trajectories[expert]
+        out.append(float(matching_loss_and_grads(m.fns, m.images, m.labels, m.syn_lr, t[start],
+                                                 t[start + m.hp.expert_epochs], steps, m.dsa, mode="unroll")))
+    return out
+
+
+def fit_tm(out: Path, tag: str, devices: int, strategy: str, expert_draws: int, threshold: float, steps: int):
+    """One fit of :func:`tm_problem`; every rank writes ``<out>/<tag>_rank<r>.pt``."""
+    from lightning_dd.data.batches import StepLoader
+
+    module = tm_problem(expert_draws, threshold=threshold)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, max_epochs=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[SaveFirstGradient(out, tag)])
+    trainer.fit(module, StepLoader(steps, functools.partial(getattr, module, "global_step")))
+
+
+def run_tm(out: Path, devices: int, strategy: str, expert_draws: int, both: bool = True) -> None:
+    """``keep_all``: 2 iterations, all draws kept (threshold 10); ``drop_one`` (when ``both``): 1
+    iteration with a threshold between the two lowest draw losses of iteration 0, so that a draw is
+    dropped on whichever rank computed it."""
+    fit_tm(out, "keep_all", devices, strategy, expert_draws, 10.0, 2)
+    if both:
+        losses = first_iteration_losses(expert_draws)
+        fit_tm(out, "drop_one", devices, strategy, expert_draws, sum(sorted(losses)[:2]) / 2, 1)
+        torch.save(losses, out / "losses.pt")
+
+
+if __name__ == "__main__":
+    what, out, devices, strategy, *rest = sys.argv[1:]
+    if what == "tm":
+        run_tm(Path(out), int(devices), strategy, int(rest[0]), both=rest[1:] != ["keep_all"])
+    else:
+        raise SystemExit(f"unknown worker {what!r}")
