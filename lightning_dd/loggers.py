@@ -166,7 +166,8 @@ def resume_hint(out_dir: Path) -> str:
     resumes it (the run's own overrides, its directory, ``resume=true``)."""
     ckpts = sorted(Path(out_dir).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not ckpts:
-        return f"Interrupted before the first checkpoint: nothing to resume in {out_dir}."
+        return (f"Interrupted before the first checkpoint of {out_dir}. Expert and teacher training continue from "
+                f"their own checkpoints in the cache when the same command runs again.")
     args = []
     try:
         from hydra.core.hydra_config import HydraConfig

@@ -96,8 +96,9 @@ def test_csv_log_keeps_the_rows_before_the_resume_step_and_writes_every_row(tmp_
     c = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="", keep_previous=True)
     c.log_metrics({"final": 2.0})  # a resumed run that had nothing left to do keeps every row
     assert len(list(csv.DictReader(open(path, newline="")))) == len(rows) + 1
-    ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="").log_metrics({"loss": 9.0}, 0)
-    assert len(list(csv.DictReader(open(path, newline="")))) == 1  # a fresh run starts a fresh log
+    with pytest.warns(UserWarning, match="will be deleted"):  # a fresh run in the directory: a fresh log
+        ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="").log_metrics({"loss": 9.0}, 0)
+    assert len(list(csv.DictReader(open(path, newline="")))) == 1
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.io import atomic_write_text, load_cache, require_keys, save_cache
+from lightning_dd.io import atomic_write_text, load_cache, require_keys, safe_fit_kwargs, save_cache
 from lightning_dd.methods.experts import epoch_checkpoints, experts_key
 from lightning_dd.methods.statistics_matching.config import TeacherConfig
 from lightning_dd.methods.statistics_matching.statistics import device_of
@@ -158,7 +158,7 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     module = TeacherModule(net, tcfg.lr, steps, tcfg.weight_decay, dm.image_shape[1:], tcfg.label_smoothing)
     callbacks, resume = epoch_checkpoints(path.parent / "partial", loader.dataset, f"teacher {path.parent.name}")
     trainer("squeeze", max_epochs=epochs, enable_progress_bar=False, callbacks=callbacks,
-            enable_checkpointing=True).fit(module, loader, ckpt_path=resume)
+            enable_checkpointing=True).fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())
     net = net.to(dev).eval()
     acc = accuracy(net, dm.test_images, dm.test_labels)
     secs = time.perf_counter() - t0
