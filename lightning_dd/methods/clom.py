@@ -225,6 +225,20 @@ def cos_clom(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_r
     return (m * d).sum() / d.sum().clamp_min(1e-12)
 
 
+def clom_term(hp: ClomConfig, cfg, dm, make_trainer: TrainerFactory, timings: dict, metrics: dict) -> "ClomTerm":
+    """Build (train or load, :meth:`ModelPool.build`) the pool of ``hp`` and its :class:`ClomTerm`;
+    records ``timings["pool_s"]``, ``metrics["clom/pool_size"]`` and each architecture's mean test
+    accuracy ``metrics["clom/<arch>/test_acc_mean"]``. The one way methods add CLoM."""
+    t0 = time.perf_counter()
+    pool = ModelPool.build(hp, cfg, dm, make_trainer)
+    timings["pool_s"] = time.perf_counter() - t0
+    metrics["clom/pool_size"] = len(pool)
+    for name, accs in pool.test_acc.items():
+        if accs and None not in accs:
+            metrics[f"clom/{name}/test_acc_mean"] = sum(accs) / len(accs)
+    return ClomTerm(hp, pool)
+
+
 class ClomTerm:
     """``alpha * L_CLoM`` with one member drawn per call.
 

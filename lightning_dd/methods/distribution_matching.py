@@ -43,7 +43,7 @@ from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.core.config import ConfigError, Fraction, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool, penultimate
+from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term, penultimate
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.results import DistilledSet
 
@@ -226,14 +226,7 @@ class DMMethod(ImageMethod):
 
         clom = None
         if self.clom.enabled:
-            t0 = time.perf_counter()
-            pool = ModelPool.build(self.clom, cfg, dm, ctx.trainer)
-            timings["pool_s"] = time.perf_counter() - t0
-            metrics["clom/pool_size"] = len(pool)
-            for name, accs in pool.test_acc.items():
-                if accs and None not in accs:
-                    metrics[f"clom/{name}/test_acc_mean"] = sum(accs) / len(accs)
-            clom = ClomTerm(self.clom, pool)
+            clom = clom_term(self.clom, cfg, dm, ctx.trainer, timings, metrics)
             if ctx.stage == "pool":
                 return MethodOutput(timings=timings, metrics=metrics)
 
