@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from ddp_worker import SaveFirstGradient, tm_problem
-from lightning_dd.core.config import ConfigError
+from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.data.batches import StepLoader, TensorBatches, shard_batch
 from lightning_dd.methods.meta_grad import matching_loss_and_grads
 from lightning_dd.methods.trajectory_matching import TrajectoryMatchingMethod
@@ -75,6 +75,13 @@ def test_draws_are_averaged_and_one_over_the_threshold_is_dropped(tmp_path):
     assert torch.equal(got["set"][0], before[0]) and got["set"][2] == before[2]
 
 
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 def _cfg(devices, strategy="ddp", nodes=1):
     return OmegaConf.create({"trainer": {"devices": devices, "strategy": strategy, "num_nodes": nodes},
                              "net": {"name": "ConvNet", "norm": "instancenorm"}})
@@ -90,6 +97,14 @@ def test_more_processes_than_draws_or_an_unsupported_strategy_is_a_config_error(
         hp.check(_cfg([0, 1, 2]))
     with pytest.raises(ConfigError, match="trainer.strategy: .* not 'fsdp'"):
         hp.check(_cfg(1, "fsdp"))
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp_spawn: .* use trainer.strategy=ddp"):
+        hp.check(_cfg(2, "ddp_spawn"))  # the module runs under ddp_spawn (tested below), a whole run does not
+    # graph condensation refuses several processes before any work
+    gcond = instantiate_node(_compose("experiment=gcond_cora", "trainer.devices=2", "trainer.strategy=ddp").method,
+                             "method")
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 .* graph condensation \(gcond\) runs in one process"):
+        gcond.check(_compose("experiment=gcond_cora", "trainer.devices=2", "trainer.strategy=ddp"))
+    gcond.check(_compose("experiment=gcond_cora", "trainer.accelerator=cpu", "trainer.devices=auto"))
     # the same checks at fit time, from the Trainer's own strategy (devices=auto is known only there)
     m = tm_problem(1)
     m._trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)

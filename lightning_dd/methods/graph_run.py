@@ -32,6 +32,7 @@ from pydantic import Field
 from lightning_dd.core.config import ConfigError, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.evaluate.graph import GraphEvalConfig
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
+from lightning_dd.methods.devices import require_one_process
 from lightning_dd.data.graph_ops import dense_adjacency, propagate_sparse, synthetic_labels, training_view
 from lightning_dd.results import CondensedGraph
 
@@ -242,6 +243,12 @@ class CondensationMethod(GraphMethod):
     feat_epochs: NonNegInt = 40
     reg_every_step: bool = False
     ckpt_every: NonNegInt = 10
+
+    def check(self, ctx_cfg) -> None:
+        super().check(ctx_cfg)
+        require_one_process(ctx_cfg, f"graph condensation ({self.name})",
+                            "full-graph gradient matching; its structure and feature epochs update different "
+                            "parameters, which DDP cannot synchronize, and there is nothing to shard yet")
 
     def condenser(self, data, seed: int = 0):
         """A fresh condensation module on ``data`` (``torch.manual_seed(seed)`` first, as a run does)."""

@@ -34,8 +34,9 @@ draws, then each steps its identical copy. A draw whose loss exceeds ``threshold
 every rank agrees. One process with ``expert_draws=1`` is the single-draw algorithm, number for
 number. Lightning's ``DDPStrategy`` still wraps the module (and broadcasts rank 0's synthetic set at
 start), but in manual optimization its reducer only runs for ``manual_backward``, which is never
-called here; so ``ddp``, ``ddp_spawn`` and the single-device strategies are supported, others are
-refused (:meth:`TrajectoryMatching.check_strategy`).
+called here; so the module runs under ``ddp``, ``ddp_spawn`` and the single-device strategies, others
+are refused (:meth:`TrajectoryMatching.check_strategy`). A whole run (experts, distillation,
+evaluation) needs ``ddp``: the spawn/fork strategies hand back only rank 0's weights from each fit.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveF
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
 from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term
+from lightning_dd.methods.devices import planned_world_size
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
                                             matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
@@ -318,19 +320,6 @@ class TrajectoryMatching(L.LightningModule):
         return self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(), float(self.syn_lr.detach())
 
 
-def planned_world_size(trainer_cfg) -> int | None:
-    """``trainer.devices x trainer.num_nodes`` when ``devices`` is a count or a list of devices;
-    ``None`` when only Lightning knows (``auto``, ``-1``)."""
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and devices > 0:
-        return devices * nodes
-    if not isinstance(devices, (str, int)) and devices is not None:
-        return len(list(devices)) * nodes
-    return None
-
-
 def _expert_predictors(flat: FlatParams, trajectories, epoch: int):
     def make(theta):
         return lambda x: flat.call(theta, x)
@@ -388,8 +377,12 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
                               f"method.expert_draws={world} (or a multiple)")
         strategy = cfg.get("trainer", {}).get("strategy", "auto")
         if isinstance(strategy, str) and not (strategy in ("auto", "single_device") or strategy.startswith("ddp")):
-            raise ConfigError(f"trainer.strategy: trajectory matching runs on one device or under DDP (auto, ddp, "
-                              f"ddp_spawn, ...), not {strategy!r}")
+            raise ConfigError(f"trainer.strategy: trajectory matching runs on one device or under DDP (auto, ddp), "
+                              f"not {strategy!r}")
+        if isinstance(strategy, str) and any(k in strategy for k in ("spawn", "fork", "notebook")):
+            raise ConfigError(f"trainer.strategy={strategy}: its fits run in worker processes that hand back only "
+                              f"rank 0's weights, but a run passes expert trajectories and the distillation state "
+                              f"between fits; use trainer.strategy=ddp (Lightning starts train.py once per device)")
         if cfg.net.get("norm") == "batchnorm":
             raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
                               "not batchnorm")
