@@ -157,3 +157,31 @@ def test_compiled_recompute_gives_the_unrolled_gradient():
     """The mode ``auto`` picks for a ConvNet on 32x32 images (compiles: ~30 s on one CPU core)."""
     assert compile_verified(build_net("ConvNet", 3, 4, (32, 32), width=8, depth=2), (3, 32, 32))
     _assert_same(_grads("unroll", False, hw=32), _grads("recompute", True, hw=32))
+
+
+def test_benchmark_reference_style_loop_is_the_same_computation():
+    """benchmarks/distill_iteration.py's reference-style row (flat-vector ConvNet, list of parameter
+    vectors, autograd.grad at the end) computes the loss and gradients of ``unroll``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_iteration.py"
+    spec = importlib.util.spec_from_file_location("distill_iteration", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dsa = DSA()
+    net, flat, images, labels, lr = _problem(hw=16)
+    shapes = [(k, tuple(p.shape)) for k, p in net.named_parameters()]
+    theta0 = flat.flatten()
+    x = images[:3].detach()
+    assert torch.allclose(bench.reference_forward(theta0, x, shapes, 2), net(x), atol=1e-5)
+    target = theta0 + 0.05 * torch.randn(theta0.shape, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randperm(12, generator=g)[:5], dsa.sample(5, (16, 16), generator=g)) for _ in range(4)]
+    loss_u = matching_loss_and_grads(StudentFunctions(flat), images, labels, lr, theta0, target,
+                                     [StudentStep(i, a) for i, a in batches], dsa, "unroll")
+    grads_u = (images.grad, labels.grad, lr.grad)
+    loss_r, grads_r = bench.reference_iteration(theta0, target, images, labels, lr, batches, dsa, shapes, 2)
+    assert torch.allclose(loss_u, loss_r, rtol=1e-5)
+    for a, b in zip(grads_u, grads_r):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max())

@@ -221,6 +221,14 @@ def unroll_memory_bytes(fns: StudentFunctions, images: torch.Tensor, labels: tor
     :func:`torch.autograd.graph.saved_tensors_hooks` (activations of the forward and of the
     create-graph backward, the parameter vector). Runs that one step; shapes as in
     :func:`matching_loss_and_grads`."""
+    theta = fns.flat.flatten().detach().to(images.device).requires_grad_(True)
+    step_bytes = saved_tensor_bytes(lambda: _unrolled_step(fns, theta, images, labels, syn_lr, step, dsa))
+    return int(UNROLL_OVERHEAD * (syn_steps + 1) * step_bytes)
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages that autograd saves for the backward pass while ``fn()`` runs
+    (what its graph keeps alive; counted with :func:`torch.autograd.graph.saved_tensors_hooks`)."""
     sizes: dict[tuple, int] = {}
 
     def pack(t):
@@ -228,10 +236,10 @@ def unroll_memory_bytes(fns: StudentFunctions, images: torch.Tensor, labels: tor
         sizes[(t.device, s.data_ptr())] = s.nbytes()
         return t
 
-    theta = fns.flat.flatten().detach().to(images.device).requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _unrolled_step(fns, theta, images, labels, syn_lr, step, dsa)
-    return int(UNROLL_OVERHEAD * (syn_steps + 1) * sum(sizes.values()))
+        out = fn()
+    del out
+    return sum(sizes.values())
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
