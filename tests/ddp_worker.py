@@ -42,7 +42,7 @@ class SaveFirstGradient(L.Callback):
                    self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
 
 
-def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0):
+def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0, meta_grad: str = "unroll"):
     """A tiny trajectory-matching module: 12 synthetic 3x8x8 images of 3 classes, 3 expert
     trajectories of 4 epochs (random walks from one init: the gradient only needs fixed targets)."""
     from lightning_dd.augment.dsa import DSA
@@ -61,7 +61,7 @@ def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0):
     hp = TrajectoryMatchingMethod(name="datm", ipc=4, syn_steps=4, batch_syn=6, expert_epochs=2, min_start_epoch=0,
                                   current_max_start_epoch=2, max_start_epoch=3, expert_train_epochs=4,
                                   soft_labels=soft, lr_teacher=0.05, lr_img=10.0, threshold=threshold,
-                                  meta_grad="unroll", expert_draws=expert_draws)
+                                  meta_grad=meta_grad, expert_draws=expert_draws)
     return TrajectoryMatching(images, labels, trajs, net, hp, DSA(), seed=3)
 
 
@@ -80,11 +80,12 @@ def first_iteration_losses(expert_draws: int) -> list[float]:
     return out
 
 
-def fit_tm(out: Path, tag: str, devices: int, strategy: str, expert_draws: int, threshold: float, steps: int):
+def fit_tm(out: Path, tag: str, devices: int, strategy: str, expert_draws: int, threshold: float, steps: int,
+           meta_grad: str = "unroll"):
     """One fit of :func:`tm_problem`; every rank writes ``<out>/<tag>_rank<r>.pt``."""
     from lightning_dd.data.batches import StepLoader
 
-    module = tm_problem(expert_draws, threshold=threshold)
+    module = tm_problem(expert_draws, threshold=threshold, meta_grad=meta_grad)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[SaveFirstGradient(out, tag)])
@@ -94,11 +95,12 @@ def fit_tm(out: Path, tag: str, devices: int, strategy: str, expert_draws: int, 
 def run_tm(out: Path, devices: int, strategy: str, expert_draws: int, both: bool = True) -> None:
     """``keep_all``: 2 iterations, all draws kept (threshold 10); ``drop_one`` (when ``both``): 1
     iteration with a threshold between the two lowest draw losses of iteration 0, so that a draw is
-    dropped on whichever rank computed it."""
+    dropped on whichever rank computed it, with the ``recompute`` meta-gradient (many partial
+    backwards per draw: DDP's reducer would fail on them, were it active)."""
     fit_tm(out, "keep_all", devices, strategy, expert_draws, 10.0, 2)
     if both:
         losses = first_iteration_losses(expert_draws)
-        fit_tm(out, "drop_one", devices, strategy, expert_draws, sum(sorted(losses)[:2]) / 2, 1)
+        fit_tm(out, "drop_one", devices, strategy, expert_draws, sum(sorted(losses)[:2]) / 2, 1, "recompute")
         torch.save(losses, out / "losses.pt")
 
 
