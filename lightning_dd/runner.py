@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
@@ -117,7 +118,10 @@ def run(cfg: DictConfig) -> dict:
     timings.update(out.timings)
     metrics = dict(out.metrics)
     result = out.result
-    if result is not None:
+    # under DDP (trainer.devices > 1) every rank runs the method and its evaluation (collective fits);
+    # rank 0 alone writes the run's files and logs
+    writer = rank_zero_only.rank == 0
+    if result is not None and writer:
         result.meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)  # evaluate.py rebuilds the test set
         result.meta["net"] = OmegaConf.to_container(cfg.net, resolve=True)  # ... and evaluates on the same net
         result.save(out_dir / "distilled.pt")
@@ -130,6 +134,8 @@ def run(cfg: DictConfig) -> dict:
     timings["total_s"] = time.perf_counter() - t_start
     metrics.update({f"timings/{k}": v for k, v in timings.items()})
     metrics = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+    if not writer:
+        return metrics
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)})
