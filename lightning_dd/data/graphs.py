@@ -20,6 +20,8 @@ All graphs come back undirected, without self loops, with ``train_mask``/``val_m
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,8 @@ def _numeric(path: Path, a, what: str, ndim: int = 2) -> np.ndarray:
     """``a`` as a finite, native-byte-order int/float ndarray of ``ndim`` dims (``what`` in messages).
 
     Raises:
-        DataFormatError: another type, dtype (bool, complex, object, strings) or shape, or NaN/inf.
+        DataFormatError: another type, dtype (bool, complex, object, strings) or shape, NaN/inf, or
+            floats beyond the float32 range (the readers' tensors are float32).
     """
     if not isinstance(a, np.ndarray) or a.ndim != ndim or a.dtype == np.bool_ or not (
             np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
@@ -55,7 +58,36 @@ def _numeric(path: Path, a, what: str, ndim: int = 2) -> np.ndarray:
     a = a.astype(a.dtype.newbyteorder("="), copy=False)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise DataFormatError(f"{path}: {what} holds {int((~np.isfinite(a)).sum())} NaN/inf values")
+    if a.dtype.kind == "f" and a.size and np.abs(a).max() > np.finfo(np.float32).max:  # read as float32
+        raise DataFormatError(f"{path}: {what} holds values up to {np.abs(a).max():.3g}, beyond float32")
     return a
+
+
+def _checked_sparse(path: Path, m, what: str):
+    """A scipy sparse matrix rebuilt from its arrays (a pickled object's other attributes are not
+    trusted) and checked by scipy's full format check *before* anything converts it: sparsetools'
+    C++ routines (``tocsr``, ``tocoo``, ``toarray``) do not check bounds, so a corrupt file (an index
+    out of range, a bad ``indptr``) would crash the process instead of raising.
+
+    Raises:
+        DataFormatError: an inconsistent structure, or a format other than CSR/CSC/COO.
+    """
+    import scipy.sparse as sp
+
+    try:
+        shape = tuple(int(v) for v in m.shape)
+        if m.format in ("csr", "csc"):
+            cls = sp.csr_matrix if m.format == "csr" else sp.csc_matrix
+            out = cls((np.asarray(m.data), np.asarray(m.indices), np.asarray(m.indptr)), shape=shape)
+            out.check_format(full_check=True)
+        elif m.format == "coo":  # the constructor checks the coordinates' bounds
+            out = sp.coo_matrix((np.asarray(m.data), (np.asarray(m.row), np.asarray(m.col))), shape=shape)
+        else:
+            raise ValueError(f"sparse format {m.format!r} is not supported here (csr, csc, coo)")
+    except Exception as e:
+        raise DataFormatError(f"{path}: {what} is not a valid sparse matrix: {type(e).__name__}: "
+                              f"{str(e)[:200]}") from None
+    return out
 
 
 def _matrix(path: Path, obj, what: str) -> np.ndarray:
@@ -68,13 +100,8 @@ def _matrix(path: Path, obj, what: str) -> np.ndarray:
     import scipy.sparse as sp
 
     if sp.issparse(obj):
-        try:  # rebuilt from its arrays: the pickled object's other attributes are not trusted
-            obj = obj if isinstance(obj, sp.csr_matrix) else obj.tocsr()
-            shape = tuple(int(v) for v in obj.shape)
-            m = sp.csr_matrix((np.asarray(obj.data), np.asarray(obj.indices), np.asarray(obj.indptr)), shape=shape)
-            m.check_format(full_check=True)
-        except Exception as e:
-            raise DataFormatError(f"{path}: {what} is not a valid sparse matrix: {type(e).__name__}: {e}") from None
+        m = _checked_sparse(path, obj, what)
+        shape = m.shape
         if shape[0] * shape[1] > MAX_DENSE_VALUES:
             raise DataFormatError(f"{path}: {what} of shape {shape} is larger than {MAX_DENSE_VALUES} values")
         _numeric(path, m.data, f"{what} (its stored values)", 1)
@@ -247,13 +274,10 @@ def _edges(path: Path, adj, n: int) -> torch.Tensor:
     """
     import scipy.sparse as sp
 
-    if not sp.issparse(adj):
-        adj = _numeric(path, adj, "adjacency")
+    adj = _checked_sparse(path, adj, "the adjacency") if sp.issparse(adj) else _numeric(path, adj, "adjacency")
     if tuple(adj.shape) != (n, n):
         raise DataFormatError(f"{path}: the adjacency is {tuple(adj.shape)}, expected ({n}, {n}) for the {n} nodes")
-    coo = _load(path, "sparse adjacency", lambda: sp.coo_matrix(adj))
-    if coo.nnz and (min(coo.row.min(), coo.col.min()) < 0 or max(coo.row.max(), coo.col.max()) >= n):
-        raise DataFormatError(f"{path}: adjacency indices out of range [0, {n})")
+    coo = sp.coo_matrix(adj)  # safe: checked above
     return torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
 
 
@@ -291,9 +315,9 @@ def _class_map(path: Path, n: int) -> torch.Tensor:
                                  all(type(b) is int and b in (0, 1) for b in v) for v in vals):
             raise DataFormatError(f"{path}: multi-label entries must be 0/1 lists of one length ({width})")
         return torch.tensor(vals, dtype=torch.float)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
-        raise DataFormatError(f"{path}: labels must be class indices >= 0 (or 0/1 lists), got e.g. "
-                              f"{next(v for v in vals if not (isinstance(v, int) and v >= 0))!r}")
+    bad = [v for v in vals if type(v) is not int or v < 0]
+    if bad:
+        raise DataFormatError(f"{path}: labels must be class indices >= 0 (or 0/1 lists), got e.g. {bad[0]!r}")
     y = torch.tensor(vals, dtype=torch.long)
     _check_classes(path, np.bincount(y.numpy()), "labels")
     return y
@@ -337,6 +361,74 @@ def read_graphsaint(root: str | Path, name: str = "graph"):
     return Data(x=torch.from_numpy(x).float(), y=y, edge_index=_undirected(ei, n), name=name, **masks)
 
 
+def _mat_payload(v):
+    """A loadmat value as plain data the parent process can receive: numeric/char ndarrays, the
+    arrays of a sparse matrix, or a description of anything else (cells, structs, objects)."""
+    import scipy.sparse as sp
+
+    if sp.issparse(v) and v.format in ("csc", "csr"):
+        return ("sparse", v.format, np.asarray(v.data), np.asarray(v.indices), np.asarray(v.indptr), tuple(v.shape))
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biufcUS":
+        return ("array", v)
+    return ("other", f"{type(v).__name__} {getattr(v, 'dtype', '')} {getattr(v, 'shape', '')}".strip())
+
+
+def _mat_value(payload):
+    import scipy.sparse as sp
+
+    kind = payload[0]
+    if kind == "sparse":
+        _, fmt, data, indices, indptr, shape = payload
+        cls = sp.csc_matrix if fmt == "csc" else sp.csr_matrix
+        return cls((data, indices, indptr), shape=shape)  # fully checked later (_checked_sparse)
+    return payload[1] if kind == "array" else f"<{payload[1]}>"
+
+
+def _loadmat_payload(path: Path) -> tuple:
+    try:
+        from scipy.io import loadmat
+
+        return "ok", {k: _mat_payload(v) for k, v in loadmat(path).items() if not k.startswith("__")}
+    except Exception as e:  # noqa: BLE001 - reported to the caller
+        return "error", f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def load_mat(path: Path) -> dict:
+    """``scipy.io.loadmat(path)`` run in a forked child process (where ``os.fork`` exists): scipy's
+    MAT-v5 reader (1.17) crashes the process with a segmentation fault on some corrupt files (found
+    by tests/test_fuzz_readers.py: one byte of a variable-name length changed), which no ``except``
+    can catch. The child pickles back numeric/char arrays and the arrays of sparse matrices (read
+    here with a restricted unpickler); cells, structs and objects come back as ``"<description>"``
+    strings (the readers need none of them). Costs one fork (~30 ms of CPU) per file.
+
+    Raises:
+        DataFormatError: loadmat raised, or the child died (the message names ``path``).
+    """
+    if not hasattr(os, "fork"):  # Windows: read in this process
+        status, payload = _loadmat_payload(path)
+    else:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            try:
+                os.close(r)
+                with os.fdopen(w, "wb") as fh:
+                    fh.write(pickle.dumps(_loadmat_payload(path), protocol=4))
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as fh:
+            data = fh.read()
+        _, wait_status = os.waitpid(pid, 0)
+        if not data:
+            raise DataFormatError(f"{path}: not a readable MATLAB .mat file: scipy.io.loadmat crashed reading it "
+                                  f"(wait status {wait_status}; corrupt or truncated file)")
+        status, payload = restricted_unpickle(path, numpy_pickle_globals(), "loadmat result", data=data)
+    if status != "ok":
+        raise DataFormatError(f"{path}: not a readable MATLAB .mat file (truncated or corrupt?): {payload}")
+    return {k: _mat_value(v) for k, v in payload.items()}
+
+
 def read_fraud_mat(path: str | Path, name: str | None = None, train_frac: float = 0.4, val_frac: float = 0.2,
                    seed: int = 0):
     """Read a YelpChi/Amazon ``.mat`` (``features``, ``label``, ``homo``); stratified random split
@@ -348,13 +440,11 @@ def read_fraud_mat(path: str | Path, name: str | None = None, train_frac: float 
             one integer class per node (classes ``0..K-1``, K >= 2, each with a node), ``homo`` not
             an ``(N, N)`` matrix.
     """
-    from scipy.io import loadmat
-
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"fraud graph file not found: {path} (expected YelpChi.mat or Amazon.mat with keys "
                                 f"features, label, homo; from the CARE-GNN data release)")
-    m = _load(path, "MATLAB .mat file", lambda: loadmat(path))
+    m = load_mat(path)
     missing = [k for k in ("features", "label", "homo") if k not in m]
     if missing:
         found = sorted(k for k in m if not k.startswith("__"))
@@ -368,9 +458,10 @@ def read_fraud_mat(path: str | Path, name: str | None = None, train_frac: float 
         raise DataFormatError(f"{path}: 'label' must be a (1, N) or (N,) array, got {type(lab).__name__} "
                               f"{getattr(lab, 'shape', '')}")
     lab = _numeric(path, lab, "'label'", lab.ndim).reshape(-1)
-    if len(lab) != n or (lab != np.round(lab)).any() or (len(lab) and lab.min() < 0):
-        raise DataFormatError(f"{path}: 'label' must hold one integer class >= 0 per node ({n} rows of 'features'), "
-                              f"got {len(lab)} values" + (f" in [{lab.min()}, {lab.max()}]" if len(lab) else ""))
+    if len(lab) != n or (lab != np.round(lab)).any() or (len(lab) and (lab.min() < 0 or lab.max() >= n)):
+        raise DataFormatError(f"{path}: 'label' must hold one integer class in [0, N) per node (N = {n} rows of "
+                              f"'features'), got {len(lab)} values" + (f" in [{lab.min()}, {lab.max()}]" if len(lab)
+                                                                        else ""))
     y = torch.from_numpy(lab.astype(np.int64))
     _check_classes(path, np.bincount(lab.astype(np.int64)), "'label'")
     ei = _edges(path, m["homo"], n)

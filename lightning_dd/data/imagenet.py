@@ -43,7 +43,7 @@ import torch
 
 from lightning_dd.data.images import ImageDataModule, Preprocessing
 from lightning_dd.data.readers import (IMAGE_SUFFIXES, DataFormatError, DataNotFoundError, ImageDecodeError, ImageSet,
-                                       utf8_name)
+                                       cache_matches, utf8_name)
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,8 @@ class ImageNetDataModule(ImageDataModule):
                              .encode("utf-8", "surrogateescape"))
             cache = self.cache_dir / "decoded" / f"{self.name}-{self.root.name}-{h.hexdigest()[:16]}.pt"
             cached = ImageSet.load_cache(cache)  # None: missing, or unusable (reported, deleted)
-            if cached is not None:
+            if cached is not None and cache_matches(cached, cache, classes, train, val, lambda f: decode_resized(
+                    f, self.image_size, self.resize_size)):
                 return cached
         xtr, ytr = decode_files(train, self.image_size, self.resize_size, self.decode_workers)
         xte, yte = decode_files(val, self.image_size, self.resize_size, self.decode_workers)

@@ -99,7 +99,8 @@ def read_point_video(path: str | Path, allow_pickle: bool = False) -> list[torch
                 np.issubdtype(f.dtype, np.integer) or np.issubdtype(f.dtype, np.floating)):
             raise DataFormatError(f"{path}: frame {t} must be (N_t >= 1, 3) integers or floats, got {f.shape} "
                                   f"{f.dtype}")
-        f = f.astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused just below
+            f = f.astype(np.float32)
         if not np.isfinite(f).all():
             raise DataFormatError(f"{path}: frame {t} has {int((~np.isfinite(f)).sum())} NaN/inf coordinates "
                                   f"(in float32)")
@@ -288,7 +289,9 @@ class PointVideoDataModule(L.LightningDataModule):
         data = PointVideos(self.npz_root, self.allow_pickle)
         train = torch.tensor([int(s) in self.train_subjects for s in data.subjects])
         if int(data.labels.max()) >= self.num_classes:
-            raise ValueError(f"{self.npz_root}: label {int(data.labels.max())} >= data.num_classes={self.num_classes}")
+            f = data.files[int(data.labels.argmax())]
+            raise DataFormatError(f"{f}: label {int(data.labels.max())} (a{int(data.labels.max()) + 1:02d}) >= "
+                                  f"data.num_classes={self.num_classes}")
         self.files = data.files
         self.train_videos = [v for v, k in zip(data.videos, train) if k]
         self.test_videos = [v for v, k in zip(data.videos, train) if not k]

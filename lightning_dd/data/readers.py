@@ -14,6 +14,8 @@ a truncated or corrupted entry is reported, deleted and decoded again (:meth:`Im
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ import torch
 
 from lightning_dd.io import atomic_save  # noqa: F401  (re-exported)
 from lightning_dd.io import load_cache, require_keys, save_cache
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -143,9 +147,11 @@ def numpy_pickle_globals() -> dict[tuple[str, str], object]:
     return out
 
 
-def restricted_unpickle(path: Path, allowed: dict[tuple[str, str], object], what: str, encoding: str = "bytes"):
-    """Unpickle ``path`` resolving only the globals in ``allowed`` (``(module, name) -> object``):
-    a crafted pickle cannot run code (``os.system``, ``builtins.eval``, ... are refused).
+def restricted_unpickle(path: Path, allowed: dict[tuple[str, str], object], what: str, encoding: str = "bytes",
+                        data: bytes | None = None):
+    """Unpickle ``path`` (or ``data``, read from ``path``) resolving only the globals in ``allowed``
+    (``(module, name) -> object``): a crafted pickle cannot run code (``os.system``,
+    ``builtins.eval``, ... are refused).
 
     Raises:
         DataFormatError: a global outside ``allowed`` (named), or not a readable pickle (empty,
@@ -165,6 +171,8 @@ def restricted_unpickle(path: Path, allowed: dict[tuple[str, str], object], what
             raise pickle.UnpicklingError("persistent ids are not supported")
 
     try:
+        if data is not None:
+            return Unpickler(io.BytesIO(data), encoding=encoding).load()
         with open(path, "rb") as fh:
             return Unpickler(fh, encoding=encoding).load()
     except DataFormatError:
@@ -351,6 +359,29 @@ def _decode_all(files: list[tuple[Path, int]], workers: int) -> tuple[torch.Tens
     return x, torch.tensor([c for _, c in files], dtype=torch.int64)
 
 
+def cache_matches(cached: ImageSet, path: Path, classes: list[str], train: list[tuple[Path, int]],
+                  test: list[tuple[Path, int]], decode) -> bool:
+    """Whether a decode-cache entry (checksum already verified) holds the listed files: the same
+    class names, one image per file with the listing's labels, and the first image of each split
+    equal to ``decode(file)`` ``(H, W, 3)`` uint8 (a spot check). An entry that differs (a writer bug,
+    or a planted entry with a matching checksum) is reported and not used; the caller decodes again
+    and overwrites it.
+    """
+    why = None
+    if list(cached.classes) != list(classes):
+        why = f"classes {list(cached.classes)[:5]} instead of {classes[:5]}"
+    for split, files, x, y in (("train", train, cached.train_images, cached.train_labels),
+                               ("test", test, cached.test_images, cached.test_labels)):
+        if why is None and (len(x) != len(files) or not torch.equal(y, torch.tensor([c for _, c in files]))):
+            why = f"{len(x)} {split} images/labels for {len(files)} files, or other labels"
+        if why is None and not torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(np.ascontiguousarray(
+                decode(files[0][0])))):
+            why = f"its first {split} image differs from {files[0][0]}"
+    if why is not None:
+        log.warning("decoded-image cache entry %s does not match the files (%s): decoding again", path, why)
+    return why is None
+
+
 def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, workers: int = 4) -> ImageSet:
     """Read ``root/train/<class>/*`` and ``root/test/<class>/*`` (equal-size RGB images).
 
@@ -386,7 +417,7 @@ def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, wo
             h.update(f"{f.relative_to(root)}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         cache = Path(cache_dir) / "decoded" / f"{root.name}-{h.hexdigest()[:16]}.pt"
         cached = ImageSet.load_cache(cache)
-        if cached is not None:
+        if cached is not None and cache_matches(cached, cache, classes, train, test, _decode):
             return cached
     xtr, ytr = _decode_all(train, workers)
     xte, yte = _decode_all(test, workers)

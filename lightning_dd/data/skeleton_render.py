@@ -51,6 +51,7 @@ BONES = ((2, 19, 0.05), (19, 19, 0.10), (2, 3, 0.12), (3, 6, 0.12), (0, 1, 0.07)
          (4, 13, 0.08), (5, 14, 0.08), (13, 15, 0.06), (14, 16, 0.06), (15, 17, 0.045), (16, 18, 0.045))
 FOCAL, WIDTH, HEIGHT = 280.0, 320, 240
 OCCLUSION_TOL = 0.03  # metres
+MAX_COORDINATE = 1000.0  # metres: beyond, the file is not a depth camera's skeleton (and rendering would overflow)
 NAME = re.compile(r"a(\d+)_s(\d+)_e(\d+)")
 
 
@@ -62,7 +63,8 @@ def read_skeleton(path: str | Path) -> np.ndarray:
 
     Raises:
         FileNotFoundError: no file. DataFormatError (a ValueError): not UTF-8 text, not 4 numbers
-        per line, not 20 lines per frame, or NaN/inf values (the message names the file).
+        per line, not 20 lines per frame, NaN/inf values, or coordinates beyond
+        :data:`MAX_COORDINATE` metres (the message names the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,6 +81,9 @@ def read_skeleton(path: str | Path) -> np.ndarray:
                               f"{a.shape[1]}")
     if not np.isfinite(a).all():
         raise DataFormatError(f"{path}: {int((~np.isfinite(a)).sum())} NaN/inf values (or beyond float32)")
+    if np.abs(a[:, :3]).max() > MAX_COORDINATE:
+        raise DataFormatError(f"{path}: joint coordinates up to {np.abs(a[:, :3]).max():.3g}; camera-space metres lie "
+                              f"within +-{MAX_COORDINATE:g} (the real files: within 4)")
     return a.reshape(-1, 20, 4)
 
 
