@@ -1285,3 +1285,46 @@ def test_fuzz_condensed_artifacts(tmp_path):
 
     fuzz()
     assert_reader_clean("condensed_artifact")
+
+
+# =================================================================== one crafted pickle, every loader
+def _crafted_trees(marker) -> dict:
+    payload = exploits(marker)[0]  # os.system("touch <marker>")
+    obj_arr = np.empty(1, dtype=object)
+    obj_arr[0] = payload
+    cached = io.BytesIO()
+    torch.save({"train_images": payload}, cached)
+    return {
+        "cifar": ({**CIFAR_BASE, f"{CIFAR_DIR}/data_batch_1": pickle.dumps({b"data": payload, b"labels": [0]})},
+                  "refused to unpickle posix.system"),
+        "planetoid": ({**PL_BASE, "pl/raw/ind.cora.graph": pickle.dumps({0: payload})}, "refused to unpickle posix"),
+        "point_npz": ({**PV_BASE, "pv/a01_s01_e01_sdepth.npz": npz_bytes_pickled(point_clouds=obj_arr)},
+                      "allow_pickle"),
+        "distilled": ({"run/distilled.pt": _artifact_bytes({**_distilled_dict(), "meta": payload})},
+                      "never unpickles"),
+        "condensed": ({"run/condensed.pt": _artifact_bytes({**_condensed_dict(), "x": payload})}, "never unpickles"),
+    }
+
+
+@pytest.mark.parametrize("loader", ["cifar", "planetoid", "point_npz", "distilled", "condensed"])
+def test_a_crafted_pickle_is_refused_by_every_loader(tmp_path, loader):
+    """A file whose unpickling would run ``os.system`` is refused with a message naming the file and
+    the object, and nothing runs (the marker file it would create stays absent)."""
+    from lightning_dd.data.graphs import read_planetoid
+    from lightning_dd.data.point_video import read_point_video
+    from lightning_dd.data.readers import read_cifar
+    from lightning_dd.results import CondensedGraph, DistilledSet
+
+    marker = tmp_path / "PWNED"
+    tree, expect = _crafted_trees(marker)[loader]
+    write_tree(tmp_path, tree)
+    call, name = {"cifar": (lambda: read_cifar(tmp_path / "cifar10"), "data_batch_1"),
+                  "planetoid": (lambda: read_planetoid(tmp_path / "pl", "cora"), "ind.cora.graph"),
+                  "point_npz": (lambda: read_point_video(tmp_path / "pv" / "a01_s01_e01_sdepth.npz"),
+                                "a01_s01_e01_sdepth.npz"),
+                  "distilled": (lambda: DistilledSet.load(tmp_path / "run" / "distilled.pt"), "distilled.pt"),
+                  "condensed": (lambda: CondensedGraph.load(tmp_path / "run" / "condensed.pt"), "condensed.pt")}[loader]
+    with pytest.raises(ValueError, match=expect) as e:
+        call()
+    assert name in str(e.value)
+    assert not marker.exists(), "the crafted pickle ran"
