@@ -498,7 +498,7 @@ def _planetoid_semantic(draw, marker):
     elif kind == "nan":
         name = draw(st.sampled_from(["x", "tx", "allx", "y", "ty", "ally"]))
         a = arrays[name]
-        dense = a.toarray() if sp.issparse(a) else a.astype(np.float64)
+        dense = (a.toarray() if sp.issparse(a) else a).astype(np.float64)
         dense[draw(st.integers(0, len(dense) - 1)), draw(st.integers(0, dense.shape[1] - 1))] = \
             draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e300]))
         arrays[name] = sp.csr_matrix(dense) if sp.issparse(a) and draw(st.booleans()) else dense

@@ -374,8 +374,7 @@ def cache_matches(cached: ImageSet, path: Path, classes: list[str], train: list[
                                ("test", test, cached.test_images, cached.test_labels)):
         if why is None and (len(x) != len(files) or not torch.equal(y, torch.tensor([c for _, c in files]))):
             why = f"{len(x)} {split} images/labels for {len(files)} files, or other labels"
-        if why is None and not torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(np.ascontiguousarray(
-                decode(files[0][0])))):
+        if why is None and not torch.equal(x[0].permute(1, 2, 0), torch.from_numpy(np.array(decode(files[0][0])))):
             why = f"its first {split} image differs from {files[0][0]}"
     if why is not None:
         log.warning("decoded-image cache entry %s does not match the files (%s): decoding again", path, why)
