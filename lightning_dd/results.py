@@ -160,10 +160,37 @@ class DistilledSet:
                              f"{type(self.labels).__name__}")
         if not self.images.is_floating_point():
             raise ValueError(f"images must be floating point (model space), got {self.images.dtype}")
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
+            raise ValueError(f"classes must be a list of class-name strings, got {str(self.classes)[:80]}")
+        for name, value, typ in (("preprocessing", self.preprocessing, dict), ("meta", self.meta, dict),
+                                 ("method", self.method, str)):
+            if not isinstance(value, typ):
+                raise ValueError(f"{name} must be a {typ.__name__}, got {type(value).__name__}")
         check_set(self.images, self.labels, len(self.classes))
         check_lr(self.lr)
         if not isinstance(self.ipc, int) or self.ipc < 0:
             raise ValueError(f"ipc must be a non-negative int, got {self.ipc!r}")
+        pre = self.preprocessing
+        if pre:  # a version-0 file may have none
+            c, d = self.images.shape[1], self.images[0].numel()
+            try:
+                mean, std = (torch.as_tensor(pre[k], dtype=torch.float32) for k in ("mean", "std"))
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"preprocessing must hold numeric 'mean' and 'std': {type(e).__name__}: {e}") from None
+            if mean.shape != (c,) or std.shape != (c,) or not torch.isfinite(mean).all() or not (std > 0).all():
+                raise ValueError(f"preprocessing mean/std must be {c} finite values (std > 0), got shapes "
+                                 f"{tuple(mean.shape)} and {tuple(std.shape)}")
+            for k, shape in (("zca", (d, d)), ("zca_mean", (1, d)), ("zca_inv", (d, d))):
+                v = pre.get(k)
+                if v is not None and not (isinstance(v, torch.Tensor) and tuple(v.shape) == shape
+                                          and torch.isfinite(v).all()):
+                    raise ValueError(f"preprocessing[{k!r}] must be a finite {shape} tensor or None")
+        hl = self.meta.get("hard_labels")
+        if hl is not None and not (isinstance(hl, torch.Tensor) and hl.dtype == torch.int64
+                                   and tuple(hl.shape) == (len(self.images),)
+                                   and (not len(hl) or (int(hl.min()) >= 0 and int(hl.max()) < len(self.classes)))):
+            raise ValueError(f"meta['hard_labels'] must be ({len(self.images)},) int64 class indices in "
+                             f"[0, {len(self.classes)})")
 
 
 @dataclass
@@ -198,9 +225,14 @@ class CondensedGraph:
     def validate(self) -> None:
         """Raises ValueError naming the problem: shapes, label count, NaN, asymmetric or negative
         adjacency, self loops."""
-        n = self.x.shape[0]
+        for name in ("x", "adj", "y"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise ValueError(f"{name} must be a tensor, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         if self.x.dim() != 2:
             raise ValueError(f"x must be (N, F), got {tuple(self.x.shape)}")
+        n = self.x.shape[0]
         if tuple(self.adj.shape) != (n, n):
             raise ValueError(f"adj must be ({n}, {n}) for {n} nodes, got {tuple(self.adj.shape)}")
         if self.y.shape != (n,) or self.y.dtype != torch.int64:

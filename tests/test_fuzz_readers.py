@@ -1193,13 +1193,8 @@ def _distilled_semantic(draw, marker):
     return Case({"run/distilled.pt": _artifact_bytes(d)}, f"{kind}", must, ("distilled.pt",))
 
 
-#: lightning_dd/results.py does not yet check classes/preprocessing/meta/method types, meta['hard_labels'], or
-#: that CondensedGraph's x/adj/y are tensors before using them (the helper's report proposes the checks; found
-#: here: TypeError/IndexError/AttributeError and silent loads of such files). Remove the marks once applied.
-RESULTS_GAP = pytest.mark.xfail(strict=True, reason="results.py validate() gaps found by this fuzz (issue 17 report)")
 
 
-@RESULTS_GAP
 def test_fuzz_distilled_artifacts(tmp_path):
     from lightning_dd.results import DistilledSet
 
@@ -1266,7 +1261,6 @@ def _condensed_semantic(draw, marker):
     return Case({"run/condensed.pt": _artifact_bytes(d)}, kind, must, ("condensed.pt",))
 
 
-@RESULTS_GAP
 def test_fuzz_condensed_artifacts(tmp_path):
     from lightning_dd.results import CondensedGraph
 
