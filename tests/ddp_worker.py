@@ -6,6 +6,14 @@ file, not inside pytest (``ddp_spawn`` works from it too).
 (ConvNet width 8 on 8x8 images, 3 synthetic expert trajectories); every rank of every fit writes
 ``<out>/<fit>_rank<r>.pt``: the synthetic-set gradient of the first iteration (after the
 all-reduce, as the optimizer steps with it), its draws and the set at the end (:func:`run_tm`).
+
+``recover <out> <devices> <strategy> [<one-process fresh dir>]``: statistics-matching recovery of 3
+batches (4, 4, 2 digits images, a tiny BN ConvNet teacher), fresh, resumed from a finished batch, from
+round checkpoints, and (with the last argument) from a one-process run's checkpoints; every rank
+writes ``<out>/<scenario>_rank<r>.pt`` (:func:`run_recover`).
+
+``graph <out> <devices> <strategy> <precision> <method>...``: GCond / SGDD condensation of Cora for a few
+epochs; every rank writes ``<out>/<method>_rank<r>.pt`` (:func:`run_graph`).
 """
 from __future__ import annotations
 
@@ -104,9 +112,120 @@ def run_tm(out: Path, devices: int, strategy: str, expert_draws: int, both: bool
         torch.save(losses, out / "losses.pt")
 
 
+def _rank() -> int:
+    """This process's rank: Lightning's ``LOCAL_RANK`` in a relaunched process (one node), else 0."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def recover_problem():
+    """``(hp, dm, backbones, labels, lo, hi)``: 10 digits images of 10 classes in batches of 4, 4
+    and 2, 4 steps each (checkpoints every 2), a ConvNet-8 teacher (random weights, BatchNorm
+    statistics of the real training images), the same in every process."""
+    from lightning_dd.data import DigitsDataModule
+    from lightning_dd.methods.statistics_matching import Backbone, RecoverConfig, pixel_bounds
+    from lightning_dd.nets import build_net
+
+    dm = DigitsDataModule(cache_dir=None)
+    dm.setup()
+    torch.manual_seed(0)
+    net = build_net("ConvNet", 1, 10, (8, 8), width=8, depth=2, norm="batchnorm").train()
+    with torch.no_grad():
+        for x in dm.train_images[:512].split(128):
+            net(x)
+    hp = RecoverConfig(iterations=4, batch=4, lr=0.1, r_bn=1.0, jitter=1, crop_scale=(0.5, 1.0), ckpt_every=2)
+    lo, hi = pixel_bounds(dm.preprocessing)
+    return hp, dm, [Backbone(net.eval())], torch.arange(10), lo, hi
+
+
+def run_recover(out: Path, devices: int, strategy: str, one_process: Path | None = None) -> None:
+    """Scenarios, each :func:`recover_batches` into ``<out>/<scenario>`` and each rank's result in
+    ``<out>/<scenario>_rank<r>.pt``: ``fresh``; ``partial`` (batch 1 finished: its file copied from
+    ``fresh``); ``ckpt`` (``fresh`` again with its batch files deleted: every round from its last
+    checkpoint); ``other_world`` (``one_process``'s checkpoints, batch files deleted: written one batch
+    per round, so under several processes the first round starts afresh and the last resumes)."""
+    import shutil
+
+    from lightning_dd.core.trainer import TrainerFactory
+    from lightning_dd.methods.statistics_matching.recover import recover_batches
+
+    hp, dm, backbones, labels, lo, hi = recover_problem()
+    factory = TrainerFactory(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
+    teacher = out.parent / "teacher.pt"  # the file the batches' settings name (one for all the test's runs)
+    if _rank() == 0:  # before the first fit: the other ranks start there
+        if not teacher.is_file():
+            torch.save(backbones[0].net.state_dict(), teacher)
+        if one_process is not None:
+            shutil.copytree(one_process / "checkpoints", out / "other_world" / "checkpoints")
+
+    def recover(scenario: str, resume: bool, run_dir: str | None = None) -> None:
+        r = recover_batches(hp, dm, backbones, labels, lo, hi, out / (run_dir or scenario), seed=5, trainer=factory,
+                            resume=resume, teacher_paths=[teacher])
+        torch.save({**r, "fits": len(factory.built)}, out / f"{scenario}_rank{_rank()}.pt")
+
+    recover("fresh", False)
+    if _rank() == 0:
+        (out / "partial" / "recover").mkdir(parents=True)
+        shutil.copy(out / "fresh" / "recover" / "batch_001.pt", out / "partial" / "recover")
+    _barrier()
+    recover("partial", True)
+    _barrier()
+    if _rank() == 0:
+        for f in (out / "fresh" / "recover").glob("*.pt"):
+            f.unlink()
+    _barrier()
+    recover("ckpt", True, "fresh")
+    if one_process is not None:
+        recover("other_world", True)
+
+
+def graph_method(name: str):
+    """Tiny GCond / SGDD settings for Cora: 4 epochs alternating structure and feature updates (1 + 1),
+    3 outer x 2 inner steps, 16-wide generators, the structure terms on (GCond's smoothness ``alpha``,
+    SGDD's OT on a 400-node subgraph and smoothness, 3 warm-up steps)."""
+    from lightning_dd.methods.gcond import GCondMethod
+    from lightning_dd.methods.sgdd import SGDDMethod
+
+    common = dict(epochs=4, outer_loop=3, inner_loop=2, adj_epochs=1, feat_epochs=1, lr_feat=1e-3, lr_adj=1e-3,
+                  ckpt_every=0)
+    if name == "gcond":
+        return GCondMethod(pge_hidden=16, alpha=0.1, **common)
+    return SGDDMethod(ignr_hidden=16, ot_rank=16, mx_size=400, warmup_epochs=3, **common)
+
+
+def run_graph(out: Path, devices: int, strategy: str, precision: str, name: str) -> None:
+    """Condense Cora with :func:`graph_method` ``name`` (seed 0) under ``devices`` processes at Lightning's
+    ``precision``; every rank
+    writes the condensed graph, the loss history and the skipped-update count to ``<out>/<name>_rank<r>.pt``."""
+    from conftest import SHARED_DATA
+    from lightning_dd.core.trainer import TrainerFactory
+    from lightning_dd.data.graphs import GraphDataModule
+    from lightning_dd.methods.graph_run import fit_condenser
+
+    dm = GraphDataModule("cora", root=str(SHARED_DATA / "planetoid"))
+    dm.setup()
+    module = graph_method(name).condenser(dm.data, 0)
+    factory = TrainerFactory(accelerator="cpu", devices=devices, strategy=strategy, precision=precision,
+                             enable_progress_bar=False)
+    cond, _ = fit_condenser(module, module.hp.epochs, factory)
+    shard = None if module.shard is None else module.shard.cls.tolist()
+    torch.save({"x": cond.x, "adj": cond.adj, "y": cond.y, "losses": module.epoch_losses, "classes": shard,
+                "skipped": module.skipped_updates, "warmup": list(getattr(module, "warmup_losses", []))},
+               out / f"{name}_rank{_rank()}.pt")
+
+
 if __name__ == "__main__":
     what, out, devices, strategy, *rest = sys.argv[1:]
     if what == "tm":
         run_tm(Path(out), int(devices), strategy, int(rest[0]), both=rest[1:] != ["keep_all"])
+    elif what == "recover":
+        run_recover(Path(out), int(devices), strategy, Path(rest[0]) if rest else None)
+    elif what == "graph":
+        for name in rest[1:]:
+            run_graph(Path(out), int(devices), strategy, rest[0], name)
     else:
         raise SystemExit(f"unknown worker {what!r}")

@@ -99,12 +99,17 @@ def test_more_processes_than_draws_or_an_unsupported_strategy_is_a_config_error(
         hp.check(_cfg(1, "fsdp"))
     with pytest.raises(ConfigError, match="trainer.strategy=ddp_spawn: .* use trainer.strategy=ddp"):
         hp.check(_cfg(2, "ddp_spawn"))  # the module runs under ddp_spawn (tested below), a whole run does not
-    # graph condensation refuses several processes before any work
-    gcond = instantiate_node(_compose("experiment=gcond_cora", "trainer.devices=2", "trainer.strategy=ddp").method,
-                             "method")
-    with pytest.raises(ConfigError, match=r"trainer.devices=2 .* graph condensation \(gcond\) runs in one process"):
-        gcond.check(_compose("experiment=gcond_cora", "trainer.devices=2", "trainer.strategy=ddp"))
-    gcond.check(_compose("experiment=gcond_cora", "trainer.accelerator=cpu", "trainer.devices=auto"))
+    # graph condensation and statistics matching run under ddp (their work split over the ranks), not
+    # under the spawn strategies or FSDP, refused before any work
+    for exp, what in (("gcond_cora", r"graph condensation \(gcond\)"), ("sgdd_cora", r"graph condensation \(sgdd\)"),
+                      ("sre2l_cifar10", r"statistics matching \(sre2l\)")):
+        method = instantiate_node(_compose(f"experiment={exp}").method, "method")
+        method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp"))
+        method.check(_compose(f"experiment={exp}", "trainer.accelerator=cpu", "trainer.devices=auto"))
+        with pytest.raises(ConfigError, match=rf"trainer.strategy=ddp_spawn: {what} keeps state between its fits"):
+            method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp_spawn"))
+        with pytest.raises(ConfigError, match=rf"trainer.strategy: {what} runs on one device or under DDP"):
+            method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=fsdp"))
     # the same checks at fit time, from the Trainer's own strategy (devices=auto is known only there)
     m = tm_problem(1)
     m._trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
@@ -214,3 +219,67 @@ def test_train_py_under_two_process_ddp(tmp_path):
     torch.testing.assert_close(a["images"], b["images"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a["labels"], b["labels"], rtol=1e-5, atol=1e-6)
     assert a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+
+
+# --- statistics-matching recovery: batches split over the ranks --------------------------------------
+def _run_worker(out, *args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(WORKER), args[0], str(out), *map(str, args[1:])], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_recover_the_one_process_batches_bitwise(tmp_path):
+    """Recovery of 3 batches (SRe2L) under 2 processes: rank r recovers batches r, r + 2 (rounds
+    (0, 1) and (2,), one fit each), every rank ends with every batch, and the images, per-step
+    histories and BN-loss measurements equal the one-process run's bitwise (CPU, gloo; W = 2 makes
+    DDP's gradient average exact). Also when resuming from a finished batch, from the rounds'
+    checkpoints, and from a one-process run's checkpoints (one batch per round: the first round
+    starts afresh, the last resumes)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    _run_worker(one, "recover", 1, "auto")
+    p = _run_worker(two, "recover", 2, "ddp", one / "fresh")
+    ref = torch.load(one / "fresh_rank0.pt", weights_only=False)
+    assert len(ref["images"]) == 3 and [len(x) for x in ref["images"]] == [4, 4, 2]
+    assert all(e < s for s, e in zip(ref["bn_start"], ref["bn_end"]))  # recovery did something
+    assert [(h["batch"], h["step"]) for h in ref["history"]] == [(b, i) for b in range(3) for i in range(4)]
+    for scenario, fits in (("fresh", 2), ("partial", 1), ("ckpt", 2), ("other_world", 2)):
+        for r in (0, 1):
+            got = torch.load(two / f"{scenario}_rank{r}.pt", weights_only=False)
+            for a, b in zip(got["images"], ref["images"], strict=True):
+                assert torch.equal(a, b), (scenario, r)
+            for k in ("history", "bn_start", "bn_end", "bn_full", "per_start", "per_end"):
+                assert got[k] == ref[k], (scenario, r, k)
+        fits_before = {"fresh": 0, "partial": 2, "ckpt": 3, "other_world": 5}[scenario]
+        assert got["fits"] - fits_before == fits, scenario  # rounds of two batches (one when one is left)
+    assert sorted(d.name for d in (two / "fresh" / "checkpoints").iterdir()) == ["recover_000", "recover_002"]
+    assert sorted(f.name for f in (two / "partial" / "recover").iterdir()) == [f"batch_00{b}.pt" for b in range(3)]
+    assert "holds batches [0] (recovered under another number of processes)" in p.stderr + p.stdout
+
+
+# --- GCond / SGDD: the classes of the matching loss split over the ranks ----------------------------
+@pytest.mark.slow
+def test_two_ddp_processes_condense_the_one_process_graph(tmp_path, shared_data):
+    """GCond and SGDD on Cora, 4 epochs alternating structure and feature updates (structure terms on),
+    under 2 processes (classes 0, 2, 4, 6 on rank 0, 1, 3, 5 on rank 1, the summed gradients of X' and
+    of the generator / transport plan all-reduced) end with the one-process condensed graph. In float64
+    (``precision=64-true``) to 1e-12: only the summation order differs (float32 agrees to ~1e-5 in X',
+    Adam magnifying the rounding of near-zero gradients in the generator)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    _run_worker(one, "graph", 1, "auto", "64-true", "gcond", "sgdd")
+    _run_worker(two, "graph", 2, "ddp", "64-true", "gcond", "sgdd")
+    for name in ("gcond", "sgdd"):
+        ref = torch.load(one / f"{name}_rank0.pt", weights_only=False)
+        assert ref["x"].dtype == torch.float64 and ref["classes"] is None and ref["skipped"] == 0
+        ranks = [torch.load(two / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+        assert [r["classes"] for r in ranks] == [[0, 2, 4, 6], [1, 3, 5]]
+        assert torch.equal(ranks[0]["x"], ranks[1]["x"]) and torch.equal(ranks[0]["adj"], ranks[1]["adj"])
+        got = ranks[0]
+        torch.testing.assert_close(got["x"], ref["x"], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got["adj"], ref["adj"], rtol=0, atol=1e-6)  # A' is returned in float32
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-12) and got["skipped"] == 0, name
+        assert got["warmup"] == ref["warmup"]  # SGDD's structure warm-up: the same on every rank

@@ -1,5 +1,6 @@
-"""How many processes a run's Trainers will have, from ``conf/trainer`` alone (before any work), and
-the check of methods that support one process only."""
+"""How many processes a run's Trainers will have, from ``conf/trainer`` alone (before any work); the
+strategy check of methods that shard their own work over DDP ranks (:func:`require_ddp`);
+:func:`gather_objects`, the all-gather of picklable per-rank results between their fits."""
 from __future__ import annotations
 
 from lightning_dd.core.config import ConfigError
@@ -21,16 +22,37 @@ def planned_world_size(trainer_cfg) -> int | None:
     return None
 
 
-def require_one_process(cfg, what: str, why: str) -> None:
-    """Refuse a run of ``what`` over several processes (``trainer.devices x trainer.num_nodes > 1``,
-    or a multi-process strategy).
+def require_ddp(cfg, what: str) -> None:
+    """Refuse every strategy but one device (``auto``, ``single_device``) and ``ddp`` (Lightning
+    starts the script once per device) for ``what``, a method that shards its own work over the
+    ranks and passes state between several fits. ``ddp_spawn`` / ``ddp_fork`` / ``ddp_notebook``
+    run each fit in worker processes that hand back only rank 0's weights, so the state a rank
+    keeps between fits (recovered batches, loss histories) would be lost; FSDP / DeepSpeed shard
+    the parameters the method updates itself.
 
     Raises:
-        ConfigError: naming ``trainer.devices`` / ``trainer.strategy``, ``what`` and ``why``.
+        ConfigError: naming ``trainer.strategy`` and ``what``.
     """
-    trainer = cfg.get("trainer") or {}
-    world, strategy = planned_world_size(trainer), trainer.get("strategy", "auto")
-    if (world is not None and world > 1) or (isinstance(strategy, str) and strategy.startswith(("ddp", "fsdp",
-                                                                                               "deepspeed"))):
-        raise ConfigError(f"trainer.devices={trainer.get('devices')} trainer.strategy={strategy}: {what} runs in one "
-                          f"process ({why}); set trainer.devices=1 trainer.strategy=auto")
+    strategy = (cfg.get("trainer") or {}).get("strategy", "auto")
+    if not isinstance(strategy, str):
+        return  # a strategy object: the method's fit-time check decides
+    if not (strategy in ("auto", "single_device") or strategy.startswith("ddp")):
+        raise ConfigError(f"trainer.strategy: {what} runs on one device or under DDP (auto, ddp), not {strategy!r}")
+    if any(k in strategy for k in ("spawn", "fork", "notebook")):
+        raise ConfigError(f"trainer.strategy={strategy}: {what} keeps state between its fits, but these fits run in "
+                          f"worker processes that hand back only rank 0's weights; use trainer.strategy=ddp "
+                          f"(Lightning starts train.py once per device)")
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]``: ``torch.distributed.all_gather_object`` over the
+    default process group (every rank gets the list; a collective: every rank must call it), or
+    ``[obj]`` without an initialized group of several processes. ``obj`` must be picklable; with
+    NCCL it travels through the current CUDA device (Lightning sets it per rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

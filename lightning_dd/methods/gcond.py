@@ -44,6 +44,21 @@ adds the torch RNG state after the last epoch, the loss history and the skipped-
 run resumed with ``trainer.fit(..., ckpt_path=...)`` continues at the stored epoch with the same
 RNG stream, so (one torch thread) it ends with the same condensed graph as an uninterrupted run.
 
+Several processes (``trainer.devices=2 trainer.strategy=ddp``; gloo on CPU, NCCL on GPUs): the
+matching loss is a sum over classes, so rank ``r`` of ``W`` takes classes ``r, r + W, ...``
+(:meth:`GradientMatchingCondenser.class_shard`): their real-side gradients (only their training
+nodes' rows of ``H``: the part that grows with the real graph is split) and their synthetic-side
+terms. Everything else is the same on every rank, from the same RNG stream (the module restores the
+state it was built with when the fit starts, since DDP re-seeds): ``A' = g(X')`` and ``A'_hat^2 X'``,
+the model re-initialization, the inner loop on the synthetic graph, SGDD's structure warm-up. The
+structure terms (smoothness, SGDD's OT) enter rank 0's loss only. Each rank backpropagates its part
+with DDP's reducer blocked, one ``all_reduce`` (sum) gives every rank the one-process gradient of
+``X'`` or of the generator (and SGDD's plan), and every rank takes the same Adam step
+(:meth:`GradientMatchingCondenser.all_reduce_step`): 2 processes end with the one-process condensed
+graph up to summation order (tested: 1e-15 in float64). One process runs the unsplit code, number for
+number as before. The split saves the real-side cost (large graphs); the synthetic side (generator,
+propagation, backward through them) is computed by every rank.
+
 Deviations from the reference code (GCond's ``train_gcond_transduct.py``): exact real-graph
 gradients (no neighbour sampler), closed-form per-class gradients, the generator's first layer
 split as ``W_i x_i + W_j x_j``; the structure and the features never update in the same epoch
@@ -61,7 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from lightning_dd.core.config import NonNegFloat, PositiveInt
+from lightning_dd.core.config import ConfigError, NonNegFloat, PositiveInt
 from lightning_dd.data.graph_ops import (gcn_norm_dense, label_smoothness, propagate_sparse, synthetic_labels,
                                             training_view)
 from lightning_dd.methods.graph_run import CondensationMethod
@@ -178,6 +193,8 @@ class GradientMatchingCondenser(L.LightningModule):
         self.start_epoch = 0          # epochs done when this fit started (> 0 after a resume)
         self.rng_after_step = None    # torch RNG state right after the last epoch (checkpointed)
         self.saved_epochs = -1        # epochs done at the last checkpoint written
+        self.shard = None             # this rank's classes under DDP (:meth:`class_shard`)
+        self.rng_at_init = torch.get_rng_state()  # the first epoch's stream (see setup)
 
     # --- what subclasses change -------------------------------------------------------------
     def build_generator(self, data, g: torch.Generator) -> nn.Module:
@@ -218,8 +235,77 @@ class GradientMatchingCondenser(L.LightningModule):
         b = torch.empty(k, device=self.feat.device).uniform_(-s, s).requires_grad_()
         return w, b
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.rng_after_step is None:
+            # the first epoch's RNG stream continues from the module's construction: Lightning's DDP
+            # strategy re-seeds every process when a fit starts (before this hook), a single device
+            # does not (a no-op there); later epochs restore ``rng_after_step``
+            torch.set_rng_state(self.rng_at_init)
+
     def on_train_start(self):
         self.start_epoch = len(self.epoch_losses)
+        self.shard = self.class_shard()
+
+    # --- several processes (DDP): the classes split over the ranks ---------------------------
+    def class_shard(self) -> SimpleNamespace | None:
+        """This rank's part of the matching loss under ``W > 1`` processes (``None`` on one):
+        classes ``r, r + W, ...`` (``cls``), their real training nodes' rows (``h_real``,
+        ``onehot_real``, ``cw_real`` restricted to ``cls``), their synthetic nodes (``syn``, an
+        index into ``X'``, with ``onehot_syn``, ``cw_syn``) and weights ``coeff``.
+
+        Raises:
+            ConfigError: a multi-process strategy other than DDP (the backward runs under
+            ``block_backward_sync``, the gradients are all-reduced by hand)."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        world = self.trainer.world_size
+        if world == 1:
+            return None
+        if not isinstance(self.trainer.strategy, DDPStrategy):
+            raise ConfigError(f"trainer.strategy: graph condensation ({self.method}) runs on one device or under DDP, "
+                              f"not {type(self.trainer.strategy).__name__}")
+        cls = torch.arange(self.global_rank, self.num_classes, world, device=self.device)
+        real = (self.onehot_real[:, cls].sum(1) > 0).nonzero().squeeze(1)
+        syn = (self.onehot_syn[:, cls].sum(1) > 0).nonzero().squeeze(1)
+        return SimpleNamespace(cls=cls, h_real=self.h_real[real], onehot_real=self.onehot_real[real],
+                               cw_real=self.cw_real[real][:, cls], syn=syn, onehot_syn=self.onehot_syn[syn],
+                               cw_syn=self.cw_syn[syn][:, cls], coeff=self.coeff[cls])
+
+    def match_loss(self, h_syn: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """GCond's matching loss (Eq. 6) at the model ``w (F, K)``, ``b (K,)`` (detached) for the
+        synthetic propagated features ``h_syn (N', F)``: over every class on one process, over this
+        rank's classes (:meth:`class_shard`) under DDP -- the ranks' losses sum to the one-process loss."""
+        sh = self.shard
+        if sh is None:
+            with torch.no_grad():
+                g_real = class_gradients(self.h_real, w, b, self.onehot_real, self.cw_real)
+            return match_distance(class_gradients(h_syn, w, b, self.onehot_syn, self.cw_syn), g_real, self.coeff)
+        with torch.no_grad():
+            g_real = class_gradients(sh.h_real, w, b, sh.onehot_real, sh.cw_real)
+        return match_distance(class_gradients(h_syn[sh.syn], w, b, sh.onehot_syn, sh.cw_syn), g_real, sh.coeff)
+
+    def all_reduce_step(self, match: torch.Tensor, loss: torch.Tensor, opt) -> tuple[float, bool]:
+        """Under DDP: backpropagate this rank's ``loss`` (DDP's reducer blocked), sum the ranks'
+        matching losses, losses and gradients of ``opt``'s parameters in one ``all_reduce``, and
+        step ``opt`` with the summed gradients when the summed loss is finite (a parameter no rank
+        got a gradient for keeps none, as on one process). Returns ``(summed matching loss, stepped)``."""
+        with self.trainer.strategy.block_backward_sync():
+            self.manual_backward(loss)
+        params = [p for g in getattr(opt, "optimizer", opt).param_groups for p in g["params"]]
+        dtype = params[0].dtype
+        heads = [match.detach().to(dtype), loss.detach().to(dtype),
+                 *(torch.tensor(float(p.grad is not None), dtype=dtype, device=self.device) for p in params)]
+        flat = torch.cat([torch.stack(heads),
+                          *((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                            for p in params)])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        heads, grads = flat[:2 + len(params)], flat[2 + len(params):].split([p.numel() for p in params])
+        if not torch.isfinite(heads[1]):
+            return float(heads[0]), False
+        for p, got, g in zip(params, heads[2:], grads):
+            p.grad = g.view_as(p).to(p.dtype) if got > 0 else None
+        opt.step()
+        return float(heads[0]), True
 
     def training_step(self, batch, batch_idx):
         hp = self.hp
@@ -243,22 +329,25 @@ class GradientMatchingCondenser(L.LightningModule):
             self.generator_net.train()
             adj = self.adjacency(self.feat)
             h_syn = self.propagate(adj, self.feat)
-            wd, bd = w.detach(), b.detach()
-            with torch.no_grad():
-                g_real = class_gradients(self.h_real, wd, bd, self.onehot_real, self.cw_real)
-            g_syn = class_gradients(h_syn, wd, bd, self.onehot_syn, self.cw_syn)
-            loss = match_distance(g_syn, g_real, self.coeff)
-            total += float(loss.detach())
-            if update_adj:
+            match = self.match_loss(h_syn, w.detach(), b.detach())
+            loss = match
+            whole = self.shard is None or self.global_rank == 0  # the structure terms: once, on rank 0
+            if update_adj and whole:
                 loss = loss + self.structure_loss(adj)
-            elif hp.reg_every_step:
+            elif hp.reg_every_step and whole:
                 loss = loss + self.smoothness_loss(adj)
             opt_feat.zero_grad()
             opt_adj.zero_grad()
-            if torch.isfinite(loss):  # a non-finite loss (numerical failure) skips the update, never poisons X'
+            if self.shard is not None:  # DDP: the classes' parts summed over the ranks
+                matched, stepped = self.all_reduce_step(match, loss, opt_adj if update_adj else opt_feat)
+                total += matched
+                self.skipped_updates += int(not stepped)
+            elif torch.isfinite(loss):  # a non-finite loss (numerical failure) skips the update, never poisons X'
+                total += float(match.detach())
                 self.manual_backward(loss)
                 (opt_adj if update_adj else opt_feat).step()
             else:
+                total += float(match.detach())
                 self.skipped_updates += 1
             if ol == hp.outer_loop - 1:
                 break

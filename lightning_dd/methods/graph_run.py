@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import OmegaConf
 from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.evaluate.graph import GraphEvalConfig
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.devices import require_one_process
+from lightning_dd.methods.devices import require_ddp
 from lightning_dd.data.graph_ops import dense_adjacency, propagate_sparse, synthetic_labels, training_view
 from lightning_dd.results import CondensedGraph
 
@@ -181,7 +182,8 @@ class GraphMethod(Method):
             cond, metrics, timings = self.build(ctx, data)
         if cond is not None:
             cond.meta.update(data=OmegaConf.to_container(ctx.cfg.data, resolve=True), method_cfg=self.model_dump())
-            cond.save(Path(ctx.out_dir) / "condensed.pt")
+            if rank_zero_only.rank == 0:  # under DDP every rank holds the same graph: rank 0 writes it
+                cond.save(Path(ctx.out_dir) / "condensed.pt")
             metrics.update({"condensed/nodes": cond.x.shape[0], "condensed/edge_weight_mean": float(cond.adj.mean())})
         return MethodOutput(result=None, extras={"condensed": cond}, metrics=metrics, timings=timings)
 
@@ -246,9 +248,7 @@ class CondensationMethod(GraphMethod):
 
     def check(self, ctx_cfg) -> None:
         super().check(ctx_cfg)
-        require_one_process(ctx_cfg, f"graph condensation ({self.name})",
-                            "full-graph gradient matching; its structure and feature epochs update different "
-                            "parameters, which DDP cannot synchronize, and there is nothing to shard yet")
+        require_ddp(ctx_cfg, f"graph condensation ({self.name})")  # under ddp: classes split over the ranks
 
     def condenser(self, data, seed: int = 0):
         """A fresh condensation module on ``data`` (``torch.manual_seed(seed)`` first, as a run does)."""

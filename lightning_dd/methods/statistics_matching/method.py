@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_dd.core.config import ConfigError
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
+from lightning_dd.methods.devices import require_ddp
 from lightning_dd.methods.statistics_matching.config import RecoverConfig, TeacherConfig
 from lightning_dd.methods.statistics_matching.recover import pixel_bounds, recover_batches
 from lightning_dd.methods.statistics_matching.squeeze import ACCELERATORS, load_teachers, run_device
@@ -39,7 +41,10 @@ class StatisticsMatching(ImageMethod):
 
     def check(self, cfg) -> None:
         """Raises :class:`ConfigError` for ZCA data (images are clipped to valid pixels in the
-        normalized space) or an accelerator the teachers' own passes cannot run on."""
+        normalized space), an accelerator the teachers' own passes cannot run on, or a strategy
+        other than one device / ``ddp`` (:func:`~lightning_dd.methods.devices.require_ddp`: under
+        ``ddp`` the batches are recovered in rounds of one per rank, :func:`~.recover.recover_batches`)."""
+        require_ddp(cfg, f"statistics matching ({self.name})")
         if cfg.data.get("zca"):
             raise ConfigError("data.zca: statistics matching needs data.zca=false (images are clipped to valid "
                               "pixels in the normalized space)")
@@ -106,7 +111,7 @@ class StatisticsMatching(ImageMethod):
                 bb.remove()
         timings["recover_s"] = time.perf_counter() - t0
         metrics.update(recover_metrics(r, names, rec.iterations))
-        if r["history"]:
+        if r["history"] and rank_zero_only.rank == 0:  # under DDP every rank holds it: rank 0 writes it
             (out_dir / "recover_history.json").write_text(json.dumps(r["history"]))
 
         # class-major order (the framework's convention), teacher soft labels on the whole images
