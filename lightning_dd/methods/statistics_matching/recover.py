@@ -295,7 +295,7 @@ def _resume_path(ckpt_dir: Path | None, resume: bool, settings: list[dict], indi
         return None
     for st, se in zip(per_batch, settings):
         check_settings(st, se, path)
-    log.info("recover batches %s: resuming from %s", indices, path)
+    log.info("recover %s: resuming from %s", f"batch {indices[0]}" if len(indices) == 1 else f"batches {indices}", path)
     return path
 
 
