@@ -10,10 +10,36 @@ from lightning_dd.nets.convnet import ConvNet  # noqa: F401  (an architecture, s
 from lightning_dd.nets.small import WRN16_2, mobilenet_v2, shufflenet_v2  # noqa: F401
 from lightning_dd.nets.zoo import VGG11, AlexNet, resnet  # noqa: F401
 
-# torch.compile is applied (trainer.compile=true) only to architectures whose compiled training was
-# checked against eager training (same test accuracy). On CPU with torch 2.14.1 a compiled VGG11
-# evaluated to 0% test accuracy where eager reached 50%, so the others run eagerly.
-COMPILE_VERIFIED = {"ConvNet"}
+#: Architectures (names of :data:`ARCHITECTURES`) that ``trainer.compile=true`` compiles
+#: (:func:`maybe_compile`): each one's compiled training is checked against its eager twin by
+#: ``tests/test_compile.py`` (same step-1 loss and gradient; later steps, parameters, buffers and
+#: test-mode logits within 10x of what a 1e-6 perturbation of the init changes in eager runs).
+#:
+#: History: this set held only ConvNet because a compiled VGG11 had once evaluated to 0% test
+#: accuracy where eager did not (CPU, torch 2.14.1, no record of the run kept). It does not
+#: reproduce: per step, compiled VGG11 matches eager to rounding (step-1 gradient relative error
+#: ~5e-5, loss 1e-7), with ReLU in place or not, fp32 or bf16 autocast, NaN inputs/weights
+#: propagate alike, and the Lightning evaluator on real CIFAR-10 (random IPC 10, 100 steps, DSA,
+#: 2 seeds, lr 0.01) gave 26.0 / 30.8% compiled against 30.8 / 25.7% eager. What does differ is
+#: the trajectory after a few steps, because instance-norm nets normalizing 2x2 maps (VGG11 at
+#: 32x32; ResNet18 at 16x16) amplify any rounding difference: a 1e-6 relative perturbation of
+#: the initial weights moves an *eager* VGG11's test logits by 0.5% after three SGD steps (ConvNet:
+#: 3e-6 relative). Near the edge of stability (VGG11 with DATM's learned lr 0.040, which collapsed
+#: an eager 50-epoch run to 10.00 +- 0.00%, experiments/baselines) such rounding decides whether a
+#: run collapses, compiled or not. That explains a compiled run collapsing where an eager one did
+#: not, but not the figure 0%: a collapsed run's NaN logits all argmax to class 0 (10% on CIFAR-10),
+#: in compiled code as in eager (checked); no mechanism giving 0% was found.
+#: The earlier check keyed on ``type(net).__name__``, which cannot tell VGG11 from VGG11BN or
+#: ResNet18 from ResNet50 (all ResNets are torchvision's ``ResNet``); nets now carry the
+#: architecture name they were built under (:func:`arch_name`). Not (yet) checked: MobileNetV2,
+#: ShuffleNetV2, WRN16_2 (statistics-matching backbones) -- they run eagerly.
+COMPILE_VERIFIED = {"ConvNet", "AlexNet", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN", "ResNet50"}
+
+#: Architectures whose compiled *functional* per-step functions (trajectory matching's compiled
+#: ``recompute`` meta-gradient over :class:`FlatParams`, :mod:`lightning_dd.methods.meta_grad`) were
+#: checked against the unrolled gradient (tests/test_meta_grad.py) -- a different use of
+#: ``torch.compile`` from :func:`maybe_compile`'s, verified separately.
+FLAT_COMPILE_VERIFIED = frozenset({"ConvNet"})
 
 
 def VGG11BN(channel: int, num_classes: int, im_size, **kw) -> nn.Module:
@@ -71,7 +97,10 @@ def build_net_cfg(net_cfg: dict, channel: int, num_classes: int, im_size) -> nn.
     from hydra.utils import instantiate
 
     kwargs = {k: v for k, v in dict(net_cfg).items() if k not in ("name", "_target_")}
-    return instantiate({"_target_": net_target(net_cfg), **kwargs}, channel, num_classes, tuple(im_size))
+    target = net_target(net_cfg)
+    net = instantiate({"_target_": target, **kwargs}, channel, num_classes, tuple(im_size))
+    net.arch_name = str(net_cfg.get("name") or target.rsplit(".", 1)[-1])  # read by arch_name()
+    return net
 
 
 def build_net(name: str, channel: int, num_classes: int, im_size, **kwargs) -> nn.Module:
@@ -104,10 +133,18 @@ def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "te
     return net.eval(), d
 
 
+def arch_name(net: nn.Module) -> str:
+    """The architecture ``net`` was built as: the ``name`` (or ``_target_``'s last part) of its
+    config when it came from :func:`build_net_cfg` / :func:`build_net` (``VGG11BN``, ``ResNet18``),
+    else its class name."""
+    return getattr(net, "arch_name", None) or type(net).__name__
+
+
 def maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
-    """``torch.compile(net)`` when ``compile`` and ``net`` is an instance of a class in
-    :data:`COMPILE_VERIFIED`; otherwise ``net`` itself (same parameters either way)."""
-    if compile and type(net).__name__ in COMPILE_VERIFIED:
+    """``torch.compile(net, dynamic=False)`` (an ``OptimizedModule`` sharing ``net``'s parameters
+    and buffers) when ``compile`` and :func:`arch_name` of ``net`` is in :data:`COMPILE_VERIFIED`;
+    otherwise ``net`` itself."""
+    if compile and arch_name(net) in COMPILE_VERIFIED:
         return torch.compile(net, dynamic=False)
     return net
 
