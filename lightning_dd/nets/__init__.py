@@ -24,11 +24,12 @@ from lightning_dd.nets.zoo import VGG11, AlexNet, resnet  # noqa: F401
 #: the trajectory after a few steps, because instance-norm nets normalizing 2x2 maps (VGG11 at
 #: 32x32; ResNet18 at 16x16) amplify any rounding difference: a 1e-6 relative perturbation of
 #: the initial weights moves an *eager* VGG11's test logits by 0.5% after three SGD steps (ConvNet:
-#: 3e-6 relative). Near the edge of stability (VGG11 with DATM's learned lr 0.040, which collapsed
-#: an eager 50-epoch run to 10.00 +- 0.00%, experiments/baselines) such rounding decides whether a
-#: run collapses, compiled or not. That explains a compiled run collapsing where an eager one did
-#: not, but not the figure 0%: a collapsed run's NaN logits all argmax to class 0 (10% on CIFAR-10),
-#: in compiled code as in eager (checked); no mechanism giving 0% was found.
+#: 3e-6 relative); at DATM's learned lr 0.040 (which collapsed an eager 50-epoch VGG11 run to
+#: 10.00 +- 0.00%, experiments/baselines) five 1e-6 perturbations of one init gave eager losses
+#: from 2.49 to 3.09 after 40 steps on a toy set (compiled: 2.48). So compiled and eager runs of one
+#: seed may end differently where training is unstable -- as two eager runs with different thread
+#: counts may. That does not explain the figure 0%: a collapsed run's NaN logits all argmax to
+#: class 0 (10% on CIFAR-10), in compiled code as in eager (checked); no mechanism giving 0% was found.
 #: The earlier check keyed on ``type(net).__name__``, which cannot tell VGG11 from VGG11BN or
 #: ResNet18 from ResNet50 (all ResNets are torchvision's ``ResNet``); nets now carry the
 #: architecture name they were built under (:func:`arch_name`). Not (yet) checked: MobileNetV2,
