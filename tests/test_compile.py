@@ -37,7 +37,7 @@ SPECS = {
     "VGG11BN": ({}, 32),
     "ResNet18": ({}, 16),
     "ResNet18BN": ({}, 16),
-    "ResNet50": ({}, 16),
+    "ResNet50": ({}, 16),   # passes, but not in COMPILE_VERIFIED: cold compile ~160 s of one core
 }
 
 
