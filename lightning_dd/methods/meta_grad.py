@@ -29,7 +29,7 @@ Two ways to get them, with the same result:
   double backward.
 
 ``auto`` (the default, :func:`resolve_meta_grad`) picks one of them once per fit: compiled
-``recompute`` where compile is verified for the student (:data:`lightning_dd.nets.COMPILE_VERIFIED`,
+``recompute`` where compile is verified for the student (:data:`lightning_dd.nets.FLAT_COMPILE_VERIFIED`,
 images of at least 32x32 pixels) -- on 2 CPU cores at ConvNet-128, syn_steps 20 it took 0.53x the
 reference loop's time at a seventh of its memory; else ``unroll`` when its predicted peak memory
 (:func:`unroll_memory_bytes`) fits the free memory of the device; else ``recompute``. All three
@@ -47,7 +47,7 @@ from torch.func import grad, vjp
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.losses import label_loss
 from lightning_dd.evaluate.standalone import worth_compiling
-from lightning_dd.nets import COMPILE_VERIFIED, FlatParams
+from lightning_dd.nets import FLAT_COMPILE_VERIFIED, FlatParams, arch_name
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +270,9 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 def compile_verified(net: torch.nn.Module, image_shape) -> bool:
     """Whether compiling the student's per-step functions is trusted and worth it: its class is in
-    :data:`lightning_dd.nets.COMPILE_VERIFIED` and the images have at least 32x32 pixels (below,
+    :data:`lightning_dd.nets.FLAT_COMPILE_VERIFIED` and the images have at least 32x32 pixels (below,
     compiling costs more than it saves, see :func:`lightning_dd.evaluate.standalone.worth_compiling`)."""
-    return type(net).__name__ in COMPILE_VERIFIED and worth_compiling(tuple(image_shape))
+    return arch_name(net) in FLAT_COMPILE_VERIFIED and worth_compiling(tuple(image_shape))
 
 
 def resolve_meta_grad(requested: str, compile: bool | None, verified: bool,
