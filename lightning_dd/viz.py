@@ -164,7 +164,7 @@ class SyntheticImageLogger(L.Callback):
 
     def _log(self, trainer, module):
         images = getattr(module, "images", None)
-        if images is None or not trainer.is_global_zero:  # under DDP every rank holds the same set
+        if images is None or not getattr(trainer, "is_global_zero", True):  # under DDP every rank holds the same set
             return
         labels = getattr(module, "labels", None)
         if not isinstance(labels, torch.Tensor) or labels.shape[:1] != images.shape[:1]:
