@@ -56,7 +56,7 @@ from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveF
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
 from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term
-from lightning_dd.methods.devices import planned_world_size
+from lightning_dd.methods.devices import planned_world_size, require_ddp
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
                                             matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
@@ -375,14 +375,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
             raise ConfigError(f"method.expert_draws: {self.expert_draws} expert draw(s) per iteration cannot be split "
                               f"over {world} processes (trainer.devices x trainer.num_nodes); set "
                               f"method.expert_draws={world} (or a multiple)")
-        strategy = cfg.get("trainer", {}).get("strategy", "auto")
-        if isinstance(strategy, str) and not (strategy in ("auto", "single_device") or strategy.startswith("ddp")):
-            raise ConfigError(f"trainer.strategy: trajectory matching runs on one device or under DDP (auto, ddp), "
-                              f"not {strategy!r}")
-        if isinstance(strategy, str) and any(k in strategy for k in ("spawn", "fork", "notebook")):
-            raise ConfigError(f"trainer.strategy={strategy}: its fits run in worker processes that hand back only "
-                              f"rank 0's weights, but a run passes expert trajectories and the distillation state "
-                              f"between fits; use trainer.strategy=ddp (Lightning starts train.py once per device)")
+        require_ddp(cfg, "trajectory matching")  # experts and the distillation state pass between fits
         if cfg.net.get("norm") == "batchnorm":
             raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
                               "not batchnorm")
