@@ -47,7 +47,7 @@ def _tiles(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, preprocessing, path: str | Path, nrow: int | None = None,
               labels: torch.Tensor | None = None, classes: list[str] | None = None, max_width: int = 2000,
-              max_classes: int = 100, title: str | None = None) -> Path:
+              max_classes: int = 100, title: str | None = None, max_per_class: int = 50) -> Path:
     """Save a labeled picture of a synthetic set as a PNG: one row per class with the class name at
     its left (IPC > 1), or a single row of tiles with each class name above its tile (IPC 1,
     wrapped after 10). Tiles are upsampled to at least 64 px (96 px at IPC 1) so 8x8 digits are
@@ -62,6 +62,8 @@ def save_grid(images: torch.Tensor, preprocessing, path: str | Path, nrow: int |
         classes: class names (index = label); ``None`` = the class indices.
         nrow: images per class when ``labels`` is ``None`` (else ignored).
         max_classes: at most this many classes are drawn (the first ones; the title says so).
+        max_per_class: at most this many images of a class are drawn (its first ones; the title
+            says so), so that a coreset of hundreds of images per class stays readable.
         title: optional title line above the grid.
 
     Returns: ``path``. Raises: ValueError: ``images`` not 4-D or empty, or ``labels`` not one per
@@ -86,6 +88,15 @@ def save_grid(images: torch.Tensor, preprocessing, path: str | Path, nrow: int |
     if len(shown) > max_classes:
         note = f" (first {max_classes} of {len(shown)} classes)"
         shown = shown[:max_classes]
+    most = max([int((cls == c).sum()) for c in shown] or [1])
+    if most > max_per_class:  # keep the first max_per_class images of every class, in their order
+        rank = torch.zeros(n, dtype=torch.long)
+        for c in shown:
+            at = torch.nonzero(cls == c).squeeze(1)
+            rank[at] = torch.arange(len(at))
+        keep = torch.nonzero(rank < max_per_class).squeeze(1)
+        images, cls, n = images[keep], cls[keep], len(keep)
+        note += f" (first {max_per_class} of up to {most} images per class)"
     x = preprocessing.inverse(images.detach().float().cpu()).clamp(0, 1)
     per = max([int((cls == c).sum()) for c in shown] or [1])
     h, w = x.shape[-2:]

@@ -64,6 +64,27 @@ def test_many_classes_stay_bounded(tmp_path):
     assert w <= 2000 and h <= 5000
 
 
+def test_a_coreset_of_hundreds_per_class_shows_its_first_50(tmp_path):
+    x, y, pre = _set(133)  # e.g. DQ with the pixel step at keep 10 %: 133 images per class
+    p = save_grid(x, pre, tmp_path / "big.png", labels=y, classes=CIFAR)
+    q = save_grid(x[y.argsort(stable=True)].reshape(10, 133, 3, 32, 32)[:, :50].reshape(-1, 3, 32, 32), pre,
+                  tmp_path / "fifty.png", labels=torch.arange(10).repeat_interleave(50), classes=CIFAR, title="t")
+    assert Image.open(p).size == Image.open(q).size  # the same 2 lines of 25 tiles per class (and a title line)
+    w, h = Image.open(p).size
+    assert w >= 25 * 64 and h <= 10 * 2 * 80 + 60
+
+
+def test_the_pixel_step_figure_shows_selected_masked_and_reconstructed(tmp_path):
+    from lightning_dd.methods.pixel_quantization import save_pixel_step_figure
+
+    x, y, pre = _set(2)
+    dropped = torch.zeros(20, 64, dtype=torch.bool)
+    dropped[:, :16] = True  # the top quarter of every 32x32 image (4x4 patches, row-major)
+    p = save_pixel_step_figure(x, dropped, x.flip(-1), y, CIFAR, pre, 4, tmp_path / "pixel_step.png")
+    w, h = Image.open(p).size
+    assert w > h > 300  # 3 rows x 10 classes
+
+
 def test_synthetic_image_logger_uses_module_labels(tmp_path):
     from types import SimpleNamespace
 

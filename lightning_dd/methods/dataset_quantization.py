@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from lightning_dd.core.config import PositiveFloat, PositiveInt
 from lightning_dd.io import atomic_save
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.pixel_quantization import PixelQuantizationConfig, quantize_pixels, trained_mae
+from lightning_dd.methods.pixel_quantization import (PixelQuantizationConfig, quantize_pixels, save_pixel_step_figure,
+                                                     trained_mae)
 from lightning_dd.methods.selection import FeatureCoreset
 from lightning_dd.results import DistilledSet
 
@@ -272,6 +273,8 @@ class DatasetQuantization(GraphCutSelection):
         out.result = DistilledSet(x, res.labels, None, res.classes, res.preprocessing, method=res.method, ipc=res.ipc,
                                   meta=meta)
         atomic_save({"dropped": dropped, "patch": self.pixel.patch}, ctx.out_dir / "dropped_patches.pt")
+        save_pixel_step_figure(res.images, dropped, x, res.hard_labels(), res.classes, dm.preprocessing,
+                               self.pixel.patch, ctx.out_dir / "pixel_step.png")
         n_img = len(res.labels)
         out.metrics.update({**info, "pixel/images": float(n_img),
                             "pixel/stored_images_equiv": float(n_img * (1 - dropped.float().mean()))})

@@ -230,3 +230,49 @@ def quantize_pixels(images: torch.Tensor, labels: torch.Tensor, net: nn.Module, 
     mask = drop_mask(patch_importance(cam, hp.patch), hp.drop_ratio)
     out = torch.cat([mae.reconstruct(images[i:i + chunk], mask[i:i + chunk]) for i in range(0, len(images), chunk)])
     return out, mask
+
+
+def save_pixel_step_figure(original: torch.Tensor, dropped: torch.Tensor, reconstructed: torch.Tensor,
+                           labels: torch.Tensor, classes: list[str], preprocessing, patch: int, path: str | Path,
+                           tile: int = 96) -> Path:
+    """A picture of the pixel step: for the first image of every class (columns, class names
+    above), the selected image, the same with its dropped patches grayed out, and the MAE's
+    reconstruction (rows), all mapped back to pixels by ``preprocessing.inverse``.
+
+    Shapes: ``original``, ``reconstructed`` ``(N, C, H, W)`` model space; ``dropped (N, L)`` bool,
+    ``L = (H / patch) * (W / patch)`` row-major; ``labels (N,)``.
+
+    Returns: ``path`` (a PNG).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = [int(torch.nonzero(labels == c)[0]) for c in range(len(classes)) if (labels == c).any()]
+    x = preprocessing.inverse(original[first].float().cpu()).clamp(0, 1)
+    r = preprocessing.inverse(reconstructed[first].float().cpu()).clamp(0, 1)
+    h, w = x.shape[-2:]
+    m = dropped[first].cpu().view(len(first), 1, h // patch, w // patch).float()
+    m = F.interpolate(m, scale_factor=patch, mode="nearest").bool()  # (n, 1, H, W)
+    masked = torch.where(m, torch.full_like(x, 0.5), x)
+    rows = [("selected", x), (f"{float(dropped.float().mean()):.0%} of patches\ndropped", masked),
+            ("MAE\nreconstruction", r)]
+    fig, axes = plt.subplots(3, len(first), figsize=(1.1 * len(first) + 1.6, 3.9), squeeze=False)
+    for i, (name, imgs) in enumerate(rows):
+        for j in range(len(first)):
+            ax = axes[i][j]
+            ax.imshow(F.interpolate(imgs[j:j + 1], size=(tile, tile), mode="nearest")[0].permute(1, 2, 0).squeeze(-1)
+                      .numpy(), cmap="gray" if imgs.shape[1] == 1 else None, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(classes[int(labels[first[j]])], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle("Dataset Quantization pixel step (GradCAM++ importance, MAE trained here)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
