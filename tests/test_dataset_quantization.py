@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_dd.core.config import ConfigError
 from lightning_dd.methods.dataset_quantization import (DatasetQuantization, GraphCutSelection, bin_quotas,
                                                        cosine_similarity, graph_cut, last_layer_embeddings,
                                                        quantize_bins, sample_bins)
