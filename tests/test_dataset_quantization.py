@@ -179,8 +179,9 @@ def test_every_selector_takes_the_same_fraction_budget():
 
 
 @pytest.mark.slow
-def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(tmp_path, monkeypatch):
-    """DQ built from its config node and run as the runner runs it (a tiny expert on digits)."""
+def _dq_run(tmp_path, monkeypatch, *overrides):
+    """DQ built from its config node and run as the runner runs it (a tiny expert on digits, keep
+    25 % of 40 images per class in 4 bins) with ``overrides`` added. Returns ``(output, datamodule)``."""
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
@@ -193,14 +194,19 @@ def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(t
             "experiment=dq_cifar10", "data=digits", "data.zca=false", "data.train_per_class=40", "net.width=8",
             "net.depth=2", "method.fraction=0.25", "method.num_bins=4", "method.expert_train_epochs=1",
             "method.expert_batch=64", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "trainer.compile=false"])
+            "trainer.compile=false", *overrides])
     method = instantiate_node(cfg.method, "method")
     method.check(cfg)
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
     ctx = RunContext(cfg=cfg, dm=dm, out_dir=tmp_path, loggers=[], callbacks=[],
                      trainer=instantiate_node(cfg.trainer, "trainer"), seed=0)
-    out = method.run(ctx)
+    return method.run(ctx), dm
+
+
+def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(tmp_path, monkeypatch):
+    """DQ built from its config node and run as the runner runs it (a tiny expert on digits)."""
+    out, dm = _dq_run(tmp_path, monkeypatch)
     assert out.result.ipc == 10
     assert torch.equal(torch.bincount(out.result.labels, minlength=10), torch.full((10,), 10))
     bins = torch.load(tmp_path / "bins.pt", weights_only=True)["bins"]
@@ -217,28 +223,11 @@ def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(t
 def test_dq_with_the_pixel_step_runs_end_to_end_and_draws_it(tmp_path, monkeypatch):
     """The pixel step inside a DQ run (digits, a 1-epoch MAE): the budget buys 13 images per class
     at keep 25 % with a quarter of the patches dropped, the mask and the picture are written."""
-    from hydra import compose, initialize_config_dir
     from PIL import Image
 
-    from conftest import ROOT
-    from lightning_dd.core.config import instantiate_node
-    from lightning_dd.methods.base import RunContext
-
-    monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=dq_cifar10", "data=digits", "data.zca=false", "data.train_per_class=40", "net.width=8",
-            "net.depth=2", "method.fraction=0.25", "method.num_bins=4", "method.expert_train_epochs=1",
-            "method.expert_batch=64", "method.pixel.enabled=true", "method.pixel.mae_dim=16",
-            "method.pixel.mae_depth=1", "method.pixel.mae_heads=2", "method.pixel.decoder_dim=16",
-            "method.pixel.decoder_depth=1", "method.pixel.mae_epochs=1", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "trainer.compile=false"])
-    method = instantiate_node(cfg.method, "method")
-    dm = instantiate_node(cfg.data, "data")
-    dm.setup()
-    ctx = RunContext(cfg=cfg, dm=dm, out_dir=tmp_path, loggers=[], callbacks=[],
-                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=0)
-    out = method.run(ctx)
+    out, _ = _dq_run(tmp_path, monkeypatch, "method.pixel.enabled=true", "method.pixel.mae_dim=16",
+                     "method.pixel.mae_depth=1", "method.pixel.mae_heads=2", "method.pixel.decoder_dim=16",
+                     "method.pixel.decoder_depth=1", "method.pixel.mae_epochs=1")
     assert torch.equal(torch.bincount(out.result.labels, minlength=10), torch.full((10,), 13))
     dropped = torch.load(tmp_path / "dropped_patches.pt", weights_only=True)["dropped"]
     assert dropped.shape == (130, 4) and int(dropped.sum(1).max()) == 1  # 1 of the 4 patches of 8x8 digits
