@@ -178,7 +178,6 @@ def test_every_selector_takes_the_same_fraction_budget():
         assert cls(name=name, fraction=None, ipc=7).per_class(dm) == 7
 
 
-@pytest.mark.slow
 def _dq_run(tmp_path, monkeypatch, *overrides):
     """DQ built from its config node and run as the runner runs it (a tiny expert on digits, keep
     25 % of 40 images per class in 4 bins) with ``overrides`` added. Returns ``(output, datamodule)``."""
@@ -204,6 +203,7 @@ def _dq_run(tmp_path, monkeypatch, *overrides):
     return method.run(ctx), dm
 
 
+@pytest.mark.slow
 def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(tmp_path, monkeypatch):
     """DQ built from its config node and run as the runner runs it (a tiny expert on digits)."""
     out, dm = _dq_run(tmp_path, monkeypatch)
@@ -220,6 +220,7 @@ def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(t
         assert sum(hits) == 10 and all(h >= 2 for h in hits)
 
 
+@pytest.mark.slow
 def test_dq_with_the_pixel_step_runs_end_to_end_and_draws_it(tmp_path, monkeypatch):
     """The pixel step inside a DQ run (digits, a 1-epoch MAE): the budget buys 13 images per class
     at keep 25 % with a quarter of the patches dropped, the mask and the picture are written."""

@@ -97,7 +97,8 @@ def test_more_processes_than_draws_or_an_unsupported_strategy_is_a_config_error(
         hp.check(_cfg([0, 1, 2]))
     with pytest.raises(ConfigError, match="trainer.strategy: .* not 'fsdp'"):
         hp.check(_cfg(1, "fsdp"))
-    with pytest.raises(ConfigError, match="trainer.strategy=ddp_spawn: trajectory matching keeps state between its fits"):
+    with pytest.raises(ConfigError,
+                       match="trainer.strategy=ddp_spawn: trajectory matching keeps state between its fits"):
         hp.check(_cfg(2, "ddp_spawn"))  # the module runs under ddp_spawn (tested below), a whole run does not
     # graph condensation and statistics matching run under ddp (their work split over the ranks), not
     # under the spawn strategies or FSDP, refused before any work
