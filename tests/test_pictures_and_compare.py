@@ -65,6 +65,8 @@ def test_many_classes_stay_bounded(tmp_path):
 
 
 def test_a_coreset_of_hundreds_per_class_shows_its_first_50(tmp_path):
+    import numpy as np
+
     x, y, pre = _set(133)  # e.g. DQ with the pixel step at keep 10 %: 133 images per class
     p = save_grid(x, pre, tmp_path / "big.png", labels=y, classes=CIFAR)
     q = save_grid(x[y.argsort(stable=True)].reshape(10, 133, 3, 32, 32)[:, :50].reshape(-1, 3, 32, 32), pre,
@@ -72,14 +74,26 @@ def test_a_coreset_of_hundreds_per_class_shows_its_first_50(tmp_path):
     assert Image.open(p).size == Image.open(q).size  # the same 2 lines of 25 tiles per class (and a title line)
     w, h = Image.open(p).size
     assert w >= 25 * 64 and h <= 10 * 2 * 80 + 60
+    title_h = int(13 * 2.0 * 100 / 72)  # save_grid's title band; below it the two pictures are the same pixels
+    below = [np.asarray(Image.open(f).convert("RGB"))[title_h:] for f in (p, q)]
+    assert np.array_equal(*below)  # the first 50 images of every class, in their order
 
 
 def test_the_pixel_step_figure_shows_selected_masked_and_reconstructed(tmp_path):
-    from lightning_dd.methods.pixel_quantization import save_pixel_step_figure
+    from lightning_dd.methods.pixel_quantization import pixel_step_panels, save_pixel_step_figure
 
     x, y, pre = _set(2)
+    y = y.flip(0)  # [9, 9, 8, 8, ..., 0, 0]: the first image of class c is at 18 - 2c
     dropped = torch.zeros(20, 64, dtype=torch.bool)
-    dropped[:, :16] = True  # the top quarter of every 32x32 image (4x4 patches, row-major)
+    dropped[:, :16] = True  # the top 2 patch rows of every 32x32 image (4x4 patches, row-major)
+    dropped[:, 63] = True  # and its bottom-right patch
+    first, (sel, masked, rec) = pixel_step_panels(x, dropped, x.flip(-1), y, pre, 4)
+    assert first == [18 - 2 * c for c in range(10)]
+    assert torch.allclose(sel, pre.inverse(x[first]).clamp(0, 1))
+    assert torch.allclose(rec, pre.inverse(x[first].flip(-1)).clamp(0, 1))
+    gray = torch.zeros(32, 32, dtype=torch.bool)
+    gray[:8], gray[28:, 28:] = True, True
+    assert (masked[:, :, gray] == 0.5).all() and torch.equal(masked[:, :, ~gray], sel[:, :, ~gray])
     p = save_pixel_step_figure(x, dropped, x.flip(-1), y, CIFAR, pre, 4, tmp_path / "pixel_step.png")
     w, h = Image.open(p).size
     assert w > h > 300  # 3 rows x 10 classes

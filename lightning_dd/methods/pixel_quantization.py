@@ -232,15 +232,34 @@ def quantize_pixels(images: torch.Tensor, labels: torch.Tensor, net: nn.Module, 
     return out, mask
 
 
+def pixel_step_panels(original: torch.Tensor, dropped: torch.Tensor, reconstructed: torch.Tensor,
+                      labels: torch.Tensor, preprocessing, patch: int) -> tuple[list[int], list[torch.Tensor]]:
+    """What :func:`save_pixel_step_figure` draws: the index of the first image of every class present,
+    and for those images three pixel-space rows in ``[0, 1]``: selected, the same with the dropped
+    patches set to gray (0.5), and the MAE reconstruction.
+
+    Shapes: ``original``, ``reconstructed`` ``(N, C, H, W)`` model space; ``dropped (N, L)`` bool,
+    ``L = (H / patch) * (W / patch)`` row-major; ``labels (N,)`` -> ``first`` (K,) and three
+    ``(K, C, H, W)`` tensors.
+    """
+    first = [int(torch.nonzero(labels == c)[0]) for c in range(int(labels.max()) + 1) if (labels == c).any()]
+    x = preprocessing.inverse(original[first].float().cpu()).clamp(0, 1)
+    r = preprocessing.inverse(reconstructed[first].float().cpu()).clamp(0, 1)
+    h, w = x.shape[-2:]
+    m = dropped[first].cpu().view(len(first), 1, h // patch, w // patch).float()
+    m = F.interpolate(m, scale_factor=patch, mode="nearest").bool()  # (K, 1, H, W)
+    return first, [x, torch.where(m, torch.full_like(x, 0.5), x), r]
+
+
 def save_pixel_step_figure(original: torch.Tensor, dropped: torch.Tensor, reconstructed: torch.Tensor,
                            labels: torch.Tensor, classes: list[str], preprocessing, patch: int, path: str | Path,
                            tile: int = 96) -> Path:
     """A picture of the pixel step: for the first image of every class (columns, class names
     above), the selected image, the same with its dropped patches grayed out, and the MAE's
-    reconstruction (rows), all mapped back to pixels by ``preprocessing.inverse``.
+    reconstruction (rows; :func:`pixel_step_panels`), mapped back to pixels by
+    ``preprocessing.inverse``.
 
-    Shapes: ``original``, ``reconstructed`` ``(N, C, H, W)`` model space; ``dropped (N, L)`` bool,
-    ``L = (H / patch) * (W / patch)`` row-major; ``labels (N,)``.
+    Shapes: as :func:`pixel_step_panels`.
 
     Returns: ``path`` (a PNG).
     """
@@ -249,17 +268,10 @@ def save_pixel_step_figure(original: torch.Tensor, dropped: torch.Tensor, recons
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = [int(torch.nonzero(labels == c)[0]) for c in range(len(classes)) if (labels == c).any()]
-    x = preprocessing.inverse(original[first].float().cpu()).clamp(0, 1)
-    r = preprocessing.inverse(reconstructed[first].float().cpu()).clamp(0, 1)
-    h, w = x.shape[-2:]
-    m = dropped[first].cpu().view(len(first), 1, h // patch, w // patch).float()
-    m = F.interpolate(m, scale_factor=patch, mode="nearest").bool()  # (n, 1, H, W)
-    masked = torch.where(m, torch.full_like(x, 0.5), x)
-    rows = [("selected", x), (f"{float(dropped.float().mean()):.0%} of patches\ndropped", masked),
-            ("MAE\nreconstruction", r)]
+    first, panels = pixel_step_panels(original, dropped, reconstructed, labels, preprocessing, patch)
+    names = ["selected", f"{float(dropped.float().mean()):.0%} of patches\ndropped", "MAE\nreconstruction"]
     fig, axes = plt.subplots(3, len(first), figsize=(1.1 * len(first) + 1.6, 3.9), squeeze=False)
-    for i, (name, imgs) in enumerate(rows):
+    for i, (name, imgs) in enumerate(zip(names, panels)):
         for j in range(len(first)):
             ax = axes[i][j]
             ax.imshow(F.interpolate(imgs[j:j + 1], size=(tile, tile), mode="nearest")[0].permute(1, 2, 0).squeeze(-1)
