@@ -14,15 +14,45 @@ from typing import Any
 import inspect
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class LogRowBeforeCheckpoint(Callback):
+    """Writes a training step's logged row before that step's checkpoint.
+
+    Lightning saves step checkpoints in ``ModelCheckpoint.on_train_batch_end`` and writes the
+    step's row to the loggers only after every callback's ``on_train_batch_end`` (the fit loop's
+    ``update_train_step_metrics``). A run killed between the two resumes after a step whose row was
+    never written: the CSV log (and W&B) would miss it for good. This callback runs before every
+    ``ModelCheckpoint`` (Lightning orders those last), makes the logger connector write the row at
+    once, and has the loop's own write of the same step skipped, so each row is written once.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if not trainer.loggers:
+            return
+        connector = trainer._logger_connector
+        connector.update_train_step_metrics()
+
+        def skip_once() -> None:  # the loop's call for this step: already written; back to the method
+            del connector.update_train_step_metrics
+
+        connector.update_train_step_metrics = skip_once
 
 
 class SafeTrainer(L.Trainer):
     """A ``lightning.Trainer`` whose :meth:`fit` resumes from ``ckpt_path`` with
     ``torch.load(weights_only=True)``: a checkpoint that would need arbitrary unpickling (code
     execution) is refused. Lightning 2.6 passes ``weights_only=None`` (torch's default, which an
-    environment variable can turn unsafe), so every stage's Trainer sets it explicitly."""
+    environment variable can turn unsafe), so every stage's Trainer sets it explicitly.
+    It also carries :class:`LogRowBeforeCheckpoint`, so a killed run never resumes after a step whose
+    logged row was lost."""
 
     _FIT_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(L.Trainer.fit).parameters
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
+        super().__init__(*args, callbacks=[LogRowBeforeCheckpoint(), *callbacks], **kwargs)
 
     def fit(self, *args, **kwargs):
         if self._FIT_TAKES_WEIGHTS_ONLY:
