@@ -121,3 +121,23 @@ def test_digits_split_is_stratified_and_fixed():
     assert len(a.train_labels) + len(a.test_labels) == 1797
     assert torch.equal(a.test_labels, b.test_labels)
     assert torch.bincount(a.train_labels).min() >= 120
+
+
+def test_train_offsets_give_disjoint_parts_of_the_same_permutation():
+    """Offsets 0 and train_per_class take disjoint images of every class (a teacher and a student
+    on different halves); offset 0 keeps the earlier subset (and cache key) unchanged."""
+    labels = DigitsDataModule().read().train_labels
+
+    def part(offset, per_class=40):
+        dm = DigitsDataModule(train_per_class=per_class, train_offset_per_class=offset)
+        return dm, set(dm._subset(labels).tolist())
+
+    (a, ia), (b, ib), (_, iab) = part(0), part(40), part(0, 80)
+    old = DigitsDataModule(train_per_class=40)
+    assert ia == set(old._subset(labels).tolist()) and a.identity() == old.identity() != b.identity()
+    assert torch.bincount(labels[sorted(ib)]).tolist() == [40] * 10
+    assert not ia & ib and ia | ib == iab
+    b.setup()
+    assert len(b.train_labels) == 400
+    with pytest.raises(ValueError, match="train_offset_per_class=200 but class 0 has"):
+        part(200)

@@ -97,13 +97,20 @@ class ImageDataModule(L.LightningDataModule):
         zca: ZCA-whiten (MTT/DATM ``--zca``).
         train_per_class: keep this many training images per class (``None`` = all), chosen by a
             fixed permutation of ``subset_seed``; the test set is always complete.
+        train_offset_per_class: skip the first this many images of each class's permutation, so
+            that runs with offsets 0 and ``train_per_class`` see disjoint training images (e.g. a
+            teacher and a student trained on different halves).
         batch_size: of the Lightning dataloaders.
         cache_dir: decode/ZCA cache (``None`` = none).
     """
 
     def __init__(self, name: str, zca: bool = False, train_per_class: int | None = None, batch_size: int = 256,
-                 cache_dir: str | None = None, subset_seed: int = 0, zca_eps: float = 0.1):
+                 cache_dir: str | None = None, subset_seed: int = 0, zca_eps: float = 0.1,
+                 train_offset_per_class: int = 0):
         super().__init__()
+        if train_offset_per_class < 0:
+            raise ValueError(f"data.train_offset_per_class must be >= 0, got {train_offset_per_class}")
+        self.train_offset_per_class = train_offset_per_class
         self.name, self.zca, self.train_per_class, self.batch_size = name, zca, train_per_class, batch_size
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.subset_seed, self.zca_eps = subset_seed, zca_eps
@@ -118,9 +125,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def identity(self) -> dict:
         """Everything that determines the tensors this module serves (cache keys of later stages)."""
-        return {"name": self.name, "source": self.source(), "zca": self.zca, "zca_eps": self.zca_eps,
-                "train_per_class": self.train_per_class, "subset_seed": self.subset_seed,
-                "n_train": getattr(self, "_n_train_raw", None)}
+        ident = {"name": self.name, "source": self.source(), "zca": self.zca, "zca_eps": self.zca_eps,
+                 "train_per_class": self.train_per_class, "subset_seed": self.subset_seed,
+                 "n_train": getattr(self, "_n_train_raw", None)}
+        if self.train_offset_per_class:  # only when set: the keys of every earlier cache entry stay valid
+            ident["train_offset_per_class"] = self.train_offset_per_class
+        return ident
 
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
@@ -142,15 +152,17 @@ class ImageDataModule(L.LightningDataModule):
                  len(self.test_labels), self.image_shape, self.num_classes, self.zca)
 
     def _subset(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.train_per_class is None:
+        if self.train_per_class is None and not self.train_offset_per_class:
             return torch.arange(len(labels))
         g = torch.Generator().manual_seed(self.subset_seed)
-        parts = []
+        parts, lo = [], self.train_offset_per_class
         for c in range(int(labels.max()) + 1):
             i = (labels == c).nonzero().squeeze(1)
-            if len(i) < self.train_per_class:
-                raise ValueError(f"data.train_per_class={self.train_per_class} but class {c} has {len(i)} images")
-            parts.append(i[torch.randperm(len(i), generator=g)[: self.train_per_class]].sort().values)
+            hi = len(i) if self.train_per_class is None else lo + self.train_per_class
+            if len(i) < max(hi, lo + 1):
+                raise ValueError(f"data.train_per_class={self.train_per_class} with data.train_offset_per_class="
+                                 f"{lo} but class {c} has {len(i)} images")
+            parts.append(i[torch.randperm(len(i), generator=g)[lo:hi]].sort().values)
         return torch.cat(parts).sort().values
 
     def _fit_preprocessing(self, x01: torch.Tensor) -> Preprocessing:

@@ -49,7 +49,9 @@ class QATViT(Method):
             keep_bits: patch embedding and head. grad_scale: step-gradient convention.
         fp_ckpt: an FP checkpoint (ours ``{"state_dict"}``, or timm/DeiT with fused qkv, optionally
             under ``"model"``) instead of training one; loaded strictly.
-        fp_*: FP training (AdamW, warmup + cosine, crop/flip, label smoothing).
+        fp_*: FP training (AdamW, warmup + cosine, crop/flip, label smoothing); ``fp_seed``: its
+            seed (null = the run's ``seed``; a number lets runs of several seeds quantize one
+            cached FP model, as the paper's runs all start from one pretrained DeiT).
         fp_init_from / fp_init: weight selection (arXiv 2311.18823): initialize the FP model from a
             larger ViT checkpoint instead of at random.
         epochs, lr, weight_decay, batch_size (views per step = images x num_crops), num_crops,
@@ -79,6 +81,7 @@ class QATViT(Method):
     fp_batch_size: PositiveInt = 512
     fp_weight_decay: NonNegFloat = 0.05
     fp_warmup_epochs: NonNegInt = 5
+    fp_seed: NonNegInt | None = None
     label_smoothing: Fraction = 0.1
     drop_path: Fraction = 0.1
     epochs: PositiveInt = 150
@@ -129,7 +132,8 @@ class QATViT(Method):
                 raise ValueError(f"{self.fp_ckpt}: not a state dict nor a dict holding one")
             net = load_vit_state(self._build(ctx, net_cfg), state)
             return net.to(dev).eval(), {"path": self.fp_ckpt, "cached": True, "seconds": 0.0}
-        spec = {"data": dm.identity(), "net": net_cfg, "seed": ctx.seed, "epochs": self.fp_epochs, "lr": self.fp_lr,
+        fp_seed = ctx.seed if self.fp_seed is None else self.fp_seed
+        spec = {"data": dm.identity(), "net": net_cfg, "seed": fp_seed, "epochs": self.fp_epochs, "lr": self.fp_lr,
                 "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
                 "ls": self.label_smoothing, "init_from": self.fp_init_from,
                 "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
@@ -144,14 +148,14 @@ class QATViT(Method):
             log.info("FP ViT from the cache %s", path)
             return built["net"].to(dev).eval(), {"path": str(path), "cached": True, "seconds": 0.0}
         quiet_lightning()
-        L.seed_everything(ctx.seed, verbose=False)
+        L.seed_everything(fp_seed, verbose=False)
         t0 = time.perf_counter()
         net = self._build(ctx, net_cfg)
         if self.fp_init_from:
             src = load_dict(self.fp_init_from, ("state_dict",), "weight-selection source (method.fp_init_from)")
             from lightning_dd.nets.vit import split_fused_qkv
             weight_selection(net, split_fused_qkv(src["state_dict"]))
-        loader = self._loader(ctx, self.fp_batch_size)
+        loader = self._loader(ctx, self.fp_batch_size, fp_seed)
         steps = self.fp_epochs * len(loader)
         module = FPModule(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
                           dm.image_shape[1:], self.label_smoothing)
@@ -165,10 +169,12 @@ class QATViT(Method):
         log.info("FP ViT: %d epochs in %.0fs -> %s", self.fp_epochs, secs, path)
         return net, {"path": str(path), "cached": False, "seconds": secs}
 
-    def _loader(self, ctx: RunContext, batch: int):
-        """Training batches ``(x (B, C, H, W), y (B,))``: in-memory tensors, or streamed from disk."""
+    def _loader(self, ctx: RunContext, batch: int, seed: int | None = None):
+        """Training batches ``(x (B, C, H, W), y (B,))``: in-memory tensors shuffled by ``seed``
+        (null = the run's), or streamed from disk."""
         if not self.stream_train:
-            return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1, seed=ctx.seed)
+            return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1,
+                                seed=ctx.seed if seed is None else seed)
         from lightning_dd.data.imagenet import image_folder_dataset
 
         dm = ctx.dm
