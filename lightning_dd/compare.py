@@ -81,10 +81,18 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
                     config = {k: v for k, v in config.items() if not k.startswith("net.")}
                     config.update(flatten(net, "net."))
                     overrides = {k: v for k, v in overrides.items() if k != "net" and not k.startswith("net.")}
-            runs.append(Run(str(d), config, json.loads(m.read_text()), overrides))
+            runs.append(Run(str(d), config, with_acc_means(json.loads(m.read_text())), overrides))
     if not runs:
         raise FileNotFoundError(f"compare: no run directories (with metrics.json) under {', '.join(map(str, paths))}")
     return runs
+
+
+def with_acc_means(metrics: dict) -> dict:
+    """``metrics`` where a single accuracy ``X/acc`` (a run that evaluates once, e.g. QAT-ViT's
+    ``eval/fp/acc``) also reads as ``X/acc_mean`` (no ``X/acc_std``), so tables and plots show it."""
+    extra = {f"{k[:-4]}/acc_mean": v for k, v in metrics.items()
+             if k.endswith("/acc") and f"{k[:-4]}/acc_mean" not in metrics and isinstance(v, (int, float))}
+    return {**metrics, **extra}
 
 
 def evaluated_net(run_dir: Path, config: dict) -> dict | None:
@@ -157,7 +165,9 @@ def acc_metrics(runs: list[Run]) -> list[str]:
 def _pm(mean, std) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    return f"{100 * mean:.2f} ± {100 * (std or 0):.2f}"
+    if std is None:  # a single accuracy (no evaluation seeds): no spread to show
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def run_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -215,6 +225,9 @@ def aggregate_notes(runs: list[Run]) -> list[str]:
     if not marked:
         return []
     seeds = sorted({str(value(r, "eval.seed")) for r in runs})
+    if seeds == ["None"]:  # no eval node (e.g. QAT-ViT): the number does not depend on `seed`
+        return [f"† identical in every run of the group ({', '.join(marked)}): not a measured spread of 0; "
+                f"these numbers do not depend on `seed` (e.g. a model trained once, with its own seed, and cached)."]
     return [f"† identical in every run of the group ({', '.join(marked)}): not a "
             f"measured spread of 0. The random baseline's subset and every student's initialization are seeded by "
             f"eval.seed (here {', '.join(seeds)}), which these runs share; `seed` changes only the method. "
@@ -281,10 +294,13 @@ def _tick(v) -> str:
     return f"{int(v)}" if isinstance(v, float) and v.is_integer() else str(v)
 
 
-def plot(runs: list[Run], path: str | Path, x: str, metric: str, series: str = "method.name") -> str:
+def plot(runs: list[Run], path: str | Path, x: str, metric: str | list[str], series: str = "method.name") -> str:
     """Accuracy plot of ``metric`` (e.g. ``eval/ConvNet``) against the config key ``x``, one
-    series per ``series`` value (or run directory); error bars = std over evaluation seeds
-    (averaged over runs sharing a point). A numeric ``x`` with several values (e.g.
+    series per ``series`` value (or run directory); several metrics (e.g. ``eval/fp``,
+    ``eval/qat``): one series per metric (and ``series`` value, when runs have several). Error
+    bars = std over evaluation seeds (averaged over runs sharing a point); where those runs have
+    none (one evaluation each, e.g. a seed sweep of single accuracies), the std across the runs'
+    accuracies. A numeric ``x`` with several values (e.g.
     ``method.ipc``) is drawn as lines with markers, ticks at the values themselves (a log axis
     when they span 20x or more); a categorical ``x`` (``arch``, ``seed``, non-numeric values, or a
     single value) as grouped bars labeled with their value. ``x == "arch"``: the architectures of
@@ -299,15 +315,27 @@ def plot(runs: list[Run], path: str | Path, x: str, metric: str, series: str = "
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    pts = plot_points(runs, x, metric, series)
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    if len(metrics) == 1:
+        pts = plot_points(runs, x, metrics[0], series)
+    else:
+        per = {m: plot_points(runs, x, m, series) for m in metrics}
+        several = len({lab for p in per.values() for lab in p}) > 1
+        pts = {(f"{lab}: {m}" if several else m): p for m, ps in per.items() for lab, p in ps.items()}
+    metric = metrics[0] if len(metrics) == 1 else "test"
     xs_all = sorted({v for p in pts.values() for v in p}, key=lambda v: (isinstance(v, str), v))
     kind = "bars" if is_categorical(x, xs_all) else "lines"
     xlabel = "evaluation architecture" if x == "arch" else x
     ylabel = "test accuracy (%)" if x == "arch" else f"{metric} accuracy (%)"
-    labels = sorted(pts)
+    labels = list(pts) if len(metrics) > 1 else sorted(pts)
     fig, ax = plt.subplots(figsize=(max(5.5, min(12.0, 1.2 + 0.55 * len(xs_all) * max(1, len(labels)) ** 0.5)), 3.8))
-    stats = {lab: {v: (100 * statistics.fmean(m for m, _ in p[v]), 100 * statistics.fmean(s for _, s in p[v]))
-                   for v in p} for lab, p in pts.items()}
+
+    def stat(vals):  # (mean, error bar) of the runs at one point
+        means, stds = [m for m, _ in vals], [s for _, s in vals]
+        err = statistics.fmean(stds) if any(stds) or len(means) < 2 else statistics.stdev(means)
+        return 100 * statistics.fmean(means), 100 * err
+
+    stats = {lab: {v: stat(p[v]) for v in p} for lab, p in pts.items()}
     if kind == "lines":
         for lab in labels:
             xv = sorted(stats[lab])
@@ -335,7 +363,7 @@ def plot(runs: list[Run], path: str | Path, x: str, metric: str, series: str = "
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y" if kind == "bars" else "both")
     ax.set_axisbelow(True)
-    ax.legend(fontsize=8, title=None if x == "arch" else series, title_fontsize=8)
+    ax.legend(fontsize=8, title=None if x == "arch" or len(metrics) > 1 else series, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -352,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="FILE.png", help="plot --metric against --x, one line per method")
     ap.add_argument("--x", default="method.ipc",
                     help="config key on the plot's x axis (default method.ipc); 'arch' = one point per eval net")
-    ap.add_argument("--metric", default="eval/ConvNet", help="accuracy prefix to plot (default eval/ConvNet)")
+    ap.add_argument("--metric", nargs="+", default=["eval/ConvNet"],
+                    help="accuracy prefix(es) to plot (default eval/ConvNet); several: one line each")
     a = ap.parse_args(argv)
     if not a.paths and not a.wandb:
         ap.error("give run directories, or --wandb ENTITY/PROJECT")

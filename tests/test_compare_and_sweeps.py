@@ -42,6 +42,27 @@ def test_compare_tables_aggregate_and_plot(tmp_path, capsys):
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("run,method.ipc")
 
 
+def test_single_accuracies_compare_and_plot_one_line_per_metric(tmp_path, capsys):
+    """Runs that evaluate once (QAT-ViT: eval/fp/acc, eval/qat/acc) show in the tables, and several
+    --metric prefixes plot one line each over --x, error bars = std across the seeds' runs."""
+    from lightning_dd.compare import plot_points
+
+    for bits in (4, 2):
+        for seed in (0, 1):
+            d = tmp_path / f"w{bits}_s{seed}"
+            (d / ".hydra").mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"eval/fp/acc": 0.5, "eval/qat/acc": 0.4 - 0.1 * (bits == 2) + 0.02 * seed}))
+            (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "method": {"name": "qat_vit", "bits": bits}}))
+    runs = find_runs([tmp_path])
+    header, rows = aggregate_rows(runs)
+    assert "eval/qat" in header and ["2", "2", "50.00 ± 0.00 †", "31.00 ± 1.00"] in [r[:2] + r[-2:] for r in rows]
+    pts = plot_points(runs, "method.bits", "eval/qat")
+    assert sorted(pts["qat_vit"]) == [2, 4] and len(pts["qat_vit"][2]) == 2
+    assert main([str(tmp_path), "--markdown", "--plot", str(tmp_path / "b.png"), "--x", "method.bits",
+                 "--metric", "eval/fp", "eval/qat"]) == 0
+    assert "plot (lines)" in capsys.readouterr().out and (tmp_path / "b.png").stat().st_size > 1000
+
+
 def _env(tmp_path):
     return {**os.environ, "LDD_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
 
