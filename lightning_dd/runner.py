@@ -37,8 +37,9 @@ def _experiment_name() -> str | None:
 
 
 def _check_net(cfg: DictConfig) -> None:
-    """Build the run's net once for a placeholder 3x32x32, 10-class input: a bad ``net.*`` value fails
-    here, before any data is read.
+    """Build the run's net once for a placeholder 3-channel, 10-class input of the data's
+    ``data.image_size`` when the data config names it (ImageNet), else 32x32: a bad ``net.*`` value
+    fails here, before any data is read.
 
     Raises:
         ConfigError: naming the ``net`` node.
@@ -48,7 +49,8 @@ def _check_net(cfg: DictConfig) -> None:
     from lightning_dd.nets import build_net_cfg
 
     try:
-        build_net_cfg(OmegaConf.to_container(cfg.net, resolve=True), 3, 10, (32, 32))
+        size = int(cfg.data.get("image_size") or 32) if "data" in cfg else 32
+        build_net_cfg(OmegaConf.to_container(cfg.net, resolve=True), 3, 10, (size, size))
     except (ValueError, TypeError, InstantiationException) as e:
         raise ConfigError(f"invalid config:\nnet: {e.__cause__ or e}") from None
 

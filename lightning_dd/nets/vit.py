@@ -199,14 +199,19 @@ def split_fused_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_vit_state(net: ViT, state: dict[str, torch.Tensor]) -> ViT:
-    """Load ``state`` (this module's layout, or timm's with fused qkv, see :func:`split_fused_qkv`)
-    into ``net`` strictly; a ``module.``/``model.`` prefix (DDP / EMA wrappers) is dropped.
+_RECOMPUTED = re.compile(r"\.(relative_position_index|attn_mask)$")  # official Swin buffers, rebuilt here
+
+
+def load_vit_state(net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load ``state`` (this module's layout, or timm's / the official Swin code's with fused qkv,
+    see :func:`split_fused_qkv`) into ``net`` (a :class:`ViT` or :class:`lightning_dd.nets.swin.Swin`)
+    strictly; a ``module.``/``model.`` prefix (DDP / EMA wrappers) is dropped, and so are Swin's
+    ``relative_position_index`` / ``attn_mask`` buffers (deterministic; the net recomputes them).
 
     Raises:
         ValueError: missing or unexpected keys, or shapes that do not fit (the message names them).
     """
-    state = {re.sub(r"^(module|model)\.", "", k): v for k, v in state.items()}
+    state = {re.sub(r"^(module|model)\.", "", k): v for k, v in state.items() if not _RECOMPUTED.search(k)}
     try:
         net.load_state_dict(split_fused_qkv(state), strict=True)
     except RuntimeError as e:

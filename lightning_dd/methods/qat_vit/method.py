@@ -37,7 +37,7 @@ Bits = Annotated[int, Field(ge=2, le=8)]
 
 class QATViT(Method):
     """Variation-aware low-bit QAT of a ViT (``conf/method/qat_vit.yaml``; the net is ``net``, a
-    :class:`lightning_dd.nets.vit.ViT`).
+    :class:`lightning_dd.nets.vit.ViT` (DeiT) or :class:`lightning_dd.nets.swin.Swin`).
 
     Stages: ``fp`` (train or load the FP model; cached under ``paths.cache_dir/qat_vit_fp``),
     ``ptq`` (+ calibrated post-training quantization), ``qat`` (+ QAT without and with the
@@ -101,10 +101,18 @@ class QATViT(Method):
     baselines: list[Literal["ptq", "qat_noreg"]] = ["ptq", "qat_noreg"]
 
     def check(self, cfg: DictConfig) -> None:
+        from hydra.utils import get_class
+
+        from lightning_dd.methods.qat_vit.model import QUANTIZABLE
+
         target = str(cfg.net.get("_target_", "")) if "net" in cfg else ""
-        if not target.endswith("nets.vit.ViT"):
-            raise ConfigError("net: QAT-ViT quantizes a lightning_dd.nets.vit.ViT (net=vit_*); got "
-                              f"{target or cfg.net.get('name')!r}")
+        try:
+            ok = issubclass(get_class(target), QUANTIZABLE)
+        except Exception:  # not a class path at all
+            ok = False
+        if not ok:
+            raise ConfigError("net: QAT-ViT quantizes a lightning_dd.nets.vit.ViT or nets.swin.Swin (net=vit_tiny_cifar, "
+                              f"deit_tiny, swin_tiny); got {target or cfg.net.get('name')!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"method.crop_scale: need 0 < min <= max <= 1, got {list(self.crop_scale)}")
         if self.batch_size < self.num_crops:
@@ -263,7 +271,7 @@ class QATViT(Method):
             for name, q in quantizers(model).items():
                 owner = name.rsplit(".", 1)[0]
                 row = {"model": which, "quantizer": name, "kind": q.kind, "bits": q.bits, "signed": q.signed,
-                       "step": float(q.step), "offset": float(q.beta) if q.beta is not None else 0.0,
+                       "step": float(q.step.detach()), "offset": float(q.beta.detach()) if q.beta is not None else 0.0,
                        "bin_var": "", "quant_mse": "", "osc_rate": ""}
                 if q.kind == "weight" and owner in layers:
                     w = layers[owner].weight.detach()

@@ -8,9 +8,12 @@ At the target bits ``b`` (weights ``w_bits``, activations ``a_bits``), in every 
   ``fc2`` is the GELU output: unsigned with a learned offset);
 * q, k and v after their projections (signed) and the softmax output (unsigned).
 
-At 8 bits (``keep_bits``): the patch-embedding conv and its input, the head and its input.
-Floating point: LayerNorms, the class token and position embedding, biases, residual adds and
-the pre-softmax logits.
+At 8 bits (``keep_bits``): the patch-embedding conv and its input, the head and its input, and
+Swin's patch merging (its reduction Linear and input). Floating point: LayerNorms, the class token
+and position embedding, Swin's relative position bias, biases, residual adds and the pre-softmax
+logits. The same rules serve DeiT (:class:`lightning_dd.nets.vit.ViT`) and Swin
+(:class:`lightning_dd.nets.swin.Swin`): every :class:`~lightning_dd.nets.vit.Attention` (Swin's
+window attention is one) and :class:`~lightning_dd.nets.vit.Mlp` is quantized where it stands.
 """
 from __future__ import annotations
 
@@ -20,33 +23,39 @@ import torch
 import torch.nn as nn
 
 from lightning_dd.methods.qat_vit.quantizer import GradScale, QConv2d, QLinear, Quantizer
-from lightning_dd.nets.vit import ViT
+from lightning_dd.nets.swin import PatchMerging, Swin
+from lightning_dd.nets.vit import Attention, Mlp, ViT
+
+QUANTIZABLE = (ViT, Swin)  # the nets QAT-ViT quantizes (their attention forward exposes every hook)
 
 
-def quantize_vit(fp: ViT, w_bits: int, a_bits: int | None = None, keep_bits: int = 8,
-                 grad_scale: GradScale = "reference") -> ViT:
+def quantize_vit(fp: ViT | Swin, w_bits: int, a_bits: int | None = None, keep_bits: int = 8,
+                 grad_scale: GradScale = "reference") -> ViT | Swin:
     """A deep copy of ``fp`` with the quantizers of the module docstring in place. Weight steps are
     initialized at once (MSE fit); activation steps on the first forward (:func:`calibrate`).
 
     Raises:
-        TypeError: ``fp`` is not a :class:`lightning_dd.nets.vit.ViT`.
+        TypeError: ``fp`` is not one of :data:`QUANTIZABLE` (DeiT/ViT or Swin).
     """
-    if not isinstance(fp, ViT):
-        raise TypeError(f"quantize_vit needs a lightning_dd.nets.vit.ViT, got {type(fp).__name__}")
+    if not isinstance(fp, QUANTIZABLE):
+        raise TypeError(f"quantize_vit needs a lightning_dd.nets.vit.ViT or nets.swin.Swin, got {type(fp).__name__}")
     a_bits = a_bits or w_bits
     m = copy.deepcopy(fp)
 
     def act(signed=True, offset=False, bits=a_bits):
         return Quantizer(bits, signed, "act", offset=offset, grad_scale=grad_scale)
 
-    for blk in m.blocks:
-        at, mlp = blk.attn, blk.mlp
-        for name in ("q", "k", "v", "proj"):
-            setattr(at, name, QLinear(getattr(at, name), w_bits, act(), grad_scale))
-        at.q_act, at.k_act, at.v_act = act(), act(), act()
-        at.attn_act = act(signed=False)
-        mlp.fc1 = QLinear(mlp.fc1, w_bits, act(), grad_scale)
-        mlp.fc2 = QLinear(mlp.fc2, w_bits, act(signed=False, offset=True), grad_scale)
+    for mod in list(m.modules()):
+        if isinstance(mod, Attention):
+            for name in ("q", "k", "v", "proj"):
+                setattr(mod, name, QLinear(getattr(mod, name), w_bits, act(), grad_scale))
+            mod.q_act, mod.k_act, mod.v_act = act(), act(), act()
+            mod.attn_act = act(signed=False)
+        elif isinstance(mod, Mlp):
+            mod.fc1 = QLinear(mod.fc1, w_bits, act(), grad_scale)
+            mod.fc2 = QLinear(mod.fc2, w_bits, act(signed=False, offset=True), grad_scale)
+        elif isinstance(mod, PatchMerging):
+            mod.reduction = QLinear(mod.reduction, keep_bits, act(bits=keep_bits), grad_scale)
     m.patch_embed.proj = QConv2d(m.patch_embed.proj, keep_bits, grad_scale)
     m.head = QLinear(m.head, keep_bits, act(bits=keep_bits), grad_scale)
     return m
@@ -82,7 +91,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, reset: bool = True) -> nn.
 # ---------------------------------------------------------------------------------------- export
 
 
-def export_quantized(model: ViT, net_cfg: dict, w_bits: int, a_bits: int, keep_bits: int,
+def export_quantized(model: ViT | Swin, net_cfg: dict, w_bits: int, a_bits: int, keep_bits: int,
                      grad_scale: str) -> dict:
     """The integer model: ``{"format": "lightning_dd.qat_vit/1", "net_cfg", "bits": {w, a, keep},
     "grad_scale", "int_weights": {layer: int8 (out, in[, kh, kw])}, "float_state": every other entry
@@ -105,8 +114,8 @@ def export_quantized(model: ViT, net_cfg: dict, w_bits: int, a_bits: int, keep_b
             "int_weights": ints, "float_state": state}
 
 
-def load_quantized(d: dict, channel: int, num_classes: int, im_size) -> ViT:
-    """Rebuild the fake-quantized model from :func:`export_quantized`'s dict: ViT from ``net_cfg``,
+def load_quantized(d: dict, channel: int, num_classes: int, im_size) -> ViT | Swin:
+    """Rebuild the fake-quantized model from :func:`export_quantized`'s dict: the net from ``net_cfg``,
     the same quantizers, weights ``int * step``, everything else loaded strictly. Its predictions
     equal the exported model's (the weights re-quantize to the same integers). Eval mode.
 
