@@ -224,14 +224,13 @@ def aggregate_notes(runs: list[Run]) -> list[str]:
                 marked.append(m)
     if not marked:
         return []
-    seeds = sorted({str(value(r, "eval.seed")) for r in runs})
-    if seeds == ["None"]:  # no eval node (e.g. QAT-ViT): the number does not depend on `seed`
-        return [f"† identical in every run of the group ({', '.join(marked)}): not a measured spread of 0; "
-                f"these numbers do not depend on `seed` (e.g. a model trained once, with its own seed, and cached)."]
-    return [f"† identical in every run of the group ({', '.join(marked)}): not a "
-            f"measured spread of 0. The random baseline's subset and every student's initialization are seeded by "
-            f"eval.seed (here {', '.join(seeds)}), which these runs share; `seed` changes only the method. "
-            f"Sweep eval.seed to see how much the baseline varies."]
+    seeds = sorted({str(value(r, "eval.seed")) for r in runs if value(r, "eval.seed") is not None})
+    by_eval_seed = (f"the random baseline's subset and every student's initialization are seeded by eval.seed "
+                    f"(here {', '.join(seeds)}), which these runs share; sweep eval.seed to see how much the baseline "
+                    f"varies") if seeds else ""
+    return [f"† identical in every run of the group ({', '.join(marked)}): not a measured spread of 0; `seed` "
+            f"does not reach these numbers ({by_eval_seed + '; or ' if by_eval_seed else ''}a model trained once with "
+            f"its own seed and cached, e.g. QAT-ViT's FP model, method.fp_seed)."]
 
 
 def to_markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -99,17 +99,23 @@ def test_mse_step_is_a_fixed_point_that_beats_max_scaling():
     assert err(s) < err(w.abs().max() / 7) and err(s) <= err(s * 1.05) and err(s) <= err(s * 0.95)
 
 
+def quantizer_outputs(model, x) -> dict:
+    """``{quantizer name: (its bits, its output)}`` of one forward of ``model`` on ``x``."""
+    seen = {}
+    hooks = [q.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m.bits, o.detach())))
+             for n, q in quantizers(model).items()]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_every_quantized_tensor_takes_at_most_2_to_the_b_values(bits):
     """Hooks on every quantizer: each quantized weight and activation tensor has <= 2^b distinct values
     (8 bits for the patch embedding and head); the blocks' weights and activations use the target bits."""
     model = calibrate(quantize_vit(small_vit(), bits), torch.randn(16, 3, 16, 16))
-    seen = {}
-    hooks = [q.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m.bits, o.detach())))
-             for n, q in quantizers(model).items()]
-    model(torch.randn(8, 3, 16, 16))
-    for h in hooks:
-        h.remove()
+    seen = quantizer_outputs(model, torch.randn(8, 3, 16, 16))
     names = set(quantizers(model))
     assert set(seen) == names and len(names) == 2 * (6 + 10) + 4
     for name, (b, out) in seen.items():

@@ -9,6 +9,7 @@ from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, loa
                                                 quantizers)
 from lightning_dd.nets.swin import Swin, relative_position_index, shifted_window_mask
 from lightning_dd.nets.vit import load_vit_state
+from test_qat_vit import quantizer_outputs
 
 TINY = dict(patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 
@@ -60,12 +61,7 @@ def test_shifted_window_mask_blocks_tokens_of_different_regions():
 @pytest.mark.parametrize("bits", [2, 4])
 def test_quantized_swin_tensors_take_at_most_2_to_the_b_values_and_merging_stays_8_bit(bits):
     model = calibrate(quantize_vit(tiny_swin(), bits), torch.randn(8, 3, 32, 32))
-    seen = {}
-    hooks = [q.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m.bits, o.detach())))
-             for n, q in quantizers(model).items()]
-    model(torch.randn(4, 3, 32, 32))
-    for h in hooks:
-        h.remove()
+    seen = quantizer_outputs(model, torch.randn(4, 3, 32, 32))
     assert set(seen) == set(quantizers(model)) and len(seen) == 4 * (6 + 10) + 4 + 2
     for name, (b, out) in seen.items():
         assert out.unique().numel() <= 2 ** b, name
