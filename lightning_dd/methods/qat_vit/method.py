@@ -224,8 +224,11 @@ class QATViT(Method):
         timings["fp_s"] = time.perf_counter() - t0
         models["fp"] = fp
         extras = {"models": models, "fp_path": info["path"]}
-        if ctx.stage == "fp":
-            return MethodOutput(extras=extras, timings=timings)
+        if ctx.stage == "fp":  # the FP model's test accuracy still reported (weight selection compares it)
+            xs, ys = self._test_set(ctx)
+            acc = accuracy(fp, xs, ys)
+            log.info("FP ViT: test accuracy %.2f%% on %d images", 100 * acc, len(ys))
+            return MethodOutput(extras=extras, timings=timings, metrics={"eval/fp/acc": acc})
         t0 = time.perf_counter()
         ptq = self.ptq(ctx, fp)
         timings["ptq_s"] = time.perf_counter() - t0
@@ -285,16 +288,23 @@ class QATViT(Method):
             wr.writerows(rows)
         (out_dir / "layers.json").write_text(json.dumps(rows, indent=1))
 
+    def _test_set(self, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images ``(N, C, H, W)`` and labels ``(N,)`` accuracies are measured on: the
+        first ``eval_per_class`` of every class, or all."""
+        xs, ys = ctx.dm.test_images, ctx.dm.test_labels
+        if self.eval_per_class:
+            keep = torch.cat([(ys == c).nonzero().flatten()[: self.eval_per_class] for c in range(ctx.dm.num_classes)])
+            xs, ys = xs[keep], ys[keep]
+        return xs, ys
+
     def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
         """Test accuracy (fraction) of every model of the run, ``eval/<model>/acc``, and of the
         reloaded ``quantized.pt``: ``eval/qat/export_acc`` and ``eval/qat/export_agree`` (share of
         test predictions equal to the fake-quantized model's; 1.0 expected)."""
         dm, res = ctx.dm, {}
         dev = run_device(ctx.trainer.accelerator)
-        xs, ys = dm.test_images, dm.test_labels
+        xs, ys = self._test_set(ctx)
         if self.eval_per_class:
-            keep = torch.cat([(ys == c).nonzero().flatten()[: self.eval_per_class] for c in range(dm.num_classes)])
-            xs, ys = xs[keep], ys[keep]
             res["eval/test_images"] = len(ys)
         for name, model in out.extras.get("models", {}).items():
             res[f"eval/{name}/acc"] = accuracy(model.to(dev), xs, ys)
