@@ -72,18 +72,13 @@ class WindowAttention(Attention):
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, d = x.shape
-        q = self._heads(self.q_act(self.q(x)))
-        k = self._heads(self.k_act(self.k(x)))
-        v = self._heads(self.v_act(self.v(x)))
-        logits = q @ k.transpose(-2, -1) * self.scale
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        logits = logits + bias.permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
+        b, n, _ = x.shape
+        idx = self.relative_position_index.view(-1)
+        bias = self.relative_position_bias_table[idx].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        if mask is not None:  # windows are batch-major: window w of image i is row i * nW + w
             nw = mask.shape[0]
-            logits = (logits.view(b // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(b, self.num_heads, n, n)
-        attn = self.attn_act(logits.softmax(-1))
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+            bias = (bias + mask[:, None]).repeat(b // nw, 1, 1, 1)                                    # (B, heads, N, N)
+        return super().forward(x, bias)
 
 
 class SwinBlock(nn.Module):

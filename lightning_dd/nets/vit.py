@@ -21,7 +21,6 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class DropPath(nn.Module):
@@ -69,12 +68,17 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: added to the pre-softmax logits ``(B, heads, N, N)`` (broadcast; e.g. Swin's
+        relative position bias and window mask), ``None`` for plain attention."""
         b, n, d = x.shape
         q = self._heads(self.q_act(self.q(x)))
         k = self._heads(self.k_act(self.k(x)))
         v = self._heads(self.v_act(self.v(x)))
-        attn = self.attn_act((q @ k.transpose(-2, -1) * self.scale).softmax(-1))
+        logits = q @ k.transpose(-2, -1) * self.scale
+        if bias is not None:
+            logits = logits + bias
+        attn = self.attn_act(logits.softmax(-1))
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
 
 

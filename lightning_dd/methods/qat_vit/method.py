@@ -106,9 +106,9 @@ class QATViT(Method):
         from lightning_dd.methods.qat_vit.model import QUANTIZABLE
 
         target = str(cfg.net.get("_target_", "")) if "net" in cfg else ""
-        try:
-            ok = issubclass(get_class(target), QUANTIZABLE)
-        except Exception:  # not a class path at all
+        try:  # a net built by name (no _target_, e.g. ConvNet) is not quantizable either
+            ok = bool(target) and issubclass(get_class(target), QUANTIZABLE)
+        except (ImportError, ValueError, TypeError):  # not a class path at all
             ok = False
         if not ok:
             raise ConfigError("net: QAT-ViT quantizes a lightning_dd.nets.vit.ViT or nets.swin.Swin (net=vit_tiny_cifar, "
