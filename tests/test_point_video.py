@@ -177,11 +177,43 @@ def test_tube_embedding_shapes_and_translation_invariance():
     assert (neigh[:, :, 1].norm(dim=-1) < 0.5 + 1e-5).all()  # the anchor's own frame always has hits
 
 
+def test_max_of_linear_equals_autograd_of_linear_then_amax():
+    """The tube embedding's max over neighbours: value and gradients equal ``(x @ w.T).amax(1)``'s,
+    with neighbour slots repeating the first hit (the ball query's padding) as ties."""
+    from lightning_dd.nets.p4transformer import P4DConv, max_of_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 8, 3, dtype=torch.float64)
+    x[:, 5:] = x[:, :1]
+    x.requires_grad_(True)
+    w = torch.randn(16, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, 16, dtype=torch.float64)
+    ours = max_of_linear(x, w)
+    ref = (x @ w.t()).amax(1)
+    assert torch.equal(ours, ref)
+    gx, gw = torch.autograd.grad((ours * g).sum(), (x, w))
+    rx, rw = torch.autograd.grad((ref * g).sum(), (x, w))
+    assert torch.allclose(gw, rw, atol=1e-12)
+    assert torch.allclose(gx.sum(1), rx.sum(1), atol=1e-12)  # tied slots share the gradient differently
+    assert torch.allclose(gx[:, 1:5], rx[:, 1:5], atol=1e-12)
+    # the whole P4DConv against its plain form: linear map of (dx, dy, dz, dt) + bias, then amax
+    conv = P4DConv(dim=16, radius=0.8, k=8, spatial_stride=8).double()
+    clip = torch.randn(2, 6, 64, 3, dtype=torch.float64)
+    _, feats, neigh = conv(clip, return_neighbours=True)
+    dt = torch.arange(-1, 2, dtype=torch.float64).view(1, 1, 1, 3, 1, 1).expand(*neigh.shape[:-1], 1)
+    plain = conv.conv_d(torch.cat([neigh, dt], -1)).amax(4).amax(3)
+    assert torch.allclose(feats, plain, atol=1e-12)
+
+
 def test_mast_pre_losses_fall_on_a_fixed_batch():
     from lightning_dd.methods.point_video.mast_pre import MaSTPre, MaSTPreModule, soft_cardinality
 
-    counts = soft_cardinality(torch.tensor([[[0.1, 0.3, 0.0]] * 4 + [[-0.1, -0.3, 0.0]] * 4]), radius=0.7)
-    assert torch.allclose(counts.sum(-1), torch.ones(1)) and counts[0, 0] > 0.4 and counts[0, 6] > 0.4
+    above = [[0.1 + 0.01 * i, 0.3, 0.0] for i in range(4)]
+    below = [[-0.1 - 0.01 * i, -0.3, 0.0] for i in range(3)]
+    counts = soft_cardinality(torch.tensor([above + below + [above[0]] * 3]), radius=0.7)  # 3 padding slots
+    assert torch.allclose(counts.sum(-1), torch.tensor([7.0]))  # counts of distinct neighbours, as the reference's
+    assert counts[0, 0] > 3.5 and counts[0, 6] > 2.5            # +x above: bin 0; -x below: bin 4 + 2
+    assert soft_cardinality(torch.full((1, 8, 3), 1.0), radius=0.7).sum() == 0  # an empty ball counts nothing
     torch.manual_seed(0)
     hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
                                                 radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)

@@ -17,7 +17,9 @@ Modeling in Point Cloud Videos", CVPR 2021), the backbone of MaST-Pre (ICCV 2023
 Deviations: the transformer is ``torch.nn.TransformerEncoderLayer`` (pre-norm, GELU), whose head
 width is ``dim / heads`` (the reference lets ``heads * dim_head`` differ from ``dim``); the P4DConv
 kernel loop keeps a running max over kernel frames instead of stacking them (same result, a third
-of the memory).
+of the memory), and takes the max over neighbours of the xyz part of the shared linear map with
+:func:`max_of_linear` (the dt and bias terms are the same for every neighbour of a frame, so they are
+added after the max; same result, a backward that never builds the ``(rows, k, dim)`` gradient).
 """
 from __future__ import annotations
 
@@ -25,6 +27,42 @@ import torch
 import torch.nn as nn
 
 from lightning_dd.nets.point_ops import ball_query, farthest_point_sample, gather_points
+
+
+class _MaxOfLinear(torch.autograd.Function):
+    """``max_j (x_j @ w.T)`` with a backward through the argmax only (see :func:`max_of_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        out, idx = torch.matmul(x, w.t()).max(1)                              # (R, dim), (R, dim)
+        ctx.save_for_backward(x, w, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, idx = ctx.saved_tensors
+        at = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])                    # (R, dim, c)
+        grad_w = torch.einsum("rd,rdc->dc", g, x.gather(1, at)) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x).scatter_add_(1, at, g.unsqueeze(-1) * w)
+        return grad_x, grad_w
+
+
+def max_of_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The max over neighbours of a shared bias-free linear map, ``max_j x[r, j] @ w.T`` (P4DConv's
+    spatial max pooling).
+
+    Same value and, up to how exact ties share the gradient, the same gradients as
+    ``(x @ w.T).amax(1)``, but the backward gathers each output channel's argmax neighbour
+    (``(R, dim, c)``) instead of scattering into and multiplying out the ``(R, k, dim)`` tensor; ties
+    between equal neighbours (the ball query's padding repeats the first hit) give equal gradients
+    either way.
+
+    Shapes:
+        x: ``(R, k, c)``; w: ``(dim, c)``. Returns ``(R, dim)``.
+    """
+    return _MaxOfLinear.apply(x, w)
 
 
 class P4DConv(nn.Module):
@@ -71,8 +109,9 @@ class P4DConv(nn.Module):
             other = xyz[:, frames + o].reshape(b * lp, n, 3)
             idx = ball_query(self.radius, self.k, other, anchors)                   # (B*L', M, k)
             disp = gather_points(other, idx) - anchors.unsqueeze(2)                 # (B*L', M, k, 3)
-            dt = torch.full_like(disp[..., :1], float(o))
-            f = self.conv_d(torch.cat([disp, dt], -1)).amax(2)                      # max over neighbours
+            w = self.conv_d.weight                                                  # (dim, 4): dx dy dz dt
+            f = max_of_linear(disp.flatten(0, 1), w[:, :3]).view(b * lp, m, -1)    # max over neighbours
+            f = f + (w[:, 3] * float(o) + self.conv_d.bias)                         # + the dt and bias terms
             feats = f if feats is None else torch.maximum(feats, f)                 # max over the kernel
             if return_neighbours:
                 neigh.append(disp)
