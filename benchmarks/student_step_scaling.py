@@ -33,16 +33,17 @@ def one(width: int, batch: int, steps: int, compiled: bool) -> float:
 
     sys.path.insert(0, str(ROOT))
     from lightning_dd.augment.dsa import DSA
+    from lightning_dd.evaluate.student import make_augment, target_loss
     from lightning_dd.nets import build_net_cfg, maybe_compile
 
     torch.manual_seed(0)
     net = maybe_compile(build_net_cfg({"name": "ConvNet", "width": width}, 3, 10, (32, 32)), compiled)
-    dsa = DSA()
+    augment = make_augment("dsa", DSA())  # the evaluator's own per-batch DSA draw
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(net(dsa(x, dsa.sample(batch, (32, 32)))), y)
+        loss = target_loss(net(augment(x)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

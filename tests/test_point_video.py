@@ -214,6 +214,10 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     assert torch.allclose(counts.sum(-1), torch.tensor([7.0]))  # counts of distinct neighbours, as the reference's
     assert counts[0, 0] > 3.5 and counts[0, 6] > 2.5            # +x above: bin 0; -x below: bin 4 + 2
     assert soft_cardinality(torch.full((1, 8, 3), 1.0), radius=0.7).sum() == 0  # an empty ball counts nothing
+    shares = soft_cardinality(torch.tensor([above + below + [above[0]] * 3]), radius=0.7, fraction=True)
+    assert torch.allclose(shares.sum(-1), torch.ones(1))        # cardinality=fraction: every one of the k slots
+    one = soft_cardinality(torch.tensor([[above[0]]]), radius=0.7)  # the bins of the padded point alone
+    assert torch.allclose(10 * shares, counts + 3 * one, atol=1e-6)  # ... padding slots included, / k
     torch.manual_seed(0)
     hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
                                                 radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
