@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
+from lightning_dd.core.trainer import release_process_group
 from lightning_dd.evaluate.images import quick_eval
 from lightning_dd.evaluate.table import print_table
 from lightning_dd.loggers import build_loggers, finish_wandb, resume_hint
@@ -85,10 +86,18 @@ def check_config(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Run one experiment; returns the flat metrics also written to ``<output_dir>/metrics.json``.
+    A process group a DDP run opened is destroyed at the end (:func:`release_process_group`).
 
     Raises:
         ConfigError: a bad value (before any data is read; see :func:`check_config`).
     """
+    try:
+        return _run(cfg)
+    finally:
+        release_process_group()
+
+
+def _run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
     quiet_lightning()
     run_cfg, method, make_trainer = check_config(cfg)

@@ -229,3 +229,6 @@ if __name__ == "__main__":
             run_graph(Path(out), int(devices), strategy, rest[0], name)
     else:
         raise SystemExit(f"unknown worker {what!r}")
+    from lightning_dd.core.trainer import release_process_group
+
+    release_process_group()  # as train.py does: a gloo group alive at exit can abort the process (-6)

@@ -284,3 +284,20 @@ def test_two_ddp_processes_condense_the_one_process_graph(tmp_path, shared_data)
         torch.testing.assert_close(got["adj"], ref["adj"], rtol=0, atol=1e-6)  # A' is returned in float32
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-12) and got["skipped"] == 0, name
         assert got["warmup"] == ref["warmup"]  # SGDD's structure warm-up: the same on every rank
+
+
+def test_a_run_destroys_the_process_group_it_leaves(tmp_path):
+    """A gloo group still alive at interpreter exit can abort the process after its work is done
+    (SIGABRT, ``terminate called without an active exception``; pytorch/pytorch#190489): the runner
+    destroys it however the run ends, here with a config error raised inside the run."""
+    from lightning_dd.runner import run
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="method.expert_draws: 1 expert draw"):
+            run(_compose("experiment=datm_digits", f"paths.output_dir={tmp_path / 'out'}", "trainer.devices=2"))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -14,6 +14,7 @@ from typing import Any
 import inspect
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -109,3 +110,12 @@ class TrainerFactory:
         trainer = SafeTrainer(**self.kwargs(), **kw)
         self.built.append((stage, trainer))
         return trainer
+
+
+def release_process_group() -> None:
+    """Destroy the default ``torch.distributed`` process group, if a DDP fit left one, at the end of a
+    run: Lightning keeps it for the process's lifetime, and a gloo group still alive at interpreter
+    exit can abort the process (``terminate called without an active exception``, exit code -6)
+    after all its work is done. A later fit in the same process (a Hydra sweep) initializes a new one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
