@@ -166,6 +166,37 @@ def test_untracked_frames_take_the_nearest_tracked_skeleton():
 
 
 # ---------------------------------------------------------------- the tube embedding and MaST-Pre
+def test_linear_probe_is_paired_across_encoders_and_averages_its_repeats():
+    """Two encoders probed with one seed see the same augmented training clips (a paired gain);
+    each repeat draws new clips; the reported accuracy is the mean of the repeats."""
+    from lightning_dd.methods.point_video.common import ProbeConfig, linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    vids = [[torch.randn(48, 3, generator=g) * (1 + c) for _ in range(6)] for c in (0, 1, 2, 0, 1, 2)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    train = ClipDataset(vids, labels, 4, 1, 2, 32, train=True)
+    test = ClipDataset(vids[:3], labels[:3], 4, 1, 2, 32, train=False)
+
+    def recording(seed):
+        torch.manual_seed(seed)
+        enc = P4Encoder(dim=16, depth=1, heads=2, mlp_dim=32, radius=0.8, k=8, spatial_stride=8)
+        seen, tokens = [], enc.tokens
+        enc.tokens = lambda clip, **kw: (seen.append(clip.clone()), tokens(clip, **kw))[1]
+        return enc, seen
+
+    cfg = ProbeConfig(steps=20, repeats=2)
+    (a, seen_a), (b, seen_b) = recording(0), recording(1)
+    ra, rb = (linear_probe(e, train, test, labels[:3], 3, cfg, seed=5) for e in (a, b))
+    assert len(seen_a) == 3  # one batch each: the test clips, then the training clips of each repeat
+    assert all(torch.equal(x, y) for x, y in zip(seen_a, seen_b))
+    assert not torch.equal(seen_a[1], seen_a[2])  # each repeat draws new training clips
+    one = [linear_probe(a, train, test, labels[:3], 3, ProbeConfig(steps=20, repeats=1), seed=s) for s in (5, 6)]
+    assert ra["video_acc"] == pytest.approx(sum(r["video_acc"] for r in one) / 2)
+    assert ra["video_acc_std"] == pytest.approx(float(torch.tensor([r["video_acc"] for r in one],
+                                                                   dtype=torch.float64).std()))
+    assert rb != ra  # another encoder, another result on the same clips
+
+
 def test_tube_embedding_shapes_and_translation_invariance():
     enc = P4Encoder(dim=32, depth=1, heads=4, mlp_dim=64, radius=0.5, k=8, spatial_stride=8)
     x = torch.randn(2, 6, 64, 3)

@@ -200,7 +200,8 @@ class MaSTPre(PointVideoPretraining):
 
 def probe_pretrained_vs_random(ctx: RunContext, encoder_path: Path, probe: ProbeConfig) -> dict:
     """Linear probes (:func:`linear_probe`) of the saved encoder and of a random encoder of the
-    same settings (seeded by the run's seed): ``eval/linear_probe/{video_acc,clip_acc,train_acc}``,
+    same settings (seeded by the run's seed), each probed on the same training clips (the same
+    probe seed): ``eval/linear_probe/{video_acc,video_acc_std,clip_acc,train_acc}``,
     ``eval/linear_probe_random/...`` and ``eval/linear_probe/gain`` (video accuracy points)."""
     dm = ctx.dm
     enc, cfg = load_encoder(encoder_path)
