@@ -324,6 +324,50 @@ def test_point_contrast_matches_tokens_and_its_losses_fall():
     assert out["loss"].item() < 0.6 * first
 
 
+def test_rigid_view_augmentation_is_undone_for_the_correspondence(monkeypatch):
+    """A rotation about the vertical axis and a shift per clip: distances and motion kept, the
+    vertical coordinate only shifted; the anchors of the augmented clip, brought back, are the
+    original clip's anchors (so the views' tokens still match), which they are not before."""
+    from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
+    from lightning_dd.methods.point_video.point_contrast import PointContrast, PointContrastModule, match_tokens
+
+    torch.manual_seed(0)
+    clip = torch.randn(3, 6, 64, 3)
+    aug, rot, off = vertical_rigid(clip, 90.0, 2.0)
+    def dist(x):
+        return torch.cdist(x.flatten(1, 2), x.flatten(1, 2), compute_mode="donot_use_mm_for_euclid_dist")
+
+    assert torch.allclose(dist(aug), dist(clip), atol=1e-4)
+    dy = aug[..., 1] - clip[..., 1]
+    assert torch.allclose(dy, dy[:, :1, :1].expand_as(dy), atol=1e-5) and not torch.allclose(aug, clip, atol=0.1)
+    assert torch.allclose(undo_rigid(aug, rot, off), clip, atol=1e-5)
+    enc = P4Encoder(dim=16, depth=1, heads=2, mlp_dim=32, radius=0.8, k=8, spatial_stride=8)
+    xo, xa = enc.tokens(clip)[0], enc.tokens(aug)[0]
+    back = torch.cat([undo_rigid(xa[..., :3], rot, off), xa[..., 3:]], -1)
+    assert torch.allclose(back, xo, atol=1e-4)
+    ident = torch.arange(xo.shape[1]).expand(3, -1)
+    assert torch.equal(match_tokens(xo, back), ident) and not torch.equal(match_tokens(xo, xa), ident)
+    hp = PointContrast(name="pc", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8),
+                       proj_dim=16, superpoints=4, rotation=30.0, translation=0.5)
+    m = PointContrastModule(hp.encoder.build(), hp, 10)
+    views = torch.randn(4, 1, 6, 64, 3).expand(4, 2, 6, 64, 3)  # the same points, rotated and shifted apart
+    import lightning_dd.methods.point_video.point_contrast as pc
+
+    matches = []
+    monkeypatch.setattr(pc, "match_tokens", lambda a, b: matches.append(match_tokens(a, b)) or matches[-1])
+    m.losses(views)
+    assert torch.equal(matches[0], torch.arange(matches[0].shape[1]).expand(4, -1))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = m.losses(views)
+        losses.append(out["loss"].item())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0]
+
+
 def test_paper_and_cpu_sizes_of_the_point_video_experiments():
     from hydra import compose, initialize_config_dir
 

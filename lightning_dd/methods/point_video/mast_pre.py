@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_dd.augment.point_cloud import vertical_rigid
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
 from lightning_dd.nets.point_ops import chamfer_l2
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
@@ -123,7 +124,10 @@ class MaSTPreModule(L.LightningModule):
         return {"loss": points + card_loss, "points": points, "cardinality": card_loss}
 
     def training_step(self, batch, _):
-        out = self.losses(batch[0])
+        clip = batch[0]
+        if self.hp.rotation > 0 or self.hp.translation > 0:
+            clip = vertical_rigid(clip, self.hp.rotation, self.hp.translation)[0]
+        out = self.losses(clip)
         self.log_dict({f"pretrain/{k}": v for k, v in out.items()}, prog_bar=True, on_step=True, on_epoch=True)
         return out["loss"]
 
@@ -139,7 +143,9 @@ class MaSTPreModule(L.LightningModule):
 
 class PointVideoPretraining(Method):
     """What the self-supervised pretexts share: the encoder settings, AdamW ``lr``/``weight_decay``,
-    ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine, and the evaluation, linear
+    ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine, the rigid augmentation of the
+    pretraining clips (``rotation``, ``translation``: :func:`lightning_dd.augment.point_cloud.vertical_rigid`,
+    off by default, as in the papers' MSR-Action3D training), and the evaluation, linear
     probes of the saved ``encoder.pt`` against a random encoder (:func:`probe_pretrained_vs_random`)."""
 
     stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
@@ -148,6 +154,8 @@ class PointVideoPretraining(Method):
     weight_decay: NonNegFloat = 0.05
     epochs: PositiveInt = 200
     warmup_fraction: Fraction = 0.05
+    rotation: NonNegFloat = 0.0      # degrees: rigid augmentation, a rotation about the vertical axis from U(-r, r)
+    translation: NonNegFloat = 0.0   # data units (mm / 300): ... and a shift per axis from U(-t, t), per clip
     probe: ProbeConfig = ProbeConfig()
 
     def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:

@@ -20,6 +20,12 @@ tube) to a unit vector. Then, per batch:
    either view forms a pair for a superpoint-level InfoNCE against the batch's other superpoints
    (semantic alignment), weighted ``superpoint_weight``.
 
+**Rigid view augmentation** (``rotation``, ``translation``; off by default): each view is also
+rotated about the vertical axis and shifted, per clip (:func:`lightning_dd.augment.point_cloud.vertical_rigid`);
+the correspondence is computed in the clip's own frame (the transform undone on the anchors). The
+tokens carry their (x, y, z, t) position embedding, so without it the two views' positives share
+their absolute positions and the point-level task can be solved from position alone.
+
 Deviations from the paper: this implements the issue's summary of PointCPSC (two views, point-level
 InfoNCE, superpoint alignment, negative selection and positive supplements) on our encoder; the
 paper's prediction branch over future frames, its clustering details and its schedules are not
@@ -34,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
 from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.point_video.common import cosine_warmup, save_encoder
@@ -129,8 +136,14 @@ class PointContrastModule(L.LightningModule):
         """``views`` ``(B, 2, L, N, 3)`` -> ``{"loss", "point", "superpoint", "supplements"}``."""
         out = []
         for v in (views[:, 0], views[:, 1]):
+            rigid = self.hp.rotation > 0 or self.hp.translation > 0
+            if rigid:
+                v, rot, offset = vertical_rigid(v, self.hp.rotation, self.hp.translation)
             xyzt, f = self.encoder.tokens(v)
-            out.append((xyzt, F.normalize(self.projector(self.encoder.encode(f, xyzt)), dim=-1)))
+            z = F.normalize(self.projector(self.encoder.encode(f, xyzt)), dim=-1)
+            if rigid:  # match in the clip's own frame
+                xyzt = torch.cat([undo_rigid(xyzt[..., :3], rot, offset), xyzt[..., 3:]], -1)
+            out.append((xyzt, z))
         (x1, z1), (x2, z2) = out
         with torch.no_grad():
             match = match_tokens(x1, x2)
