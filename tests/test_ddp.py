@@ -289,14 +289,25 @@ def test_two_ddp_processes_condense_the_one_process_graph(tmp_path, shared_data)
 def test_a_run_destroys_the_process_group_it_leaves(tmp_path):
     """A gloo group still alive at interpreter exit can abort the process after its work is done
     (SIGABRT, ``terminate called without an active exception``; pytorch/pytorch#190489): the runner
-    destroys it however the run ends, here with a config error raised inside the run."""
+    destroys it however the run ends, here with a config error raised inside the run; so does
+    ``evaluate.py``'s evaluation, here of a missing result."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dd.evaluate.standalone import evaluate_saved
     from lightning_dd.runner import run
 
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         with pytest.raises(ConfigError, match="method.expert_draws: 1 expert draw"):
             run(_compose("experiment=datm_digits", f"paths.output_dir={tmp_path / 'out'}", "trainer.devices=2"))
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"result={tmp_path / 'missing.pt'}",
+                                                 f"paths.output_dir={tmp_path / 'eval'}"])
+        with pytest.raises(FileNotFoundError, match="missing.pt"):
+            evaluate_saved(cfg)
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

@@ -148,12 +148,23 @@ def worth_compiling(image_shape: tuple[int, ...]) -> bool:
 
 
 def evaluate_saved(cfg: DictConfig) -> dict:
-    """Evaluate ``cfg.result`` (see ``conf/evaluate.yaml``); returns the flat metrics.
+    """Evaluate ``cfg.result`` (see ``conf/evaluate.yaml``); returns the flat metrics. A process
+    group a DDP evaluation opened is destroyed at the end
+    (:func:`lightning_dd.core.trainer.release_process_group`).
 
     Raises:
         FileNotFoundError: missing result. ValueError: malformed result (shape, label count, NaN,
             class count) or a result whose image shape does not match the test set.
     """
+    from lightning_dd.core.trainer import release_process_group
+
+    try:
+        return _evaluate_saved(cfg)
+    finally:
+        release_process_group()
+
+
+def _evaluate_saved(cfg: DictConfig) -> dict:
     from lightning_dd.core.config import instantiate_node, validated
     from lightning_dd.evaluate.images import ImageEvalConfig, evaluate_with_baselines
     from lightning_dd.evaluate.table import print_table
