@@ -265,6 +265,42 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     assert float(out["loss"]) < 0.7 * first["loss"] and float(out["points"]) < first["points"]
 
 
+def test_encoder_dependence_variants_train_and_see_what_they_say():
+    """experiments/point_video/encoder_dependence.py (the MaST-Pre diagnostic): ``frozen`` trains
+    everything but the encoder; ``positions`` also leaves ``decoder_embed`` at zero, so its losses
+    do not change when the encoder's weights do (the frozen variant's do: the check can fail)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("encoder_dependence",
+                                                  ROOT / "experiments" / "point_video" / "encoder_dependence.py")
+    ed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ed)
+    small = dict(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
+                                                radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    x = torch.randn(4, 6, 64, 3)
+    for cls, feeds_points in ((ed.FrozenEncoderMaSTPre, True), (ed.PositionsOnlyMaSTPre, False)):
+        torch.manual_seed(0)
+        hp = cls(**small)
+        m = hp.module_cls(hp.encoder.build(), hp, 10)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            m.losses(x)["loss"].backward()
+            opt.step()
+        changed = {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+        assert changed and not any(n.startswith("encoder.") for n in changed), changed
+        assert ("decoder_embed.weight" in changed) == feeds_points
+        losses = []
+        for scale in (0.0, 1.0):
+            with torch.no_grad():
+                for p in m.encoder.parameters():
+                    p.add_(scale * torch.randn_like(p))
+            torch.manual_seed(1)                                   # the same masks
+            losses.append(float(m.losses(x)["loss"]))
+        assert (abs(losses[0] - losses[1]) > 1e-4) == feeds_points, (cls.__name__, losses)
+
+
 @pytest.mark.slow
 def test_mast_pre_then_finetune_runs_on_tiny_npz_files(tmp_path):
     """`train.py experiment=mast_pre_msr scale=cpu` on a tiny folder in the real layout, then

@@ -171,8 +171,13 @@ class MaSTPre(PointVideoPretraining):
     :func:`soft_cardinality` and the module docstring), AdamW
     ``lr``/``weight_decay``, ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine;
     ``probe``: the linear-probe evaluation (pretrained vs random encoder).
+
+    Class attribute ``module_cls``: the LightningModule :meth:`run` trains (a subclass may swap it,
+    e.g. ``experiments/point_video/encoder_dependence.py`` freezes the encoder to measure how much of
+    the pretext the encoder's features carry).
     """
 
+    module_cls: ClassVar[type[MaSTPreModule]] = MaSTPreModule
     decoder_dim: PositiveInt = 512
     decoder_depth: PositiveInt = 4
     decoder_heads: PositiveInt = 8
@@ -194,7 +199,7 @@ class MaSTPre(PointVideoPretraining):
         L.seed_everything(ctx.seed, verbose=False)
         loader = dm.train_dataloader()
         steps = self.epochs * len(loader)
-        module = MaSTPreModule(self.encoder.build(), self, steps)
+        module = self.module_cls(self.encoder.build(), self, steps)
         ckpt_dir = ctx.out_dir / "checkpoints"
         trainer = ctx.trainer("pretrain", max_epochs=self.epochs, logger=ctx.loggers, callbacks=[
             *ctx.callbacks, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], enable_checkpointing=True,
