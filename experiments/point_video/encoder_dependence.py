@@ -19,7 +19,7 @@ directory on ``PYTHONPATH``.
 Usage, from the repository root (``scale=cpu``: about 9 min per variant on one idle core)::
 
     LDD_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python experiments/point_video/encoder_dependence.py \
-        [--seed 0] [--jobs 2] [--variants trained frozen positions] [--out outputs/encoder_dependence] \
+        [--seed 0] [--jobs 2] [--variant trained --variant positions] [--out outputs/encoder_dependence] \
         [extra train.py overrides, e.g. method.cardinality=count ...]
 """
 from __future__ import annotations
@@ -60,10 +60,14 @@ class PositionsOnlyModule(FrozenEncoderModule):
 
 
 class FrozenEncoderMaSTPre(MaSTPre):
+    """``method._target_`` of the ``frozen`` variant: :class:`MaSTPre` training :class:`FrozenEncoderModule`."""
+
     module_cls = FrozenEncoderModule
 
 
 class PositionsOnlyMaSTPre(MaSTPre):
+    """``method._target_`` of the ``positions`` variant: :class:`MaSTPre` training :class:`PositionsOnlyModule`."""
+
     module_cls = PositionsOnlyModule
 
 
@@ -96,10 +100,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="variants run side by side (one core each)")
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--variant", action="append", choices=list(VARIANTS), dest="variants",
+                    help="run only this variant (repeatable; default: all three)")
     ap.add_argument("--out", type=Path, default=Path("outputs/encoder_dependence"))
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. method.epochs=10")
     args = ap.parse_args()
+    args.variants = args.variants or list(VARIANTS)
     out = args.out if args.out.is_absolute() else ROOT / args.out
     with ThreadPoolExecutor(args.jobs) as pool:
         dirs = dict(zip(args.variants, pool.map(lambda kv: run_variant(*kv, args.seed, out, args.overrides),
