@@ -1,10 +1,22 @@
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LDD_DATA_DIR", ROOT.parent / "shared" / "data")).resolve()
+
+
+def load_script(relpath: str) -> ModuleType:
+    """A script outside the package (``benchmarks/``, ``experiments/``) imported from its path
+    relative to the repository root, as a module named after its file."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

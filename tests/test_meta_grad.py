@@ -162,13 +162,9 @@ def test_compiled_recompute_gives_the_unrolled_gradient():
 def test_benchmark_reference_style_loop_is_the_same_computation():
     """benchmarks/distill_iteration.py's reference-style row (flat-vector ConvNet, list of parameter
     vectors, autograd.grad at the end) computes the loss and gradients of ``unroll``."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_iteration.py"
-    spec = importlib.util.spec_from_file_location("distill_iteration", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/distill_iteration.py")
     dsa = DSA()
     net, flat, images, labels, lr = _problem(hw=16)
     shapes = [(k, tuple(p.shape)) for k, p in net.named_parameters()]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, load_script
 from lightning_dd.nets.point_ops import ball_query, chamfer_l2, farthest_point_sample, gather_points
 from lightning_dd.data.point_video import (ClipDataset, PointVideoDataModule, parse_video_name, read_point_video,
                                            video_accuracy)
@@ -265,22 +265,19 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     assert float(out["loss"]) < 0.7 * first["loss"] and float(out["points"]) < first["points"]
 
 
+_SMALL_MAST_PRE = dict(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
+                                                      radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+
 def test_encoder_dependence_variants_train_and_see_what_they_say():
     """experiments/point_video/encoder_dependence.py (the MaST-Pre diagnostic): ``frozen`` trains
     everything but the encoder; ``positions`` also leaves ``decoder_embed`` at zero, so its losses
     do not change when the encoder's weights do (the frozen variant's do: the check can fail)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("encoder_dependence",
-                                                  ROOT / "experiments" / "point_video" / "encoder_dependence.py")
-    ed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ed)
-    small = dict(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
-                                                radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
+    ed = load_script("experiments/point_video/encoder_dependence.py")
     x = torch.randn(4, 6, 64, 3)
     for cls, feeds_points in ((ed.FrozenEncoderMaSTPre, True), (ed.PositionsOnlyMaSTPre, False)):
         torch.manual_seed(0)
-        hp = cls(**small)
+        hp = cls(**_SMALL_MAST_PRE)
         m = hp.module_cls(hp.encoder.build(), hp, 10)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -297,8 +294,47 @@ def test_encoder_dependence_variants_train_and_see_what_they_say():
                 for p in m.encoder.parameters():
                     p.add_(scale * torch.randn_like(p))
             torch.manual_seed(1)                                   # the same masks
-            losses.append(float(m.losses(x)["loss"]))
+            with torch.no_grad():
+                losses.append(float(m.losses(x)["loss"]))
         assert (abs(losses[0] - losses[1]) > 1e-4) == feeds_points, (cls.__name__, losses)
+
+
+def test_mast_pre_run_trains_the_module_its_class_names(tmp_path):
+    """``MaSTPre.run`` builds ``module_cls`` (the hook the diagnostic's variants swap): the module a
+    subclass names is the one trained, so its frozen encoder is saved as it was built."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_dd.core.config import instantiate_node
+    from lightning_dd.methods.base import RunContext
+
+    ed, built = load_script("experiments/point_video/encoder_dependence.py"), []
+
+    class Recording(ed.FrozenEncoderModule):
+        def __init__(self, *args):
+            super().__init__(*args)
+            built.append((self, {n: p.detach().clone() for n, p in self.named_parameters()}))
+
+    class RecordingMaSTPre(ed.FrozenEncoderMaSTPre):
+        module_cls = Recording
+
+    rng = np.random.default_rng(0)
+    for a, s in ((1, 1), (2, 1), (1, 6), (2, 6)):
+        _write(tmp_path / "npz", f"a{a:02d}_s{s:02d}_e01_sdepth.npz", [rng.normal(size=(80, 3)) * 300] * 8, False)
+    dm = PointVideoDataModule(format="npz", root=str(tmp_path / "npz"), num_classes=2, clip_len=6, frame_stride=1,
+                              num_points=64, batch_size=2)
+    dm.setup()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                                          "trainer.compile=false"])
+    ctx = RunContext(cfg=cfg, dm=dm, out_dir=tmp_path / "run", loggers=[], callbacks=[],
+                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=0)
+    out = RecordingMaSTPre(**_SMALL_MAST_PRE, epochs=2).run(ctx)
+    (module, init), = built
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, init[n])}
+    assert changed and not any(n.startswith("encoder.") for n in changed), changed
+    saved = torch.load(out.extras["encoder"], weights_only=True)["encoder"]
+    assert {f"encoder.{k}" for k in saved} == {n for n in init if n.startswith("encoder.")}
+    assert all(torch.equal(v, init[f"encoder.{k}"]) for k, v in saved.items())
 
 
 @pytest.mark.slow
