@@ -80,7 +80,7 @@ def save_fixture(family: str, cases: dict[str, dict[str, Any]], *, reference: st
     script = Path(sys.argv[0]).resolve()
     meta = {"repo": repo, "commit": reference_commit(reference),
             "script": str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
-            "torch": torch.__version__, "replaced": replaced}
+            "torch": str(torch.__version__), "replaced": replaced}
     FIXTURES.mkdir(parents=True, exist_ok=True)
     path = FIXTURES / f"{family}.pt"
     tmp = path.with_suffix(".pt.tmp")
