@@ -102,21 +102,29 @@ def test_too_many_bins_for_a_class_is_an_error():
 
 @settings(max_examples=60, deadline=None)
 @given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=12), frac=st.floats(0, 1), seed=st.integers(0, 99))
-def test_bin_sampling_draws_the_budget_proportionally_from_every_bin(sizes, frac, seed):
+def test_exact_bin_sampling_draws_the_budget_proportionally_from_every_bin(sizes, frac, seed):
     k = round(frac * sum(sizes))
-    quotas = bin_quotas(sizes, k)
+    quotas = bin_quotas(sizes, k, "exact")
     assert sum(quotas) == k
     assert all(0 <= q <= s and abs(q - k * s / sum(sizes)) < 1 for q, s in zip(quotas, sizes))
     starts = torch.tensor([0, *sizes]).cumsum(0)
     bins = [torch.arange(int(starts[i]), int(starts[i + 1])) for i in range(len(sizes))]
-    got = sample_bins(bins, k, torch.Generator().manual_seed(seed))
+    got = sample_bins(bins, k, torch.Generator().manual_seed(seed), "exact")
     assert len(got) == k == len(set(got.tolist()))
     for b, q in zip(bins, quotas):
         assert int(torch.isin(got, b).sum()) == q
 
 
 def test_equal_bins_give_the_reference_per_bin_quota():
-    assert bin_quotas([100] * 10, 200) == [20] * 10
+    assert bin_quotas([100] * 10, 200) == bin_quotas([100] * 10, 200, "exact") == [20] * 10
+
+
+def test_default_bin_quota_rounds_each_bin_as_the_reference():
+    """quantize_bin.py: round(ratio * |bin|) per bin, half to even (12.5 % of 500 -> 62, not 62.5 on
+    average), so the total can miss the class budget; ``exact`` keeps it."""
+    assert bin_quotas([500] * 10, 625) == [62] * 10
+    assert bin_quotas([10] * 4, 6) == [2] * 4 and bin_quotas([10] * 4, 6, "exact") == [2, 2, 1, 1]
+    assert bin_quotas([7, 3], 10) == [7, 3]
 
 
 def test_gradient_similarity_is_the_cosine_of_the_materialized_embedding():

@@ -38,10 +38,18 @@ Deviations from the reference code, and why:
   ``sum_{s in selected} S[s, :]`` at every step (``O(k^2 n)`` per bin); here the running sum is
   updated by one row per step (``O(k n)``), same choices (first maximum on ties, as numpy's
   ``argmax``); ``tests/test_dataset_quantization.py`` checks it against the naive recomputation.
-* **Exact per-class budget.** The reference rounds ``fraction * |bin|`` per bin, so the total can
-  drift from ``fraction * n``; here the per-bin quotas are proportional to the bin sizes with
-  largest-remainder rounding, summing to exactly the per-class budget of the other selectors
-  (the quotas equal the reference's whenever its rounding is exact, e.g. 10 bins of 100 images).
+* **Per-bin counts** (``bin_quota``): ``round`` (default) is the reference's ``quantize_bin.py``,
+  ``round(ratio * |bin|)`` per bin, so the total can miss ``ratio * n`` (0.125 of 10 bins of 500:
+  620 images, not 625); ``exact`` instead gives proportional quotas with largest-remainder
+  rounding, summing to exactly the per-class budget of the other selectors. Both agree whenever
+  the per-bin product is whole (the CPU preset: 10 bins of 100 at 10/20/30 %).
+* **Bin sizes.** The reference sizes each class's bin from a global ratio of what is left
+  (``coreset_size / len(avail)``); here ``round(n / num_bins)`` per class. Equal on class-balanced
+  pools (CIFAR-10 and every pool here); they can differ by rounding on unbalanced ones.
+* **Random streams.** The reference reseeds numpy's legacy generator with the same seed for every
+  bin; here one torch generator (``seed``) draws all bins. Same rule (uniform, without
+  replacement, within each bin and class), different draws; ``tests/parity/test_parity_dq.py``
+  checks the rule, the bins and the greedy order against the reference's own output.
 * **Pixel quantization** (GradCAM++ patch dropping + MAE reconstruction, Sec. 3.4;
   ``method.pixel.enabled``, off by default as in the paper's main CIFAR tables) uses an MAE the
   framework trains on the real pool, not an ImageNet-pretrained one (nothing can be downloaded);
@@ -173,9 +181,14 @@ def quantize_bins(sim: torch.Tensor, num_bins: int, lam: float = 1.0) -> list[to
     return bins
 
 
-def bin_quotas(sizes: list[int], k: int) -> list[int]:
-    """Per-bin sample counts summing to ``k``, proportional to ``sizes`` (largest remainder;
-    ties to the earlier bin). Each quota is at most its bin's size.
+def bin_quotas(sizes: list[int], k: int, rule: Literal["round", "exact"] = "round") -> list[int]:
+    """Per-bin sample counts for ``k`` of the ``sum(sizes)`` items of a class.
+
+    ``round`` (the reference's ``quantize_bin.py`` + ``Uniform``): each bin's count is the keep ratio
+    times its size, rounded on its own (Python's ``round``, half to even: a ratio of 0.125 of bins
+    of 500 keeps 62 each), so the total can differ from ``k``; ``exact``: proportional to ``sizes``
+    with largest-remainder rounding (ties to the earlier bin), summing to exactly ``k``. Each count
+    is at most its bin's size.
 
     Raises:
         ValueError: ``k`` not in ``0..sum(sizes)``.
@@ -183,6 +196,8 @@ def bin_quotas(sizes: list[int], k: int) -> list[int]:
     total = sum(sizes)
     if not 0 <= k <= total:
         raise ValueError(f"bin_quotas: asked for {k} of {total} samples")
+    if rule == "round":
+        return [min(s, round(s * k / total)) for s in sizes]
     exact = [k * s / total for s in sizes]
     quotas = [int(x) for x in exact]
     rest = sorted(range(len(sizes)), key=lambda b: (-(exact[b] - quotas[b]), b))
@@ -191,14 +206,15 @@ def bin_quotas(sizes: list[int], k: int) -> list[int]:
     return quotas
 
 
-def sample_bins(bins: list[torch.Tensor], k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DQ's bin sampling: ``k`` items in all, drawn uniformly without replacement from every bin
-    with :func:`bin_quotas` per bin.
+def sample_bins(bins: list[torch.Tensor], k: int, generator: torch.Generator | None = None,
+                rule: Literal["round", "exact"] = "round") -> torch.Tensor:
+    """DQ's bin sampling (``quantize_bin.py``): the keep ratio ``k / sum(len(bins))`` of every bin,
+    drawn uniformly without replacement, :func:`bin_quotas` ``rule`` per bin.
 
     Shapes:
-        bins: long tensors (disjoint) -> ``(k,)`` long, bin by bin.
+        bins: long tensors (disjoint) -> ``(sum of the quotas,)`` long, bin by bin.
     """
-    quotas = bin_quotas([len(b) for b in bins], k)
+    quotas = bin_quotas([len(b) for b in bins], k, rule)
     return torch.cat([b[torch.randperm(len(b), generator=generator)[:q]] for b, q in zip(bins, quotas)])
 
 
@@ -234,7 +250,8 @@ class GraphCutSelection(FeatureCoreset):
         if all_bins:  # training-set indices of every bin, per class
             atomic_save({"bins": all_bins, "classes": list(dm.classes)}, ctx.out_dir / "bins.pt")
         x, y = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
-        res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=self.name, ipc=k)
+        res = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), method=self.name,
+                           ipc=max(len(p) for p in parts))
         done = time.perf_counter()
         return MethodOutput(result=res, metrics=metrics,
                             timings={"select_s": done - t0, "select_greedy_s": done - t_embed})
@@ -251,6 +268,7 @@ class DatasetQuantization(GraphCutSelection):
     """
 
     num_bins: PositiveInt = 10
+    bin_quota: Literal["round", "exact"] = "round"
     pixel: PixelQuantizationConfig = PixelQuantizationConfig()
 
     def per_class(self, dm) -> int:
@@ -283,4 +301,4 @@ class DatasetQuantization(GraphCutSelection):
 
     def choose(self, sim: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, list | None]:
         bins = quantize_bins(sim, self.num_bins, self.lam)
-        return sample_bins(bins, k, generator), bins
+        return sample_bins(bins, k, generator, self.bin_quota), bins
