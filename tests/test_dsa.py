@@ -16,8 +16,8 @@ def _pair():
 
 def _geometric_references():
     """Each geometric family with fixed parameters, and the same transform through kornia / torchvision
-    functional ops (independent code). Conventions: DSA's angle a is kornia's -a degrees (the
-    grid maps output to input), its scale s is kornia's zoom 1/s, its shift (dy, dx) moves the
+    functional ops (independent code). Conventions: DSA's angle a is kornia's a degrees (the
+    reference's ``[[cos, -sin], [sin, cos]]`` grid map, output to input), its scale s is kornia's zoom 1/s, its shift (dy, dx) moves the
     content by (-dy, -dx)."""
     import kornia.geometry.transform as KT
     import torchvision.transforms.v2.functional as TF
@@ -28,7 +28,7 @@ def _geometric_references():
     fl = torch.tensor([True, False, True])
     kw = dict(align_corners=True, padding_mode="zeros")
     return [
-        ("rotate", {"angle": ang / 180 * math.pi}, lambda x: KT.rotate(x, -ang, mode="bilinear", **kw)),
+        ("rotate", {"angle": ang / 180 * math.pi}, lambda x: KT.rotate(x, ang, mode="bilinear", **kw)),
         ("scale", {"scale": sc}, lambda x: KT.scale(x, 1 / sc, mode="bilinear", **kw)),
         ("crop", {"shift": sh}, lambda x: KT.translate(x, -sh.flip(1).float(), mode="nearest", **kw)),
         ("flip", {"flip": fl}, lambda x: torch.where(fl.view(3, 1, 1, 1), TF.horizontal_flip(x), x)),

@@ -3,15 +3,23 @@
 DSA augments images with transforms that are differentiable with respect to the pixels, so a
 distillation loss can be back-propagated through them, and *siamese*: the same sampled
 parameters can be applied to several batches (real and synthetic). Here the parameters are an
-explicit object (:class:`DSAParams`), sampled once by :meth:`DSA.sample` and applied any number
-of times by :meth:`DSA.apply`; this is also what lets the constant-memory meta-gradient replay
-the exact augmentation of each unrolled step.
+explicit object (:class:`DSAParams`), sampled once by :meth:`DSA.sample` (one draw per image, as
+the reference's ``DiffAugment(x, strategy)`` used by MTT/DATM's experts, inner loop and evaluation)
+or :meth:`DSA.sample_siamese` (one transform per batch from a seed, as ``DiffAugment(x, strategy,
+seed=s)`` in DC/DM) and applied any number of times by :meth:`DSA.apply`; this is also what lets
+the constant-memory meta-gradient replay the exact augmentation of each unrolled step.
 
 Families and magnitudes follow the reference strategy ``color_crop_cutout_flip_scale_rotate``
-(MTT/DATM): brightness ±0.5, saturation ×[0, 2], contrast ×[0.5, 1.5]; translation by up to
+(``ParamDiffAug``): brightness ±0.5, saturation ×[0, 2], contrast ×[0.5, 1.5]; translation by up to
 12.5% of the side with zero padding; a cutout square of half the side; horizontal flip with
 probability 0.5; anisotropic scale in [1/1.2, 1.2]; rotation within ±15°. In mode ``"S"`` one
 family is drawn per batch (as the reference does), in mode ``"M"`` all are applied in order.
+
+Parity (``tests/parity/test_parity_dsa.py``): with a generator in the state of the reference's
+global RNG, every family, both modes and the siamese draw give the reference's images (DSA's own
+``utils.py`` and MTT's copy). Deviations from the reference: none in what is computed. Fixed here
+(they made the same seed give other images, same distribution): the rotation turned the other way
+(``[[cos, sin], [-sin, cos]]``) and the scale factors were drawn as one interleaved ``rand(n, 2)``.
 """
 from __future__ import annotations
 
@@ -46,6 +54,9 @@ class DSA:
         strategy: families joined by ``_`` (subset of ``color_crop_cutout_flip_scale_rotate``),
             or ``"none"``.
         mode: ``"S"`` draws one family per batch; ``"M"`` applies all.
+
+    Raises:
+        ValueError: an unknown family or mode.
     """
 
     def __init__(self, strategy: str = "color_crop_cutout_flip_scale_rotate", mode: str = "S",
@@ -69,19 +80,53 @@ class DSA:
 
     def sample(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None,
                device: torch.device | str = "cpu") -> DSAParams:
-        """Draw parameters for ``n`` images of spatial ``size = (H, W)``."""
+        """Draw parameters for ``n`` images of spatial ``size = (H, W)``, one draw per image.
+
+        The draws come from ``generator`` (the global RNG when ``None``) in the reference's order
+        (``DiffAugment`` with ``seed=-1``): in mode ``S`` the family index (``randint(len)``), then per
+        family brightness, saturation, contrast (``rand(n)`` each) | crop shift rows, columns
+        (``randint``) | cutout centre rows, columns | flip (``rand(n)``) | scale x, y (``rand(n)``
+        each) | rotation angle (``rand(n)``); so a generator in the state of the reference's global
+        RNG draws the reference's parameters.
+        """
+        return self._sample(n, size, lambda: generator, device)
+
+    def sample_siamese(self, n: int, size: tuple[int, int], seed: int, device: torch.device | str = "cpu") -> DSAParams:
+        """DSA's siamese draw (arXiv 2102.08259, Sec. 3; ``DiffAugment(x, strategy, seed=seed)``): *one*
+        transform for the whole batch, so that a real and a synthetic batch of any sizes drawn with
+        the same ``seed`` get the same transform. As the reference, each draw of :meth:`sample`'s
+        order comes from a generator re-seeded to ``seed``, ``seed + 1``, ... and the batch takes the
+        first image's parameters.
+
+        Shapes: every value ``(n, ...)`` with equal rows.
+        """
+        g, next_seed = torch.Generator(), [seed]
+
+        def reseeded():
+            g.manual_seed(next_seed[0])
+            next_seed[0] += 1
+            return g
+
+        p = self._sample(n, size, reseeded, device)
+        return DSAParams(p.ops, {k: v[:1].expand_as(v).clone() for k, v in p.values.items()})
+
+    def _sample(self, n: int, size: tuple[int, int], gen, device) -> DSAParams:
+        """:meth:`sample` with ``gen()`` called before each draw for the generator to draw from."""
         if not self.families:
             return DSAParams(())
         if self.mode == "S":
-            pick = int(torch.randint(len(self.families), (1,), generator=generator))
+            pick = int(torch.randint(len(self.families), (1,), generator=gen()))
             ops = (self.families[pick],)
         else:
             ops = self.families
         h, w = size
         v: dict[str, torch.Tensor] = {}
 
-        def rand(*shape):
-            return torch.rand(*shape, generator=generator).to(device)
+        def rand(k):
+            return torch.rand(k, generator=gen()).to(device)
+
+        def randint(lo, hi):
+            return torch.randint(lo, hi, (n,), generator=gen())
 
         for op in ops:
             if op == "color":
@@ -90,17 +135,15 @@ class DSA:
                 v["contrast"] = rand(n) + self.contrast
             elif op == "crop":
                 sh, sw = int(h * self.crop_ratio + 0.5), int(w * self.crop_ratio + 0.5)
-                v["shift"] = torch.stack([torch.randint(-sh, sh + 1, (n,), generator=generator),
-                                          torch.randint(-sw, sw + 1, (n,), generator=generator)], 1).to(device)
+                v["shift"] = torch.stack([randint(-sh, sh + 1), randint(-sw, sw + 1)], 1).to(device)
             elif op == "cutout":
                 ch, cw = int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5)
-                v["cutout"] = torch.stack([torch.randint(0, h + (1 - ch % 2), (n,), generator=generator),
-                                           torch.randint(0, w + (1 - cw % 2), (n,), generator=generator)], 1).to(device)
+                v["cutout"] = torch.stack([randint(0, h + (1 - ch % 2)), randint(0, w + (1 - cw % 2))], 1).to(device)
             elif op == "flip":
                 v["flip"] = rand(n) < self.flip_prob
             elif op == "scale":
-                r = self.scale_ratio
-                v["scale"] = rand(n, 2) * (r - 1.0 / r) + 1.0 / r
+                r = self.scale_ratio  # sx (width) then sy (height), one draw of n each
+                v["scale"] = torch.stack([rand(n), rand(n)], 1) * (r - 1.0 / r) + 1.0 / r
             elif op == "rotate":
                 v["angle"] = (rand(n) - 0.5) * 2 * self.rotate_deg / 180 * math.pi
         return DSAParams(ops, v)
@@ -133,13 +176,17 @@ class DSA:
             elif op == "rotate":
                 a = v["angle"].to(x.dtype)
                 z = torch.zeros_like(a)
-                theta = torch.stack([torch.stack([a.cos(), a.sin(), z], 1),
-                                     torch.stack([-a.sin(), a.cos(), z], 1)], 1)
+                theta = torch.stack([torch.stack([a.cos(), -a.sin(), z], 1),
+                                     torch.stack([a.sin(), a.cos(), z], 1)], 1)
                 x = _warp(x, theta)
         return x
 
 
 def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Bilinear warp of ``x (N, C, H, W)`` by the linear maps ``theta (N, 2, 3)`` (output -> input
+    coordinates in [-1, 1], no translation), zeros outside. For such maps about the image centre
+    ``align_corners`` True (MTT's, DATM's ``utils.py``) and False (DSA's own ``utils.py``, PyTorch's
+    default) sample the same points; the parity test checks both references."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, align_corners=True)
 
