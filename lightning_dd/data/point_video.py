@@ -61,10 +61,11 @@ def read_point_video(path: str | Path, allow_pickle: bool = False) -> list[torch
         Returns T float32 tensors ``(N_t, 3)`` in the file's units.
 
     Raises:
-        FileNotFoundError: no file. DataFormatError (a ValueError): not an npz (zip) file,
-        unreadable/corrupt/truncated, no ``point_clouds`` key, an object array without
-        ``allow_pickle``, no frames, a frame not ``(N_t >= 1, 3)`` integers or floats, or NaN/inf
-        coordinates (each message names the file).
+        FileNotFoundError: no file.
+        DataFormatError (a ValueError): not an npz (zip) file,
+            unreadable/corrupt/truncated, no ``point_clouds`` key, an object array without
+            ``allow_pickle``, no frames, a frame not ``(N_t >= 1, 3)`` integers or floats, or NaN/inf
+            coordinates (each message names the file).
     """
     path = Path(path)
     if not path.is_file():
@@ -132,8 +133,8 @@ class ClipDataset(Dataset):
 
     Args:
         videos: lists of frames ``(N_t, 3)``; labels: ``(V,)``; train: scale jitter and random
-        resampling (else a fixed per-clip seed); views: 2 returns two independent resamplings/jitters
-        of the same clip stacked ``(2, clip_len, num_points, 3)`` (contrastive pretext).
+            resampling (else a fixed per-clip seed); views: 2 returns two independent resamplings/jitters
+            of the same clip stacked ``(2, clip_len, num_points, 3)`` (contrastive pretext).
     """
 
     def __init__(self, videos, labels, clip_len: int, frame_stride: int, clip_step: int, num_points: int,
@@ -196,9 +197,10 @@ def render_skeleton_folder(skeleton_root: str | Path, cache_dir: str | Path, poi
     each npz is written atomically, so an interrupted render resumes.
 
     Raises:
-        DataNotFoundError: no skeleton files. DataFormatError (a ValueError): a malformed file, a
-        file name without ``aXX_sYY_eZZ``, or a sequence that renders to an empty or non-finite
-        frame (each names the file); the videos rendered before it stay (complete npz files).
+        DataNotFoundError: no skeleton files.
+        DataFormatError (a ValueError): a malformed file, a
+            file name without ``aXX_sYY_eZZ``, or a sequence that renders to an empty or non-finite
+            frame (each names the file); the videos rendered before it stay (complete npz files).
     """
     skeleton_root = Path(skeleton_root)
     files = sorted(skeleton_root.glob("a*_s*_e*_skeleton3D.txt"))

@@ -395,7 +395,7 @@ def read_class_folders(root: str | Path, cache_dir: str | Path | None = None, wo
             or its name not UTF-8, or image sizes differ.
         ImageDecodeError (a DataFormatError and an OSError): an image cannot be decoded
             (truncated, corrupt); the message names the file.
-        Nothing is written to ``cache_dir`` unless every image decoded.
+            Nothing is written to ``cache_dir`` unless every image decoded.
     """
     root = Path(root)
     if not (root / "train").is_dir() or not (root / "test").is_dir():

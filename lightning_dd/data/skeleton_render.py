@@ -62,9 +62,10 @@ def read_skeleton(path: str | Path) -> np.ndarray:
         Returns ``(T, 20, 4)`` float32: x, y, z (metres, camera space), confidence.
 
     Raises:
-        FileNotFoundError: no file. DataFormatError (a ValueError): not UTF-8 text, not 4 numbers
-        per line, not 20 lines per frame, NaN/inf values, or coordinates beyond
-        :data:`MAX_COORDINATE` metres (the message names the file).
+        FileNotFoundError: no file.
+        DataFormatError (a ValueError): not UTF-8 text, not 4 numbers
+            per line, not 20 lines per frame, NaN/inf values, or coordinates beyond
+            :data:`MAX_COORDINATE` metres (the message names the file).
     """
     path = Path(path)
     if not path.is_file():

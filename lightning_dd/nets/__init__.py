@@ -120,8 +120,9 @@ def load_net_file(path, channel: int, num_classes: int, im_size, what: str = "te
     returns ``(net, the saved dict)`` (extra keys such as ``test_acc`` kept).
 
     Raises:
-        FileNotFoundError: no file. ValueError: not such a dict (``what`` names it), an unknown
-        net name, or weights that do not fit the data's shape / classes.
+        FileNotFoundError: no file.
+        ValueError: not such a dict (``what`` names it), an unknown
+            net name, or weights that do not fit the data's shape / classes.
     """
     from lightning_dd.io import load_dict
 

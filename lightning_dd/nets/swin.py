@@ -159,7 +159,7 @@ class Swin(nn.Module):
 
     Raises:
         ValueError: an image size the patches, windows or mergings do not divide, or a stage
-        width not divisible by its heads.
+            width not divisible by its heads.
     """
 
     def __init__(self, channel: int, num_classes: int, im_size=(224, 224), patch_size: int = 4, embed_dim: int = 96,

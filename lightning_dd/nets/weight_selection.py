@@ -88,7 +88,7 @@ def weight_selection(student: nn.Module, teacher_state: dict[str, torch.Tensor],
 
     Raises:
         ValueError: a student entry without a teacher entry of the same name (e.g. a student deeper
-        than its teacher), or a student tensor larger than the teacher's in some dimension.
+            than its teacher), or a student tensor larger than the teacher's in some dimension.
     """
     state = fuse_qkv(student.state_dict())
     teacher = fuse_qkv(teacher_state)

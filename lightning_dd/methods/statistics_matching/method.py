@@ -63,7 +63,7 @@ class StatisticsMatching(ImageMethod):
 
         Raises:
             ValueError: ZCA data (:func:`~.recover.pixel_bounds`), a teacher without BatchNorm
-            layers, a resume from batches of other settings.
+                layers, a resume from batches of other settings.
         """
         dm, seed, out_dir = ctx.dm, ctx.seed, Path(ctx.out_dir)
         timings, metrics = {}, {}

@@ -38,7 +38,7 @@ def run_device(accelerator: str = "auto") -> torch.device:
 
     Raises:
         ValueError: an accelerator not in :data:`ACCELERATORS` (the method's ``check`` rejects it
-        before any work).
+            before any work).
     """
     a = str(accelerator).lower()
     if a == "auto":
