@@ -34,8 +34,9 @@ def test_dm_loss_is_zero_iff_every_class_mean_matches():
 
 
 def test_vectorized_dm_step_equals_the_reference_per_class_loop():
-    """One forward of all classes + grouped siamese DSA == the reference loop (per class: DSA with a
-    shared draw on real and synthetic, embed, squared mean gap), in loss and pixel gradient."""
+    """One forward of all classes + grouped siamese DSA == the reference loop (per class: one DSA
+    draw applied to every real and synthetic image of the class, embed, squared mean gap), in loss
+    and pixel gradient."""
     torch.manual_seed(0)
     C, B, I = 5, 7, 3
     net = build_net("ConvNet", 3, C, (16, 16), width=8, depth=2).requires_grad_(False)
@@ -52,16 +53,27 @@ def test_vectorized_dm_step_equals_the_reference_per_class_loop():
     naive = torch.zeros(())
     families = set()
     for c in range(C):
-        p = dsa.sample(max(B, I), (16, 16), generator=g)
+        p = dsa.sample(1, (16, 16), generator=g)
         families.add(p.ops)
-        r = dsa.apply(real[c], p.index(torch.arange(B)))
-        s = dsa.apply(syn[c], p.index(torch.arange(I)))
+        r = dsa.apply(real[c], p.index(torch.zeros(B, dtype=torch.long)))
+        s = dsa.apply(syn[c], p.index(torch.zeros(I, dtype=torch.long)))
         naive = naive + (penultimate(net, net, r).mean(0) - penultimate(net, net, s).mean(0)).pow(2).sum()
     (grad_naive,) = torch.autograd.grad(naive, syn)
     assert len(families) > 1  # the grouping by DSA family was exercised
     assert torch.allclose(loss, naive, rtol=1e-4)
     assert torch.allclose(grad, grad_naive, rtol=1e-3, atol=1e-6)
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["color", "crop", "cutout", "flip", "scale", "rotate"])
+def test_siamese_dsa_gives_every_image_of_a_class_the_same_draw(strategy):
+    """As the reference's seeded ``DiffAugment`` (``param.Siamese`` copies the first image's parameters
+    to the batch): one draw per class for all its real and synthetic images, so copies of one image
+    come out identical. Fails with a draw per image (the earlier pairing of real ``i`` with synthetic ``i``)."""
+    C, B, I = 12, 6, 3
+    x = torch.rand(C, 1, 3, 16, 16).expand(C, B, 3, 16, 16).contiguous()
+    out_r, out_s = siamese_dsa(DSA(strategy), x, x[:, :I].clone(), torch.Generator().manual_seed(0))
+    assert torch.equal(out_r, out_r[:, :1].expand_as(out_r)) and torch.equal(out_s, out_r[:, :I])
 
 
 def test_real_batches_are_distinct_and_from_their_class():

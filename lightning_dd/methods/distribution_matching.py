@@ -7,15 +7,18 @@ Algorithm (one iteration, :meth:`DistributionMatching.training_step`; DM Sec. 3,
 1. build a freshly, randomly initialized embedding network ``psi`` (the run's ``net``; the
    embedding is its penultimate features, the reference's ``net.embed``), frozen;
 2. per class ``c``, draw ``batch_real`` real images of ``c`` and take the class's synthetic
-   images; augment both with DSA using the *same* sampled parameters (one family per class, the
-   synthetic image ``i`` gets the parameters of real image ``i``, as the reference's shared seed
-   does);
+   images; augment both with one DSA draw (one family and one parameter value per class, shared
+   by all real and synthetic images of the class, as the reference's shared seed does:
+   :func:`siamese_dsa`);
 3. ``L = sum_c || mean psi(A(R_c)) - mean psi(A(S_c)) ||^2`` and one SGD step (momentum 0.5) on the
    synthetic pixels;
 4. with ``clom.enabled``, ``+ alpha * L_CLoM`` from one pooled model.
 
 Synthetic images start from a random real subset per class (the reference's ``init=real``);
 labels are hard.
+
+Data (``experiment=dm_cifar10``): CIFAR-10 normalized by channel mean/std, no ZCA, as the
+reference's ``utils.get_dataset``.
 
 Deviations from the reference code (VICO-UoE/DatasetCondensation, ``main_DM.py``):
 
@@ -25,7 +28,18 @@ Deviations from the reference code (VICO-UoE/DatasetCondensation, ``main_DM.py``
 * Random choices come from a generator keyed by ``(seed, iteration)`` (the reference uses the
   clock for DSA seeds), so a resumed run repeats the same iterations.
 * The loop is a Lightning fit (checkpointing every ``ckpt_every`` iterations, ``resume=true``);
-  the reference's periodic evaluation is ``logger.eval_every``.
+  the reference's periodic evaluation is ``logger.eval_every``. ``iterations`` updates are made;
+  the reference's loop runs ``Iteration + 1`` times but evaluates (and reports) the set before the
+  last update, i.e. after ``Iteration`` updates, which is what ours returns.
+* The channel mean/std are fitted on the training images (``conf/data/cifar10.yaml``); the
+  reference uses the constants ``(0.4914, 0.4822, 0.4465) / (0.2023, 0.1994, 0.2010)``, whose std
+  is about 0.8x the fitted per-pixel std, so its model-space images are ~1.2x ours in scale
+  (lr_img and the DSA brightness act relative to it).
+* A real batch is ``min(batch_real, smallest class)`` images of every class (the reference caps each
+  class at its own size; equal on CIFAR-10).
+* With CLoM, the cosine term contrasts against the iteration's real DM batch (``batch_real`` per
+  class), not ``CLoM_batch_size`` images drawn uniformly from the training set as the authors'
+  ``utils_clom/CLoM.py`` does.
 """
 from __future__ import annotations
 
@@ -86,26 +100,28 @@ def sample_per_class(table: torch.Tensor, counts: torch.Tensor, n: int, generato
 
 
 def siamese_dsa(dsa: DSA, real: torch.Tensor, syn: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment each class's real and synthetic batch with the same DSA parameters.
+    """Augment each class's real and synthetic batch with one DSA draw shared by all its images.
 
-    Per class one parameter draw for ``max(B, I)`` images (one family in mode ``S``): real image
-    ``b`` gets parameters ``b``, synthetic image ``i`` parameters ``i``. Classes that drew the same
-    families are augmented together.
+    Per class one family (mode ``S``) and one parameter value, applied to every real and every
+    synthetic image of the class: the reference calls ``DiffAugment`` on the class's real batch and
+    on its synthetic batch with the same seed, and with a seed (``param.Siamese``) each DSA
+    function copies the first image's parameters to the whole batch (DSA arXiv 2102.08259, Sec. 3;
+    ``utils.py`` ``rand_*``). Classes that drew the same family are augmented together.
 
     Shapes: ``real (C, B, ch, H, W)``, ``syn (C, I, ch, H, W)`` -> the same shapes; differentiable
     in ``syn``.
     """
     C, B = real.shape[:2]
     I = syn.shape[1]
-    params = [dsa.sample(max(B, I), real.shape[-2:], generator=generator, device=real.device) for _ in range(C)]
+    params = [dsa.sample(1, real.shape[-2:], generator=generator, device=real.device) for _ in range(C)]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for c, p in enumerate(params):
         groups[p.ops].append(c)
     out_r, out_s = [None] * C, [None] * C
     for ops, cs in groups.items():
-        keys = params[cs[0]].values.keys()
-        pr = DSAParams(ops, {k: torch.cat([params[c].values[k][:B] for c in cs]) for k in keys})
-        ps = DSAParams(ops, {k: torch.cat([params[c].values[k][:I] for c in cs]) for k in keys})
+        per_class = {k: torch.cat([params[c].values[k] for c in cs]) for k in params[cs[0]].values}  # (len(cs), ...)
+        pr = DSAParams(ops, {k: v.repeat_interleave(B, 0) for k, v in per_class.items()})
+        ps = DSAParams(ops, {k: v.repeat_interleave(I, 0) for k, v in per_class.items()})
         ar = dsa.apply(real[cs].flatten(0, 1), pr).unflatten(0, (len(cs), B))
         as_ = dsa.apply(syn[cs].flatten(0, 1), ps).unflatten(0, (len(cs), I))
         for j, c in enumerate(cs):
