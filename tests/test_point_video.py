@@ -200,12 +200,16 @@ def test_linear_probe_is_paired_across_encoders_and_averages_its_repeats():
 def test_tube_embedding_shapes_and_translation_invariance():
     enc = P4Encoder(dim=32, depth=1, heads=4, mlp_dim=64, radius=0.5, k=8, spatial_stride=8)
     x = torch.randn(2, 6, 64, 3)
-    xyzt, f, neigh = enc.tokens(x, return_neighbours=True)
+    xyzt, f, neigh, index = enc.tokens(x, return_neighbours=True)
     assert xyzt.shape == (2, 3 * 8, 4) and f.shape == (2, 24, 32) and neigh.shape == (2, 24, 3, 8, 3)
+    assert index.shape == (2, 24, 3, 8) and index.dtype == torch.long
     assert xyzt[0, :, 3].tolist() == [1.0] * 8 + [2.0] * 8 + [3.0] * 8
-    _, f2 = enc.tokens(x + torch.tensor([3.0, -1.0, 2.0]))
+    shift = torch.tensor([3.0, -1.0, 2.0])
+    _, f2, neigh2, index2 = enc.tokens(x + shift, return_neighbours=True)
     assert torch.allclose(f, f2, atol=1e-4)  # features see displacements only
-    assert (neigh[:, :, 1].norm(dim=-1) < 0.5 + 1e-5).all()  # the anchor's own frame always has hits
+    assert torch.equal(index, index2) and torch.allclose(neigh2, neigh + shift, atol=1e-5)  # absolute coordinates
+    disp = neigh - xyzt[:, :, None, None, :3]
+    assert (disp[:, :, 1].norm(dim=-1) < 0.5 + 1e-5).all()  # the anchor's own frame always has hits
 
 
 def test_max_of_linear_equals_autograd_of_linear_then_amax():
@@ -227,28 +231,35 @@ def test_max_of_linear_equals_autograd_of_linear_then_amax():
     assert torch.allclose(gw, rw, atol=1e-12)
     assert torch.allclose(gx.sum(1), rx.sum(1), atol=1e-12)  # tied slots share the gradient differently
     assert torch.allclose(gx[:, 1:5], rx[:, 1:5], atol=1e-12)
-    # the whole P4DConv against its plain form: linear map of (dx, dy, dz, dt) + bias, then amax
+    # the whole P4DConv against its plain form: bias-free linear map of (dx, dy, dz, dt), then amax
     conv = P4DConv(dim=16, radius=0.8, k=8, spatial_stride=8).double()
     clip = torch.randn(2, 6, 64, 3, dtype=torch.float64)
-    _, feats, neigh = conv(clip, return_neighbours=True)
+    anchors, feats, neigh, _ = conv(clip, return_neighbours=True)
+    disp = neigh - anchors[:, :, :, None, None]
     dt = torch.arange(-1, 2, dtype=torch.float64).view(1, 1, 1, 3, 1, 1).expand(*neigh.shape[:-1], 1)
-    plain = conv.conv_d(torch.cat([neigh, dt], -1)).amax(4).amax(3)
+    plain = conv.conv_d(torch.cat([disp, dt], -1)).amax(4).amax(3)
     assert torch.allclose(feats, plain, atol=1e-12)
 
 
 def test_mast_pre_losses_fall_on_a_fixed_batch():
-    from lightning_dd.methods.point_video.mast_pre import MaSTPre, MaSTPreModule, soft_cardinality
+    """The cardinality targets (the reference's descriptor, and the CPU preset's ``fraction``
+    shares) on a hand-made ball, then 25 Adam steps lower both losses on a fixed batch, with
+    either target (``absolute``, the reference's, and ``displacement``). The reference's own
+    values are pinned in tests/parity/test_parity_point_video.py."""
+    from lightning_dd.methods.point_video.mast_pre import (MaSTPre, MaSTPreModule, cardinality_descriptor,
+                                                           soft_cardinality)
 
-    above = [[0.1 + 0.01 * i, 0.3, 0.0] for i in range(4)]
-    below = [[-0.1 - 0.01 * i, -0.3, 0.0] for i in range(3)]
-    counts = soft_cardinality(torch.tensor([above + below + [above[0]] * 3]), radius=0.7)  # 3 padding slots
-    assert torch.allclose(counts.sum(-1), torch.tensor([7.0]))  # counts of distinct neighbours, as the reference's
-    assert counts[0, 0] > 3.5 and counts[0, 6] > 2.5            # +x above: bin 0; -x below: bin 4 + 2
-    assert soft_cardinality(torch.full((1, 8, 3), 1.0), radius=0.7).sum() == 0  # an empty ball counts nothing
-    shares = soft_cardinality(torch.tensor([above + below + [above[0]] * 3]), radius=0.7, fraction=True)
+    above = [[0.1 + 0.01 * i, 0.3, 0.05] for i in range(4)]      # z > 0, near the equator: interpolated
+    below = [[-0.1 - 0.01 * i, -0.3, -0.05] for i in range(2)]
+    disp = torch.tensor([above + below + [above[0]] * 2])       # 6 distinct hits, 2 padding slots
+    index = torch.tensor([[3, 4, 5, 6, 7, 8, 3, 3]])
+    desc = cardinality_descriptor(disp, index)
+    assert 6 * 1.5 <= float(desc.sum()) <= 6 * 2                # 1.5..2 per neighbour (the reference's ~11.5-11.9)
+    assert float(desc.sum()) == pytest.approx(float(cardinality_descriptor(disp[:, :6], index[:, :6]).sum()))
+    assert desc.argmax() == 5                                   # +x +y, z > 0: sector 2, front half
+    assert cardinality_descriptor(disp, torch.zeros_like(index)).sum() == 0  # empty ball: all indices 0
+    shares = soft_cardinality(disp, radius=0.7)
     assert torch.allclose(shares.sum(-1), torch.ones(1))        # cardinality=fraction: every one of the k slots
-    one = soft_cardinality(torch.tensor([[above[0]]]), radius=0.7)  # the bins of the padded point alone
-    assert torch.allclose(10 * shares, counts + 3 * one, atol=1e-6)  # ... padding slots included, / k
     torch.manual_seed(0)
     hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
                                                 radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
@@ -263,6 +274,10 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
         out["loss"].backward()
         opt.step()
     assert float(out["loss"]) < 0.7 * first["loss"] and float(out["points"]) < first["points"]
+    torch.manual_seed(0)
+    m = MaSTPreModule(hp.encoder.build(), hp.model_copy(update={"target": "displacement"}), 10)
+    xyzt, _, neigh, index = m.encoder.tokens(x, return_neighbours=True)
+    assert torch.allclose(m.targets(neigh, index, xyzt)[0], neigh - xyzt[:, :, None, None, :3])
 
 
 _SMALL_MAST_PRE = dict(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,

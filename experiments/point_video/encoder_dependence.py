@@ -20,7 +20,7 @@ Usage, from the repository root (``scale=cpu``: about 9 min per variant on one i
 
     LDD_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python experiments/point_video/encoder_dependence.py \
         [--seed 0] [--jobs 2] [--variant trained --variant positions] [--out outputs/encoder_dependence] \
-        [extra train.py overrides, e.g. method.cardinality=count ...]
+        [extra train.py overrides, e.g. method.cardinality=reference ...]
 """
 from __future__ import annotations
 

@@ -5,9 +5,11 @@ Modeling in Point Cloud Videos", CVPR 2021), the backbone of MaST-Pre (ICCV 2023
 * :class:`P4DConv`, the point-tube embedding (Sec. 3.1): anchors by farthest point sampling on every
   ``ts``-th frame (after replicate-padding ``padding`` frames at the start/end), a temporal kernel of
   ``tk`` frames around each anchor frame, in each of them the ball query (radius ``r``, ``k``
-  neighbours, pointnet2 semantics) around the anchor; a shared linear map of (dx, dy, dz, dt), max
-  over the neighbours and then over the kernel frames (the reference's ``operator='+'`` with
-  ``in_planes=0``, one plane, no BN/activation, ``max`` spatial and temporal pooling).
+  neighbours, pointnet2 semantics) around the anchor; a shared bias-free linear map of
+  (dx, dy, dz, dt), max over the neighbours and then over the kernel frames (the reference's
+  ``operator='+'`` with ``in_planes=0``, one plane, no BN/activation, ``bias=False``, ``max``
+  spatial and temporal pooling). Equal to the reference's ``P4DConv`` given the same FPS
+  (``tests/parity/test_parity_point_video.py``).
 * :class:`P4Encoder`: tube features + a linear (x, y, z, t) position embedding (t = token frame
   index + 1), a pre-norm transformer, a final LayerNorm (MaST-Pre's encoder).
 * :class:`P4Classifier`: a cls token (with its own learned position) prepended, the encoder, then
@@ -18,8 +20,8 @@ Deviations: the transformer is ``torch.nn.TransformerEncoderLayer`` (pre-norm, G
 width is ``dim / heads`` (the reference lets ``heads * dim_head`` differ from ``dim``); the P4DConv
 kernel loop keeps a running max over kernel frames instead of stacking them (same result, a third
 of the memory), and takes the max over neighbours of the xyz part of the shared linear map with
-:func:`max_of_linear` (the dt and bias terms are the same for every neighbour of a frame, so they are
-added after the max; same result, a backward that never builds the ``(rows, k, dim)`` gradient).
+:func:`max_of_linear` (the dt term is the same for every neighbour of a frame, so it is added after the max;
+same result, a backward that never builds the ``(rows, k, dim)`` gradient).
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ class P4DConv(nn.Module):
             raise ValueError(f"P4DConv: the temporal kernel size must be odd, got {tk}")
         self.radius, self.k, self.spatial_stride, self.tk, self.ts = radius, k, spatial_stride, tk, ts
         self.padding = tuple(padding)
-        self.conv_d = nn.Linear(4, dim)
+        self.conv_d = nn.Linear(4, dim, bias=False)                                 # the reference's bias=False
 
     def anchor_frames(self, length: int) -> list[int]:
         """Indices (into the padded clip) of the anchor frames of a ``length``-frame clip."""
@@ -91,9 +93,13 @@ class P4DConv(nn.Module):
     def forward(self, xyz: torch.Tensor, return_neighbours: bool = False):
         """Shapes:
             xyz: ``(B, L, N, 3)``. Returns anchors ``(B, L', M, 3)``, features ``(B, L', M, dim)``
-            and, with ``return_neighbours``, the neighbour displacements ``(B, L', M, tk, k, 3)``
-            (neighbour minus anchor; the MaST-Pre targets). ``L'`` = len(:meth:`anchor_frames`),
-            ``M = N // spatial_stride``.
+            and, with ``return_neighbours``, the neighbours' coordinates ``(B, L', M, tk, k, 3)``
+            (absolute, as the reference's ``xyzs_neighbors``: MaST-Pre's targets) and their indices
+            into their frame's points ``(B, L', M, tk, k)`` long (the ball query's, padding
+            included). ``L'`` = len(:meth:`anchor_frames`), ``M = N // spatial_stride``.
+
+        Raises:
+            ValueError: the clip has no anchor frame.
         """
         b, length, n, _ = xyz.shape
         p0, p1 = self.padding
@@ -104,20 +110,23 @@ class P4DConv(nn.Module):
         lp, m = len(frames), max(1, n // self.spatial_stride)
         centre = xyz[:, frames].reshape(b * lp, n, 3)
         anchors = gather_points(centre, farthest_point_sample(centre, m))            # (B*L', M, 3)
-        feats, neigh = None, []
+        feats, neigh, index = None, [], []
         for o in range(-(self.tk // 2), self.tk // 2 + 1):
             other = xyz[:, frames + o].reshape(b * lp, n, 3)
             idx = ball_query(self.radius, self.k, other, anchors)                   # (B*L', M, k)
-            disp = gather_points(other, idx) - anchors.unsqueeze(2)                 # (B*L', M, k, 3)
+            points = gather_points(other, idx)                                      # (B*L', M, k, 3)
+            disp = points - anchors.unsqueeze(2)
             w = self.conv_d.weight                                                  # (dim, 4): dx dy dz dt
             f = max_of_linear(disp.flatten(0, 1), w[:, :3]).view(b * lp, m, -1)    # max over neighbours
-            f = f + (w[:, 3] * float(o) + self.conv_d.bias)                         # + the dt and bias terms
+            f = f + w[:, 3] * float(o)                                              # + the dt term
             feats = f if feats is None else torch.maximum(feats, f)                 # max over the kernel
             if return_neighbours:
-                neigh.append(disp)
+                neigh.append(points)
+                index.append(idx)
         out = anchors.view(b, lp, m, 3), feats.view(b, lp, m, -1)
         if return_neighbours:
-            return (*out, torch.stack(neigh, 2).view(b, lp, m, self.tk, self.k, 3))
+            return (*out, torch.stack(neigh, 2).view(b, lp, m, self.tk, self.k, 3),
+                    torch.stack(index, 2).view(b, lp, m, self.tk, self.k))
         return out
 
 
@@ -147,7 +156,8 @@ class P4Encoder(nn.Module):
     def tokens(self, clip: torch.Tensor, return_neighbours: bool = False):
         """The tube tokens of ``clip`` ``(B, L, N, 3)``: positions ``(B, T, 4)`` (x, y, z, t),
         features ``(B, T, dim)``, ``T = L' * M`` (frame-major), and with ``return_neighbours`` the
-        displacements ``(B, T, tk, k, 3)``."""
+        neighbours' absolute coordinates ``(B, T, tk, k, 3)`` and ball-query indices ``(B, T, tk, k)``
+        (:meth:`P4DConv.forward`)."""
         out = self.tube(clip, return_neighbours)
         anchors, feats = out[0], out[1]
         b, lp, m, _ = anchors.shape
@@ -155,7 +165,7 @@ class P4Encoder(nn.Module):
         xyzt = torch.cat([anchors, t], -1).reshape(b, lp * m, 4)
         res = (xyzt, feats.reshape(b, lp * m, -1))
         if return_neighbours:
-            res = (*res, out[2].reshape(b, lp * m, *out[2].shape[3:]))
+            res = (*res, *(x.reshape(b, lp * m, *x.shape[3:]) for x in out[2:]))
         return res
 
     def encode(self, feats: torch.Tensor, xyzt: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:

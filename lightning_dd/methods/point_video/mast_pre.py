@@ -7,29 +7,37 @@ sees only the visible tubes (+ their (x, y, z, t) positions); an MAE-style decod
 visible tokens (linearly projected) and one shared mask token per masked tube, each plus its
 decoder position embedding, and predicts for every masked tube
 
-* its point patch in each of the ``tk`` kernel frames: the ``k`` neighbour displacements of the
-  ball query, scored by Chamfer-L2 per frame (:func:`~lightning_dd.nets.point_ops.chamfer_l2`),
-  averaged over the frames (Sec. 3.3, "point cloud reconstruction");
-* its temporal cardinality differences (Sec. 3.4): per kernel frame the soft counts of the
-  neighbours in 2 elevation x 4 azimuth bins (:func:`soft_cardinality`), differenced between
+* its point patch in each of the ``tk`` kernel frames: the ``k`` ball-query neighbours'
+  absolute coordinates (the reference's ``xyzs_neighbors``), scored by Chamfer-L2 per frame
+  (:func:`~lightning_dd.nets.point_ops.chamfer_l2`), averaged over the frames (Sec. 3.3);
+* its temporal cardinality differences (Sec. 3.4): per kernel frame the reference's 8-volume
+  interpolated neighbour histogram (:func:`cardinality_descriptor`), differenced between
   consecutive frames, SmoothL1.
 
-The loss is their sum. After pretraining, :meth:`MaSTPre.evaluate` linear-probes the frozen encoder
-and, as the baseline, the same probe on a frozen *randomly initialized* encoder of the same shape.
+The loss is their sum (:func:`mast_pre_losses`). After pretraining, :meth:`MaSTPre.evaluate`
+linear-probes the frozen encoder and, as the baseline, the same probe on a frozen *randomly
+initialized* encoder of the same shape. The targets and losses equal the reference's on fixed
+inputs (``tests/parity/test_parity_point_video.py``).
 
-Deviations from the reference code: the cardinality targets are soft counts (sigmoid of the
-vertical displacement for the 2 elevation bins, softmax over the cosine to the 4 azimuth-bin
-centres in the horizontal x-z plane), where the reference counts neighbours into octants of the
-camera frame (signs of x, y; depth z for elevation) with linear interpolation between elevation
-volumes. Like the reference's (``useNormalization=False``) they are counts of the distinct
-neighbours (``cardinality=count``, the default). ``cardinality=fraction`` (this module's first
-version, kept for the CPU preset) divides by ``k`` with the padding slots included: the
-frame-to-frame differences are then ~0.05 and SmoothL1 stays in its quadratic regime (a term of
-0.006 against Chamfer's 0.13), yet on the skeleton-rendered CPU data its linear probe gained more
-(seed 0, 30 epochs, the paired 3-repeat probe: +4.2 points over a random encoder, against +2.3 with
-counts: there the count differences between consecutive frames are mostly the resampling noise of
-the rendered points, a SmoothL1 of 0.60 that does not fall). The transformer heads have width
-``dim / heads`` (torch's encoder layer); per-sample masks come from ``torch.rand(...).argsort``.
+Options that leave the reference (named, off by default):
+
+* ``target=displacement``: the point targets minus the anchor (this module's first version).
+* ``cardinality=fraction`` (set by the CPU preset): soft shares of the ``k`` ball-query slots in
+  2 elevation (y up) x 4 azimuth (x-z plane) bins (:func:`soft_cardinality`), padding included.
+  On the skeleton-rendered CPU data, against soft *counts* of the distinct neighbours (an earlier
+  reading of the reference, since replaced by :func:`cardinality_descriptor`), the shares' linear
+  probe gained more (seed 0, 30 epochs, paired 3-repeat probe: +4.2 over a random encoder against
+  +2.3): there the count differences between consecutive frames are mostly the resampling noise
+  of the rendered points, a SmoothL1 of 0.60 that does not fall.
+
+Deviations from the reference code kept: the transformer layers are ``torch.nn.TransformerEncoderLayer``
+(pre-norm, GELU, head width ``dim / heads``; the reference's heads are ``dim_head`` wide, and its
+dropout (``dropout1``, 0.05 in both transformers here too) acts only in the MLP, torch's also on the
+attention weights and after attention); the linear heads and position embeddings are
+``nn.Linear`` (the reference's 1x1 ``Conv1d``, the same map); the per-sample masks come from
+``torch.rand(...).argsort`` (the reference shuffles a numpy 0/1 vector per sample: the same
+distribution, other draws); the learning rate is warmed up and cosine-annealed per step to 0
+(the reference's timm ``CosineLRScheduler`` steps per epoch, from 1e-6 to a floor of 1e-6).
 """
 from __future__ import annotations
 
@@ -51,34 +59,93 @@ from lightning_dd.methods.point_video.common import (EncoderConfig, ProbeConfig,
 from lightning_dd.nets.p4transformer import P4Encoder, transformer
 
 
-def soft_cardinality(disp: torch.Tensor, radius: float, temp: float = 0.25, fraction: bool = False) -> torch.Tensor:
-    """Soft neighbour counts in 2 elevation x 4 azimuth bins (MaST-Pre Sec. 3.4, soft form).
+def cardinality_descriptor(disp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """MaST-Pre's point-tube cardinality descriptor of one kernel frame (Sec. 3.4; the reference's
+    ``getDescribe`` with ``useInterpolation=True, useNormalization=False``, a SHOT-style histogram).
 
-    As the reference's descriptor (``useNormalization=False``), the counts are *not* normalized:
-    each real neighbour adds 1 spread over the bins, so a row sums to the number of distinct
-    neighbours in the ball (0..k). Slots that are not real neighbours do not count: the padding of
-    the ball query (copies of the first hit, recognized by their displacement being equal to the
-    first slot's) and, for a ball with no point at all, every slot (displacement outside ``radius``).
+    Each real neighbour falls in one of 8 volumes: 4 azimuth sectors of the (x, y) plane (sector
+    ``s`` spans ``[-180 + 90 s, -90 + 90 s)`` degrees, centre ``-135 + 90 s``) x 2 elevation halves
+    (``z <= 0`` / ``z > 0``; volume ``2 s + [z > 0]``), and adds, linearly interpolated:
 
-    With ``fraction`` instead each of the ``k`` slots adds ``1 / k``, padding included (rows sum to
-    1; ``method.cardinality=fraction``).
+    * elevation: ``1 - |e|`` to its volume, where ``e`` is the inclination ``acos(z / |d|)``
+      minus its half's centre (45 or 135 degrees) in units of 90 degrees; toward the equator
+      (inclination in [45, 135] degrees) the other half's volume gets ``|e|``, beyond the centres
+      the ``|e|`` is dropped;
+    * azimuth (not for a neighbour on the z axis): ``1 - |a|`` to its volume and ``|a|`` to the
+      adjacent sector's volume of the same half on the side it leans to (cyclic), ``a`` the
+      azimuth minus its sector's centre in units of 90 degrees (clamped to +-0.5).
+
+    So each neighbour adds between 1.5 and 2 (6 neighbours: ~11.5-11.9). Counted are the distinct
+    ball-query hits: the first slot and every slot whose index differs from it; a row whose indices
+    are all 0 (the ball query's empty ball, or a ball holding only point 0) counts nothing. Not
+    normalized (the reference's ``useNormalization=False``).
 
     Shapes:
-        disp: ``(..., k, 3)`` displacements (x, y up, z depth), as the ball query's slots. Returns
-        ``(..., 8)`` counts (elevation-major: bins 0-3 above the anchor, 4-7 below).
+        disp: ``(..., k, 3)`` neighbour minus anchor (x, y, z: z the camera depth of the
+        reference's data); index: ``(..., k)`` the ball query's indices. Returns ``(..., 8)`` in
+        ``disp``'s dtype.
+    """
+    x, y, z = disp.unbind(-1)
+    half_pi = torch.pi / 2
+    upper = (y > 0) | ((y == 0) & (x < 0))
+    right = (x > 0) | ((x == 0) & (y > 0))
+    sector = 2 * upper.long() + (right != upper).long()                       # 0..3 by azimuth
+    volume = 2 * sector + (z > 0).long()
+    incl = torch.acos((z / (disp.norm(dim=-1) + 1e-15)).clamp(-1.0, 1.0))
+    lower = (incl > half_pi) | (((incl - half_pi).abs() < 1e-6) & (z <= 0))
+    e = (incl - torch.where(lower, 1.5 * half_pi, 0.5 * half_pi)) / half_pi
+    equatorward = torch.where(lower, incl <= 1.5 * half_pi, incl >= 0.5 * half_pi)
+    has_xy = (x != 0) | (y != 0)
+    a = ((torch.atan2(y, x) - (sector * half_pi - 1.5 * half_pi)) / half_pi).clamp(-0.5, 0.5)
+    a = torch.where(has_xy, a, torch.zeros_like(a))
+    side = torch.where(a > 0, 2, -2)
+    hot = lambda v: F.one_hot(v % 8, 8).to(disp.dtype)                      # (..., k, 8)
+    w = hot(volume) * ((1 - e.abs()) + has_xy * (1 - a.abs())).unsqueeze(-1)
+    w = w + hot(volume ^ 1) * (equatorward * e.abs()).unsqueeze(-1) + hot(volume + side) * a.abs().unsqueeze(-1)
+    real = index != index[..., :1]
+    real[..., 0] = True
+    real &= (index != 0).any(-1, keepdim=True)
+    return (w * real.unsqueeze(-1)).sum(-2)
+
+
+def soft_cardinality(disp: torch.Tensor, radius: float, temp: float = 0.25) -> torch.Tensor:
+    """Soft shares of the ``k`` ball-query slots in 2 elevation x 4 azimuth bins
+    (``method.cardinality=fraction``, this module's first reading of Sec. 3.4, kept for the CPU
+    preset; not the reference's :func:`cardinality_descriptor`): y is up, azimuth in the x-z plane;
+    elevation by a sigmoid of the vertical displacement, azimuth by a softmax over the cosine to the
+    4 bin centres. Every slot adds ``1 / k``, the ball query's padding included, so rows sum to 1.
+
+    Shapes:
+        disp: ``(..., k, 3)`` neighbour minus anchor. Returns ``(..., 8)`` (bins 0-3 above the
+        anchor, 4-7 below).
     """
     up = torch.sigmoid(disp[..., 1] / (0.1 * radius))                      # elevation: above / below
     elev = torch.stack([up, 1 - up], -1)                                   # (..., k, 2)
     phi = torch.atan2(disp[..., 2], disp[..., 0])
     centres = torch.arange(4, device=disp.device, dtype=disp.dtype) * (torch.pi / 2)
     azim = (torch.cos(phi.unsqueeze(-1) - centres) / temp).softmax(-1)    # (..., k, 4)
-    bins = (elev.unsqueeze(-1) * azim.unsqueeze(-2)).flatten(-2)          # (..., k, 8)
-    if fraction:
-        return bins.mean(-2)
-    pad = (disp == disp[..., :1, :]).all(-1)
-    pad[..., 0] = False                                                    # the first hit itself counts
-    real = ~pad & (disp.pow(2).sum(-1) < radius * radius)                 # (..., k)
-    return (bins * real.unsqueeze(-1)).sum(-2)
+    return (elev.unsqueeze(-1) * azim.unsqueeze(-2)).flatten(-2).mean(-2)
+
+
+def mast_pre_losses(pred_points: torch.Tensor, pred_card: torch.Tensor, points: torch.Tensor,
+                    card: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MaST-Pre's two losses over the masked tubes (Sec. 3.3-3.5), as the reference's decoder:
+
+    * ``points``: Chamfer-L2 (:func:`~lightning_dd.nets.point_ops.chamfer_l2`) between the
+      predicted and the target ``k`` points of each tube in each kernel frame, averaged over tubes
+      and frames (squared input units);
+    * ``cardinality``: SmoothL1 (beta 1, mean) between the predicted and the target temporal
+      differences ``card[t + 1] - card[t]`` of the descriptors;
+
+    ``loss`` = their sum.
+
+    Shapes:
+        pred_points, points: ``(..., tk, k, 3)``; pred_card: ``(..., tk - 1, 8)``; card: ``(..., tk, 8)``.
+    """
+    k = points.shape[-2]
+    chamfer = chamfer_l2(pred_points.reshape(-1, k, 3), points.reshape(-1, k, 3))
+    card_loss = F.smooth_l1_loss(pred_card, card[..., 1:, :] - card[..., :-1, :])
+    return {"loss": chamfer + card_loss, "points": chamfer, "cardinality": card_loss}
 
 
 def random_mask(b: int, t: int, ratio: float, device=None) -> torch.Tensor:
@@ -98,14 +165,26 @@ class MaSTPreModule(L.LightningModule):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.decoder_pos = nn.Linear(4, d)
-        self.decoder = transformer(d, hp.decoder_depth, hp.decoder_heads, 2 * d, 0.0)
+        self.decoder = transformer(d, hp.decoder_depth, hp.decoder_heads, 2 * d, hp.encoder.dropout)
         self.decoder_norm = nn.LayerNorm(d)
         self.points_head = nn.Linear(d, 3 * self.k * self.tk)
         self.card_head = nn.Linear(d, 8 * (self.tk - 1))
 
+    def targets(self, neigh: torch.Tensor, index: torch.Tensor, xyzt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pretext's targets of tubes: their points ``(..., tk, k, 3)`` (absolute coordinates,
+        the reference's; minus the anchor with ``target=displacement``) and their descriptors
+        ``(..., tk, 8)`` (:func:`cardinality_descriptor`, or :func:`soft_cardinality` with
+        ``cardinality=fraction``), from :meth:`P4Encoder.tokens`'s neighbours ``(..., tk, k, 3)``,
+        indices ``(..., tk, k)`` and positions ``(..., 4)``."""
+        disp = neigh - xyzt[..., None, None, :3]
+        points = neigh if self.hp.target == "absolute" else disp
+        if self.hp.cardinality == "fraction":
+            return points, soft_cardinality(disp, self.encoder.tube.radius)
+        return points, cardinality_descriptor(disp, index)
+
     def losses(self, clip: torch.Tensor) -> dict:
         """``{"loss", "points", "cardinality"}`` of a batch of clips ``(B, L, N, 3)``."""
-        xyzt, feats, neigh = self.encoder.tokens(clip, return_neighbours=True)
+        xyzt, feats, neigh, index = self.encoder.tokens(clip, return_neighbours=True)
         b, t, _ = feats.shape
         n_vis = t - int(self.hp.mask_ratio * t)
         perm = random_mask(b, t, self.hp.mask_ratio, clip.device)
@@ -115,13 +194,10 @@ class MaSTPreModule(L.LightningModule):
         pos = self.decoder_pos(torch.cat([take(xyzt, vis), take(xyzt, msk)], 1))
         x = torch.cat([self.decoder_embed(enc), self.mask_token.expand(b, t - n_vis, -1)], 1) + pos
         out = self.decoder_norm(self.decoder(x))[:, n_vis:]                       # (B, M, d) masked tubes
-        gt = take(neigh, msk)                                                      # (B, M, tk, k, 3)
-        pred = self.points_head(out).view(*gt.shape)
-        points = chamfer_l2(pred.reshape(-1, self.k, 3), gt.reshape(-1, self.k, 3))
-        card = soft_cardinality(gt, self.encoder.tube.radius, fraction=self.hp.cardinality == "fraction")
-        target = card[:, :, 1:] - card[:, :, :-1]
-        card_loss = F.smooth_l1_loss(self.card_head(out).view_as(target), target)
-        return {"loss": points + card_loss, "points": points, "cardinality": card_loss}
+        points, card = self.targets(take(neigh, msk), take(index, msk), take(xyzt, msk))
+        pred_points = self.points_head(out).view(*points.shape)                    # (B, M, tk, k, 3)
+        pred_card = self.card_head(out).view(*card.shape[:-2], self.tk - 1, card.shape[-1])
+        return mast_pre_losses(pred_points, pred_card, points, card)
 
     def training_step(self, batch, _):
         clip = batch[0]
@@ -165,10 +241,11 @@ class PointVideoPretraining(Method):
 class MaSTPre(PointVideoPretraining):
     """MaST-Pre pretraining (module docstring), ``conf/method/mast_pre.yaml``; saves ``encoder.pt``.
 
-    Fields: ``encoder`` (P4Transformer settings), decoder width/depth/heads, ``mask_ratio``,
-    ``cardinality`` (the targets of Sec. 3.4: ``count``, the reference's unnormalized counts of the
-    distinct neighbours, or ``fraction``, shares of the ``k`` ball-query slots; see
-    :func:`soft_cardinality` and the module docstring), AdamW
+    Fields: ``encoder`` (P4Transformer settings; its ``dropout`` also the decoder's, as the
+    reference's single ``dropout1``), decoder width/depth/heads, ``mask_ratio``, ``target``
+    (``absolute``: the reference's point targets, or ``displacement`` from the anchor),
+    ``cardinality`` (the targets of Sec. 3.4: ``reference``, :func:`cardinality_descriptor`, or
+    ``fraction``, :func:`soft_cardinality`; module docstring), AdamW
     ``lr``/``weight_decay``, ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine;
     ``probe``: the linear-probe evaluation (pretrained vs random encoder).
 
@@ -182,7 +259,8 @@ class MaSTPre(PointVideoPretraining):
     decoder_depth: PositiveInt = 4
     decoder_heads: PositiveInt = 8
     mask_ratio: Fraction = 0.75
-    cardinality: Literal["count", "fraction"] = "count"
+    target: Literal["absolute", "displacement"] = "absolute"
+    cardinality: Literal["reference", "fraction"] = "reference"
 
     def check(self, ctx_cfg) -> None:
         from lightning_dd.core.config import ConfigError
