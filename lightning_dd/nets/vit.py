@@ -44,7 +44,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections.
 
     Hooks (``nn.Identity`` in the FP net, replaced by quantizers in the quantized one):
-    ``q_act``, ``k_act``, ``v_act`` (after the projections), ``attn_act`` (softmax output). The
+    ``in_act`` (the input, shared by the q/k/v projections), ``q_act``, ``k_act``, ``v_act`` (after
+    the projections), ``attn_act`` (softmax output). The
     input of ``proj`` is ``attn @ v`` (quantized by ``proj``'s own input quantizer when ``proj``
     is a quantized Linear). The pre-softmax logits stay in floating point.
 
@@ -62,6 +63,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.in_act = nn.Identity()
         self.q_act, self.k_act, self.v_act, self.attn_act = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,7 @@ class Attention(nn.Module):
         """``bias``: added to the pre-softmax logits ``(B, heads, N, N)`` (broadcast; e.g. Swin's
         relative position bias and window mask), ``None`` for plain attention."""
         b, n, d = x.shape
+        x = self.in_act(x)
         q = self._heads(self.q_act(self.q(x)))
         k = self._heads(self.k_act(self.k(x)))
         v = self._heads(self.v_act(self.v(x)))

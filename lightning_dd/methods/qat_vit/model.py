@@ -4,8 +4,9 @@ quantized, calibration, the integer export and its reload.
 At the target bits ``b`` (weights ``w_bits``, activations ``a_bits``), in every block:
 
 * weights of ``attn.q``, ``attn.k``, ``attn.v``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` (signed);
-* the input of each of these Linears (signed; the input of ``proj`` is ``attn @ v``; the input of
-  ``fc2`` is the GELU output: unsigned with a learned offset);
+* the input of each of these Linears (signed; one quantizer ``attn.in_act`` for the shared input of
+  q, k and v, as the reference's ``quant_input`` in ``DeiT_quant.py``; the input of ``proj`` is
+  ``attn @ v``; the input of ``fc2`` is the GELU output: unsigned with a learned offset);
 * q, k and v after their projections (signed) and the softmax output (unsigned).
 
 At 8 bits (``keep_bits``): the patch-embedding conv and its input, the head and its input, and
@@ -47,8 +48,10 @@ def quantize_vit(fp: ViT | Swin, w_bits: int, a_bits: int | None = None, keep_bi
 
     for mod in list(m.modules()):
         if isinstance(mod, Attention):
-            for name in ("q", "k", "v", "proj"):
-                setattr(mod, name, QLinear(getattr(mod, name), w_bits, act(), grad_scale))
+            mod.in_act = act()
+            for name in ("q", "k", "v"):
+                setattr(mod, name, QLinear(getattr(mod, name), w_bits, None, grad_scale))
+            mod.proj = QLinear(mod.proj, w_bits, act(), grad_scale)
             mod.q_act, mod.k_act, mod.v_act = act(), act(), act()
             mod.attn_act = act(signed=False)
         elif isinstance(mod, Mlp):
@@ -74,7 +77,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor, reset: bool = True) -> nn.Module:
     """Initialize every activation step from one batch ``images (B, C, H, W)`` (on the model's
-    device): LSQ's ``2 * mean|x| / sqrt(Qp)`` per quantizer, each seeing the inputs that the
+    device): the reference's ``2 * mean|x| / sqrt(2^(b-1) - 1)`` per quantizer, each seeing the inputs that the
     quantizers before it already quantized. ``reset`` re-initializes ones already set; weight
     steps are refitted by the MSE fit. The model is left in eval mode."""
     model.eval()

@@ -1,33 +1,36 @@
 """LSQ-style per-tensor uniform quantizers with learnable step sizes (Esser et al., "Learned Step
 Size Quantization", arXiv 1902.08153), as QAT-ViT uses them (Huang et al., arXiv 2307.00331,
-Sec. 3 and its reference code), plus the quantized Linear / Conv2d that carry one for the weight
-and one for the input.
+Sec. 3 and its reference code, ``quantization/lsq_layer.py``), plus the quantized Linear / Conv2d
+that carry one for the weight and (optionally) one for the input.
 
-Forward: ``x_q = s * clamp(round((x - beta) / s), Qn, Qp) + beta`` with a straight-through
-estimator for ``round``; ``beta`` is a learned offset (only for the unsigned GELU-output quantizer,
-LSQ+ style), otherwise 0. ``[Qn, Qp]`` is ``[-2^(b-1), 2^(b-1)-1]`` signed or ``[0, 2^b-1]``
-unsigned.
+Forward: ``x_q = s * round(clamp((x - beta) / s, Qn, Qp)) + beta`` with a straight-through
+estimator for ``round``; ``beta`` is a learned offset (only for the unsigned GELU-output quantizer),
+otherwise 0. ``[Qn, Qp]`` is ``[-2^(b-1), 2^(b-1)-1]`` signed or ``[0, 2^b-1]`` unsigned. Gradients
+(``u = (x - beta) / s``, ``inside = Qn < u < Qp``): ``dx = dy * inside``,
+``ds = g * sum(dy * (round(clamp(u)) - u * inside))``, ``dbeta = sum(dy * (1 - inside))`` (not
+scaled by ``g``, as the reference).
 
 Step-gradient scale ``g`` (the step's gradient is multiplied by ``g``, its value is unchanged):
 
 * ``grad_scale="reference"`` (default, the QAT-ViT reference code): ``1/sqrt(sum|w| * Qp)`` for
-  weights and ``1/sqrt(numel(x) * Qp)`` for activations (``numel`` of the whole batch tensor).
+  weights (``QuantLinear``) and ``1/(sqrt(numel(x)) * Qp)`` for activations (``QuantAct``; ``numel``
+  of the whole batch tensor, ``Qp`` of the quantizer's own range).
 * ``grad_scale="lsq"`` (LSQ paper): ``1/sqrt(N * Qp)`` with ``N`` the number of weights, or the
   number of features per sample for activations.
 
-Initialization: weight steps by the MSE fixed-point fit :func:`mse_step` (alternating the
-rounding assignment and the least-squares step, as the reference code's MSE init); activation
-steps from the first batch that reaches them, ``2 * mean|x - beta| / sqrt(Qp)`` (LSQ), with
-``beta`` initialized to ``min(x)`` of that batch when learned (and clamped to ``<= 0``).
+Initialization (reference): weight steps by the MSE fixed-point fit :func:`mse_step` started at
+``max|w| / Qp`` (``quantize_by_mse``); activation steps from the first batch that reaches them,
+``2 * mean|x| / sqrt(2^(b-1) - 1)`` (LSQ's init with the signed ``Qp`` for every quantizer, as
+``QuantAct.forward``), offsets at 0. Steps are kept ``>= 1e-4`` (the reference clamps them in place
+before every forward; here in the forward).
 
-Deviations from the reference code (reasons):
-
-* ``round`` is applied before ``clamp`` (``clamp(round(x/s))``, not ``round(clamp(x/s))``): the
-  forward values are the same, and the gradients then equal PyTorch's learnable fake-quantize op
-  (``torch._fake_quantize_learnable_per_tensor_affine``) exactly, which the tests use as an oracle;
-  the two conventions differ only for ``x/s`` within half a step outside the range.
-* The step is kept positive by ``clamp(min=1e-8)`` in the forward (the reference code does not
-  guard it; a step that a large update drove negative would flip the sign of the layer).
+Deviation from the reference code kept as an option (``impl="fused"``, not the default):
+PyTorch's fused learnable fake-quantize kernel (``torch._fake_quantize_learnable_per_tensor_affine``)
+rounds before it clamps; its values are the same, its gradients differ for ``u`` within half a step
+outside ``[Qn, Qp]`` (there it passes the input gradient and gives the step ``round(u) - u``, the
+reference 0 and ``Qn``/``Qp``). At exact ties ``u = Qn`` or ``u = Qp`` the reference's
+``torch.minimum``/``maximum`` split the gradient in halves; here the tie counts as outside (a
+measure-zero set for real inputs).
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GradScale = Literal["reference", "lsq"]
+Impl = Literal["reference", "fused"]
+MIN_STEP = 1e-4  # the reference's ``alpha.data.clamp_(min=1e-4)``
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -52,6 +57,28 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
+class _LSQ(torch.autograd.Function):
+    """``s * round(clamp((x - beta) / s, qn, qp)) + beta`` with the reference's gradients (module
+    docstring); ``g`` scales the step's gradient only. One pass forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, x, s, beta, qn, qp, g):
+        u = (x - beta) / s
+        q = u.clamp(qn, qp).round()
+        ctx.save_for_backward(u, q)
+        ctx.qn, ctx.qp, ctx.g = qn, qp, g
+        return q * s + beta
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, q = ctx.saved_tensors
+        inside = (u > ctx.qn) & (u < ctx.qp)
+        dx = torch.where(inside, dy, 0.0)
+        ds = (dy * torch.where(inside, q - u, q)).sum() * ctx.g
+        dbeta = (dy - dx).sum() if ctx.needs_input_grad[2] else None
+        return dx, ds.reshape(()), dbeta, None, None, None
+
+
 class _GradScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g):
@@ -63,46 +90,30 @@ class _GradScale(torch.autograd.Function):
         return dy * ctx.g, None
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.round()
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy
-
-
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """``x`` in the forward (exactly), ``g * dL/dx`` in the backward (LSQ's ``grad_scale``)."""
     return _GradScale.apply(x, g)
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` (half to even, exactly) in the forward, identity in the backward."""
-    return _RoundSTE.apply(x)
-
-
 @torch.no_grad()
-def mse_step(w: torch.Tensor, qn: int, qp: int, iters: int = 12, starts: int = 8) -> torch.Tensor:
-    """The step ``s`` minimizing ``||w - s * clamp(round(w/s), qn, qp)||^2`` by fixed-point
-    iteration (given the integers ``q``, the best step is ``<w, q> / <q, q>``; repeat), run from
-    ``starts`` initial steps ``max|w| / qp * linspace(1/starts, 1, starts)`` at once (the iteration
-    finds a local optimum of its start); the step with the lowest error is returned.
+def mse_step(w: torch.Tensor, qn: int, qp: int, tol: float = 1e-5, max_iters: int = 100) -> torch.Tensor:
+    """The step ``s`` minimizing ``||w - s * round(clamp(w/s, qn, qp))||^2`` by the reference's
+    fixed-point iteration (``quantize_by_mse``): start at ``max|w| / qp``; given the integers ``q``,
+    the best step is ``<w, q> / <q, q>``; repeat until the relative change is below ``tol`` (or
+    ``max_iters``). A local optimum of that start.
 
     Shapes: ``w`` any shape -> 0-dim float tensor (``> 0``; ``1e-8`` for an all-zero ``w``).
     """
     w = w.detach().float().flatten()
-    s = (w.abs().max() / max(qp, 1) * torch.linspace(1 / starts, 1, starts, device=w.device)).clamp(min=1e-8)
-    for _ in range(iters):
-        q = (w / s[:, None]).round().clamp(qn, qp)
-        new = ((w * q).sum(1) / (q * q).sum(1).clamp(min=1e-12)).clamp(min=1e-8)
-        done = torch.allclose(new, s, rtol=1e-7, atol=0)
+    s = (w.abs().max() / max(qp, 1)).clamp(min=1e-8)
+    for _ in range(max_iters):
+        q = (w / s).clamp(qn, qp).round()
+        new = ((w @ q) / (q @ q).clamp(min=1e-12)).clamp(min=1e-8)
+        done = bool((new - s).abs() < tol * new)
         s = new
         if done:
             break
-    err = ((w / s[:, None]).round().clamp(qn, qp) * s[:, None] - w).pow(2).sum(1)
-    return s[err.argmin()]
+    return s
 
 
 class Quantizer(nn.Module):
@@ -114,11 +125,9 @@ class Quantizer(nn.Module):
             batch in :meth:`forward`); also selects the gradient-scale formula.
         offset: learn an offset ``beta`` (the unsigned GELU output, whose minimum is about -0.17).
         grad_scale: ``"reference"`` | ``"lsq"`` (module docstring).
-        impl: ``"fused"`` (default): PyTorch's fused learnable fake-quantize kernel
-            (``torch._fake_quantize_learnable_per_tensor_affine``, one pass forward and backward,
-            the offset subtracted before and added after it); ``"explicit"``: :meth:`explicit`, the
-            same computation written out (the tests check that both agree in values and gradients).
-            The fused kernel is the faster of the two on CPU (benchmarks/qat_step.py).
+        impl: ``"reference"`` (default): :class:`_LSQ`, the reference's clamp-then-round with its
+            gradients; ``"fused"``: PyTorch's fused kernel (round, then clamp: the gradients differ
+            within half a step outside the range, module docstring).
 
     Attributes:
         step: ``()`` parameter. beta: ``()`` parameter (``offset``) or ``None``.
@@ -129,7 +138,7 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, bits: int, signed: bool, kind: Literal["weight", "act"] = "act", offset: bool = False,
-                 grad_scale: GradScale = "reference", impl: Literal["fused", "explicit"] = "fused"):
+                 grad_scale: GradScale = "reference", impl: Impl = "reference"):
         super().__init__()
         self.bits, self.signed, self.kind, self.grad_mode = bits, signed, kind, grad_scale
         self.qn, self.qp = qrange(bits, signed)
@@ -147,11 +156,10 @@ class Quantizer(nn.Module):
         """The step-gradient scale ``g`` for input ``x`` (module docstring)."""
         if self.grad_mode == "lsq":
             n = x.numel() if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
-        elif self.kind == "weight":
-            n = float(x.detach().abs().sum())
-        else:
-            n = x.numel()
-        return 1.0 / math.sqrt(max(n, 1e-12) * self.qp)
+            return 1.0 / math.sqrt(max(n, 1) * self.qp)
+        if self.kind == "weight":
+            return 1.0 / math.sqrt(max(float(x.detach().abs().sum()), 1e-12) * self.qp)
+        return 1.0 / (math.sqrt(max(x.numel(), 1)) * self.qp)
 
     @torch.no_grad()
     def init_weight(self, w: torch.Tensor) -> None:
@@ -161,18 +169,15 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def init_act(self, x: torch.Tensor) -> None:
-        """Activation init from a batch: ``beta = min(min(x), 0)`` when learned, then
-        ``step = 2 * mean|x - beta| / sqrt(Qp)`` (LSQ); mark initialized."""
-        if self.beta is not None:
-            self.beta.copy_(x.min().clamp(max=0))
-        centered = x - (self.beta if self.beta is not None else 0.0)
-        self.step.copy_((2 * centered.abs().mean() / math.sqrt(self.qp)).clamp(min=1e-8))
+        """Activation init from a batch (reference ``QuantAct``): ``step = 2 * mean|x| /
+        sqrt(2^(b-1) - 1)`` (the signed ``Qp`` whatever the range), ``beta`` left at 0; mark initialized."""
+        self.step.copy_((2 * x.abs().mean() / math.sqrt(max(1, 2 ** (self.bits - 1) - 1))).clamp(min=MIN_STEP))
         self.initialized.fill_(True)
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer codes ``clamp(round((x - beta)/s), Qn, Qp)`` (float dtype, no gradient)."""
+        """The integer codes ``round(clamp((x - beta)/s, Qn, Qp))`` (float dtype, no gradient)."""
         beta = self.beta.detach() if self.beta is not None else 0.0
-        return ((x.detach() - beta) / self.step.detach().clamp(min=1e-8)).round().clamp(self.qn, self.qp)
+        return ((x.detach() - beta) / self.step.detach().clamp(min=MIN_STEP)).clamp(self.qn, self.qp).round()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -183,43 +188,29 @@ class Quantizer(nn.Module):
             else:
                 self.init_act(x)
         g = self.grad_factor(x) if torch.is_grad_enabled() and self.step.requires_grad else 1.0
+        s = self.step.clamp(min=MIN_STEP)
         if self.impl == "fused":
-            beta = grad_scale(self.beta, g) if self.beta is not None else None
-            xc = x - beta if beta is not None else x
-            y = torch._fake_quantize_learnable_per_tensor_affine(
-                xc, self.step.clamp(min=1e-8).reshape(1), self._zero, self.qn, self.qp, g)
-            return y + beta if beta is not None else y
-        return self.explicit(x, g)
-
-    def explicit(self, x: torch.Tensor, g: float = 1.0) -> torch.Tensor:
-        """The quantizer written out (module docstring): ``s * clamp(round_ste((x - beta)/s)) + beta``
-        with ``s``, ``beta`` gradient-scaled by ``g``. Same values and gradients as the fused path."""
-        s = grad_scale(self.step.clamp(min=1e-8), g)
-        if self.beta is None:
-            return s * self._clamp(round_ste(x / s))
-        beta = grad_scale(self.beta, g)
-        return s * self._clamp(round_ste((x - beta) / s)) + beta
-
-    def _clamp(self, r: torch.Tensor) -> torch.Tensor:
-        """``clamp(r, Qn, Qp)`` passing the gradient where ``Qn <= r <= Qp`` (boundaries included;
-        ``torch.clamp`` blocks it at the boundaries)."""
-        inside = (r >= self.qn) & (r <= self.qp)
-        return torch.where(inside, r, r.detach().clamp(self.qn, self.qp))
+            xc = x - self.beta if self.beta is not None else x
+            y = torch._fake_quantize_learnable_per_tensor_affine(xc, s.reshape(1), self._zero, self.qn, self.qp, g)
+            return y + self.beta if self.beta is not None else y
+        beta = self.beta if self.beta is not None else self._zero.reshape(())
+        return _LSQ.apply(x, s, beta, self.qn, self.qp, g)
 
 
 class QLinear(nn.Module):
     """``nn.Linear`` with a quantized weight (signed, ``weight_bits``) and a quantized input
-    (``act``: signed, or unsigned with offset after GELU); same parameter names as ``nn.Linear``
+    (``act``: signed, or unsigned with offset after GELU; ``None``: the input comes quantized, as
+    q/k/v's from the attention's shared input quantizer); same parameter names as ``nn.Linear``
     (``weight``, ``bias``; the bias stays in floating point).
 
     Shapes: ``(..., in_features)`` -> ``(..., out_features)``."""
 
-    def __init__(self, linear: nn.Linear, weight_bits: int, act: Quantizer, grad_scale: GradScale = "reference"):
+    def __init__(self, linear: nn.Linear, weight_bits: int, act: Quantizer | None, grad_scale: GradScale = "reference"):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.wq = Quantizer(weight_bits, True, "weight", grad_scale=grad_scale)
-        self.aq = act
+        self.aq = act if act is not None else nn.Identity()
         self.wq.init_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
