@@ -133,7 +133,7 @@ class ViT(nn.Module):
 
     Raises:
         ValueError: a patch size that does not divide the image, or ``embed_dim`` not divisible
-        by ``num_heads``.
+            by ``num_heads``.
     """
 
     def __init__(self, channel: int, num_classes: int, im_size=(32, 32), patch_size: int = 4, embed_dim: int = 192,
