@@ -182,8 +182,11 @@ def test_every_selector_takes_the_same_fraction_budget():
     dm = _DM([1000] * 10)
     for cls, name in [(DatasetQuantization, "dq"), (GraphCutSelection, "graphcut"), (RandomSelection, "random"),
                       (Herding, "herding")]:
-        assert cls(name=name, fraction=0.2).per_class(dm) == 200
-        assert cls(name=name, fraction=None, ipc=7).per_class(dm) == 7
+        kw = {"pixel": {"enabled": False}} if cls is DatasetQuantization else {}
+        assert cls(name=name, fraction=0.2, **kw).per_class(dm) == 200
+        assert cls(name=name, fraction=None, ipc=7, **kw).per_class(dm) == 7
+    # with the pixel step (on by default, 20 % of the patches dropped) DQ's bins buy 1 / 0.8 as many images
+    assert DatasetQuantization(name="dq", fraction=0.2).per_class(dm) == 250
 
 
 def _dq_run(tmp_path, monkeypatch, *overrides):
@@ -214,7 +217,7 @@ def _dq_run(tmp_path, monkeypatch, *overrides):
 @pytest.mark.slow
 def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(tmp_path, monkeypatch):
     """DQ built from its config node and run as the runner runs it (a tiny expert on digits)."""
-    out, dm = _dq_run(tmp_path, monkeypatch)
+    out, dm = _dq_run(tmp_path, monkeypatch, "method.pixel.enabled=false")
     assert out.result.ipc == 10
     assert torch.equal(torch.bincount(out.result.labels, minlength=10), torch.full((10,), 10))
     bins = torch.load(tmp_path / "bins.pt", weights_only=True)["bins"]
@@ -230,15 +233,72 @@ def test_dq_runs_through_the_method_contract_class_balanced_with_disjoint_bins(t
 
 @pytest.mark.slow
 def test_dq_with_the_pixel_step_runs_end_to_end_and_draws_it(tmp_path, monkeypatch):
-    """The pixel step inside a DQ run (digits, a 1-epoch MAE): the budget buys 13 images per class
-    at keep 25 % with a quarter of the patches dropped, the mask and the picture are written."""
+    """The pixel step (on by default) inside a DQ run (digits, a 1-epoch MAE): keep 25 % with 20 % of
+    the patches dropped buys round(10 / 0.8) = 12 images per class for the bins (3 of each bin of 10,
+    the reference's per-bin rounding), 1 of the 4 patches of each image is dropped (int(4 * 0.8) = 3
+    kept), the mask and the picture are written."""
     from PIL import Image
 
-    out, _ = _dq_run(tmp_path, monkeypatch, "method.pixel.enabled=true", "method.pixel.mae_dim=16",
+    out, _ = _dq_run(tmp_path, monkeypatch, "method.pixel.mae_dim=16",
                      "method.pixel.mae_depth=1", "method.pixel.mae_heads=2", "method.pixel.decoder_dim=16",
                      "method.pixel.decoder_depth=1", "method.pixel.mae_epochs=1")
-    assert torch.equal(torch.bincount(out.result.labels, minlength=10), torch.full((10,), 13))
+    assert torch.equal(torch.bincount(out.result.labels, minlength=10), torch.full((10,), 12))
     dropped = torch.load(tmp_path / "dropped_patches.pt", weights_only=True)["dropped"]
-    assert dropped.shape == (130, 4) and int(dropped.sum(1).max()) == 1  # 1 of the 4 patches of 8x8 digits
+    assert dropped.shape == (120, 4) and int(dropped.sum(1).max()) == 1  # 1 of the 4 patches of 8x8 digits
     w, h = Image.open(tmp_path / "pixel_step.png").size
     assert w > h > 200
+
+
+def test_cosine_eval_schedule_is_validate_cifar_per_epoch_and_step_is_unchanged():
+    """eval.schedule=cosine: the lr of every step of epoch e is CosineAnnealingLR(T_max=epochs) after
+    e epoch steps (validate_cifar.py); the default ``step`` is still x0.1 after half of the steps."""
+    from lightning_dd.evaluate.student import lr_schedule
+
+    def lrs(schedule, steps, epochs):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        sched, out = lr_schedule(opt, schedule, steps, epochs), []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step(), sched.step()
+        return out
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    ref_sched, ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5), []
+    for _ in range(5):
+        ref += [opt.param_groups[0]["lr"]] * 3
+        opt.step(), ref_sched.step()
+    assert lrs("cosine", 15, 5) == pytest.approx(ref, rel=1e-12, abs=1e-15)
+    assert lrs("step", 10, 5) == pytest.approx([0.1] * 5 + [0.01] * 5)
+    with pytest.raises(ValueError, match="equal epochs"):
+        lrs("cosine", 16, 5)
+
+
+def test_paper_config_trains_the_evaluation_as_long_as_the_reference():
+    """experiment=dq_cifar10 at paper size: the README's CIFAR pipeline keeps 10 % of storage as
+    ``--fraction 0.125`` of each of 10 bins of 500 images per class (round(62.5) = 62 per bin:
+    6,200 images) with 20 % of each image's patches dropped, then validate_cifar.py trains 200 epochs
+    at batch 16 (the README, keep ratio <= 10 %) without drop_last: 200 x ceil(6200 / 16) = 77,600
+    SGD steps, 1,240,000 images seen. The composed config's method and evaluator give the same."""
+    import math
+
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.core.config import instantiate_node
+    from lightning_dd.data.batches import TensorBatches
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=dq_cifar10"])
+    assert cfg.data.train_per_class is None  # all 5,000 per class
+    method = instantiate_node(cfg.method, "method")
+    n, nb = 5000, method.num_bins
+    per_class = method.per_class(_DM([n] * 10))
+    assert per_class == 625  # 10 % of storage at 80 % of the pixels
+    sizes = [round(n / nb)] * (nb - 1) + [n - round(n / nb) * (nb - 1)]  # the bins (pinned by test_parity_dq)
+    kept = 10 * sum(bin_quotas(sizes, per_class, method.bin_quota))
+    assert kept == 6200
+    steps = cfg.eval.epochs * TensorBatches((torch.empty(kept, 1),), cfg.eval.batch_size, 1).steps_per_epoch()
+    assert steps == 200 * math.ceil(6200 / 16) == 77_600
+    assert cfg.eval.epochs * kept == 1_240_000
+    assert (cfg.eval.schedule, cfg.eval.lr, cfg.eval.augment, cfg.eval.nets) == ("cosine", 0.1, "crop_flip",
+                                                                                 ["ResNet18BN"])

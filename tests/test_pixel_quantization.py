@@ -117,4 +117,26 @@ def test_the_budget_counts_stored_pixels(fraction, drop, want):
     dq = DatasetQuantization(name="dq", fraction=fraction, pixel={"enabled": True, "drop_ratio": drop})
     dm = SimpleNamespace(class_indices=lambda: list(torch.arange(10_000).view(10, 1000)))
     assert dq.per_class(dm) == want
-    assert DatasetQuantization(name="dq", fraction=fraction).per_class(dm) == round(1000 * fraction)
+    off = DatasetQuantization(name="dq", fraction=fraction, pixel={"enabled": False})
+    assert off.per_class(dm) == round(1000 * fraction)
+
+
+def test_the_pixel_step_is_on_by_default_as_the_reference_cifar_pipeline():
+    """README: --mask_ratio 0.2 --cam_mask; mae_models.py get_cam_map explains the argmax class;
+    cam_masking keeps int(L * (1 - ratio)) patches."""
+    hp = PixelQuantizationConfig()
+    assert hp.enabled and hp.drop_ratio == 0.2 and hp.cam_class == "argmax"
+    assert drop_mask(torch.rand(3, 64), 0.2).sum(1).eq(64 - 51).all()  # int(51.2) kept
+    assert drop_mask(torch.rand(3, 64), 0.1).sum(1).eq(7).all()  # int(57.6) = 57 kept, round(6.4) would drop 6
+
+
+def test_gradcam_pp_explains_the_predicted_class_unless_told_the_label():
+    """labels=None: the CAM of each image's argmax class (the reference's get_cam_map), equal to the
+    CAM computed with the predicted labels given; different from the CAM of another class."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.randn(6, 3, 8, 8)
+    pred = net(x).argmax(1)
+    assert torch.equal(gradcam_pp(net, x, None), gradcam_pp(net, x, pred))
+    assert not torch.allclose(gradcam_pp(net, x, None), gradcam_pp(net, x, (pred + 1) % 3))

@@ -33,6 +33,7 @@ class ImageEvalConfig(Typed):
     weight_decay: NonNegFloat = 5e-4
     precision: str | None = None
     augment: Literal["dsa", "crop_flip", "none"] = "dsa"
+    schedule: Literal["step", "cosine"] = "step"  # lr x0.1 at half | cosine per epoch (evaluate.student.lr_schedule)
     label_mode: Literal["auto", "hard", "soft", "teacher"] = "auto"
     soft_loss: Literal["soft_ce", "kl", "mse_ce"] = "soft_ce"
     temperature: PositiveFloat = 1.0
@@ -76,7 +77,7 @@ def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, make
                          weight_decay=ev.weight_decay, make_trainer=make_trainer, augment=ev.augment,
                          label_mode=ev.label_mode, soft_loss_kind=ev.soft_loss, temperature=ev.temperature,
                          teacher=teacher, precision=ev.get("precision"),
-                         parallel_seeds=ev.get("parallel_seeds", "auto"))
+                         parallel_seeds=ev.get("parallel_seeds", "auto"), schedule=ev.get("schedule", "step"))
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
                  len(r.accs), r.seconds)

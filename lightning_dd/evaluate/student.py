@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,30 @@ from lightning_dd.quiet import quiet_lightning
 from lightning_dd.results import check_set
 
 log = logging.getLogger(__name__)
+
+#: ``eval.schedule`` values: ``step`` (MTT/DATM: lr x0.1 after half of the steps) or ``cosine``
+#: (``torch.optim.lr_scheduler.CosineAnnealingLR`` with ``T_max = epochs``, stepped once per epoch:
+#: the lr of epoch ``e`` is ``lr * (1 + cos(pi * e / epochs)) / 2``; Dataset Quantization's
+#: ``validate_cifar.py``, the standard CIFAR ResNet recipe).
+SCHEDULES = ("step", "cosine")
+
+
+def lr_schedule(opt: torch.optim.Optimizer, schedule: str, total_steps: int, epochs: int):
+    """The per-step lr scheduler of ``schedule`` (:data:`SCHEDULES`) for ``total_steps`` optimizer
+    steps in ``epochs`` equal epochs (``total_steps / epochs`` steps each).
+
+    Raises:
+        ValueError: an unknown ``schedule``, or ``total_steps`` not a multiple of ``epochs`` for ``cosine``.
+    """
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total_steps // 2], gamma=0.1)
+    if schedule == "cosine":
+        if epochs < 1 or total_steps % epochs:
+            raise ValueError(f"eval.schedule=cosine: {total_steps} steps are not {epochs} equal epochs")
+        per_epoch = total_steps // epochs
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * (step // per_epoch) / epochs)))
+    raise ValueError(f"eval.schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def target_loss(logits: torch.Tensor, targets: torch.Tensor, soft_loss_kind: str = "soft_ce",
@@ -69,7 +94,7 @@ class StudentModule(L.LightningModule):
     Args:
         net: a freshly initialized network.
         lr: SGD learning rate (the distilled set's learned lr, or ``eval.lr``).
-        total_steps: optimizer steps; lr is multiplied by 0.1 after half of them.
+        total_steps: optimizer steps; lr is multiplied by 0.1 after half of them (``schedule="step"``).
         num_classes: K, for the accuracy metric.
         momentum, weight_decay: SGD settings (0.9, 5e-4 in the papers).
         augment: callable applied to each training batch (see :func:`make_augment`; ``None`` = none).
@@ -79,12 +104,16 @@ class StudentModule(L.LightningModule):
         teacher: a network whose logits on the *same augmented batch* are the targets
             (knowledge distillation, SRe2L/FKD style); ``None`` = use the set's labels.
         soft_loss_kind, temperature: the loss against soft targets (see :mod:`lightning_dd.losses`).
+        schedule, epochs: the lr schedule (:func:`lr_schedule`; ``cosine`` needs the number of
+            epochs the ``total_steps`` make).
     """
 
     def __init__(self, net: torch.nn.Module, lr: float, total_steps: int, num_classes: int,
                  momentum: float = 0.9, weight_decay: float = 5e-4, augment=None, compile: bool = False,
-                 teacher: torch.nn.Module | None = None, soft_loss_kind: str = "soft_ce", temperature: float = 1.0):
+                 teacher: torch.nn.Module | None = None, soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
+                 schedule: str = "step", epochs: int = 1):
         super().__init__()
+        self.schedule, self.epochs = schedule, epochs
         self.net = maybe_compile(net, compile)
         self.lr, self.total_steps = lr, total_steps
         self.momentum, self.weight_decay, self.augment = momentum, weight_decay, augment
@@ -110,7 +139,7 @@ class StudentModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
                               weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[self.total_steps // 2], gamma=0.1)
+        sched = lr_schedule(opt, self.schedule, self.total_steps, self.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -144,7 +173,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
                  make_trainer: TrainerFactory | None = None, augment: str | None = None,
                  label_mode: str = "auto", soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
                  teacher: torch.nn.Module | None = None, precision: str | None = None,
-                 parallel_seeds: str = "auto") -> EvalResult:
+                 parallel_seeds: str = "auto", schedule: str = "step") -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
 
     The MTT/DATM protocol: SGD (momentum 0.9, weight decay 5e-4) for ``epochs`` passes, lr x0.1
@@ -155,7 +184,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         labels: ``(N,)`` int64 hard labels or ``(N, K)`` float soft-label logits.
         test_images, test_labels: the real test set ``(M, C, H, W)``, ``(M,)``.
         net_cfg: ``{"name" | "_target_": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net_cfg`.
-        lr: learning rate; epochs: passes over the set (lr x0.1 at half).
+        lr: learning rate; epochs: passes over the set.
+        schedule: ``step`` (lr x0.1 at half) or ``cosine`` (per epoch, :func:`lr_schedule`).
         augment: ``dsa`` | ``crop_flip`` | ``none`` (default: ``dsa`` when ``dsa`` is given).
         label_mode: ``auto`` (the set's labels as they are), ``hard`` (argmax of soft labels),
             ``soft`` (require soft labels), ``teacher`` (targets = ``teacher`` logits per batch).
@@ -172,7 +202,8 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
             initial weights, batch order and augmentation draws as its sequential run; losses
             equal to float32 rounding, not bitwise) or ``auto`` (vmap on CUDA when the net
             supports it, else sequential, also after running out of device memory; the choice is
-            logged). Compilation applies to the sequential runs only.
+            logged). Compilation applies to the sequential runs only. The stacked runs know only the
+            ``step`` schedule: with ``cosine``, ``auto`` runs the seeds one by one and ``vmap`` raises.
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
@@ -200,7 +231,13 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     name = net_cfg.get("name") or str(net_cfg.get("_target_")).rsplit(".", 1)[-1]
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
     teacher = teacher if label_mode == "teacher" else None
+    if schedule not in SCHEDULES:
+        raise ValueError(f"eval.schedule must be one of {SCHEDULES}, got {schedule!r}")
     mode, why = seed_mode(parallel_seeds, num_eval, make_trainer)
+    if mode == "vmap" and schedule != "step":
+        if parallel_seeds == "vmap":
+            raise ValueError(f"eval.parallel_seeds=vmap supports eval.schedule=step only, not {schedule!r}")
+        mode, why = "sequential", f"eval.schedule={schedule} (stacked seeds support step only)"
     if mode == "vmap":
         with torch.random.fork_rng(devices=[]):
             probe = build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:])
@@ -232,7 +269,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         L.seed_everything(seed + r, verbose=False)
         net = build_net_cfg(net_cfg, images.shape[1], num_classes, images.shape[2:])
         module = StudentModule(net, lr, steps, num_classes, momentum, weight_decay, aug, make_trainer.compile,
-                               teacher, soft_loss_kind, temperature)
+                               teacher, soft_loss_kind, temperature, schedule, epochs)
         trainer = make_trainer("evaluate", max_steps=steps, max_epochs=1, enable_progress_bar=False)
         trainer.fit(module, batch_loader(images, labels, batch_size=batch_size, epochs=epochs, seed=seed + r))
         out = trainer.test(module, batch_loader(test_images, test_labels, batch_size=1000, epochs=1),

@@ -51,10 +51,19 @@ Deviations from the reference code, and why:
   replacement, within each bin and class), different draws; ``tests/parity/test_parity_dq.py``
   checks the rule, the bins and the greedy order against the reference's own output.
 * **Pixel quantization** (GradCAM++ patch dropping + MAE reconstruction, Sec. 3.4;
-  ``method.pixel.enabled``, off by default as in the paper's main CIFAR tables) uses an MAE the
-  framework trains on the real pool, not an ImageNet-pretrained one (nothing can be downloaded);
-  see :mod:`lightning_dd.methods.pixel_quantization`. The keep ratio counts stored pixels: with
-  ``drop_ratio`` r, ``round(k / (1 - r))`` images per class are selected for a budget of k.
+  ``method.pixel``, on by default with ``drop_ratio`` 0.2 and the CAM of the predicted class, as
+  the README's CIFAR pipeline ``--mask_ratio 0.2 --cam_mask``) uses an MAE the framework trains on
+  the real pool, not an ImageNet-pretrained one (nothing can be downloaded); see
+  :mod:`lightning_dd.methods.pixel_quantization`. The keep ratio counts stored pixels: with
+  ``drop_ratio`` r, ``round(k / (1 - r))`` images per class are the bins' budget for a keep ratio
+  of k (the README: ``--fraction 0.125`` in the bins for 10 % with ``--mask_ratio 0.2``).
+* **Data and evaluation** (``experiment=dq_cifar10``): per-channel mean/std, no ZCA
+  (``dq/datasets/cifar10.py``; the mean/std are fitted on the training pool, the reference uses
+  constants, and its ``validate_cifar.py`` a second std); the evaluation is ``eval=dq_resnet18``
+  (``validate_cifar.py``: ResNet-18, 200 epochs, SGD 0.1, cosine per epoch, crop + flip, batch 16 at
+  <= 10 %). The crop pads with zeros in normalized space (the mean colour), the reference in
+  pixel space (black); the reference reports the best test accuracy over the 200 epochs, here the
+  last epoch's. ``scale=cpu`` keeps the shared CPU evaluator (ConvNet-64, DSA, 300 epochs).
 """
 from __future__ import annotations
 
@@ -260,9 +269,10 @@ class GraphCutSelection(FeatureCoreset):
 class DatasetQuantization(GraphCutSelection):
     """Dataset Quantization (Zhou et al., ICCV 2023, arXiv 2308.10524): :func:`quantize_bins` into
     ``num_bins`` GraphCut bins per class, then :func:`sample_bins` (``conf/method/dq.yaml``).
-    Training-set indices of the bins are saved to ``<run dir>/bins.pt``.
+    Training-set indices of the bins are saved to ``<run dir>/bins.pt``. ``bin_quota``: the per-bin
+    counts (:func:`bin_quotas`; ``round``, the reference's, or ``exact``).
 
-    ``pixel`` (:class:`PixelQuantizationConfig`, off by default): the pixel step, GradCAM++ patch
+    ``pixel`` (:class:`PixelQuantizationConfig`, on by default): the pixel step, GradCAM++ patch
     dropping + reconstruction by an MAE the framework trains (Sec. 3.4); the budget then counts
     stored pixels (:meth:`per_class`).
     """

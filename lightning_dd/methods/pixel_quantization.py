@@ -5,9 +5,12 @@ reconstruct the dropped ones with a masked autoencoder when the set is used.
 Per selected image:
 
 1. patch importance from a GradCAM++ map (Chattopadhay et al., WACV 2018, arXiv 1710.11063) of
-   the selection network for the image's own label (:func:`gradcam_pp`), averaged over each
-   ``patch x patch`` patch (:func:`patch_importance`);
-2. the ``drop_ratio`` least important patches are dropped (:func:`drop_mask`);
+   the selection network for the class it predicts (``cam_class=argmax``, the reference's
+   ``mae_models.py`` ``get_cam_map``; ``label``: the image's own label) (:func:`gradcam_pp`),
+   averaged over each ``patch x patch`` patch (:func:`patch_importance`);
+2. the least important patches are dropped, all but the ``int(L * (1 - drop_ratio))`` most
+   important of the ``L`` (the reference's ``cam_masking``; :func:`drop_mask`); ``drop_ratio`` 0.2
+   as the README's CIFAR command (``--mask_ratio 0.2 --cam_mask``);
 3. an MAE (:class:`lightning_dd.nets.mae.MAE`) reconstructs them from the kept ones; the kept
    patches stay bit for bit (:meth:`MAE.reconstruct`).
 
@@ -24,6 +27,12 @@ Deviations from the reference code, and why:
   ``mae_epochs`` epochs with random masks at the drop ratio.
 * **The importance network** is DQ's selection network (the framework's cached expert), not an
   ImageNet ResNet; GradCAM++ at its last activation before the classifier.
+* **Resolution.** The reference resizes CIFAR images to 224 px for its MAE (16-px patches, a 14x14
+  grid; the CAM resized to that grid) and the reconstruction back to 32 px, so every pixel passes
+  two resizes; here the MAE works at the data's own resolution (``patch`` 4: an 8x8 grid at 32 px),
+  the CAM is averaged over each patch, and the kept patches stay bit for bit.
+* **Ties** in the importance drop the lower patch index first (the reference: ``torch.argsort``,
+  unspecified order among ties).
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -51,16 +61,20 @@ class PixelQuantizationConfig(Typed):
     """``method.pixel``: DQ's pixel step (arXiv 2308.10524, Sec. 3.4).
 
     Attributes:
-        enabled: run the step (off by default).
+        enabled: run the step (on by default, as the README's CIFAR pipeline).
         patch: patch side in pixels (the image size must be a multiple).
-        drop_ratio: share of each image's patches dropped (least GradCAM++ importance first).
+        drop_ratio: share of each image's patches dropped (least GradCAM++ importance first; the
+            reference's ``--mask_ratio``, 0.2).
+        cam_class: the class GradCAM++ explains: ``argmax`` (the network's prediction, as the
+            reference's ``get_cam_map``) or ``label`` (the image's own label).
         mae_dim, mae_depth, mae_heads, decoder_dim, decoder_depth: the MAE's size.
         mae_epochs, mae_lr, mae_batch, mae_weight_decay: its AdamW training on the real pool.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     patch: PositiveInt = 4
-    drop_ratio: Fraction = 0.25
+    drop_ratio: Fraction = 0.2
+    cam_class: Literal["argmax", "label"] = "argmax"
     mae_dim: PositiveInt = 128
     mae_depth: PositiveInt = 4
     mae_heads: PositiveInt = 4
@@ -91,13 +105,15 @@ def _target_layer(net: nn.Module) -> nn.Module:
     return (acts or convs)[-1]
 
 
-def gradcam_pp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 500) -> torch.Tensor:
+def gradcam_pp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, chunk: int = 500) -> torch.Tensor:
     """GradCAM++ maps (arXiv 1710.11063, Eq. 19 with the exponential score, which gives
-    ``alpha = g^2 / (2 g^2 + sum_ab(A) g^3)`` with ``g = dy_c/dA``): per image, for its own
-    label ``c``, ``relu(sum_k w_k A_k)`` with ``w_k = sum_ab alpha_kab relu(g_kab)``, upsampled
-    bilinearly to the image size.
+    ``alpha = g^2 / (2 g^2 + sum_ab(A) g^3)`` with ``g = dy_c/dA``): per image, for the class
+    ``c`` of ``labels`` (``None``: the class the network predicts, the reference's ``get_cam_map``),
+    ``relu(sum_k w_k A_k)`` with ``w_k = sum_ab alpha_kab relu(g_kab)``, upsampled bilinearly to
+    the image size.
 
-    Shapes: ``images (N, C, H, W)``, ``labels (N,)`` -> ``(N, H, W)`` (non-negative, unnormalized).
+    Shapes: ``images (N, C, H, W)``, ``labels (N,)`` or ``None`` -> ``(N, H, W)`` (non-negative,
+    unnormalized).
     """
     layer = _target_layer(net)
     out = []
@@ -105,7 +121,7 @@ def gradcam_pp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk
     net.eval()
     try:
         for i in range(0, len(images), chunk):
-            x, y = images[i:i + chunk], labels[i:i + chunk]
+            x = images[i:i + chunk]
             acts = []
 
             def keep(m, inp, o):  # a leaf where nothing before the layer is learnable
@@ -118,6 +134,7 @@ def gradcam_pp(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk
                 with torch.enable_grad():
                     logits = net(x)
                     a = acts[-1]
+                    y = logits.detach().argmax(1) if labels is None else labels[i:i + chunk]
                     score = logits.gather(1, y.view(-1, 1)).sum()
                     g = torch.autograd.grad(score, a)[0]
             finally:
@@ -142,10 +159,11 @@ def patch_importance(cam: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def drop_mask(importance: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``(N, L)`` bool, True for the ``round(ratio * L)`` least important patches of each row (ties:
-    the lower index is dropped first)."""
+    """``(N, L)`` bool, True for the dropped patches of each row: all but the ``int(L * (1 - ratio))``
+    most important (the reference's ``cam_masking`` keep count; ties: the lower index is dropped
+    first)."""
     L_ = importance.shape[1]
-    k = int(round(ratio * L_))
+    k = L_ - int(L_ * (1 - ratio))
     ranks = importance.argsort(dim=1, stable=True).argsort(dim=1)
     return ranks < k
 
@@ -175,7 +193,7 @@ class MAETraining(L.LightningModule):
 
 
 def _mae_fields(hp: PixelQuantizationConfig) -> dict:
-    return {k: v for k, v in hp.model_dump().items() if k not in ("enabled",)}
+    return {k: v for k, v in hp.model_dump().items() if k not in ("enabled", "cam_class")}
 
 
 def build_mae(hp: PixelQuantizationConfig, channels: int, image_size) -> MAE:
@@ -226,7 +244,7 @@ def quantize_pixels(images: torch.Tensor, labels: torch.Tensor, net: nn.Module, 
     Shapes: ``images (N, C, H, W)``, ``labels (N,)`` -> ``(reconstructed (N, C, H, W),
     dropped (N, L) bool)``.
     """
-    cam = gradcam_pp(net, images, labels, chunk)
+    cam = gradcam_pp(net, images, labels if hp.cam_class == "label" else None, chunk)
     mask = drop_mask(patch_importance(cam, hp.patch), hp.drop_ratio)
     out = torch.cat([mae.reconstruct(images[i:i + chunk], mask[i:i + chunk]) for i in range(0, len(images), chunk)])
     return out, mask
