@@ -102,9 +102,11 @@ def test_clips_resample_scale_pad_and_score_videos(tmp_path):
     dm.setup()
     assert dm.train_labels.tolist() == [1, 4] and dm.test_labels.tolist() == [1]
     train = dm.clips("train")
-    assert sorted(train.index) == [(0, t) for t in range(4)] + [(1, 0)]  # 12 - 2*4 starts; the short video once
+    assert sorted(train.index) == [(0, t) for t in range(4)]  # 12 - 2*4 starts; the short video none (the reference's)
     clip, y, v = train[len(train) - 1]
-    assert clip.shape == (5, 16, 3) and int(y) == 4 and v == 1
+    assert clip.shape == (5, 16, 3) and int(y) == 1 and v == 0
+    assert dm.clips("train", train=False).index == train.index       # a split's clips, whatever the augmentation
+    assert ClipDataset(dm.train_videos, dm.train_labels, 5, 2, 1, 16, train=True).index[-1] == (1, 0)  # pad_short
     # the 3-frame video: frames 0, 2, then the last frame repeated; 7 points -> each twice + 2 more
     short = dm.train_videos[1]
     test_view = ClipDataset([short], torch.tensor([4]), 5, 2, 1, 16, train=False)

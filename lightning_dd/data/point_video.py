@@ -12,8 +12,10 @@ reference units: mm / 300); training clips scaled per axis by U(0.9, 1.1). Test 
 resampled with a per-clip seed (reproducible); a video's prediction is the sum of its clips' scores
 (:func:`video_accuracy`).
 
-Deviation: a video shorter than a clip is padded by repeating its last frame, giving it one clip
-(the reference loader drops such videos from training *and* evaluation, which inflates accuracy).
+A training video shorter than a clip gives no clip, as the reference's loader (so an epoch has the
+reference's number of clips). Deviation: a *test* video shorter than a clip is padded by repeating
+its last frame, giving it one clip (the reference loader drops such videos from evaluation too,
+which leaves them out of the accuracy).
 
 ``format: skeleton`` renders MSR-Action3D's real skeleton sequences into this layout once
 (:mod:`lightning_dd.data.skeleton_render`; real motion, labels and split, rendered geometry).
@@ -134,17 +136,20 @@ class ClipDataset(Dataset):
     Args:
         videos: lists of frames ``(N_t, 3)``; labels: ``(V,)``; train: scale jitter and random
             resampling (else a fixed per-clip seed); views: 2 returns two independent resamplings/jitters
-            of the same clip stacked ``(2, clip_len, num_points, 3)`` (contrastive pretext).
+            of the same clip stacked ``(2, clip_len, num_points, 3)`` (contrastive pretext);
+            pad_short: a video shorter than a clip gives one clip, its last frame repeated (else
+            none, the reference's ``range(0, T - frame_stride * (clip_len - 1), clip_step)``).
     """
 
     def __init__(self, videos, labels, clip_len: int, frame_stride: int, clip_step: int, num_points: int,
-                 train: bool, jitter: tuple[float, float] = (0.9, 1.1), unit: float = 300.0, views: int = 1):
+                 train: bool, jitter: tuple[float, float] = (0.9, 1.1), unit: float = 300.0, views: int = 1,
+                 pad_short: bool = True):
         self.videos, self.labels = videos, labels
         self.clip_len, self.frame_stride, self.num_points = clip_len, frame_stride, num_points
         self.train, self.jitter, self.unit, self.views = train, jitter, unit, views
         span = frame_stride * (clip_len - 1)
         self.index = [(v, t) for v, vid in enumerate(videos)
-                      for t in range(0, max(len(vid) - span, 1), clip_step)]
+                      for t in range(0, max(len(vid) - span, int(pad_short)), clip_step)]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -313,14 +318,15 @@ class PointVideoDataModule(L.LightningDataModule):
 
     def clips(self, split: str = "train", videos: torch.Tensor | None = None, train: bool | None = None,
               views: int = 1) -> ClipDataset:
-        """The :class:`ClipDataset` of a split (``videos``: a subset of its video indices)."""
+        """The :class:`ClipDataset` of a split (``videos``: a subset of its video indices); training
+        videos shorter than a clip give none (the reference's), test videos one (module docstring)."""
         vids, labels = (self.train_videos, self.train_labels) if split == "train" else (self.test_videos, self.test_labels)
         if videos is not None:
             vids, labels = [vids[i] for i in videos.tolist()], labels[videos]
         is_train = split == "train" if train is None else train
         return ClipDataset(vids, labels, self.clip_len, self.frame_stride,
                            self.clip_step if is_train else self.test_clip_step, self.num_points, is_train,
-                           self.jitter, views=views)
+                           self.jitter, views=views, pad_short=split != "train")
 
     def loader(self, ds: ClipDataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
