@@ -64,6 +64,28 @@ class StudentStep:
     aug: DSAParams | None = None
 
 
+def draw_student_steps(n: int, batch: int, syn_steps: int, generator: torch.Generator, dsa: DSA | None,
+                       size: tuple[int, int], device: torch.device | str = "cpu") -> list[StudentStep]:
+    """The ``syn_steps`` minibatches of one unrolled student, drawn as MTT's ``distill.py`` draws
+    them (arXiv 2203.11932): a fresh ``randperm(n)`` split into chunks of ``batch`` whenever the
+    chunks run out, each step taking the *last* remaining chunk, then (DSA on) that step's
+    augmentation parameters -- all from ``generator`` in this order, so a generator in the state of
+    the reference's global RNG reproduces its indices and DSA draws.
+
+    Returns:
+        ``syn_steps`` :class:`StudentStep` (``idx (B,)`` int64 on ``device``, DSA parameters or ``None``).
+    """
+    steps, chunks = [], []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(n, generator=generator).split(batch))
+        idx = chunks.pop()
+        aug = dsa.sample(len(idx), size, generator=generator, device=device) \
+            if dsa is not None and dsa.enabled else None
+        steps.append(StudentStep(idx.to(device), aug))
+    return steps
+
+
 class StudentFunctions:
     """Per-step functions of the functional student ``theta (P,), x (B, C, H, W), y -> ...``.
 

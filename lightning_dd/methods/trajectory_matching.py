@@ -59,6 +59,7 @@ from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term
 from lightning_dd.methods.devices import planned_world_size, require_ddp
 from lightning_dd.methods.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
+                                            draw_student_steps,
                                             matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
 from lightning_dd.nets import FlatParams, build_net_cfg
 from lightning_dd.results import DistilledSet
@@ -230,14 +231,7 @@ class TrajectoryMatching(L.LightningModule):
         start = int(torch.randint(hp.min_start_epoch, upper, (1,), generator=g))
         n = self.images.shape[0]
         batch = min(hp.batch_syn or n, n)
-        steps, chunks = [], []
-        for _ in range(hp.syn_steps):
-            if not chunks:
-                chunks = list(torch.randperm(n, generator=g).split(batch))
-            idx = chunks.pop()
-            aug = self.dsa.sample(len(idx), self.images.shape[-2:], generator=g, device=self.device) \
-                if self.dsa is not None and self.dsa.enabled else None
-            steps.append(StudentStep(idx.to(self.device), aug))
+        steps = draw_student_steps(n, batch, hp.syn_steps, g, self.dsa, self.images.shape[-2:], self.device)
         return expert, start, upper, steps
 
     def local_draws(self) -> range:
