@@ -1,6 +1,7 @@
 """Distribution matching (arXiv 2110.04181) and CLoM (arXiv 2310.03295): the loss, its vectorized
 form against the reference's per-class loop, the cosine CLoM formula, the cached model pool, and a
 short real-CIFAR run."""
+import json
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,25 @@ def test_pool_is_trained_once_and_keyed_by_its_config(tmp_path):
     assert term.item() == pytest.approx(hp.alpha * ce.item())
     term.backward()
     assert x.grad.abs().sum() > 0 and not member.theta.requires_grad
+
+
+def test_pool_defaults_are_the_authors_recipe(tmp_path):
+    """The default pool is DDInterpreter's ``train_original_models.py`` + README (``--model_num 1
+    --epoch 150``): SGD lr 0.01, momentum 0.9, weight decay 5e-3, batch 256, no augmentation even when
+    the run uses DSA, the epoch-150 weights. ``augment=True`` trains with the run's DSA (CPU preset).
+    Mutation checked: momentum / weight decay not passed to the expert trainer (spec says 0)."""
+    d = ClomConfig()
+    assert (d.seeds, d.epochs, d.lr, d.batch, d.momentum, d.weight_decay, d.augment) == (1, [150], 0.01, 256, 0.9,
+                                                                                         5e-3, False)
+    cfg = _pool_cfg(tmp_path)
+    cfg.augment = {"dsa_enabled": True, "dsa": {"strategy": "flip"}}
+    make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    for augment in (False, True):
+        pool = ModelPool.build(d.model_copy(update={"enabled": True, "epochs": [1], "batch": 16, "augment": augment}),
+                               cfg, _TinyData(), make)
+        spec = json.loads((pool.dirs[0] / "spec.json").read_text())
+        assert (spec["momentum"], spec["weight_decay"], spec["epochs"]) == (0.9, 5e-3, 1)
+        assert (spec["dsa"] == "none") != augment
 
 
 def test_pool_rejects_batchnorm_architectures():

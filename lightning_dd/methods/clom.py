@@ -12,17 +12,25 @@ real data): ``L = L_DD + alpha * L_CLoM``. Two kinds (``kind``):
 
 The pool (:class:`ModelPool`): architectures x seeds x checkpoints per epoch (the paper's study
 axes: sub-optimal, early-epoch models and a diverse pool can help). Each iteration draws one member
-uniformly. The members are expert trajectories of :mod:`lightning_dd.methods.experts` (SGD on the
-real data with DSA, parameters recorded after every epoch), so the pool is trained once, cached
+uniformly. By default it is the authors' (``train_original_models.py`` and the README's
+``--model_num 1 --epoch 150``): one ConvNet trained 150 epochs with SGD lr 0.01, momentum 0.9,
+weight decay 5e-3, batch 256, no augmentation, its epoch-150 weights drawn. The members are expert
+trajectories of :mod:`lightning_dd.methods.experts` (parameters recorded after every epoch), so
+the pool is trained once, cached
 under a directory keyed by everything that determines it, written atomically with a checksum,
 loaded with ``weights_only=True`` (a corrupted member file is reported and retrained:
 :meth:`lightning_dd.methods.experts.ExpertBank.load`), and shared with trajectory matching and the
 feature coresets when the settings agree (e.g. the CIFAR-10 ``scale=cpu`` experts).
 
-Deviations from the paper:
+Deviations from the reference code (yaolu-zjut/DDInterpreter):
 
-* Pooled models are trained by the framework (no downloadable pretrained weights here): plain SGD
-  (lr ``lr``, no momentum, DSA) for ``max(epochs)`` epochs, the expert recipe of MTT.
+* Pooled models are trained by the framework (no downloadable pretrained weights here) at a
+  constant lr: the authors' ``MultiStepLR`` (lr x0.1 after epochs 50 and 100) is not applied, as
+  the expert trainer has no lr schedule.
+* The CPU presets (``conf/scale_preset/dm_clom_cifar10/cpu.yaml``) keep the earlier short pool,
+  set there only: 3 models, plain SGD (momentum 0, weight decay 0) with DSA
+  (``augment: true``), checkpoints after epochs 2-5 drawn; it is the trajectory-matching CPU
+  experts' cache, and the authors' 150 epochs would take ~80 min per model on one CPU core.
 * Members must be buffer-free (instance norm, no BatchNorm): an expert trajectory stores the flat
   parameters only. :meth:`ClomConfig.check_archs` says so before any work.
 
@@ -45,7 +53,7 @@ from omegaconf import OmegaConf
 from pydantic import field_validator
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.core.config import ConfigError, NonNegFloat, PositiveFloat, PositiveInt, Typed
+from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.evaluate.images import eval_net_cfg
 from lightning_dd.losses import label_loss
@@ -66,7 +74,10 @@ class ClomConfig(Typed):
             ``net`` config when the name is the run's net, else that architecture's defaults).
         seeds: models per architecture (seeds ``seed .. seed + seeds - 1``).
         epochs: the checkpoints drawn from (epoch numbers >= 1; each model trains ``max(epochs)``).
-        lr, batch: the pool models' SGD lr and batch size.
+        lr, batch, momentum, weight_decay: the pool models' SGD (the authors'
+            ``train_original_models.py``: 0.01, 256, 0.9, 5e-3).
+        augment: train the pool models with the run's DSA on every batch (the authors train them
+            without augmentation; the CPU presets keep DSA to share the trajectory-matching experts).
         on_augmented: compute the term on the DSA-augmented synthetic batch (default: on ``S``).
     """
 
@@ -74,10 +85,13 @@ class ClomConfig(Typed):
     kind: Literal["ce", "cos"] = "ce"
     alpha: NonNegFloat = 1.0
     archs: list[str] = ["ConvNet"]
-    seeds: PositiveInt = 3
-    epochs: list[PositiveInt] = [2, 3, 4, 5]
+    seeds: PositiveInt = 1
+    epochs: list[PositiveInt] = [150]
     lr: PositiveFloat = 0.01
     batch: PositiveInt = 256
+    momentum: Fraction = 0.9
+    weight_decay: NonNegFloat = 5e-3
+    augment: bool = False
     on_augmented: bool = False
 
     @field_validator("archs", "epochs")
@@ -133,18 +147,19 @@ class ModelPool:
         """Train the missing pool models (cached) and load all of them.
 
         The cache is the expert bank's (``paths.cache_dir/experts/<key>``), keyed by the data,
-        augmentation, architecture config, lr, ``max(epochs)``, batch and ``seed``: a change of
-        any of them trains a new pool, anything else reuses it.
+        augmentation, architecture config, lr, momentum, weight decay, ``max(epochs)``, batch and
+        ``seed``: a change of any of them trains a new pool, anything else reuses it.
         """
-        dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
-        spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
+        dsa = DSA(**cfg.augment.dsa) if hp.augment and cfg.augment.dsa_enabled else None
+        spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True) if dsa else "none"}
         run_net = OmegaConf.to_container(cfg.net, resolve=True)
         train_epochs = max(hp.epochs)
         flats, members, accs, dirs = [], [], {}, []
         for a, name in enumerate(hp.archs):
             net_cfg = eval_net_cfg(run_net, name)
             bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr, train_epochs, hp.batch,
-                              dsa=dsa, seed=int(cfg.seed), make_trainer=make_trainer)
+                              momentum=hp.momentum, weight_decay=hp.weight_decay, dsa=dsa, seed=int(cfg.seed),
+                              make_trainer=make_trainer)
             t0 = time.perf_counter()
             recs = bank.ensure(hp.seeds, dm.train_images, dm.train_labels, dm.num_classes,
                                test=(dm.test_images, dm.test_labels))
