@@ -307,14 +307,29 @@ class ImageFileDataset(torch.utils.data.Dataset):
             return self.transform(im), label
 
 
+class Views:
+    """``n`` independent draws of ``transform`` on one image, stacked: every view its own
+    random-resized crop (and flip) of the original image, as FKD's ``RandomResizedCrop_FKD`` in the
+    QAT-ViT reference (``train_VVTQ.py``, arXiv 2307.00331). PIL image -> ``(n, 3, S, S)`` float32."""
+
+    def __init__(self, transform, n: int):
+        self.transform, self.n = transform, int(n)
+
+    def __call__(self, im):
+        return torch.stack([self.transform(im) for _ in range(self.n)])
+
+
 def image_folder_dataset(root: str | Path, split: str = "train", layout: str = "auto", image_size: int = 224,
-                         resize_size: int = 256, per_class: int | None = None, seed: int = 0) -> ImageFileDataset:
-    """A streaming dataset of one split with the standard transforms (train: random-resized crop +
-    flip; val: resize + center crop). Raises as :func:`list_files`."""
+                         resize_size: int = 256, per_class: int | None = None, seed: int = 0,
+                         views: int | None = None, scale: tuple[float, float] = (0.08, 1.0)) -> ImageFileDataset:
+    """A streaming dataset of one split with the standard transforms (train: random-resized crop
+    with ``scale`` + flip; val: resize + center crop). ``views`` (train only): each item is
+    ``(views, 3, S, S)``, that many independent crops of the original image (:class:`Views`); ``None``:
+    one ``(3, S, S)`` crop. Raises as :func:`list_files`."""
     _, files = list_files(root, layout, split)
     files = limit_per_class(files, per_class, seed)
-    tf = train_transforms(image_size) if split == "train" else val_transforms(image_size, resize_size)
-    return ImageFileDataset(files, tf)
+    tf = train_transforms(image_size, tuple(scale)) if split == "train" else val_transforms(image_size, resize_size)
+    return ImageFileDataset(files, Views(tf, views) if views and split == "train" else tf)
 
 
 class ImageNetDataModule(ImageDataModule):

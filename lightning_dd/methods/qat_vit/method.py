@@ -23,7 +23,7 @@ from lightning_dd.methods.experts import experts_key
 from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                 quantized_layers, quantizers)
 from lightning_dd.methods.qat_vit.regularizer import within_bin_variance
-from lightning_dd.methods.qat_vit.training import FPModule, QATModule
+from lightning_dd.methods.qat_vit.training import FPModule, Pass, QATModule, images_per_step
 from lightning_dd.methods.statistics_matching.squeeze import accuracy, run_device
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.nets.vit import ViT, load_vit_state
@@ -55,14 +55,16 @@ class QATViT(Method):
         fp_init_from / fp_init: weight selection (arXiv 2311.18823): initialize the FP model from a
             larger ViT checkpoint instead of at random.
         epochs, lr, weight_decay, batch_size (views per step = images x num_crops), num_crops,
-            crop_scale, warmup_epochs: QAT. reg_weight / reg_start: the regularizer's peak weight
+            crop_scale, warmup_epochs: QAT, in the reference's epoch arithmetic (a ``num_crops``-view
+            pass counts as ``num_crops`` epochs; the last ones train single-crop:
+            :func:`~.training.qat_passes`). reg_weight / reg_start: the regularizer's peak weight
             and the training fraction before it starts.
         calib_images: images of the batch that calibrates the activation steps.
         eval_per_class: test accuracies on this many test images per class (the first ones; null =
             the whole test set; CPU presets only, to keep six evaluations cheap).
         stream_train: read the training images from disk through the DataModule's
-            ``streaming_dataset("train")`` (ImageNet; standard random-resized-crop transform, then
-            the multi-crop views of it) instead of the in-memory tensors; ``loader_workers`` workers;
+            ``streaming_dataset("train")`` (ImageNet; every view its own random-resized crop of the
+            original image) instead of the in-memory tensors; ``loader_workers`` workers;
             ``stream_per_class`` files per class (null = all; independent of ``data.train_per_class``,
             which then only sizes the in-memory calibration sample).
         baselines: ``ptq`` and/or ``qat_noreg``, run in the same run.
@@ -93,7 +95,7 @@ class QATViT(Method):
     warmup_epochs: NonNegInt = 0
     reg_weight: NonNegFloat = 0.01
     reg_start: Fraction = 0.25
-    calib_images: PositiveInt = 256
+    calib_images: PositiveInt = 64
     stream_train: bool = False
     stream_per_class: PositiveInt | None = None
     eval_per_class: PositiveInt | None = None
@@ -177,22 +179,24 @@ class QATViT(Method):
         log.info("FP ViT: %d epochs in %.0fs -> %s", self.fp_epochs, secs, path)
         return net, {"path": str(path), "cached": False, "seconds": secs}
 
-    def _loader(self, ctx: RunContext, batch: int, seed: int | None = None):
-        """Training batches ``(x (B, C, H, W), y (B,))``: in-memory tensors shuffled by ``seed``
-        (null = the run's), or streamed from disk."""
+    def _loader(self, ctx: RunContext, batch: int, seed: int | None = None, views: int | None = None):
+        """Training batches ``(x, y (B,))``, shuffled by ``seed`` (null = the run's): in-memory
+        tensors ``x (B, C, H, W)``, or streamed from disk: ``x (B, C, H, W)`` one standard crop
+        per image (``views`` None), or ``x (B, views, C, H, W)``, each view its own random-resized
+        crop (``crop_scale``) of the original image. Every pass ends with a smaller last batch."""
+        seed = ctx.seed if seed is None else seed
         if not self.stream_train:
-            return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1,
-                                seed=ctx.seed if seed is None else seed)
+            return batch_loader(ctx.dm.train_images, ctx.dm.train_labels, batch, epochs=1, seed=seed)
         from lightning_dd.data.imagenet import image_folder_dataset
 
         dm = ctx.dm
         if not hasattr(dm, "layout"):
             raise ConfigError(f"method.stream_train: {type(dm).__name__} is not an image-folder DataModule")
         ds = image_folder_dataset(dm.root, "train", dm.layout, dm.image_size, dm.resize_size, self.stream_per_class,
-                                  dm.subset_seed)
-        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True,
-                                           drop_last=True, num_workers=self.loader_workers,
-                                           persistent_workers=self.loader_workers > 0)
+                                  dm.subset_seed, views=views, scale=tuple(self.crop_scale))
+        return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=False,
+                                           generator=torch.Generator().manual_seed(seed),
+                                           num_workers=self.loader_workers)
 
     def ptq(self, ctx: RunContext, fp: ViT) -> ViT:
         """Post-training quantization: :func:`quantize_vit` of ``fp``, weight steps by the MSE fit,
@@ -203,18 +207,23 @@ class QATViT(Method):
         return calibrate(q, ctx.dm.train_images[idx])
 
     def qat(self, ctx: RunContext, fp: ViT, init: ViT, reg_weight: float, prefix: str) -> tuple[ViT, QATModule]:
-        """QAT of a copy of ``init`` (the calibrated PTQ model) against ``fp``, with ``reg_weight``."""
+        """QAT of a copy of ``init`` (the calibrated PTQ model) against ``fp``, with ``reg_weight``,
+        over the reference's passes (:func:`~.training.qat_passes`)."""
         import copy
 
         quiet_lightning()
         L.seed_everything(ctx.seed, verbose=False)
         student = copy.deepcopy(init).train()
-        per_step = max(1, self.batch_size // self.num_crops)
-        loader = self._loader(ctx, per_step)
-        steps = self.epochs * len(loader)
-        module = QATModule(student, fp, self.lr, self.weight_decay, steps, self.warmup_epochs * len(loader),
-                           self.num_crops, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
-        ctx.trainer(prefix, max_epochs=self.epochs, logger=ctx.loggers).fit(module, loader)
+
+        def loader_for(p: Pass):
+            k = module.current_epoch
+            return self._loader(ctx, images_per_step(self.batch_size, self.num_crops, p.crops),
+                                ctx.seed * 100_003 + k, views=p.crops)
+
+        module = QATModule(student, fp, self.lr, self.weight_decay, self.epochs, self.num_crops, self.warmup_epochs,
+                           loader_for, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
+        ctx.trainer(prefix, max_epochs=len(module.passes), reload_dataloaders_every_n_epochs=1,
+                    logger=ctx.loggers).fit(module)
         return student.eval(), module
 
     def run(self, ctx: RunContext) -> MethodOutput:
