@@ -303,7 +303,7 @@ def test_paper_and_cpu_settings_of_gcond_and_sgdd():
         cpu = compose("train", overrides=["experiment=sgdd_cora", "scale=cpu"])
     for m in (g.method, s.method):
         assert (m.reduction_rate, m.outer_loop, m.inner_loop, m.lr_feat, m.lr_adj, m.nlayers) == (0.5, 20, 15, 1e-4, 1e-4, 2)
-    assert g.method.epochs == 600 and s.method.epochs == 2000 and cpu.method.epochs == 200
+    assert g.method.epochs == 601 and s.method.epochs == 2000 and cpu.method.epochs == 200  # range(epochs + 1)
     assert (s.method.beta, s.method.ep_ratio, s.method.sinkhorn_iter) == (0.5, 0.5, 5)
     assert (s.method.warmup_epochs, cpu.method.warmup_epochs) == (400, 400)  # SGDD code's --ignr_epochs
     assert g.eval.lr_decay_at == 0.5

@@ -59,10 +59,34 @@ graph up to summation order (tested: 1e-15 in float64). One process runs the uns
 number as before. The split saves the real-side cost (large graphs); the synthetic side (generator,
 propagation, backward through them) is computed by every rank.
 
-Deviations from the reference code (GCond's ``train_gcond_transduct.py``): exact real-graph
-gradients (no neighbour sampler), closed-form per-class gradients, the generator's first layer
-split as ``W_i x_i + W_j x_j``; the structure and the features never update in the same epoch
-(as there), and only the side being updated gets gradients.
+Parity with the reference code (GCond's ``gcond_agent_transduct.py``, ``utils.match_loss``,
+``models/parametrized_adj.py``, ``models/sgc.py``): ``tests/parity/test_parity_gcond.py`` feeds the
+same graph, synthetic features and weights to both -- the distance, PGE's adjacency, the SGC's
+initialization, one outer step's loss and gradients, and 11 epochs of the loop agree to float32
+precision.
+
+Deviations from the reference code, and what was fixed:
+
+* kept -- the real side is exact: ``A_hat^2 X`` of the training nodes on the whole graph. GCond's
+  code samples ``[10, 5]`` neighbours per hop (``retrieve_class_sampler`` with
+  ``NeighborSampler``, values of the full normalized adjacency, not renormalized) -- an unbiased
+  but noisy estimate of the same gradient; with fan-outs above the largest degree the two are
+  equal (that is how the parity fixture runs the reference). Cora's median degree is 3, so
+  most training nodes' 1-hop neighbourhoods are complete there too.
+* kept, no change in numbers -- closed-form per-class gradients; the generator's first layer split
+  as ``W_i x_i + W_j x_j``; only the side being updated gets gradients (the reference
+  backpropagates into both and steps one).
+* fixed (2026-12-07) -- the SGC's initialization: uniform in ``+-1/sqrt(K)`` (the output width) ->
+  ``+-1/sqrt(F)``, the fan-in, as GCond's ``GraphConvolution`` (``1 / sqrt(weight.T.size(1))``);
+  on Cora (F = 1433, K = 7) the old bound was 14x too wide.
+* fixed (2026-12-07) -- ``A'`` for the inner loop and for the condensed graph: the generator in
+  eval mode (running batch-norm statistics) -> train mode, batch statistics
+  (``method.inference_bn: batch``), as GCond's ``PGE.inference`` (whose ``self.eval()`` is
+  commented out). SGDD's ``GraphonLearner.inference`` does switch to eval mode, so SGDD keeps
+  ``running``.
+* epochs: the reference loops ``range(args.epochs + 1)``; ``method.epochs`` counts the epochs run,
+  so the authors' ``--epoch=600`` is ``method.epochs: 601`` (its last epoch, 600, updates the
+  structure).
 """
 from __future__ import annotations
 
@@ -204,6 +228,16 @@ class GradientMatchingCondenser(L.LightningModule):
         """``A'`` ``(N', N')`` from the generator (its current train/eval mode)."""
         return self.generator_net(feat)
 
+    @torch.no_grad()
+    def infer_adjacency(self) -> torch.Tensor:
+        """``A'`` ``(N', N')`` as the authors' ``inference`` gives it (the inner loop's graph and the
+        condensed one), the generator's batch norm per ``hp.inference_bn``: ``batch`` -- train mode,
+        batch statistics (GCond's ``PGE.inference``: its ``self.eval()`` is commented out), which
+        also moves the running statistics, as there; ``running`` -- eval mode, running statistics
+        (SGDD's ``GraphonLearner.inference``)."""
+        self.generator_net.train(self.hp.inference_bn == "batch")
+        return self.adjacency(self.feat.detach())
+
     def structure_loss(self, adj: torch.Tensor) -> torch.Tensor:
         """Extra loss on ``A'`` added while the structure is updated (GCond: none)."""
         return adj.new_zeros(())
@@ -228,9 +262,11 @@ class GradientMatchingCondenser(L.LightningModule):
         return x
 
     def init_model(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh SGC: ``W (F, K)``, ``b (K,)`` uniform in ``+-1/sqrt(K)`` (GCond's GraphConvolution)."""
+        """A fresh SGC: ``W (F, K)``, then ``b (K,)``, uniform in ``+-1/sqrt(F)`` -- GCond's
+        ``GraphConvolution.reset_parameters`` (``models/sgc.py``: ``1 / sqrt(weight.T.size(1))``, the
+        fan-in), drawn in its order from the global RNG."""
         f, k = self.feat.shape[1], self.num_classes
-        s = 1 / math.sqrt(k)
+        s = 1 / math.sqrt(f)
         w = torch.empty(f, k, device=self.feat.device).uniform_(-s, s).requires_grad_()
         b = torch.empty(k, device=self.feat.device).uniform_(-s, s).requires_grad_()
         return w, b
@@ -351,9 +387,7 @@ class GradientMatchingCondenser(L.LightningModule):
                 self.skipped_updates += 1
             if ol == hp.outer_loop - 1:
                 break
-            with torch.no_grad():  # inner loop: train theta on the current synthetic graph
-                self.generator_net.eval()
-                h_in = self.propagate(self.adjacency(self.feat), self.feat)
+            h_in = self.propagate(self.infer_adjacency(), self.feat.detach())  # inner loop: theta on the synthetic graph
             for _ in range(hp.inner_loop):
                 opt_model.zero_grad()
                 F.cross_entropy(h_in @ w + b, self.y_syn).backward()
@@ -398,10 +432,9 @@ class GradientMatchingCondenser(L.LightningModule):
 
     @torch.no_grad()
     def condensed(self) -> CondensedGraph:
-        """The current ``(X' (N', F), A' (N', N'), y' (N',))``, ``A'`` from the generator in eval mode
-        (GCond's ``pge.inference``), made exactly symmetric with a zero diagonal."""
-        self.generator_net.eval()
-        adj = self.adjacency(self.feat.detach()).float()
+        """The current ``(X' (N', F), A' (N', N'), y' (N',))``, ``A'`` from :meth:`infer_adjacency`
+        (the authors' ``inference``), made exactly symmetric with a zero diagonal."""
+        adj = self.infer_adjacency().float()
         adj = ((adj + adj.T) / 2).clamp(min=0)
         adj.fill_diagonal_(0)
         return CondensedGraph(self.feat.detach().cpu().clone(), adj.cpu(), self.y_syn.cpu().clone(),

@@ -229,7 +229,9 @@ class CondensationMethod(GraphMethod):
     Fields: epochs; outer_loop / inner_loop (matching steps / model steps per epoch); lr_feat,
     lr_adj, lr_model (Adam lrs of ``X'``, the generator, the condensation model); adj_epochs /
     feat_epochs (structure updated in epochs ``e % (adj + feat) < adj``, features otherwise);
-    reg_every_step (smoothness term on feature epochs too); ckpt_every (``checkpoints/last.ckpt``
+    reg_every_step (smoothness term on feature epochs too); inference_bn (the generator's batch norm
+    when it builds the inner loop's and the condensed graph: ``batch`` statistics as GCond's
+    ``PGE.inference``, ``running`` statistics as SGDD's ``GraphonLearner.inference``); ckpt_every (``checkpoints/last.ckpt``
     every N epochs, 0: none).
     """
 
@@ -244,6 +246,7 @@ class CondensationMethod(GraphMethod):
     adj_epochs: NonNegInt = 10
     feat_epochs: NonNegInt = 40
     reg_every_step: bool = False
+    inference_bn: Literal["batch", "running"] = "batch"
     ckpt_every: NonNegInt = 10
 
     def check(self, ctx_cfg) -> None:

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -267,6 +267,7 @@ class SGDDMethod(CondensationMethod):
     plan_temperature: PositiveFloat = 0.1
     warmup_epochs: NonNegInt = 400
     warmup_lr: PositiveFloat = 0.01
+    inference_bn: Literal["batch", "running"] = "running"
 
 
 __all__ = ["IGNR", "SGDD", "SGDDMethod", "StructureOT", "latent_grid", "sinkhorn"]
