@@ -14,7 +14,8 @@ from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.base import RunContext
 from lightning_dd.methods.statistics_matching import (Backbone, RecoverConfig, RecoverModule, StatisticsMatching,
-                                                      StatsHooks, TeacherConfig, backbone_weights, bn_loss_of,
+                                                      StatsHooks, TeacherConfig, backbone_weights, batch_crop_flip,
+                                                      bn_loss_of,
                                                       bn_loss_views, channel_stats, conv_statistics, crop_resize,
                                                       crop_scale_min, jitter_crop_flip, recover_batch, run_device,
                                                       sample_crops)
@@ -67,14 +68,25 @@ def test_bn_hooks_collect_the_statistics_of_each_bn_input():
     assert not hooks._handles  # removed on exit
 
 
-def test_conv_statistics_are_exact_over_batches():
+def test_conv_statistics_average_the_batches_weighted_by_their_size():
+    """G-VBSM's real-data statistics: per conv input the channel and patch statistics of each batch,
+    averaged with weights |b| / N (one batch: the statistics of all the images)."""
     net = _teacher()
     x = torch.randn(50, 3, 16, 16)
     got = conv_statistics(net, x, batch_size=7)
     with StatsHooks(net, "conv") as hooks, torch.no_grad():
         net(x)
-        for (m, v), (em, ev) in zip(got, hooks.stats):
-            assert torch.allclose(m, em, atol=1e-5) and torch.allclose(v, ev, atol=1e-4)
+        whole = [tuple(t.clone() for t in st) for st in hooks.stats]
+        per_batch = []
+        for part in x.split(7):
+            net(part)
+            per_batch.append([[t * len(part) / 50 for t in st] for st in hooks.stats])
+    for ours, all_images in zip(conv_statistics(net, x, batch_size=64), whole):
+        assert len(ours) == 4 and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours, all_images))
+    for i, ours in enumerate(got):
+        expected = [sum(pb[i][k] for pb in per_batch) for k in range(4)]
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(ours, expected))
+    assert not torch.allclose(got[1][1], whole[1][1], atol=1e-4)  # a mean of batch variances, not the variance
     with pytest.raises(ValueError, match="BatchNorm"):
         StatsHooks(build_net("ConvNet", 3, 4, (16, 16), width=8, depth=2), "bn")
 
@@ -105,24 +117,45 @@ def test_crop_resize_matches_kornias_crop_and_resize():
 
 
 def test_jitter_crop_flip_draws_in_the_documented_order():
-    """Roll offsets, then the crop boxes, then the flips (only when flip or draw_unused_flips): the
-    pipeline recovery and the BN views share, reproduced by hand from the same seed."""
+    """Crop (per image: boxes, then flips only when flip or draw_unused_flips; per batch: one seed
+    for torchvision's transforms), then the roll offsets ``U{0..jitter}``: the pipeline recovery and
+    the BN views share, reproduced by hand from the same seed."""
     x = torch.rand(5, 3, 16, 16, requires_grad=True)
     for flip, draw in ((True, False), (False, False), (False, True)):
         view = jitter_crop_flip(x, torch.Generator().manual_seed(7), jitter=3, scale=(0.3, 1.0), flip=flip,
-                                draw_unused_flips=draw)
+                                per_image=True, draw_unused_flips=draw)
         g = torch.Generator().manual_seed(7)
-        dx, dy = torch.randint(-3, 4, (2,), generator=g).tolist()
         boxes = sample_crops(5, 16, 16, (0.3, 1.0), g)
         flips = torch.rand(5, generator=g) < 0.5 if flip or draw else None
-        expected = crop_resize(torch.roll(x, (dy, dx), (2, 3)), boxes, flips if flip else None)
+        oh, ow = torch.randint(0, 4, (2,), generator=g).tolist()
+        expected = torch.roll(crop_resize(x, boxes, flips if flip else None), (oh, ow), (2, 3))
         assert torch.equal(view, expected)
         # what is left in the stream: the flips were consumed exactly when documented
         g2 = torch.Generator().manual_seed(7)
-        jitter_crop_flip(x, g2, jitter=3, scale=(0.3, 1.0), flip=flip, draw_unused_flips=draw)
+        jitter_crop_flip(x, g2, jitter=3, scale=(0.3, 1.0), flip=flip, per_image=True, draw_unused_flips=draw)
         assert torch.equal(torch.rand(3, generator=g2), torch.rand(3, generator=g))
+    for pad in (0, 2):  # per batch (the reference's): one seed, then the offsets
+        view = jitter_crop_flip(x, torch.Generator().manual_seed(7), jitter=3, scale=(0.3, 1.0), flip=True, pad=pad)
+        g = torch.Generator().manual_seed(7)
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=g))
+        oh, ow = torch.randint(0, 4, (2,), generator=g).tolist()
+        expected = torch.roll(batch_crop_flip(x, seed, scale=(0.3, 1.0), flip=True, pad=pad), (oh, ow), (2, 3))
+        assert torch.equal(view, expected)
+    assert torch.equal(jitter_crop_flip(x, torch.Generator(), jitter=0, scale=(1.0, 1.0), flip=False), x)
     view.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable in the images
+
+
+def test_batch_crop_flip_crops_every_image_alike_and_leaves_the_global_rng():
+    """One box and one flip for the whole batch (SRe2L/CDA apply torchvision's transforms to the
+    batch tensor); the caller's global RNG state is unchanged."""
+    x = torch.rand(1, 3, 16, 16).expand(4, 3, 16, 16).contiguous()
+    state = torch.get_rng_state()
+    view = batch_crop_flip(x, 3, scale=(0.1, 0.3), flip=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(view[0], v) for v in view[1:]) and not torch.allclose(view[0], x[0])
+    padded = batch_crop_flip(x, 5, scale=(1.0, 1.0), flip=False, pad=4)
+    assert padded.shape == x.shape and all(torch.equal(padded[0], v) for v in padded[1:])
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
@@ -210,7 +243,9 @@ def test_recovery_lowers_the_bn_loss_and_the_cda_curriculum_runs_to_its_end(tmp_
     start = bn_loss_views(b, x0, hp)  # on the same fixed augmented views before and after
     x, hist = recover_batch(x0, torch.arange(16) % 4, [b], hp, LO, HI, seed=0, batch_index=0, ckpt_dir=None,
                             trainer=CPU)
-    assert bn_loss_views(b, x, hp) < start / 3
+    # one crop box per step for the whole batch (the reference's) is a noisier objective than a box per
+    # image: 23.2 -> 9.1 here in 60 steps (per image: below a third)
+    assert bn_loss_views(b, x, hp) < start / 2
     assert hist[-1]["loss_bn"] < hist[0]["loss_bn"] / 2  # the logged per-step loss too
     assert hist[0]["crop_scale_min"] == pytest.approx(1.0)
     assert hist[-1]["crop_scale_min"] == pytest.approx(0.5, abs=1e-3)  # one step short of the end (CDA)
@@ -240,7 +275,7 @@ def test_backbone_norm_start_weights_every_backbone_to_the_first_ones_scale():
     with torch.no_grad():
         for b in bbs:
             b.net(x0)
-            raw.append((float(b.bn.loss(first_multiplier=10.0)), float(b.conv.loss(b.conv_targets, 10.0))))
+            raw.append(tuple(float(v) for v in b.stat_losses(10.0)))
     assert wb[0] == 1.0 and wc[0] == 1.0
     assert wb[1] * raw[1][0] == pytest.approx(raw[0][0], rel=1e-5)
     assert wc[1] * raw[1][1] == pytest.approx(raw[0][1], rel=1e-5)

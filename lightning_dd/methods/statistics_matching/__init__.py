@@ -84,18 +84,20 @@ after every step. The BN-statistics loss before and after recovery (``recover/lo
 whole, un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
 from lightning_dd.methods.statistics_matching.config import RecoverConfig, TeacherConfig
-from lightning_dd.methods.statistics_matching.crops import crop_resize, crop_scale_min, jitter_crop_flip, sample_crops
+from lightning_dd.methods.statistics_matching.crops import (batch_crop_flip, crop_resize, crop_scale_min,
+                                                            jitter_crop_flip, sample_crops)
 from lightning_dd.methods.statistics_matching.method import StatisticsMatching, recover_metrics
 from lightning_dd.methods.statistics_matching.recover import (RecoverModule, check_settings, pixel_bounds,
                                                               recover_batch, recover_batches, recover_settings)
 from lightning_dd.methods.statistics_matching.squeeze import (TeacherModule, accuracy, load_teacher_file,
                                                               load_teachers, run_device, squeeze)
 from lightning_dd.methods.statistics_matching.statistics import (Backbone, StatsHooks, backbone_weights, bn_loss_of,
-                                                                 bn_loss_views, channel_stats, conv_statistics,
+                                                                 bn_loss_views, channel_stats, conv_input_stats,
+                                                                 conv_statistics, eigenvalue_loss, patch_stats,
                                                                  real_statistics)
 
 __all__ = ["Backbone", "RecoverConfig", "RecoverModule", "StatisticsMatching", "StatsHooks", "TeacherConfig",
-           "TeacherModule", "accuracy", "backbone_weights", "bn_loss_of", "bn_loss_views", "channel_stats",
-           "check_settings", "conv_statistics", "crop_resize", "crop_scale_min", "jitter_crop_flip",
+           "TeacherModule", "accuracy", "backbone_weights", "batch_crop_flip", "bn_loss_of", "bn_loss_views",
+           "channel_stats", "check_settings", "conv_input_stats", "conv_statistics", "eigenvalue_loss", "patch_stats", "crop_resize", "crop_scale_min", "jitter_crop_flip",
            "load_teacher_file", "load_teachers", "pixel_bounds", "real_statistics", "recover_batch",
            "recover_batches", "recover_metrics", "recover_settings", "run_device", "sample_crops", "squeeze"]

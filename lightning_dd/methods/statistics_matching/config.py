@@ -67,12 +67,22 @@ class RecoverConfig(Typed):
             classes). lr: Adam's lr (betas 0.5, 0.9), cosine to 0 over ``iterations``.
         r_bn: weight of the BN-statistics loss (SRe2L Eq. 6); first_bn_multiplier: weight of its
             first layer (and of G-VBSM's first conv layer).
-        jitter: max roll in pixels; flip: random horizontal flips; crop_scale: ``(min, max)``
-            area fraction of the random-resized crops, ``0 < min <= max <= 1``.
+        jitter: max roll in pixels (offsets ``U{0, ..., jitter}``, after the crop); flip: random
+            horizontal flips; crop_scale: ``(min, max)`` area fraction of the random-resized crops,
+            ``0 < min <= max <= 1``; crop_pad: ``> 0``: a random crop of the image zero-padded by
+            that many pixels instead (G-VBSM's CIFAR ``RandomCrop(32, padding=4)``);
+            crop_per_image: every image its own crop box and flip (``false``: one for the batch,
+            as the reference code applies torchvision's transforms to the batch tensor).
         crop_schedule: CDA's curriculum on the min scale (``none`` = SRe2L: always ``min``);
             milestone: fraction of ``iterations`` in ``(0, 1]`` at which it reaches ``min``.
-        backbones_per_iter: G-VBSM's backbones sampled per step; r_conv, r_logit: weights of its
-            convolution-statistics and per-class logit (MSE) terms; backbone_norm: ``none``
+        backbones_per_iter: G-VBSM's backbones per step; backbone_sampling: ``random`` (a random
+            subset each step) or ``cycle`` (G-VBSM's round robin: step ``s`` uses backbones
+            ``s k, ..., s k + k - 1`` mod their number); r_conv, r_logit: weights of its
+            convolution-statistics term and of a per-class logit (MSE) term (not G-VBSM's: 0 there);
+            r_nuc, nuc_tau: weight and temperature of G-VBSM's eigenvalue (``--nuc-norm``) term;
+            stat_momentum: G-VBSM's ``--training-momentum`` (alpha): the matched BN/conv statistics
+            are moving averages over the batch's steps (0: the step's own, SRe2L/CDA);
+            backbone_norm: ``none``
             (unweighted) or ``start`` (each backbone's BN/conv loss rescaled to the first one's on
             the initial batch).
         init_std: std of the ``N(0, init_std)`` initial images (model space).
@@ -87,11 +97,17 @@ class RecoverConfig(Typed):
     jitter: NonNegInt = 32
     flip: bool = True
     crop_scale: CropScale = (0.08, 1.0)
+    crop_pad: NonNegInt = 0
+    crop_per_image: bool = False
     crop_schedule: Literal["none", "cosine", "linear", "step"] = "none"
     milestone: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     backbones_per_iter: PositiveInt = 1
+    backbone_sampling: Literal["random", "cycle"] = "random"
     r_conv: NonNegFloat = 0.0
     r_logit: NonNegFloat = 0.0
+    r_nuc: NonNegFloat = 0.0
+    nuc_tau: PositiveFloat = 4.0
+    stat_momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     backbone_norm: Literal["none", "start"] = "none"
     init_std: PositiveFloat = 1.0
     ckpt_every: PositiveInt = 100
@@ -102,6 +118,12 @@ class RecoverConfig(Typed):
         if v[0] > v[1]:
             raise ValueError("crop_scale must be [min, max] with min <= max")
         return v
+
+    @model_validator(mode="after")
+    def _pad_per_batch(self):
+        if self.crop_pad > 0 and self.crop_per_image:
+            raise ValueError("crop_pad > 0 (pad-and-crop) is drawn per batch: set crop_per_image=false")
+        return self
 
     def identity(self) -> dict:
         """The settings that determine a recovered batch (all but ``ckpt_every``), JSON-like

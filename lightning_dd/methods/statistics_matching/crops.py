@@ -93,33 +93,81 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor |
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-def jitter_crop_flip(images: torch.Tensor, generator: torch.Generator, *, jitter: int,
-                     scale: tuple[float, float], flip: bool, draw_unused_flips: bool = False) -> torch.Tensor:
-    """One augmented view of a batch (SRe2L Sec. 3.2's "multi-crop optimization"): roll the whole
-    batch by ``(dx, dy) ~ U{-jitter, ..., jitter}^2`` pixels (circular), then give every image its own
-    random-resized crop of area fraction in ``scale`` and, where ``flip``, a horizontal flip with
-    probability 1/2. Differentiable in ``images``.
+def batch_crop_flip(images: torch.Tensor, seed: int, *, scale: tuple[float, float], flip: bool,
+                    pad: int = 0) -> torch.Tensor:
+    """One crop box and one horizontal flip for the whole batch, drawn and applied by torchvision's own
+    transforms as the reference code calls them on the batch tensor (SRe2L's ``data_synthesis.py``,
+    CDA's ``recover_cda_in1k.py``: ``RandomResizedCrop(size, scale)`` then ``RandomHorizontalFlip()``;
+    G-VBSM's CIFAR recovery: ``RandomCrop(size, padding=4)`` then the flip), on the global torch RNG
+    seeded ``seed`` inside :func:`torch.random.fork_rng` (the caller's RNG state is left as it was):
+    the same ``seed`` gives the view the reference's ``aug_function(images)`` gives after
+    ``torch.manual_seed(seed)``.
 
-    Random draws from ``generator``, in this order (recovery's checkpoints and recorded runs rely
-    on it): the two roll offsets (``torch.randint``, only when ``jitter > 0``), the crop boxes
-    (:func:`sample_crops`), the ``N`` flip uniforms (only when ``flip`` or ``draw_unused_flips``).
-    ``draw_unused_flips=True`` draws the flips even when they are not applied, so that the views
-    that follow (e.g. the next fixed BN view) do not depend on ``flip``.
+    Args:
+        scale: ``(min, max)`` area fraction of the random-resized crop (aspect ratio 3/4-4/3,
+            bilinear resize back to ``(H, W)``); ignored when ``pad > 0``.
+        flip: append ``RandomHorizontalFlip()`` (p = 1/2, one draw for the batch).
+        pad: ``> 0``: a ``RandomCrop((H, W), padding=pad)`` (zero padding) instead of the
+            random-resized crop.
+
+    Shapes:
+        images: ``(N, C, H, W)``; returns ``(N, C, H, W)`` (differentiable in ``images``).
+    """
+    from torchvision import transforms as T
+
+    size = tuple(images.shape[-2:])
+    crop = T.RandomCrop(size, padding=pad) if pad > 0 else T.RandomResizedCrop(size, scale=tuple(scale))
+    aug = T.Compose([crop, T.RandomHorizontalFlip()] if flip else [crop])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return aug(images)
+
+
+def jitter_crop_flip(images: torch.Tensor, generator: torch.Generator, *, jitter: int,
+                     scale: tuple[float, float], flip: bool, per_image: bool = False, pad: int = 0,
+                     draw_unused_flips: bool = False) -> torch.Tensor:
+    """One augmented view of a batch (SRe2L Sec. 3.2's "multi-crop optimization"), in the reference
+    code's order: crop and flip, then roll the whole batch by ``(off_h, off_w) ~ U{0, ..., jitter}^2``
+    pixels (circular, ``torch.roll(x, (off_h, off_w), (2, 3))`` as ``random.randint(0, jitter)``
+    there). Differentiable in ``images``.
+
+    The crop and flip: ``per_image=False`` (the reference's): one box and one flip for the batch,
+    :func:`batch_crop_flip` with a seed drawn from ``generator``; skipped (no draw) when it cannot
+    change the images (``scale == (1, 1)``, ``pad == 0``, no flip: SRe2L's CIFAR recovery is the roll
+    alone). ``per_image=True``: every image its own random-resized crop of area fraction in
+    ``scale`` (:func:`sample_crops`, :func:`crop_resize`) and, where ``flip``, its own flip with
+    probability 1/2 (``pad`` is not supported there).
+
+    Random draws from ``generator``, in this order (recovery's checkpoints rely on it): the crop
+    (``per_image``: the boxes, then the ``N`` flip uniforms when ``flip`` or ``draw_unused_flips``;
+    else one int64 seed), then the two roll offsets (``torch.randint``, only when ``jitter > 0``).
+    ``draw_unused_flips=True`` draws the per-image flips even when they are not applied, so that
+    the views that follow do not depend on ``flip``.
 
     Shapes:
         images: ``(N, C, H, W)``; returns ``(N, C, H, W)``.
 
     Raises:
-        ValueError: ``scale`` not within ``(0, 1]`` or decreasing (:func:`sample_crops`).
+        ValueError: ``scale`` not within ``(0, 1]`` or decreasing; ``pad > 0`` with ``per_image``.
     """
     n, _, h, w = images.shape
+    lo, hi = float(scale[0]), float(scale[1])
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {scale}")
     x = images
+    if per_image:
+        if pad > 0:
+            raise ValueError("per-image crops are random-resized crops: pad must be 0")
+        boxes = sample_crops(n, h, w, scale, generator)
+        flips = torch.rand(n, generator=generator) < 0.5 if (flip or draw_unused_flips) else None
+        x = crop_resize(x, boxes, flips if flip else None)
+    elif flip or pad > 0 or lo < 1:
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        x = batch_crop_flip(x, seed, scale=scale, flip=flip, pad=pad)
     if jitter > 0:
-        dx, dy = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
-        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    boxes = sample_crops(n, h, w, scale, generator)
-    flips = torch.rand(n, generator=generator) < 0.5 if (flip or draw_unused_flips) else None
-    return crop_resize(x, boxes, flips if flip else None)
+        off_h, off_w = torch.randint(0, jitter + 1, (2,), generator=generator).tolist()
+        x = torch.roll(x, shifts=(off_h, off_w), dims=(2, 3))
+    return x
 
 
 _CURRICULA = {

@@ -23,7 +23,7 @@ from lightning_dd.methods.devices import gather_objects
 from lightning_dd.methods.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.statistics_matching.crops import crop_scale_min, jitter_crop_flip
 from lightning_dd.methods.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
-                                                                 bn_loss_views)
+                                                                 bn_loss_views, eigenvalue_loss)
 from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class RecoverModule(L.LightningModule):
         self.settings = settings
         self.slot_weights = [backbone_weights(backbones, x, hp) for x in images]  # from each batch's own init
         self.bn_weights, self.conv_weights = self.slot_weights[0]
+        for b in backbones:  # G-VBSM's moving averages (stat_momentum) start afresh with every batch
+            b.reset_ema()
 
     @staticmethod
     def _name(kind: str, slot: int) -> str:
@@ -101,11 +103,15 @@ class RecoverModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["recover_settings"] = self.settings
+        if self.hp.stat_momentum > 0:  # this process's moving averages (one batch per process)
+            checkpoint["recover_stat_ema"] = [b.ema_state() for b in self.backbones]
         checkpoint["recover_history"] = list(self.histories[0])
         if self.slots > 1:
             checkpoint["recover_histories"] = [list(h) for h in self.histories]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for b, state in zip(self.backbones, checkpoint.get("recover_stat_ema", [])):
+            b.reset_ema(state)
         if "recover_histories" in checkpoint:
             self.histories = [list(h) for h in checkpoint["recover_histories"]]
         else:
@@ -130,31 +136,49 @@ class RecoverModule(L.LightningModule):
         g = self.generator(step, slot)
         smin = crop_scale_min(step, hp.iterations, hp.crop_schedule, hp.crop_scale[1], hp.crop_scale[0],
                               hp.milestone)
-        x = jitter_crop_flip(x, g, jitter=hp.jitter, scale=(smin, hp.crop_scale[1]), flip=hp.flip)
-        k = min(hp.backbones_per_iter, len(self.backbones))
-        chosen = sorted(torch.randperm(len(self.backbones), generator=g)[:k].tolist()) if k < len(self.backbones) \
-            else list(range(len(self.backbones)))
+        x = jitter_crop_flip(x, g, jitter=hp.jitter, scale=(smin, hp.crop_scale[1]), flip=hp.flip,
+                             per_image=hp.crop_per_image, pad=hp.crop_pad)
+        n = len(self.backbones)
+        k = min(hp.backbones_per_iter, n)
+        if k == n:
+            chosen = list(range(n))
+        elif hp.backbone_sampling == "cycle":  # G-VBSM: model_teacher[counter % n], counter += 1 per step
+            chosen = sorted({(step * k + j) % n for j in range(k)})
+        else:
+            chosen = sorted(torch.randperm(n, generator=g)[:k].tolist())
         return x, smin, chosen
 
     def losses(self, x: torch.Tensor, chosen: list[int], slot: int = 0) -> dict[str, torch.Tensor]:
         """CE, BN, conv and logit losses (scalar tensors; zero where a term is off) of ``x``
         ``(B, C, H, W)`` with batch ``slot``'s labels and backbone weights, each the mean over the
-        ``chosen`` backbones (G-VBSM sums; a constant factor Adam does not see, see the package doc)."""
+        ``chosen`` backbones (G-VBSM sums; a constant factor Adam does not see, see the package doc),
+        and G-VBSM's eigenvalue term of ``x`` itself (``nuc``, :func:`~.statistics.eigenvalue_loss`)."""
         hp = self.hp
         labels = self.slot_labels(slot)
         bn_w, conv_w = self.slot_weights[slot]
-        out = {"ce": 0.0, "bn": 0.0, "conv": 0.0, "logit": 0.0}
+        out = {"ce": 0.0, "bn": 0.0, "conv": 0.0, "logit": 0.0, "nuc": 0.0}
         for i in chosen:
             b = self.backbones[i]
             logits = b.net(x)
             out["ce"] = out["ce"] + F.cross_entropy(logits, labels)
-            out["bn"] = out["bn"] + bn_w[i] * b.bn.loss(first_multiplier=hp.first_bn_multiplier)
-            if b.conv is not None and hp.r_conv > 0:
-                out["conv"] = out["conv"] + conv_w[i] * b.conv.loss(b.conv_targets, hp.first_bn_multiplier)
+            bn, conv = b.stat_losses(hp.first_bn_multiplier, hp.stat_momentum)
+            out["bn"] = out["bn"] + bn_w[i] * bn
+            if conv is not None and hp.r_conv > 0:
+                out["conv"] = out["conv"] + conv_w[i] * conv
             if b.class_logits is not None and hp.r_logit > 0:
                 out["logit"] = out["logit"] + F.mse_loss(logits, b.class_logits[labels])
         zero = torch.zeros((), device=x.device)
-        return {k: (v / len(chosen) if torch.is_tensor(v) else zero) for k, v in out.items()}
+        out = {k: (v / len(chosen) if torch.is_tensor(v) else zero) for k, v in out.items()}
+        if hp.r_nuc > 0:
+            out["nuc"] = eigenvalue_loss(x, labels, hp.nuc_tau)
+        return out
+
+    def total_loss(self, ls: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The recovery objective of one step from :meth:`losses`: ``CE + r_bn R_BN + r_conv R_conv +
+        r_logit R_logit + r_nuc R_nuc`` (SRe2L Eq. 7; G-VBSM's ``loss_ce + nuc_norm * nuc + r_loss *
+        loss_r_feature`` when ``r_conv = r_bn``)."""
+        hp = self.hp
+        return ls["ce"] + hp.r_bn * ls["bn"] + hp.r_conv * ls["conv"] + hp.r_logit * ls["logit"] + hp.r_nuc * ls["nuc"]
 
     def _record(self, slot: int, step: int, vals: dict, smin: float, chosen: list[int]) -> None:
         """Append batch ``slot``'s step to its history and log it (every 10th and the last step) at
@@ -168,6 +192,8 @@ class RecoverModule(L.LightningModule):
                 row["recover/loss_conv"] = vals["conv"]
             if hp.r_logit > 0:
                 row["recover/loss_logit"] = vals["logit"]
+            if hp.r_nuc > 0:
+                row["recover/loss_nuc"] = vals["nuc"]
             for lg in self.trainer.loggers:
                 lg.log_metrics(row, step=b * hp.iterations + step)
         self.histories[slot].append({"batch": b, "step": step, "loss_bn": vals["bn"], "crop_scale_min": smin,
@@ -188,13 +214,13 @@ class RecoverModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step, hp = self.global_step, self.hp
         slot, world = self.local_slot(), self.trainer.world_size
-        keys = ("loss", "ce", "bn", "conv", "logit")
+        keys = ("loss", "ce", "bn", "conv", "logit", "nuc")
         k = min(hp.backbones_per_iter, len(self.backbones))
         loss, row = None, torch.zeros(2 + len(keys) + k, dtype=torch.float64, device=self.device)
         if slot is not None:
             x, smin, chosen = self.augment(step, slot)
             ls = self.losses(x, chosen, slot)
-            loss = ls["ce"] + hp.r_bn * ls["bn"] + hp.r_conv * ls["conv"] + hp.r_logit * ls["logit"]
+            loss = self.total_loss(ls)
             vals = {"loss": loss.detach(), **{n: ls[n].detach() for n in keys[1:]}}
             if world == 1:
                 self._record(slot, step, {n: float(v) for n, v in vals.items()}, smin, chosen)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightning_dd.io import load_cache, require_keys, save_cache
 from lightning_dd.methods.experts import experts_key
@@ -29,14 +30,64 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def patch_stats(x: torch.Tensor, patch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """G-VBSM's patch statistics (``ConvFeatureHook`` in its ``utils.py``): ``x`` resized
+    (bilinear, ``align_corners=False``) to the next multiples of ``patch`` in height and width,
+    cut into ``patch x patch`` pixel cells; per cell position the mean and biased variance over
+    the batch, the channels and the cell's pixels.
+
+    Shapes:
+        x: ``(N, C, H, W)``; returns ``(P,)``, ``(P,)`` with ``P = ceil(H / patch) * ceil(W / patch)``.
+    """
+    n, c, h, w = x.shape
+    h4, w4 = -(-h // patch) * patch, -(-w // patch) * patch
+    if (h4, w4) != (h, w):
+        x = F.interpolate(x, [h4, w4], mode="bilinear", align_corners=False)
+    cells = x.reshape(n, c, h4 // patch, patch, w4 // patch, patch).permute(2, 4, 0, 1, 3, 5)
+    var, mean = torch.var_mean(cells.reshape((h4 // patch) * (w4 // patch), -1), dim=1, unbiased=False)
+    return mean, var
+
+
+def conv_input_stats(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """G-VBSM's statistics of a convolution's input ``x`` ``(N, C, H, W)``: per-channel mean and
+    biased variance ``(C,)`` (:func:`channel_stats`) and the patch mean and variance ``(P,)``
+    (:func:`patch_stats`), as the 4-tuple ``(mean, var, patch_mean, patch_var)``."""
+    return (*channel_stats(x), *patch_stats(x))
+
+
+def eigenvalue_loss(x: torch.Tensor, labels: torch.Tensor, tau: float = 4.0, size: int = 32) -> torch.Tensor:
+    """G-VBSM's eigenvalue ("nuclear norm", ``--nuc-norm``) term of its CIFAR recovery
+    (``data_synthesis_with_svd_with_db_with_all_statistic.py``): the view ``x`` average-pooled to
+    ``size x size`` and flattened; for every class ``c`` in ``labels`` the eigenvalues ``l`` of the
+    Gram matrix ``X_c X_c^T`` of its images, and ``KL(softmax(l / tau) || softmax(l))`` with the
+    sharpened target detached, summed over the classes (``nn.KLDivLoss(reduction="sum")``). The
+    eigenvalues come from ``torch.linalg.eigvalsh`` (the Gram matrix is symmetric; the reference
+    takes the real part of ``eigvals``, the same values; the KL does not depend on their order).
+    One eigen-decomposition per class present (a loop over classes, not samples).
+
+    Shapes:
+        x: ``(B, C, H, W)``; labels: ``(B,)`` int64; returns a scalar.
+    """
+    flat = F.adaptive_avg_pool2d(x, (size, size)).reshape(len(x), -1)
+    total = x.new_zeros(())
+    for c in torch.unique(labels).tolist():
+        xc = flat[labels == c]
+        lam = torch.linalg.eigvalsh(xc @ xc.t()).float()
+        target = (lam / tau).softmax(-1).detach()
+        total = total + F.kl_div(lam.log_softmax(-1), target, reduction="sum")
+    return total
+
+
 class StatsHooks:
     """Forward hooks that record per-layer batch statistics of a network.
 
     ``kind="bn"``: the *input* of every ``BatchNorm2d`` (SRe2L Eq. 6), targets = the layer's running
-    mean/var. ``kind="conv"``: the *output* of every ``Conv2d`` (G-VBSM's convolution statistics),
-    targets given (see :func:`conv_statistics`).
+    mean/var. ``kind="conv"``: the *input* of every ``Conv2d`` (G-VBSM's ``ConvFeatureHook``):
+    channel and patch statistics (:func:`conv_input_stats`), targets given (see
+    :func:`conv_statistics`).
 
-    After a forward pass, ``stats`` is a list of ``(mean (C_l,), var (C_l,))``, one per layer in
+    After a forward pass, ``stats`` is a list of ``(mean (C_l,), var (C_l,))`` (BN) or
+    ``(mean (C_l,), var (C_l,), patch_mean (P_l,), patch_var (P_l,))`` (conv), one per layer in
     module-registration order (``net.modules()``; usually, not necessarily, the order the forward
     pass runs them; "the first layer" of ``first_multiplier`` is the first registered). Use as a
     context manager or call :meth:`remove`.
@@ -54,11 +105,12 @@ class StatsHooks:
             raise ValueError(f"{type(net).__name__} has no {'BatchNorm2d' if kind == 'bn' else 'Conv2d'} layer "
                              "to match statistics at (use a BatchNorm teacher, e.g. net.norm=batchnorm)")
         self.stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.ema: list[list[torch.Tensor] | None] = [None] * len(self.layers)  # see loss(momentum=...)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.layers)]
 
     def _hook(self, i: int):
         def fn(module, inputs, output):
-            self.stats[i] = channel_stats(inputs[0] if self.kind == "bn" else output)
+            self.stats[i] = channel_stats(inputs[0]) if self.kind == "bn" else conv_input_stats(inputs[0])
         return fn
 
     def targets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,17 +125,33 @@ class StatsHooks:
                              "(see conv_statistics)")
         return [(m.running_mean, m.running_var) for m in self.layers]
 
-    def loss(self, targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-             first_multiplier: float = 1.0) -> torch.Tensor:
-        """``sum_l w_l (||mu_l - mu*_l||_2 + ||var_l - var*_l||_2)`` with ``w_0 = first_multiplier``,
-        ``w_l = 1`` otherwise (SRe2L Eq. 6), a scalar tensor of the last forward pass; targets default
-        to the BN running statistics and must be given for ``kind="conv"`` (see :meth:`targets`)."""
+    def loss(self, targets: list[tuple[torch.Tensor, ...]] | None = None,
+             first_multiplier: float = 1.0, momentum: float = 0.0) -> torch.Tensor:
+        """``sum_l w_l sum_s ||s_l - s*_l||_2`` over the recorded statistics ``s`` of each layer (BN:
+        mean and variance, SRe2L Eq. 6 / ``BNFeatureHook``; conv: also the patch mean and variance,
+        G-VBSM's ``ConvFeatureHook``) with ``w_0 = first_multiplier``, ``w_l = 1`` otherwise, a
+        scalar tensor of the last forward pass; targets default to the BN running statistics and
+        must be given for ``kind="conv"`` (see :meth:`targets`).
+
+        ``momentum > 0`` (G-VBSM's ``--training-momentum``, alpha): each statistic is replaced by its
+        exponential moving average over the calls, ``e <- momentum e + (1 - momentum) s`` (detached;
+        ``e`` starts at 0, as G-VBSM's hooks start from ``0.``), with the gradient of the current
+        ``s``: ``e + s - s.detach()``. The averages (``ema``) advance on every call with
+        ``momentum > 0``; :meth:`reset_ema` starts them again."""
         targets = self.targets() if targets is None else targets
         total = 0.0
-        for i, ((m, v), (tm, tv)) in enumerate(zip(self.stats, targets)):
+        for i, (stats, tgt) in enumerate(zip(self.stats, targets)):
             w = first_multiplier if i == 0 else 1.0
-            total = total + w * (torch.norm(m - tm.to(m), 2) + torch.norm(v - tv.to(v), 2))
+            if momentum > 0:
+                prev = self.ema[i] or [torch.zeros_like(a) for a in stats]
+                self.ema[i] = [momentum * e + (1 - momentum) * a.detach() for e, a in zip(prev, stats)]
+                stats = [e + a - a.detach() for e, a in zip(self.ema[i], stats)]
+            total = total + w * sum(torch.norm(a - t.to(a), 2) for a, t in zip(stats, tgt))
         return total
+
+    def reset_ema(self, ema: list | None = None) -> None:
+        """Start the moving averages of :meth:`loss` afresh (``ema=None``) or from a saved ``ema``."""
+        self.ema = [None] * len(self.layers) if ema is None else [None if e is None else list(e) for e in ema]
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -99,30 +167,31 @@ class StatsHooks:
 
 
 @torch.no_grad()
-def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
+def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 64,
                     return_logits: bool = False):
-    """Exact per-channel mean and (biased) variance of every ``Conv2d`` output of ``net`` (eval
-    mode) over all of ``images``, accumulated in float64 batch by batch (G-VBSM's convolution
-    statistics of the real data). Runs on the network's device batch by batch (``images`` may stay
-    on the CPU); returns CPU tensors.
+    """G-VBSM's convolution statistics of the real data (``ConvFeatureHook.pre_hook_fn``): the
+    statistics of every ``Conv2d``'s input (:func:`conv_input_stats`: channel mean/variance, patch
+    mean/variance) on each batch of ``batch_size`` images (G-VBSM's loader: 64), averaged over the
+    batches weighted by their sizes (``sum_b stat_b * |b| / N``; a per-batch variance, not the
+    variance over all images), ``net`` in eval mode, accumulated in float64. Runs on the network's
+    device batch by batch (``images`` may stay on the CPU); returns CPU float32 tensors.
 
     Shapes:
-        images: ``(N, C, H, W)``. Returns one float32 ``(mean (C_l,), var (C_l,))`` pair per conv
-        layer in module-registration order (that of :class:`StatsHooks`); with ``return_logits``
-        also the network's outputs ``(N, K)`` from the same pass: ``(pairs, logits)``.
+        images: ``(N, C, H, W)``. Returns one ``(mean (C_l,), var (C_l,), patch_mean (P_l,),
+        patch_var (P_l,))`` per conv layer in module-registration order (that of
+        :class:`StatsHooks`); with ``return_logits`` also the network's outputs ``(N, K)`` from the
+        same pass: ``(stats, logits)``.
     """
     net.eval()
     dev = device_of(net)
     layers = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     sums: list = [None] * len(layers)
-    count = [0] * len(layers)
 
     def hook(i):
         def fn(module, inputs, out):
-            o = out.double()
-            s = torch.stack([o.sum((0, 2, 3)), o.pow(2).sum((0, 2, 3))])
-            sums[i] = s if sums[i] is None else sums[i] + s
-            count[i] += o.shape[0] * o.shape[2] * o.shape[3]
+            x = inputs[0]
+            s = [t.double() * x.shape[0] for t in conv_input_stats(x)]
+            sums[i] = s if sums[i] is None else [a + b for a, b in zip(sums[i], s)]
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
@@ -133,10 +202,8 @@ def conv_statistics(net: nn.Module, images: torch.Tensor, batch_size: int = 500,
     finally:
         for h in handles:
             h.remove()
-    out = []
-    for s, n in zip(sums, count):
-        mean = s[0] / n
-        out.append((mean.float().cpu(), (s[1] / n - mean * mean).clamp(min=0).float().cpu()))
+    n = len(images)
+    out = [tuple((t / n).float().cpu() for t in s) for s in sums]
     return (out, torch.cat(outs)) if return_logits else out
 
 
@@ -149,12 +216,13 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     recomputed (:func:`lightning_dd.io.load_cache`).
 
     Shapes:
-        returns ``([(mean (C_l,), var (C_l,)), ...], class_logits (K, K))``.
+        returns ``([(mean (C_l,), var (C_l,), patch_mean (P_l,), patch_var (P_l,)), ...],
+        class_logits (K, K))``.
     """
     path = Path(teacher["path"])
     st = path.stat()
     key = experts_key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size,
-                       "mtime": st.st_mtime_ns})
+                       "mtime": st.st_mtime_ns, "conv_stats": "input+patch/batch64"})
     cache = path.parent / f"real_stats-{key}.pt"
     d = load_cache(cache, "cached real-data statistics", require_keys("conv", "class_logits"))
     if d is not None:  # None: missing, or unusable (reported and deleted): computed again
@@ -169,8 +237,9 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
 
 class Backbone:
     """A frozen teacher prepared for recovery: the network (eval mode, no parameter gradients), its
-    BN hooks, and optionally conv hooks with precomputed targets and per-class mean logits
-    ``(K, K)`` (G-VBSM). The hooks run on every forward of the network until :meth:`remove`.
+    BN hooks, and optionally conv hooks with precomputed targets (:func:`conv_statistics`) and
+    per-class mean logits ``(K, K)`` (G-VBSM). The hooks run on every forward of the network until
+    :meth:`remove`.
 
     Raises:
         ValueError: the network has no BatchNorm layer (:class:`StatsHooks`).
@@ -181,6 +250,31 @@ class Backbone:
         self.bn = StatsHooks(self.net, "bn")
         self.conv = StatsHooks(self.net, "conv") if conv_targets is not None else None
         self.conv_targets, self.class_logits = conv_targets, class_logits
+        # G-VBSM applies its first-layer multiplier once, to the first of its BN and conv hooks in
+        # module order: a conv layer (the stem) when conv statistics are matched and it comes first
+        first = next(m for m in self.net.modules() if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)))
+        self.first_is_conv = self.conv is not None and isinstance(first, nn.Conv2d)
+
+    def stat_losses(self, first_multiplier: float, momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The BN loss and (with conv targets) the conv loss of the last forward pass
+        (:meth:`StatsHooks.loss`, ``momentum``: G-VBSM's moving averages), ``first_multiplier`` on
+        the first hooked layer of the network (its first BN layer, or its first conv layer when that
+        comes first and conv statistics are matched: G-VBSM's one ``rescale`` list over both
+        kinds); ``None`` for the conv loss without conv targets."""
+        conv_first = first_multiplier if self.first_is_conv else 1.0
+        bn = self.bn.loss(first_multiplier=1.0 if self.first_is_conv else first_multiplier, momentum=momentum)
+        conv = self.conv.loss(self.conv_targets, conv_first, momentum) if self.conv is not None else None
+        return bn, conv
+
+    def ema_state(self) -> list:
+        """The moving averages of the BN and conv hooks (``[bn.ema, conv.ema]``; see :meth:`StatsHooks.loss`)."""
+        return [self.bn.ema, self.conv.ema if self.conv is not None else None]
+
+    def reset_ema(self, state: list | None = None) -> None:
+        """Start the moving averages afresh (``None``) or from :meth:`ema_state`'s ``state``."""
+        self.bn.reset_ema(None if state is None else state[0])
+        if self.conv is not None:
+            self.conv.reset_ema(None if state is None else state[1])
 
     def remove(self) -> None:
         """Remove the BN (and conv) forward hooks from the network (idempotent)."""
@@ -192,7 +286,7 @@ class Backbone:
         """Move the network and the G-VBSM targets to ``device``; returns ``self``."""
         self.net.to(device)
         if self.conv_targets is not None:
-            self.conv_targets = [(m.to(device), v.to(device)) for m, v in self.conv_targets]
+            self.conv_targets = [tuple(t.to(device) for t in ts) for ts in self.conv_targets]
         if self.class_logits is not None:
             self.class_logits = self.class_logits.to(device)
         return self
@@ -218,14 +312,13 @@ def backbone_weights(backbones: list[Backbone], images: torch.Tensor, hp: Recove
     n = len(backbones)
     if hp.backbone_norm == "none" or n <= 1:
         return [1.0] * n, [1.0] * n
-    fm = hp.first_bn_multiplier
     bn, conv = [], []
     for b in backbones:
-        dev = device_of(b.net)
-        b.net(images.to(dev))
-        bn.append(float(b.bn.loss(first_multiplier=fm)))
-        conv.append(float(b.conv.loss([(m.to(dev), v.to(dev)) for m, v in b.conv_targets], fm))
-                    if b.conv is not None else 1.0)
+        b.to(device_of(b.net))
+        b.net(images.to(device_of(b.net)))
+        lb, lc = b.stat_losses(hp.first_bn_multiplier)
+        bn.append(float(lb))
+        conv.append(float(lc) if lc is not None else 1.0)
     return [bn[0] / max(v, 1e-12) for v in bn], [conv[0] / max(v, 1e-12) for v in conv]
 
 
@@ -240,15 +333,15 @@ def bn_loss_of(backbone: Backbone, images: torch.Tensor, first_multiplier: float
 def bn_loss_views(backbone: Backbone, images: torch.Tensor, hp: RecoverConfig, views: int = 8,
                   seed: int = 12345) -> float:
     """The BN-statistics loss (SRe2L Eq. 6) averaged over ``views`` fixed augmented views of
-    ``images`` ``(B, C, H, W)`` (:func:`~.crops.jitter_crop_flip` with ``hp.jitter``, ``hp.flip``
-    and the full ``hp.crop_scale`` range), drawn from ``seed`` so that the same views measure the
+    ``images`` ``(B, C, H, W)`` (:func:`~.crops.jitter_crop_flip` with ``hp.jitter``, ``hp.flip``,
+    ``hp.crop_per_image``, ``hp.crop_pad`` and the full ``hp.crop_scale`` range), drawn from ``seed`` so that the same views measure the
     images before and after recovery: the quantity recovery minimizes, without its step-to-step
-    sampling noise. The flips are drawn either way (``draw_unused_flips``), so the crops do not
-    depend on ``hp.flip``."""
+    sampling noise. With per-image crops the flips are drawn either way (``draw_unused_flips``), so
+    the crops do not depend on ``hp.flip``; per-batch views draw one seed each either way."""
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(views):
         x = jitter_crop_flip(images, g, jitter=hp.jitter, scale=hp.crop_scale, flip=hp.flip,
-                             draw_unused_flips=True)
+                             per_image=hp.crop_per_image, pad=hp.crop_pad, draw_unused_flips=True)
         total += bn_loss_of(backbone, x, hp.first_bn_multiplier)
     return total / views
