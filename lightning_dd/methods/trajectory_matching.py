@@ -22,6 +22,33 @@ fixed window (``sequential_generation=false``).
 2310.03295; :mod:`lightning_dd.methods.clom`) to the images' gradient after the matching
 meta-gradient, before the step (:meth:`TrajectoryMatching.clom_backward`).
 
+Parity (``tests/parity/test_parity_trajectory_matching.py``): from the same expert, images, labels,
+lr and generator state, one iteration equals MTT's ``distill.py`` (hard labels) and DATM's
+``distill/DATM.py`` (soft labels), DSA off and on: the loss and the gradients w.r.t. images, lr and
+soft labels, in every ``meta_grad`` mode (relative error ~3e-7).
+
+Deviations from the reference code (MTT ``distill.py``, DATM ``distill/DATM.py`` and its configs):
+
+* **Experts** are trained with plain SGD as MTT's ``buffer.py`` (lr 0.01, no momentum, DSA), also
+  for DATM, whose README trains them with ``buffer_FTD.py``: GSAM (FTD, arXiv 2211.11004,
+  ``rho 0.01``, ``alpha 0.3``) for 100 epochs. Not implemented (a flat-minimum optimizer for the
+  experts); ``experiment=datm_*`` uses DATM's 100 epochs, with SGD.
+* **Expert order**: each iteration draws its expert uniformly (MTT's ``--load_all`` path); without
+  ``--load_all`` the scripts walk a shuffled list, file of 10 experts by file. Same marginal
+  distribution per iteration; ours is keyed by (seed, iteration) so that resumed and sharded runs
+  make the same choices.
+* **Soft-label init fallback**: an image no expert classifies correctly gets the mean logits of
+  all experts (the reference divides by zero; its image selection makes that case unreachable
+  with ``samples_predicted_correctly``).
+* **Too few correct images** for ``samples_predicted_correctly``: the class is filled with random
+  images and a warning (the reference loops over the experts forever).
+* **Per draw threshold** with ``expert_draws > 1`` (one draw is the reference's single skip).
+
+Fixed to the reference: the window bound's arithmetic (``int(diff * it / end)``; ours had rounded
+``diff * (it / end)``, 4 iterations in 10^5 off by one), soft labels for ``pix_init=real`` from one
+expert's logits (``buffer[0][-1]``; ours averaged all experts), and in :mod:`lightning_dd.augment.dsa`
+the draw order and rotation direction, so the same RNG state gives the reference's augmentations.
+
 Several devices (``trainer.devices=2 trainer.strategy=ddp``; gloo on CPU, NCCL on GPUs): DDP cannot
 synchronize the double backward of an unrolled student (its reducer would fire on every partial
 backward of ``recompute`` and never on the unused template net), so the expert draws are sharded
@@ -75,9 +102,9 @@ def window_upper_bound(iteration: int, min_start_epoch: int, current_max_start_e
     ``expansion_end_epoch`` iterations and after); fixed at ``max_start_epoch`` without sequential
     generation. Always ``> min_start_epoch``.
     """
-    if sequential_generation:
-        frac = min(1.0, iteration / max(1, expansion_end_epoch))
-        upper = current_max_start_epoch + int((max_start_epoch - current_max_start_epoch) * frac)
+    if sequential_generation:  # DATM's arithmetic (distill/DATM.py): int(diff * it / end), then the cap
+        upper = current_max_start_epoch + int((max_start_epoch - current_max_start_epoch) * iteration
+                                              / expansion_end_epoch)
         upper = min(upper, max_start_epoch)
     else:
         upper = max_start_epoch
@@ -409,7 +436,10 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         else:
             idx = torch.cat([i[torch.randperm(len(i), generator=g)[: self.ipc]] for i in dm.class_indices()])
         images, hard = dm.train_images[idx].clone(), dm.train_labels[idx].clone()
-        labels = expert_soft_labels(images, hard, predictors) if self.soft_labels else hard
+        # DATM: logits averaged over the experts that classify an image correctly; with real init, the
+        # logits of one expert (its buffer[0]) as they are
+        label_predictors = predictors[:1] if self.pix_init == "real" else predictors
+        labels = expert_soft_labels(images, hard, label_predictors) if self.soft_labels else hard
         init = DistilledSet(images.clone(), labels.clone(), float(self.lr_teacher), dm.classes,
                             dm.preprocessing.state(), method=f"{self.name}-init", ipc=self.ipc)
         timings["init_s"] = time.perf_counter() - t0
