@@ -478,3 +478,31 @@ def test_paper_and_cpu_sizes_of_the_point_video_experiments():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         mast = compose("train", overrides=["experiment=mast_pre_msr"]).method
     assert (mast.mask_ratio, mast.decoder_dim, mast.decoder_depth, mast.epochs) == (0.75, 512, 4, 200)
+
+
+def test_mast_pre_paper_config_trains_as_long_as_the_reference():
+    """The composed ``experiment=mast_pre_msr`` pretrains exactly as long as the reference's loop
+    (``0-pretraining-dp.py``: ``DataLoader(batch_size=128, drop_last=True)``, one AdamW step per
+    batch, 200 epochs) over P4Transformer's MSR-Action3D clips (``datasets/msr.py``: a clip at
+    every start ``t in range(0, T - (24 - 1))`` of each training video, subjects 1-5): 4478 clips,
+    34 steps per epoch, 6800 optimizer steps, 870,400 clips seen. Ours: the DataModule's training
+    loader (whose length :meth:`MaSTPre.run` multiplies by ``epochs`` for the schedule and the
+    Trainer's ``max_epochs``) on videos of the real frame counts (the skeleton files: 20 lines a frame)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=mast_pre_msr"])
+    files = sorted(SKELETON.glob("a*_s*_e*_skeleton3D.txt"))
+    frames = {f.name: sum(1 for _ in open(f)) // 20 for f in files}
+    train = [n for n, f in zip(frames.values(), files) if parse_video_name(f)[1] in cfg.data.train_subjects]
+    assert len(train) == 270
+    ref_clips = sum(len(range(0, t - 1 * (24 - 1))) for t in train)              # the reference's index map
+    ref_steps = 200 * (ref_clips // 128)                                           # drop_last
+    assert (ref_clips, ref_steps, ref_steps * 128) == (4478, 6800, 870_400)
+    dm = instantiate(cfg.data, load_videos=False)
+    dm.train_videos, dm.train_labels = [[None] * t for t in train], torch.zeros(len(train), dtype=torch.long)
+    loader = dm.train_dataloader()
+    hp = instantiate(cfg.method)
+    assert len(loader.dataset) == ref_clips and loader.batch_size == 128 and loader.drop_last
+    assert hp.epochs * len(loader) == ref_steps and hp.epochs * len(loader) * loader.batch_size == 870_400
