@@ -217,3 +217,59 @@ def test_weight_selection_picks_uniformly_spaced_elements_of_the_first_layers():
     assert torch.equal(s["head.weight"], head)
     with pytest.raises(ValueError, match="teacher has no"):
         weight_selection(ViT(3, 7, (16, 16), 4, embed_dim=24, depth=6, num_heads=3), teacher.state_dict())
+
+
+def _reference_loop_length(n_images: int, batch_size: int, epochs: int, num_crops: int, warmup: int = 0):
+    """``train_VVTQ.py``'s loop arithmetic, written from the reference (one process): the loader
+    batch is ``ceil(batch_size / num_crops)`` images (x num_crops views); warmup epochs and the
+    last ones train single-crop at ``batch * num_crops`` images; loaders keep the last batch."""
+    b = math.ceil(batch_size / num_crops)
+    steps = views = 0
+    for _ in range(warmup):
+        steps, views = steps + math.ceil(n_images / (b * num_crops)), views + n_images
+    for epoch in range(warmup, epochs, num_crops):
+        if epoch >= epochs - num_crops:
+            for _ in range(epoch, epochs):
+                steps, views = steps + math.ceil(n_images / (b * num_crops)), views + n_images
+            break
+        steps, views = steps + math.ceil(n_images / b), views + n_images * num_crops
+    return steps, views
+
+
+@pytest.mark.parametrize("experiment", ["qat_deit_tiny_imagenet", "qat_swin_tiny_imagenet"])
+def test_paper_configs_give_the_reference_training_length(experiment):
+    """The composed paper-size configs train exactly as long as the reference's loop on ImageNet-1k
+    (1,281,167 images): 375,376 optimizer steps and 150 x 1,281,167 views (37 four-crop passes +
+    2 single-crop epochs), through our own schedule (:func:`qat_passes`, :func:`training_length`)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.methods.qat_vit.training import qat_passes, training_length
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        m = compose("train", overrides=[f"experiment={experiment}"]).method
+    n = 1_281_167
+    ref = _reference_loop_length(n, m.batch_size, m.epochs, m.num_crops, m.warmup_epochs)
+    assert ref == (37 * 10_010 + 2 * 2_503, 150 * n)
+    assert training_length(m.epochs, m.num_crops, m.warmup_epochs, n, m.batch_size) == ref
+    passes = qat_passes(m.epochs, m.num_crops, m.warmup_epochs)
+    assert [p.crops for p in passes] == [4] * 37 + [1, 1] and passes[-1].epoch == 149
+
+
+@pytest.mark.parametrize("epochs,num_crops,warmup", [(4, 2, 0), (5, 2, 0), (1, 2, 0), (10, 4, 2), (7, 3, 1)])
+def test_training_length_follows_the_reference_loop(epochs, num_crops, warmup):
+    """Small cases of the same arithmetic, warmup included (the CPU preset is (4, 2, 0))."""
+    from lightning_dd.methods.qat_vit.training import training_length
+
+    for n, batch in ((3000, 64), (101, 10)):
+        assert training_length(epochs, num_crops, warmup, n, batch) == _reference_loop_length(n, batch, epochs,
+                                                                                               num_crops, warmup)
+
+
+def test_reference_lr_is_timm_cosine_per_pass():
+    """LR per epoch as timm's CosineLRScheduler(t_initial=epochs) of the reference: full at epoch 0,
+    half at epochs/2, min_lr from epochs on (the last single-crop epoch), linear warmup."""
+    from lightning_dd.methods.qat_vit.training import reference_lr
+
+    assert reference_lr(0, 150) == 1.0 and math.isclose(reference_lr(75, 150), 0.5) and reference_lr(150, 150) == 0
+    assert math.isclose(reference_lr(2, 150, warmup_epochs=5, warmup_lr=0.0), 0.4)

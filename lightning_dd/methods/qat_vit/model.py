@@ -10,7 +10,7 @@ At the target bits ``b`` (weights ``w_bits``, activations ``a_bits``), in every 
 * q, k and v after their projections (signed) and the softmax output (unsigned).
 
 At 8 bits (``keep_bits``): the patch-embedding conv and its input, the head and its input, and
-Swin's patch merging (its reduction Linear and input). Floating point: LayerNorms, the class token
+Swin's patch-merging reduction weight (its input stays in floating point, as ``Swin_quant.py``). Floating point: LayerNorms, the class token
 and position embedding, Swin's relative position bias, biases, residual adds and the pre-softmax
 logits. The same rules serve DeiT (:class:`lightning_dd.nets.vit.ViT`) and Swin
 (:class:`lightning_dd.nets.swin.Swin`): every :class:`~lightning_dd.nets.vit.Attention` (Swin's
@@ -58,7 +58,7 @@ def quantize_vit(fp: ViT | Swin, w_bits: int, a_bits: int | None = None, keep_bi
             mod.fc1 = QLinear(mod.fc1, w_bits, act(), grad_scale)
             mod.fc2 = QLinear(mod.fc2, w_bits, act(signed=False, offset=True), grad_scale)
         elif isinstance(mod, PatchMerging):
-            mod.reduction = QLinear(mod.reduction, keep_bits, act(bits=keep_bits), grad_scale)
+            mod.reduction = QLinear(mod.reduction, keep_bits, None, grad_scale)  # input in FP (Swin_quant.py)
     m.patch_embed.proj = QConv2d(m.patch_embed.proj, keep_bits, grad_scale)
     m.head = QLinear(m.head, keep_bits, act(bits=keep_bits), grad_scale)
     return m
