@@ -67,7 +67,8 @@ def main() -> None:
     def qat_step():
         loss = soft_cross_entropy(q(x), target)
         if args.reg:
-            loss = loss + 0.01 * sum(bin_regularizer(m.weight, m.wq.step, m.wq.qn, m.wq.qp) for m in layers)
+            loss = loss + 0.01 * sum(bin_regularizer(m.weight, m.wq.step, m.wq.qn, m.wq.qp, m.wq.grad_factor(m.weight))
+                                     for m in layers)
         opt_q.zero_grad(set_to_none=True)
         loss.backward()
         opt_q.step()
