@@ -84,6 +84,14 @@ def test_window_grows_from_current_to_max_start_epoch():
     assert window_upper_bound(0, sequential_generation=False, **kw) == 20  # MTT: fixed window
 
 
+def test_window_rounds_as_datm():
+    """DATM's ``distill/DATM.py`` computes ``current + int((max - current) * it / end)``: at
+    (current 0, max 50, end 100, it 58) that is 29, where ``int(50 * (58 / 100))`` gives 28 (the
+    rounding this module had; mutation-checked)."""
+    kw = dict(min_start_epoch=0, current_max_start_epoch=0, max_start_epoch=50, expansion_end_epoch=100)
+    assert window_upper_bound(58, sequential_generation=True, **kw) == 29
+
+
 def test_soft_labels_average_only_correct_experts():
     labels = torch.tensor([0, 1])
     e1 = torch.tensor([[2.0, 0.0], [3.0, 0.0]])  # right on image 0, wrong on image 1

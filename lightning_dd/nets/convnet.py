@@ -5,6 +5,13 @@ MTT arXiv 2203.11932 and DATM arXiv 2310.05773).
 linear classifier. ``norm="instancenorm"`` is ``GroupNorm(width, width)`` with affine parameters,
 as in the reference code (it has no running statistics, which keeps the unrolled student
 purely functional).
+
+Parity (``tests/parity/test_parity_trajectory_matching.py``): the reference's ``networks.py``
+``ConvNet`` state dict loads here unchanged (same names, shapes and order; a flat vector has
+``ReparamModule``'s layout) and gives its logits. Deviation kept: for 1-channel inputs the
+reference pads the first conv by 3 (its 28x28 MNIST then runs at 32x32); here every conv pads by 1.
+Only ``data=digits`` (8x8, not a reference setting) is 1-channel here, and its recorded numbers use
+padding 1.
 """
 from __future__ import annotations
 
