@@ -239,3 +239,35 @@ def test_trajectory_matching_adds_the_clom_term_to_the_image_gradient_only(tmp_p
     assert logs["distill/clom_epoch"] == member.epoch
     torch.testing.assert_close(module.images.grad, xi.grad)
     assert module.labels.grad is None and module.syn_lr.grad is None
+
+
+def test_paper_config_trains_as_long_as_main_dm():
+    """experiment=dm_cifar10 at paper size has main_DM.py's training length (the README command
+    ``--ipc 10 --init real --lr_img 1``, defaults ``--Iteration 20000 --batch_real 256``): 20,000
+    updates of the synthetic set (the reference loop runs ``Iteration + 1`` times and evaluates the
+    set before the last update, i.e. after 20,000), each one embedding 256 real images of every one of
+    the 10 classes (2,560; CIFAR-10 classes have 5,000) and the 100 synthetic images, from all 5,000
+    training images per class. Checked through DistributionMatching.dm_step_loss on a stand-in data set
+    of the same class sizes (8x8 images; the embedding network replaced by a recorder)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from lightning_dd.core.config import instantiate_node
+    from lightning_dd.data.batches import StepLoader
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=dm_cifar10"])
+    assert cfg.data.train_per_class is None and cfg.data.zca is False
+    method = instantiate_node(cfg.method, "method")
+    assert len(StepLoader(method.iterations, lambda: 0)) == method.iterations == 20_000
+    labels = torch.arange(10).repeat(5000)
+    x = torch.zeros(len(labels), 3, 8, 8)
+    module = DistributionMatching(x[: 10 * method.ipc], torch.arange(10).repeat_interleave(method.ipc), x, labels,
+                                  10, OmegaConf.to_container(cfg.net), method, None)
+    seen = []
+    recorder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4), torch.nn.Linear(4, 10))
+    recorder.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    module.embedding_net = lambda it: recorder
+    with torch.no_grad():
+        module.dm_step_loss(0)
+    assert seen == [10 * 256, 10 * 10]  # real images, then synthetic images, per update
