@@ -114,6 +114,7 @@ def reference_pipeline(inp: dict, ref: Path) -> dict:
 
     Submodular.calc_gradient = calc_gradient
     out: dict = {}
+    argv = sys.argv  # the reference scripts read their arguments from sys.argv; save_fixture reads ours
     with tempfile.TemporaryDirectory() as tmp:
         bins_dir, data_dir = Path(tmp) / "bins", Path(tmp) / "data"
         sys.argv = ["quantize_sample.py", "--fraction", str(1 / BINS), "--dataset", "CIFAR10", "--data_path",
@@ -136,6 +137,7 @@ def reference_pipeline(inp: dict, ref: Path) -> dict:
                         "--seed", "0"]
             quantize_bin.main()
             out[f"sample_{frac}"] = torch.from_numpy(np.load(sample_dir / f"select_indices_CIFAR10_{frac}.npy")).long()
+    sys.argv = argv
     return out
 
 
