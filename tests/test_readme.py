@@ -1,4 +1,5 @@
-"""Every command in README.md's ```bash blocks works as written.
+"""Every command in the ```bash blocks of README.md and of every page of the documentation site
+(``docs/**/*.md``) works as written.
 
 Each command line is handled in one of these ways (``test_every_readme_command_is_handled`` fails on
 a new command that is in none of them):
@@ -41,6 +42,12 @@ from omegaconf import OmegaConf, read_write
 from conftest import ROOT
 
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+
+def command_sources() -> list:
+    """README.md, then every Markdown page of the site, in a fixed order."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
 
 NOT_HERE = {
     ("pip",): "installs packages (what a fresh clone does before anything else; CI's setup)",
@@ -50,11 +57,21 @@ NOT_HERE = {
 }
 
 
-def readme_commands() -> list[tuple[dict, list[str]]]:
-    """``(environment assignments, argv)`` of every command in README.md's bash blocks (comments
-    dropped, ``a && b`` split)."""
+def readme_commands(paths=None) -> list[tuple[dict, list[str]]]:
+    """``(environment assignments, argv)`` of every command in the bash blocks of ``paths`` (default:
+    :func:`command_sources`; comments dropped, ``a && b`` split, a command given in several files
+    listed once)."""
     out = []
-    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.S | re.M):
+    for path in paths or command_sources():
+        for env, argv in _file_commands(path):
+            if (env, argv) not in out:
+                out.append((env, argv))
+    return out
+
+
+def _file_commands(path) -> list[tuple[dict, list[str]]]:
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
             for is_and, part in itertools.groupby(tokens, lambda t: t == "&&"):
@@ -103,8 +120,9 @@ def _of(k):
 
 def test_every_readme_command_is_handled():
     assert len(COMMANDS) > 30, "README.md's bash blocks were not found"
-    unhandled = [" ".join(argv) for _, argv in COMMANDS if kind(argv) == "unhandled"]
-    assert not unhandled, f"README commands this test neither runs nor checks (add a handler): {unhandled}"
+    unhandled = [f"{path.relative_to(ROOT)}: {' '.join(argv)}" for path in command_sources()
+                 for _, argv in _file_commands(path) if kind(argv) == "unhandled"]
+    assert not unhandled, f"commands this test neither runs nor checks (add a handler): {unhandled}"
     kinds = {kind(argv) for _, argv in COMMANDS}
     assert {"train", "evaluate", "compare", "graph"} <= kinds
     assert any("-m" in argv for _, argv in COMMANDS if kind(argv) == "train"), "no multirun example left"
@@ -115,8 +133,22 @@ def test_commands_not_run_here(env, argv):
     pytest.skip(f"not run by this test: {not_here_reason(argv)}")
 
 
+def test_site_pages_are_read():
+    """The site's pages are among the checked sources, and their commands are checked too."""
+    pages = [p for p in command_sources() if p != README]
+    assert pages, "no docs/**/*.md found"
+    from_pages = [c for p in pages for c in _file_commands(p)]
+    assert from_pages and all(c in COMMANDS for c in from_pages)
+
+
+def test_readme_keeps_the_two_commands():
+    argvs = [argv for _, argv in _file_commands(README)]
+    assert ["pip", "install", "-e", ".[dev]"] in argvs and ["python", "train.py"] in argvs
+    assert ["python", "-m", "pytest", "-q"] in argvs
+
+
 def test_readme_says_how_to_install_cpu_wheels():
-    cmds = [argv for _, argv in COMMANDS if argv[:2] == ["pip", "install"]]
+    cmds = [argv for _, argv in _file_commands(README) if argv[:2] == ["pip", "install"]]
     cpu = [a for a in cmds if "https://download.pytorch.org/whl/cpu" in a and "--index-url" in a]
     assert cpu and any(t.startswith("torch") for t in cpu[0]) and any(t.startswith("torchvision") for t in cpu[0])
     # the pins are the project's own, so that `pip install -e .` keeps the CPU wheels
@@ -218,7 +250,7 @@ def test_train_command_composes_and_validates(env, argv, tmp_path, monkeypatch, 
         try:
             check_config(cfg)
         except Exception as e:
-            raise AssertionError(f"README: `{' '.join(argv)}` (job {job}) does not validate: {e}") from e
+            raise AssertionError(f"`{' '.join(argv)}` (job {job}) does not validate: {e}") from e
         if multirun:  # inside the job (runtime config set): <sweep dir>/<experiment>/<job number>
             with read_write(cfg.hydra):
                 cfg.hydra.job.num = num  # as Hydra's launcher numbers its jobs
@@ -244,7 +276,7 @@ def test_evaluate_command_composes_and_validates(env, argv, tmp_path, monkeypatc
         if cfg.get("data"):
             instantiate_node(cfg.data, "data")  # builds the DataModule; setup() would read the data
     except Exception as e:
-        raise AssertionError(f"README: `{' '.join(argv)}` does not validate: {e}") from e
+        raise AssertionError(f"`{' '.join(argv)}` does not validate: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
