@@ -166,6 +166,33 @@ def test_pool_defaults_are_the_authors_recipe(tmp_path):
         assert (spec["dsa"] == "none") != augment
 
 
+def test_dm_cosine_clom_contrasts_against_a_uniform_real_batch():
+    """DM's cosine CLoM gets ``clom.real_batch`` real images drawn uniformly with replacement from the
+    whole training set (the authors' ``CLoM_batch_size``, ``np.random.randint``), not the iteration's
+    class-balanced DM batch; CE-CLoM gets none. Mutation checked: passing the DM batch instead."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, kind):
+            self.hp = ClomConfig(enabled=True, kind=kind, real_batch=50)
+
+        def __call__(self, images, labels, generator, real=None):
+            calls.append(real)
+            return images.sum() * 0, type("M", (), {"epoch": 1})()
+
+    labels = torch.arange(3).repeat(10)
+    x = torch.randn(30, 3, 8, 8)
+    for kind in ("cos", "ce"):
+        hp = DMMethod(name="dm", ipc=1, batch_real=4)
+        module = DistributionMatching(x[:3], torch.arange(3), x, labels, 3, {"name": "ConvNet", "width": 4, "depth": 1},
+                                      hp, None, clom=Recorder(kind))
+        module.dm_step_loss(0)
+    (xr, yr), none = calls
+    assert none is None and xr.shape == (50, 3, 8, 8) and yr.shape == (50,)
+    rows = (xr.view(50, 1, -1) == x.view(1, 30, -1)).all(2).float().argmax(1)  # which training image each is
+    assert torch.equal(labels[rows], yr) and len(set(rows.tolist())) < 50  # from the set, with replacement
+
+
 def test_pool_rejects_batchnorm_architectures():
     cfg = OmegaConf.create({"net": {"name": "ConvNet", "width": 8}, "stage": "all"})
     DMMethod(name="dm", clom={"enabled": True, "archs": ["ConvNet", "ResNet18"]}).check(cfg)

@@ -79,6 +79,9 @@ class ClomConfig(Typed):
         augment: train the pool models with the run's DSA on every batch (the authors train them
             without augmentation; the CPU presets keep DSA to share the trajectory-matching experts).
         on_augmented: compute the term on the DSA-augmented synthetic batch (default: on ``S``).
+        real_batch: real images the cosine term contrasts against, drawn uniformly with replacement
+            from the training set each iteration (the authors' ``CLoM_batch_size``, README 8196;
+            :func:`uniform_real_batch`; used by DM, trajectory matching draws its own).
     """
 
     enabled: bool = False
@@ -93,6 +96,7 @@ class ClomConfig(Typed):
     weight_decay: NonNegFloat = 5e-3
     augment: bool = False
     on_augmented: bool = False
+    real_batch: PositiveInt = 8196
 
     @field_validator("archs", "epochs")
     @classmethod
@@ -238,6 +242,17 @@ def cos_clom(f_syn: torch.Tensor, y_syn: torch.Tensor, f_real: torch.Tensor, y_r
     d = 1 - F.normalize(f_syn, dim=1) @ F.normalize(f_real, dim=1).T  # (S, R)
     m = (y_syn.view(-1, 1) == y_real.view(1, -1)).to(d.dtype)
     return (m * d).sum() / d.sum().clamp_min(1e-12)
+
+
+def uniform_real_batch(x: torch.Tensor, y: torch.Tensor, n: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real images drawn uniformly with replacement (the authors' ``np.random.randint`` in
+    ``CLoM.__get_images_randomly``), for the cosine term.
+
+    Shapes: ``x (N, C, H, W)``, ``y (N,)`` -> ``(n, C, H, W)``, ``(n,)`` on ``x``'s device.
+    """
+    idx = torch.randint(len(y), (n,), generator=generator)
+    return x[idx.to(x.device)], y[idx.to(y.device)].to(x.device)
 
 
 def clom_term(hp: ClomConfig, cfg, dm, make_trainer: TrainerFactory, timings: dict, metrics: dict) -> "ClomTerm":

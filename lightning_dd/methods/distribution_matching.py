@@ -12,7 +12,9 @@ Algorithm (one iteration, :meth:`DistributionMatching.training_step`; DM Sec. 3,
    :func:`siamese_dsa`);
 3. ``L = sum_c || mean psi(A(R_c)) - mean psi(A(S_c)) ||^2`` and one SGD step (momentum 0.5) on the
    synthetic pixels;
-4. with ``clom.enabled``, ``+ alpha * L_CLoM`` from one pooled model.
+4. with ``clom.enabled``, ``+ alpha * L_CLoM`` from one pooled model, on the un-augmented synthetic
+   set (the authors' DDInterpreter ``main_DM.py``); the cosine term against ``clom.real_batch``
+   real images drawn uniformly from the training set.
 
 Synthetic images start from a random real subset per class (the reference's ``init=real``);
 labels are hard.
@@ -37,9 +39,6 @@ Deviations from the reference code (VICO-UoE/DatasetCondensation, ``main_DM.py``
   (lr_img and the DSA brightness act relative to it).
 * A real batch is ``min(batch_real, smallest class)`` images of every class (the reference caps each
   class at its own size; equal on CIFAR-10).
-* With CLoM, the cosine term contrasts against the iteration's real DM batch (``batch_real`` per
-  class), not ``CLoM_batch_size`` images drawn uniformly from the training set as the authors'
-  ``utils_clom/CLoM.py`` does.
 """
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.core.config import ConfigError, Fraction, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term, penultimate
+from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term, penultimate, uniform_real_batch
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.results import DistilledSet
 
@@ -189,7 +188,8 @@ class DistributionMatching(L.LightningModule):
         loss = loss_dm
         if self.clom is not None:
             x = syn_aug.flatten(0, 1) if self.clom.hp.on_augmented else self.images
-            real_pair = (real.flatten(0, 1), torch.arange(C, device=self.device).repeat_interleave(B))
+            real_pair = (uniform_real_batch(self.real_x, self.real_y, self.clom.hp.real_batch, g)
+                         if self.clom.hp.kind == "cos" else None)
             term, member = self.clom(x, self.labels, g, real=real_pair)
             loss = loss + term
             logs.update({"distill/loss_clom": term.detach(), "distill/clom_epoch": float(member.epoch)})
