@@ -506,3 +506,24 @@ def test_mast_pre_paper_config_trains_as_long_as_the_reference():
     hp = instantiate(cfg.method)
     assert len(loader.dataset) == ref_clips and loader.batch_size == 128 and loader.drop_last
     assert hp.epochs * len(loader) == ref_steps and hp.epochs * len(loader) * loader.batch_size == 870_400
+
+
+def test_an_encoder_saved_with_a_tube_bias_loads_as_the_same_function(tmp_path):
+    """Encoders saved before P4DConv became bias-free (the reference's ``bias=False``) load through
+    ``load_encoder`` with that bias moved into the position embedding's: the same outputs."""
+    from lightning_dd.methods.point_video.common import EncoderConfig, load_encoder
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(dim=16, depth=1, heads=2, mlp_dim=32, k=8, spatial_stride=8)
+    enc = cfg.build().eval()
+    bias = torch.randn(16)
+    x = torch.randn(2, 6, 64, 3)
+    with torch.no_grad():
+        xyzt, f = enc.tokens(x)
+        before = enc.encode(f + bias, xyzt)                     # the old embedding: features + its bias
+    torch.save({"encoder": {**enc.state_dict(), "tube.conv_d.bias": bias}, "encoder_config": cfg.model_dump(),
+                "method": "mast_pre"}, tmp_path / "encoder.pt")
+    loaded = load_encoder(tmp_path / "encoder.pt")[0].eval()
+    with torch.no_grad():
+        xyzt2, f2 = loaded.tokens(x)
+        assert torch.allclose(loaded.encode(f2, xyzt2), before, atol=1e-5)

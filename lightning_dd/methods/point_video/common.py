@@ -63,14 +63,21 @@ def save_encoder(encoder: P4Encoder, cfg: EncoderConfig, path: Path, method: str
 def load_encoder(path: str | Path) -> tuple[P4Encoder, EncoderConfig]:
     """The encoder of an ``encoder.pt`` (loaded with ``weights_only=True``) and its settings.
 
+    An encoder saved before the tube embedding lost its bias (the reference's ``bias=False``) loads
+    as the same function: that bias, a constant added to every token, moves into the position
+    embedding's bias.
+
     Raises:
         FileNotFoundError: no file. ValueError: not an encoder checkpoint, or weights that do not fit.
     """
     d = load_dict(path, ("encoder", "encoder_config"), "pretrained encoder")
     cfg = EncoderConfig.model_validate(d["encoder_config"])
     enc = cfg.build()
+    state = dict(d["encoder"])
+    if "tube.conv_d.bias" in state and "pos.bias" in state:
+        state["pos.bias"] = state["pos.bias"] + state.pop("tube.conv_d.bias")
     try:
-        enc.load_state_dict(d["encoder"])
+        enc.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: encoder weights do not fit its own encoder_config: {str(e)[:300]}") from None
     return enc, cfg
