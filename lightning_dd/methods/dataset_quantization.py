@@ -42,7 +42,8 @@ Deviations from the reference code, and why:
   ``round(ratio * |bin|)`` per bin, so the total can miss ``ratio * n`` (0.125 of 10 bins of 500:
   620 images, not 625); ``exact`` instead gives proportional quotas with largest-remainder
   rounding, summing to exactly the per-class budget of the other selectors. Both agree whenever
-  the per-bin product is whole (the CPU preset: 10 bins of 100 at 10/20/30 %).
+  the per-bin product is whole (the CPU preset's bins of 100 at 10/20/30 % without the pixel step;
+  with it, 10 % buys 125 images per class for the bins: 12 of each, 120).
 * **Bin sizes.** The reference sizes each class's bin from a global ratio of what is left
   (``coreset_size / len(avail)``); here ``round(n / num_bins)`` per class. Equal on class-balanced
   pools (CIFAR-10 and every pool here); they can differ by rounding on unbalanced ones.
