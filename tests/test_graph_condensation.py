@@ -21,9 +21,12 @@ from lightning_dd.results import CondensedGraph
 
 # a short run: 30 epochs of 10 outer x 10 inner steps, 10x the paper's learning rates (~20 s)
 GCOND_HP = dict(reduction_rate=0.5, epochs=30, outer_loop=10, inner_loop=10, lr_feat=1e-3, lr_adj=1e-3,
-                lr_model=0.01, adj_epochs=5, feat_epochs=20, nlayers=2, pge_hidden=64, pge_layers=3)
+                lr_model=0.01, adj_epochs=5, feat_epochs=20, nlayers=2, pge_hidden=64, pge_layers=3,
+                reg_every_step=False)
+# SGDD with our structure term (the CPU preset's named options: normalized OT, warm-up)
 SGDD_HP = dict(GCOND_HP, ignr_hidden=64, ignr_layers=3, ep_ratio=0.5, beta=0.5, opt_scale=1.0, sinkhorn_iter=5,
-               ot_rank=64, mx_size=5000, lr_plan=0.01, plan_temperature=0.1)
+               ot_rank=64, mx_size=5000, lr_plan=0.01, plan_temperature=0.1, ot_form="normalized",
+               warmup_epochs=400, warmup_lr=0.01)
 
 
 def GCond(data, hp, seed=0):
@@ -303,9 +306,11 @@ def test_paper_and_cpu_settings_of_gcond_and_sgdd():
         cpu = compose("train", overrides=["experiment=sgdd_cora", "scale=cpu"])
     for m in (g.method, s.method):
         assert (m.reduction_rate, m.outer_loop, m.inner_loop, m.lr_feat, m.lr_adj, m.nlayers) == (0.5, 20, 15, 1e-4, 1e-4, 2)
-    assert g.method.epochs == 601 and s.method.epochs == 2000 and cpu.method.epochs == 200  # range(epochs + 1)
+    assert cpu.method.epochs == 200
     assert (s.method.beta, s.method.ep_ratio, s.method.sinkhorn_iter) == (0.5, 0.5, 5)
-    assert (s.method.warmup_epochs, cpu.method.warmup_epochs) == (400, 400)  # SGDD code's --ignr_epochs
+    assert g.method.epochs == 601 and s.method.epochs == 2001  # the authors' range(epochs + 1)
+    assert (s.method.warmup_epochs, cpu.method.warmup_epochs) == (0, 400)  # --ignr_epochs: declared, never run there
+    assert (s.method.ot_form, s.method.opt_scale, cpu.method.ot_form) == ("reference", 1e-10, "normalized")
     assert g.eval.lr_decay_at == 0.5
     assert g.eval.epochs == 600 and g.eval.num_eval == 5 and g.data._target_.endswith("GraphDataModule")
 

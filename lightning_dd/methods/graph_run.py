@@ -245,7 +245,7 @@ class CondensationMethod(GraphMethod):
     lr_model: PositiveFloat = 0.01
     adj_epochs: NonNegInt = 10
     feat_epochs: NonNegInt = 40
-    reg_every_step: bool = False
+    reg_every_step: bool = True
     inference_bn: Literal["batch", "running"] = "batch"
     ckpt_every: NonNegInt = 10
 

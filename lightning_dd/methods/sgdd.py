@@ -9,25 +9,56 @@ SGDD keeps GCond's gradient matching of features (Alg. 1 of arXiv 2110.07580, re
   latent node coordinates, ``W(u_i, u_j)``, an MLP on the pair of coordinates, modulated layer by
   layer by an MLP on the pair of synthetic node features ``[x'_i; x'_j]``; the last layer mixes
   the two, ``(1 - ep_ratio) W + ep_ratio f(x'_i, x'_j)``; symmetrized, sigmoid, zero diagonal.
-* **Structure alignment by optimal transport** (Sec. 4.2): a soft transport plan ``P`` (``N x N'``,
-  Sinkhorn-normalized, ``sinkhorn_iter`` iterations) between original and synthetic nodes, and a
-  graph OT distance between the original Laplacian and ``A'``'s Laplacian -- the 2-Wasserstein
-  distance between the graph-signal Gaussians ``N(0, L^+)`` (GOT, Maretic et al. 2019), used in
-  SGDD's code:
+* **Structure alignment by optimal transport** (Sec. 4.2), ``method.ot_form``:
+
+  - ``reference`` (default): the term as SGDD's code computes it (``models/IGNR.py``
+    ``GraphonLearner.opt_loss``, :class:`ReferenceOT`): ``|N' tr(A'^+) - 2 sum_k sqrt(mu_k)|``,
+    ``mu = eig(A'^{+1/2} P^T L_x^+ P A'^{+1/2})``, with ``L_x`` the original graph's renormalized
+    adjacency (what the agent passes), ``A'`` itself in place of its Laplacian, SVD
+    pseudo-inverses, and the raw learnable plan ``P`` (``N x N'``, uniform init), weight
+    ``opt_scale = 1e-10`` (``train_SGDD.py``), on structure epochs;
+  - ``normalized`` (ours, the CPU preset): the 2-Wasserstein distance between the graph-signal
+    Gaussians ``N(0, L^+)`` of the two Laplacians (GOT, Maretic et al. 2019), :class:`StructureOT`:
 
       d(L_x, L_y) = tr(S) + tr(L_y^+) - 2 tr((L_y^{+1/2} S L_y^{+1/2})^{1/2}),
       S = P^T L_x^+ P  (the original's signal covariance carried to the synthetic nodes),
 
-  added with weight ``opt_scale`` while the structure is updated, together with GCond's
-  label-smoothness term ``beta tr(Y'^T L' Y')``.
+    with a Sinkhorn-normalized plan ``P`` (``sinkhorn_iter`` iterations), weight ``opt_scale = 1``.
+
+  Both are added to the loss with GCond's label-smoothness term ``beta tr(Y'^T L' Y')``, which the
+  authors' code adds on every outer step (``method.reg_every_step: true``).
 * **Structure warm-up** (:meth:`SGDD.warmup_structure`, ``warmup_epochs``, ``warmup_lr``): before
   gradient matching, IGNR and the plan take Adam steps on the structure loss alone, features
-  fixed. SGDD's code declares this (``--ignr_epochs 400``) with the loop commented out. We run it
-  by default: without it the generator, updated 10 epochs in 50 at ``lr_adj = 1e-4``, stays near
-  its initialization, and SGDD's LED shift comes out the same as GCond's (the ablation is in
-  ``experiments/sgdd/README.md``).
+  fixed. SGDD's code declares this (``--ignr_epochs 400``) but never runs it, so the default is 0.
+  The CPU preset runs 400 steps with the normalized OT: without them the generator, updated 10
+  epochs in 50 at ``lr_adj = 1e-4``, stays near its initialization, and SGDD's LED shift comes out
+  the same as GCond's (the ablation is in ``experiments/sgdd/README.md``).
 
-Choices of ours (SGDD's code differs; said here so the numbers can be read): ``S`` and
+Parity with the reference code (``tests/parity/test_parity_sgdd.py``, fixtures from
+``gen_sgdd.py``): IGNR's adjacency in train and inference mode, the SVD pseudo-inverses, the
+reference OT term and its gradients agree to float32 precision. The paper's LED (Sec. 3) has no
+code in the authors' repository (:mod:`lightning_dd.evaluate.led` follows the paper's text).
+
+Deviations from the reference code, and what was fixed (2026-12-07):
+
+* fixed -- the OT term: ours (normalized, weight 1, plan at ``lr_plan = 0.01`` initialized from
+  feature similarities) was the default; now the code's form and weight are, and ours is
+  ``ot_form: normalized``. The code's Sinkhorn iterations produce a plan its loss never reads
+  (``sinkhorn_iter`` acts only in the normalized form). Under torch >= 2 the code's ``torch.symeig``
+  raises inside a ``try``/``except`` that returns 0: the released code run today has no OT term.
+  At ``opt_scale = 1e-10`` the term is small against the matching loss: on Cora at IGNR's
+  initialization (seed 0) it is 9.5e5, weighted 9.5e-5, against a matching loss of 13.7 and a
+  smoothness term of 15 (``beta`` 0.5 x 30.4).
+* fixed -- the structure warm-up: 400 steps by default -> 0 (the code never runs it).
+* fixed -- ``reg_every_step``: the smoothness term on structure epochs only -> every outer step.
+* fixed -- ``epochs``: 2000 -> 2001 (the code loops ``range(epochs + 1)``).
+* kept -- the plan ``P`` has its own Adam lr ``lr_plan`` (the code: ``lr_adj``; equal, ``1e-4``,
+  in the default config); graphs above ``mx_size`` nodes: one random induced subgraph for
+  ``L_x`` (the code draws a new subgraph every outer step but inverts only the first one's).
+* kept, same numbers -- the feature branch's first layer split as ``W_i x_i + W_j x_j``; the
+  latent grid from ``linspace`` (the code's ``get_mgrid`` equals it to float32 rounding).
+
+Choices of ours in the normalized form (said here so the numbers can be read): ``S`` and
 ``L_y^+`` are each scaled to unit trace, so the distance compares shapes of the two spectra
 (``0 <= d <= 2``) rather than their scales, which differ by construction between a 2,708-node and
 a 70-node graph; ``L_x^+`` is kept at rank ``ot_rank`` (its ``ot_rank`` smallest non-zero
@@ -55,8 +86,8 @@ from pydantic import Field
 
 from lightning_dd.core.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.methods.gcond import GradientMatchingCondenser
-from lightning_dd.data.graph_ops import (label_smoothness, laplacian_eigenpairs, normalized_laplacian_dense,
-                                            propagate_sparse)
+from lightning_dd.data.graph_ops import (dense_adjacency, gcn_norm_dense, label_smoothness, laplacian_eigenpairs,
+                                            normalized_laplacian_dense, propagate_sparse)
 from lightning_dd.methods.graph_run import CondensationMethod
 
 
@@ -174,6 +205,49 @@ class StructureOT(nn.Module):
         return (2 - 2 * torch.linalg.svdvals(c.double() @ r).sum()).float()
 
 
+def svd_pinv(mx: torch.Tensor, eps: float = 0.009) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGDD's pseudo-inverse and its square root by SVD (``graph.py`` ``mx_inv`` / ``mx_inv_sqrt``):
+    ``mx = U diag(D) V^T``; when the smallest singular value is below ``eps``, the singular values
+    equal to it get ``0`` and all others ``1 / D`` (only the smallest are dropped, however small the
+    rest); returns ``(U diag(D^-1/2) V^T, U diag(D^-1) V^T)``, both ``(n, n)``, differentiable."""
+    u, d, vh = torch.linalg.svd(mx, full_matrices=False)
+    d_min = d.min()
+    inv = torch.where(d > d_min, 1 / d, torch.zeros_like(d)) if d_min < eps else 1 / d
+    return (u * inv.sqrt()) @ vh, (u * inv) @ vh
+
+
+class ReferenceOT(nn.Module):
+    """SGDD's structure term as its code computes it (``models/IGNR.py`` ``GraphonLearner.opt_loss``;
+    ``method.ot_form: reference``), for ``adj (N', N')``:
+
+        L = | N' tr(A'^+) - 2 sum_k sqrt(max(mu_k, 2e-20)) |,
+        mu = eig(A'^{+1/2} P^T L_x^+ P A'^{+1/2}),
+
+    with ``^+`` :func:`svd_pinv`, ``L_x`` what the agent passes as ``Lx``: the original graph's
+    renormalized adjacency ``D^-1/2 (A + I) D^-1/2`` (``(M, M)``, ``M <= mx_size``), and ``P (M, N')``
+    the raw transport plan, a parameter initialized uniform in ``[0, 1)`` -- the code's Sinkhorn
+    iterations compute a normalized plan that the loss does not use, so ``sinkhorn_iter`` has no
+    effect here. ``A'`` itself (not its Laplacian) plays ``L_y``.
+
+    Args:
+        lx: ``(M, M)`` the original (sub)graph's renormalized adjacency. n_syn: N'.
+        g: RNG of ``P``'s initialization.
+    """
+
+    def __init__(self, lx: torch.Tensor, n_syn: int, g: torch.Generator | None = None):
+        super().__init__()
+        self.register_buffer("lx_inv", svd_pinv(lx)[1])
+        self.plan = nn.Parameter(torch.rand(lx.shape[0], n_syn, generator=g, dtype=lx.dtype))
+
+    def forward(self, adj: torch.Tensor) -> torch.Tensor:
+        """The scalar loss above, differentiable in ``adj`` and ``P``."""
+        ly_inv_rt, ly_inv = svd_pinv(adj)
+        p = self.plan
+        mid = ly_inv_rt @ (p.T @ (self.lx_inv @ p)) @ ly_inv_rt
+        mu = torch.linalg.eigvalsh(mid, UPLO="U")
+        return (adj.shape[0] * torch.trace(ly_inv) - 2 * mu.clamp(min=2e-20).sqrt().sum()).abs()
+
+
 class SGDD(GradientMatchingCondenser):
     """SGDD's condensation module (arXiv 2310.09192): GCond's gradient matching with ``A' =
     IGNR(X')`` aligned to the original structure by :class:`StructureOT` (weight ``opt_scale``)
@@ -185,9 +259,18 @@ class SGDD(GradientMatchingCondenser):
 
     def build_generator(self, data, g):
         hp = self.hp
-        h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, hp.nlayers)
-        self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], hp.ot_rank,
-                              hp.sinkhorn_iter, hp.mx_size, hp.plan_temperature, g)
+        if hp.ot_form == "reference":
+            ei, n = data.edge_index, data.num_nodes
+            if n > hp.mx_size:   # the code draws its 5,000 nodes once per outer step but inverts only the first draw
+                from torch_geometric.utils import subgraph
+
+                keep = torch.randperm(n, generator=g)[: hp.mx_size].sort().values
+                ei, n = subgraph(keep, ei, relabel_nodes=True, num_nodes=n)[0], hp.mx_size
+            self.ot = ReferenceOT(gcn_norm_dense(dense_adjacency(ei, n)), len(self.y_syn), g)
+        else:
+            h_all = propagate_sparse(data.edge_index, data.num_nodes, data.x, hp.nlayers)
+            self.ot = StructureOT(data.edge_index, data.num_nodes, h_all, h_all[self.init_index], hp.ot_rank,
+                                  hp.sinkhorn_iter, hp.mx_size, hp.plan_temperature, g)
         return IGNR(data.x.shape[1], len(self.y_syn), hp.ignr_hidden, hp.ignr_layers,
                     hp.ep_ratio)
 
@@ -247,27 +330,30 @@ class SGDDMethod(CondensationMethod):
     structure broadcast from the original graph by optimal transport; ``conf/method/sgdd.yaml``.
 
     Fields beyond :class:`CondensationMethod`'s: ignr_hidden, ignr_layers (>= 2), ep_ratio (IGNR);
-    beta (label smoothness), opt_scale (OT term), sinkhorn_iter, ot_rank (rank of ``L_x^+``),
-    mx_size, lr_plan, plan_temperature (the transport plan); warmup_epochs, warmup_lr (structure
-    warm-up, :meth:`SGDD.warmup_structure`).
+    beta (label smoothness), ot_form (``reference``: :class:`ReferenceOT`, SGDD's code;
+    ``normalized``: :class:`StructureOT`, ours), opt_scale (OT term), sinkhorn_iter, ot_rank (rank of
+    ``L_x^+``, normalized only), mx_size, lr_plan, plan_temperature (the transport plan; the
+    temperature: normalized only); warmup_epochs, warmup_lr (structure warm-up,
+    :meth:`SGDD.warmup_structure`). Defaults: SGDD's code (``train_SGDD.py``).
     """
 
     module_class: ClassVar[type] = SGDD
     name: str = "sgdd"
-    epochs: PositiveInt = 2000
+    epochs: PositiveInt = 2001
     ignr_hidden: PositiveInt = 128
     ignr_layers: int = Field(3, ge=2)
     ep_ratio: Fraction = 0.5
     beta: NonNegFloat = 0.5
-    opt_scale: NonNegFloat = 1.0
+    ot_form: Literal["reference", "normalized"] = "reference"
+    opt_scale: NonNegFloat = 1e-10
     sinkhorn_iter: PositiveInt = 5
     ot_rank: PositiveInt = 256
     mx_size: PositiveInt = 5000
-    lr_plan: PositiveFloat = 0.01
+    lr_plan: PositiveFloat = 1e-4
     plan_temperature: PositiveFloat = 0.1
-    warmup_epochs: NonNegInt = 400
+    warmup_epochs: NonNegInt = 0
     warmup_lr: PositiveFloat = 0.01
     inference_bn: Literal["batch", "running"] = "running"
 
 
-__all__ = ["IGNR", "SGDD", "SGDDMethod", "StructureOT", "latent_grid", "sinkhorn"]
+__all__ = ["IGNR", "ReferenceOT", "SGDD", "SGDDMethod", "StructureOT", "latent_grid", "sinkhorn", "svd_pinv"]

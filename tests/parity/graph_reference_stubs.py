@@ -6,14 +6,15 @@ What is replaced (each generator writes this into its fixture's ``meta.replaced`
 * ``deeprobust.graph.utils``: the four helpers the agents call, re-written from deeprobust 0.2's
   documented behaviour: ``to_tensor`` (numpy / scipy -> torch, positional), ``is_sparse_tensor``,
   ``normalize_adj_tensor`` (dense: ``D^-1/2 (A + I) D^-1/2`` with ``inf -> 0``; sparse: ``I`` added when
-  ``A[0, 0] == 0``, then the same normalization) and ``tensor2onehot``. The rest of deeprobust, ``ogb``
-  and ``torchmeta`` are empty modules (imported at module level, never called here).
+  ``A[0, 0] == 0``, then the same normalization) and ``tensor2onehot``. The rest of deeprobust, ``ogb``,
+  ``torchmeta`` and, when not installed, ``pandas`` / ``networkx`` / ``matplotlib`` (SGDD's
+  ``utils_copt.py`` plotting) are empty modules (imported at module level, never called here).
 * ``torch_sparse``: ``SparseTensor`` holding a dense matrix (``t()``, ``to_dense()``, ``size()``) and
   ``matmul`` as a dense product -- the same numbers as the sparse kernels up to summation order.
 * ``torch_geometric.data.NeighborSampler`` (gone from PyG 2.x): a placeholder; the generators give
   the agents a ``retrieve_class_sampler`` that returns the *full* neighbourhood (what PyG's sampler
   returns when its fan-outs exceed the largest degree), see :func:`full_neighbourhood_sampler`.
-* ``torch.symeig`` (removed from torch 2): ``torch.linalg.eigh(A, UPLO='U')`` -- ``symeig``'s default
+* ``torch.symeig`` (torch 2 keeps the name, raising an error): ``torch.linalg.eigh(A, UPLO='U')`` -- ``symeig``'s default
   ``upper=True``, the same eigenpairs.
 """
 from __future__ import annotations
@@ -30,6 +31,12 @@ class _Empty(types.ModuleType):
     """A module whose every attribute is a harmless placeholder class."""
 
     __all__: list[str] = []
+
+    def __init__(self, name):
+        import importlib.machinery
+
+        super().__init__(name)
+        self.__spec__ = importlib.machinery.ModuleSpec(name, None)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -101,6 +108,11 @@ def install() -> None:
     for name in ("deeprobust", "deeprobust.graph", "deeprobust.graph.data", "ogb", "ogb.nodeproppred",
                  "torchmeta", "torchmeta.modules", "torchmeta.modules.utils"):
         sys.modules.setdefault(name, _Empty(name))
+    import importlib.util
+
+    for name in ("pandas", "networkx", "matplotlib", "matplotlib.pyplot"):  # utils_copt.py's plotting imports
+        if name not in sys.modules and importlib.util.find_spec(name.split(".")[0]) is None:
+            sys.modules[name] = _Empty(name)
     du = _Empty("deeprobust.graph.utils")
     du.to_tensor, du.normalize_adj_tensor, du.tensor2onehot = _to_tensor, _normalize_adj_tensor, _tensor2onehot
     du.is_sparse_tensor = lambda t: t.layout == torch.sparse_coo
@@ -121,8 +133,7 @@ def install() -> None:
         pyg_data.NeighborSampler = type("NeighborSampler", (), {})
     if not hasattr(pyg_utils, "train_test_split_edges"):
         pyg_utils.train_test_split_edges = None
-    if not hasattr(torch, "symeig"):
-        torch.symeig = lambda a, eigenvectors=True: torch.linalg.eigh(a, UPLO="U")
+    torch.symeig = lambda a, eigenvectors=True: torch.linalg.eigh(a, UPLO="U")  # torch 2: raises
 
 
 class _Hop(tuple):
