@@ -146,8 +146,9 @@ class DistilledSet:
         """Read and validate ``path``.
 
         Raises:
-            FileNotFoundError: missing file. ValueError: not a distilled set, or invalid (see
-            :meth:`validate`).
+            FileNotFoundError: missing file.
+            ValueError: not a distilled set, or invalid (see
+                :meth:`validate`).
         """
         return load_artifact(cls, path, ("images", "labels"), "distilled set")
 

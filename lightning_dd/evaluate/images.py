@@ -126,8 +126,9 @@ def load_teacher(path: str, dm) -> torch.nn.Module:
     """A teacher saved as ``{"net_cfg": {"name": ..., ...}, "state_dict": ...}`` (``torch.save``).
 
     Raises:
-        FileNotFoundError: no file. ValueError: not a teacher checkpoint, or one that does not
-        fit ``dm`` (:func:`lightning_dd.nets.load_net_file`).
+        FileNotFoundError: no file.
+        ValueError: not a teacher checkpoint, or one that does not
+            fit ``dm`` (:func:`lightning_dd.nets.load_net_file`).
     """
     return load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
                          "teacher checkpoint (eval.teacher_ckpt)")[0]

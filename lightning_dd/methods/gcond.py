@@ -291,7 +291,7 @@ class GradientMatchingCondenser(L.LightningModule):
 
         Raises:
             ConfigError: a multi-process strategy other than DDP (the backward runs under
-            ``block_backward_sync``, the gradients are all-reduced by hand)."""
+                ``block_backward_sync``, the gradients are all-reduced by hand)."""
         from lightning.pytorch.strategies import DDPStrategy
 
         world = self.trainer.world_size
