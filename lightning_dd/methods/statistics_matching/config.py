@@ -23,7 +23,9 @@ class TeacherConfig(Typed):
         nets: the backbones to squeeze, ``{"name" | "_target_": ..., **kwargs}``; the first is the
             evaluator's KD teacher; a net's own ``epochs`` (positive int) overrides ``epochs``.
         epochs, lr, batch_size, weight_decay, label_smoothing: the squeeze's SGD (epochs, lr at
-            step 0 of the cosine schedule, images per step, L2 weight, CE label smoothing).
+            step 0 of the cosine schedule, images per step, L2 weight, CE label smoothing);
+            nesterov: Nesterov momentum (the references' ``squeeze_cifar.py`` / G-VBSM's
+            ``train.py``: plain momentum 0.9).
     """
 
     ckpt: str | None = None
@@ -33,6 +35,7 @@ class TeacherConfig(Typed):
     batch_size: PositiveInt = 256
     weight_decay: NonNegFloat = 0.0001
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    nesterov: bool = False
 
     @field_validator("nets")
     @classmethod
@@ -81,7 +84,8 @@ class RecoverConfig(Typed):
             convolution-statistics term and of a per-class logit (MSE) term (not G-VBSM's: 0 there);
             r_nuc, nuc_tau: weight and temperature of G-VBSM's eigenvalue (``--nuc-norm``) term;
             stat_momentum: G-VBSM's ``--training-momentum`` (alpha): the matched BN/conv statistics
-            are moving averages over the batch's steps (0: the step's own, SRe2L/CDA);
+            are moving averages over the batch's steps (0: the step's own, SRe2L/CDA); conv_drop:
+            G-VBSM's ``--drop-rate``, the probability that a conv layer's term is left out of a step;
             backbone_norm: ``none``
             (unweighted) or ``start`` (each backbone's BN/conv loss rescaled to the first one's on
             the initial batch).
@@ -108,6 +112,7 @@ class RecoverConfig(Typed):
     r_nuc: NonNegFloat = 0.0
     nuc_tau: PositiveFloat = 4.0
     stat_momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    conv_drop: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
     backbone_norm: Literal["none", "start"] = "none"
     init_std: PositiveFloat = 1.0
     ckpt_every: PositiveInt = 100

@@ -6,12 +6,11 @@ measure the BN loss before and after recovery (:func:`~.statistics.bn_loss_views
 again (a resumed fit draws what an uninterrupted one would). CDA's curriculum on the crop scale
 is :func:`crop_scale_min`.
 
-Why not torchvision / kornia: ``torchvision.transforms.v2.functional.resized_crop`` crops a whole
-batch with one box (SRe2L's reference behaviour, see the package doc for why every image gets its
-own box here) and resamples with ``align_corners=False``; kornia's ``crop_and_resize`` samples
-exactly as :func:`crop_resize` does (bilinear, ``align_corners=True``) but costs about twice as
-much on CPU, in a loop of thousands of steps. :func:`crop_resize` is one batched ``affine_grid`` +
-``grid_sample`` (differentiable in the images); the roll is ``torch.roll``.
+The reference code's views (one box and one flip for the batch) are torchvision's own transforms
+on the batch tensor (:func:`batch_crop_flip`); per-image crops (``crop_per_image``) are
+:func:`crop_resize`, one batched ``affine_grid`` + ``grid_sample`` (bilinear,
+``align_corners=True``, the sampling of kornia's ``crop_and_resize`` at about half its cost on
+CPU). The roll is ``torch.roll``.
 """
 from __future__ import annotations
 

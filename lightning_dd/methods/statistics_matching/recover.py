@@ -148,11 +148,25 @@ class RecoverModule(L.LightningModule):
             chosen = sorted(torch.randperm(n, generator=g)[:k].tolist())
         return x, smin, chosen
 
-    def losses(self, x: torch.Tensor, chosen: list[int], slot: int = 0) -> dict[str, torch.Tensor]:
+    def conv_keep(self, step: int, slot: int = 0) -> list[list[bool] | None]:
+        """Per backbone, which conv layers enter the conv loss at ``step`` (G-VBSM's ``--drop-rate``:
+        each layer dropped with probability ``conv_drop``, independently per step); ``None`` for all
+        (no drop, or no conv statistics). Drawn from its own stream, seeded from the step's
+        generator seed + 1 (the views and backbone choices do not depend on it)."""
+        p = self.hp.conv_drop
+        if p <= 0:
+            return [None] * len(self.backbones)
+        g = torch.Generator().manual_seed(self.generator(step, slot).initial_seed() + 1)
+        return [None if b.conv is None else (torch.rand(len(b.conv.layers), generator=g) >= p).tolist()
+                for b in self.backbones]
+
+    def losses(self, x: torch.Tensor, chosen: list[int], slot: int = 0,
+               conv_keep: list[list[bool] | None] | None = None) -> dict[str, torch.Tensor]:
         """CE, BN, conv and logit losses (scalar tensors; zero where a term is off) of ``x``
         ``(B, C, H, W)`` with batch ``slot``'s labels and backbone weights, each the mean over the
         ``chosen`` backbones (G-VBSM sums; a constant factor Adam does not see, see the package doc),
-        and G-VBSM's eigenvalue term of ``x`` itself (``nuc``, :func:`~.statistics.eigenvalue_loss`)."""
+        and G-VBSM's eigenvalue term of ``x`` itself (``nuc``, :func:`~.statistics.eigenvalue_loss`).
+        ``conv_keep``: per backbone the conv layers that count this step (:meth:`conv_keep`)."""
         hp = self.hp
         labels = self.slot_labels(slot)
         bn_w, conv_w = self.slot_weights[slot]
@@ -161,7 +175,7 @@ class RecoverModule(L.LightningModule):
             b = self.backbones[i]
             logits = b.net(x)
             out["ce"] = out["ce"] + F.cross_entropy(logits, labels)
-            bn, conv = b.stat_losses(hp.first_bn_multiplier, hp.stat_momentum)
+            bn, conv = b.stat_losses(hp.first_bn_multiplier, hp.stat_momentum, conv_keep[i] if conv_keep else None)
             out["bn"] = out["bn"] + bn_w[i] * bn
             if conv is not None and hp.r_conv > 0:
                 out["conv"] = out["conv"] + conv_w[i] * conv
@@ -219,7 +233,7 @@ class RecoverModule(L.LightningModule):
         loss, row = None, torch.zeros(2 + len(keys) + k, dtype=torch.float64, device=self.device)
         if slot is not None:
             x, smin, chosen = self.augment(step, slot)
-            ls = self.losses(x, chosen, slot)
+            ls = self.losses(x, chosen, slot, self.conv_keep(step, slot))
             loss = self.total_loss(ls)
             vals = {"loss": loss.detach(), **{n: ls[n].detach() for n in keys[1:]}}
             if world == 1:

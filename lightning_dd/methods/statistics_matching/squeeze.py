@@ -55,7 +55,7 @@ def run_device(accelerator: str = "auto") -> torch.device:
 
 
 class TeacherModule(L.LightningModule):
-    """Trains a teacher on real batches (SRe2L's squeeze): SGD (momentum 0.9, Nesterov), cosine lr
+    """Trains a teacher on real batches (SRe2L's squeeze): SGD (momentum 0.9, Nesterov or not), cosine lr
     over ``total_steps`` optimizer steps, random crop (4-px padding, or random-resized crop of scale
     0.25-1 at >= 64 px) and flip (kornia), cross-entropy with ``label_smoothing``.
 
@@ -65,12 +65,12 @@ class TeacherModule(L.LightningModule):
     """
 
     def __init__(self, net: nn.Module, lr: float, total_steps: int, weight_decay: float, image_size,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, nesterov: bool = False):
         super().__init__()
         import kornia.augmentation as K
 
         self.net, self.lr, self.total_steps, self.weight_decay = net, lr, total_steps, weight_decay
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.nesterov = label_smoothing, nesterov
         h, w = image_size
         crop = K.RandomResizedCrop((h, w), scale=(0.25, 1.0)) if h >= 64 else K.RandomCrop((h, w), padding=4)
         self.augment = nn.Sequential(crop, K.RandomHorizontalFlip())
@@ -82,7 +82,7 @@ class TeacherModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=0.9, nesterov=True,
+        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=0.9, nesterov=self.nesterov,
                               weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / max(1, self.total_steps))))
@@ -131,7 +131,8 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     net_cfg = dict(net_cfg)
     epochs = net_cfg.pop("epochs", tcfg.epochs)  # a positive int (TeacherConfig checks the nets)
     spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs, "lr": tcfg.lr,
-            "batch_size": tcfg.batch_size, "weight_decay": tcfg.weight_decay, "label_smoothing": tcfg.label_smoothing}
+            "batch_size": tcfg.batch_size, "weight_decay": tcfg.weight_decay, "label_smoothing": tcfg.label_smoothing,
+            "nesterov": tcfg.nesterov}
     path = Path(cache_root) / experts_key(spec) / "teacher.pt"
     dev = run_device(trainer.accelerator)
     built = {}
@@ -155,7 +156,8 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     net = build_net_cfg(net_cfg, dm.image_shape[0], dm.num_classes, dm.image_shape[1:])
     loader = batch_loader(dm.train_images, dm.train_labels, tcfg.batch_size, epochs=1, seed=seed)
     steps = epochs * len(loader)
-    module = TeacherModule(net, tcfg.lr, steps, tcfg.weight_decay, dm.image_shape[1:], tcfg.label_smoothing)
+    module = TeacherModule(net, tcfg.lr, steps, tcfg.weight_decay, dm.image_shape[1:], tcfg.label_smoothing,
+                           tcfg.nesterov)
     callbacks, resume = epoch_checkpoints(path.parent / "partial", loader.dataset, f"teacher {path.parent.name}")
     trainer("squeeze", max_epochs=epochs, enable_progress_bar=False, callbacks=callbacks,
             enable_checkpointing=True).fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())

@@ -126,7 +126,7 @@ class StatsHooks:
         return [(m.running_mean, m.running_var) for m in self.layers]
 
     def loss(self, targets: list[tuple[torch.Tensor, ...]] | None = None,
-             first_multiplier: float = 1.0, momentum: float = 0.0) -> torch.Tensor:
+             first_multiplier: float = 1.0, momentum: float = 0.0, keep: list[bool] | None = None) -> torch.Tensor:
         """``sum_l w_l sum_s ||s_l - s*_l||_2`` over the recorded statistics ``s`` of each layer (BN:
         mean and variance, SRe2L Eq. 6 / ``BNFeatureHook``; conv: also the patch mean and variance,
         G-VBSM's ``ConvFeatureHook``) with ``w_0 = first_multiplier``, ``w_l = 1`` otherwise, a
@@ -137,10 +137,15 @@ class StatsHooks:
         exponential moving average over the calls, ``e <- momentum e + (1 - momentum) s`` (detached;
         ``e`` starts at 0, as G-VBSM's hooks start from ``0.``), with the gradient of the current
         ``s``: ``e + s - s.detach()``. The averages (``ema``) advance on every call with
-        ``momentum > 0``; :meth:`reset_ema` starts them again."""
+        ``momentum > 0``; :meth:`reset_ema` starts them again.
+
+        ``keep``: one bool per layer; a layer with ``False`` contributes 0 and its average does not
+        advance (G-VBSM's conv ``--drop-rate``: its hook returns 0 before it updates)."""
         targets = self.targets() if targets is None else targets
         total = 0.0
         for i, (stats, tgt) in enumerate(zip(self.stats, targets)):
+            if keep is not None and not keep[i]:
+                continue
             w = first_multiplier if i == 0 else 1.0
             if momentum > 0:
                 prev = self.ema[i] or [torch.zeros_like(a) for a in stats]
@@ -255,15 +260,17 @@ class Backbone:
         first = next(m for m in self.net.modules() if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)))
         self.first_is_conv = self.conv is not None and isinstance(first, nn.Conv2d)
 
-    def stat_losses(self, first_multiplier: float, momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def stat_losses(self, first_multiplier: float, momentum: float = 0.0, conv_keep: list[bool] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The BN loss and (with conv targets) the conv loss of the last forward pass
-        (:meth:`StatsHooks.loss`, ``momentum``: G-VBSM's moving averages), ``first_multiplier`` on
+        (:meth:`StatsHooks.loss`, ``momentum``: G-VBSM's moving averages, ``conv_keep``: the conv
+        layers not dropped this step), ``first_multiplier`` on
         the first hooked layer of the network (its first BN layer, or its first conv layer when that
         comes first and conv statistics are matched: G-VBSM's one ``rescale`` list over both
         kinds); ``None`` for the conv loss without conv targets."""
         conv_first = first_multiplier if self.first_is_conv else 1.0
         bn = self.bn.loss(first_multiplier=1.0 if self.first_is_conv else first_multiplier, momentum=momentum)
-        conv = self.conv.loss(self.conv_targets, conv_first, momentum) if self.conv is not None else None
+        conv = self.conv.loss(self.conv_targets, conv_first, momentum, conv_keep) if self.conv is not None else None
         return bn, conv
 
     def ema_state(self) -> list:
