@@ -376,16 +376,17 @@ def _option_section(conf: Path, group: str, option: str, cls_override=None) -> l
     global_pkg = "# @package _global_" in path.read_text()
     comments = option_comments(conf, group, option)
     head = [f"### `{group}={option}`", ""]
-    first_comment = [ln.lstrip("#").strip() for ln in path.read_text().splitlines()
-                     if ln.startswith("#") and not ln.startswith("# @package")]
-    lead = []
-    for ln in first_comment:
-        lead.append(ln)
+    lead = []  # the comment block at the top of the file
+    for ln in path.read_text().splitlines():
+        if not ln.startswith("#"):
+            break
+        if not ln.startswith("# @package"):
+            lead.append(ln.lstrip("#").strip())
     if lead:
         head += [" ".join(lead), ""]
     head += [f"File: `conf/{group}/{option}.yaml`" + (" (`# @package _global_`)" if global_pkg else ""), ""]
     if raw.get("defaults"):
-        head += ["Includes: " + ", ".join(f"`{d if isinstance(d, str) else next(iter(d.items()))}`"
+        head += ["Includes: " + ", ".join(f"`{d}`" if isinstance(d, str) else "`{}: {}`".format(*next(iter(d.items())))
                                           for d in raw["defaults"]), ""]
     cls = cls_override or _target_of(group, values)
     if global_pkg and group == "graph" and isinstance(values.get("eval"), dict):
@@ -469,21 +470,40 @@ def config_pages(conf: Path | None = None) -> dict[str, str]:
     return pages
 
 
+def _experiment_picks(conf: Path, name: str) -> dict[str, str]:
+    """The group choices of ``conf/experiment/<name>.yaml``, including the experiments it extends."""
+    picks: dict[str, str] = {}
+    for d in _load_yaml(conf / "experiment" / f"{name}.yaml").get("defaults") or []:
+        if isinstance(d, str) and (conf / "experiment" / f"{d}.yaml").is_file():
+            picks.update(_experiment_picks(conf, d))
+        elif isinstance(d, dict):
+            (k, v), = d.items()
+            picks[str(k).removeprefix("override ").lstrip("/")] = str(v)
+    return picks
+
+
 def experiments_page(conf: Path) -> str:
     out = ["# Experiments", "",
            "`python train.py experiment=NAME [scale=cpu]`: the presets in `conf/experiment/` (generated from the "
-           "files). *CPU preset* is `conf/scale_preset/NAME/cpu.yaml`; without one `scale=cpu` is an error.", "",
+           "files). Groups in *italics* are the primary config's defaults (`conf/train.yaml`). *CPU preset* is `conf/scale_preset/NAME/cpu.yaml`; without one `scale=cpu` is an error.", "",
            "| experiment | method | data | net | CPU preset | what |", "|---|---|---|---|---|---|"]
+    base = {}
+    for d in _load_yaml(conf / "train.yaml").get("defaults") or []:
+        if isinstance(d, dict):
+            (k, v), = d.items()
+            base[str(k)] = str(v)
     for f in sorted((conf / "experiment").glob("*.yaml")):
-        raw = _load_yaml(f)
-        picks: dict[str, str] = {}
-        for d in raw.get("defaults") or []:
-            if isinstance(d, dict):
-                (k, v), = d.items()
-                picks[str(k).removeprefix("override ").lstrip("/")] = str(v)
-        lines = [ln.lstrip("#").strip() for ln in f.read_text().splitlines()
-                 if ln.startswith("#") and not ln.startswith("# @package")]
-        what = " ".join(lines[:2])
+        picks = _experiment_picks(conf, f.stem)
+        for g in ("method", "data", "net"):  # not picked: the primary config's default (in italics)
+            if g not in picks and base.get(g):
+                picks[g] = f"*{base[g]}*"
+        lines = []
+        for ln in f.read_text().splitlines():
+            if not ln.startswith("#"):
+                break
+            if not ln.startswith("# @package"):
+                lines.append(ln.lstrip("#").strip())
+        what = " ".join(lines)
         cpu = "yes" if (conf / "scale_preset" / f.stem / "cpu.yaml").is_file() else "no"
         out.append(f"| `{f.stem}` | {picks.get('method', '')} | {picks.get('data', '')} | {picks.get('net', '')} "
                    f"| {cpu} | {_desc(what)} |")
@@ -642,7 +662,7 @@ def on_config(config):
         if isinstance(entry, dict) and "Reference" in entry:
             entry["Reference"] += [{"Configuration": ["reference/config/index.md", *cfg_pages]}, {"API": api}]
         if isinstance(entry, dict) and "Results" in entry:
-            entry["Results"] += res
+            entry["Results"] += [{p.split("/")[1]: p} for p in res]
     return config
 
 
