@@ -284,7 +284,7 @@ def check_settings(stored: dict | None, settings: dict, path: str | Path) -> Non
 
     Raises:
         ValueError: the stored settings differ from ``settings`` (or were never recorded); the
-        message names the file and the differing keys.
+            message names the file and the differing keys.
     """
     if stored == settings:
         return
@@ -385,7 +385,7 @@ def pixel_bounds(preprocessing) -> tuple[torch.Tensor, torch.Tensor]:
 
     Raises:
         ValueError: ZCA preprocessing (statistics matching recovers in normalized pixel space: set
-        ``data.zca=false``).
+            ``data.zca=false``).
     """
     if preprocessing.zca is not None:
         raise ValueError("statistics matching needs data.zca=false (images are clipped to valid pixels)")

@@ -182,8 +182,9 @@ def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
         ``{"net", "path", "test_acc", "seconds": 0.0, "cached": True}`` (as :func:`squeeze`).
 
     Raises:
-        FileNotFoundError: no file. ValueError: not a teacher checkpoint, or its weights do not fit
-        the data's shape/classes (:func:`lightning_dd.nets.load_net_file`).
+        FileNotFoundError: no file.
+        ValueError: not a teacher checkpoint, or its weights do not fit
+            the data's shape/classes (:func:`lightning_dd.nets.load_net_file`).
     """
     net, d = load_net_file(path, dm.image_shape[0], dm.num_classes, dm.image_shape[1:],
                            "teacher checkpoint (method.teacher.ckpt)")

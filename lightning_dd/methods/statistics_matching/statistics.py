@@ -118,7 +118,7 @@ class StatsHooks:
 
         Raises:
             ValueError: ``kind="conv"`` (convolutions keep no statistics: pass the targets to
-            :meth:`loss`, e.g. from :func:`conv_statistics`).
+                :meth:`loss`, e.g. from :func:`conv_statistics`).
         """
         if self.kind != "bn":
             raise ValueError("conv statistics hooks have no built-in targets: pass them to loss() "
