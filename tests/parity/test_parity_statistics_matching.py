@@ -194,6 +194,8 @@ def test_three_gvbsm_recovery_steps_equal_main_worker():
     for b in bbs:
         b.remove()
     assert [h["backbones"] for h in hist] == [[0], [1], [0]]
+    m = RecoverModule(x, case["labels"], bbs, hp, case["lo"], case["hi"])  # G-VBSM's counter % n, further on
+    assert [m.augment(step)[2] for step in range(10)] == [[step % 2] for step in range(10)]
     torch.testing.assert_close(torch.tensor(steps.lr, dtype=torch.float64), case["step_lr"], rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.tensor(steps.loss, dtype=torch.float64), case["step_loss"], rtol=1e-5, atol=0)
     torch.testing.assert_close(steps.grad[0][:len(case["grad0"])], case["grad0"], rtol=1e-4, atol=1e-7)

@@ -88,6 +88,11 @@ CDA's ``recover_cda_in1k.py``, G-VBSM's CIFAR-10 recovery), checked against it b
   averages from rank 0's checkpoint (exact with one process).
 * **G-VBSM's real-data statistics** are taken on the un-augmented training images; G-VBSM's loader
   applies its pad-4 crop and flip while it accumulates them.
+* **Squeeze lr schedule**: cosine over the optimizer steps; SRe2L's ``squeeze_cifar.py`` steps its
+  cosine per epoch, G-VBSM's ``squeeze/train.py`` keeps the lr constant (and trains an EMA copy
+  it does not use). The references' ImageNet teachers are torchvision's pretrained ResNet-18
+  (``method.teacher.ckpt``); MobileNetV2 / ShuffleNetV2 here are torchvision's, not G-VBSM's
+  CIFAR variants.
 * **Normalization**: the data's own mean/std (clip range and noise scale); G-VBSM's CIFAR-10 code
   clips with CIFAR-100's mean/std.
 * **Conv-drop and roll randomness**: drawn from per-step ``torch.Generator`` streams (resumable)
