@@ -14,6 +14,7 @@ A fixture file is a plain dict, loadable with ``torch.load(weights_only=True)``:
 """
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def save_fixture(family: str, cases: dict[str, dict[str, Any]], *, reference: st
             return [plain(x) for x in v]
         return v
 
-    script = Path(sys.argv[0]).resolve()
+    script = Path(inspect.stack()[1].filename).resolve()  # the generator (sys.argv[0] may be a reference script it ran)
     meta = {"repo": repo, "commit": reference_commit(reference),
             "script": str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
             "torch": str(torch.__version__), "replaced": replaced}
