@@ -440,7 +440,7 @@ def config_pages(conf: Path | None = None) -> dict[str, str]:
              "Override any key on the command line: `python train.py experiment=datm_cifar10 method.ipc=1 "
              "eval.num_eval=3`. A wrong type, an out-of-range value or an unknown key of a typed node stops "
              "the run before any data is read, naming the key.", "",
-             "| group | options | |", "|---|---|---|"]
+             "| group | options | what |", "|---|---|---|"]
     for g in groups:
         opts = sorted(p.stem for p in (conf / g).glob("*.yaml"))
         index.append(f"| [`{g}`]({g}.md) | {', '.join(f'`{o}`' for o in opts)} | {_desc(GROUP_TEXT.get(g, ''))} |")
