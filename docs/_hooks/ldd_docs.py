@@ -679,7 +679,21 @@ def on_files(files, config):
     return files
 
 
+def records_table(page_dir: str) -> str:
+    """A table of every ``experiments/<name>/README.md``: its results page and its title."""
+    rows = ["| record | what |", "|---|---|"]
+    for d in experiment_dirs():
+        first = (d / "README.md").read_text().lstrip().splitlines()[0]
+        title = first.lstrip("#").strip() if first.startswith("#") else d.name
+        link = posixpath.relpath(f"results/{d.name}/index.md", page_dir)
+        rows.append(f"| [{d.name}]({link}) | {_desc(title)} |")
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown, page, config, files):
+    page_dir = posixpath.dirname(page.file.src_uri)
+    if re.search(r"^<!--\s*records\s*-->\s*$", markdown, re.M):
+        markdown = re.sub(r"^<!--\s*records\s*-->\s*$", lambda m: records_table(page_dir), markdown, flags=re.M)
     if "<!--" in markdown and "results:" in markdown:
-        return include_results(markdown, posixpath.dirname(page.file.src_uri))
+        return include_results(markdown, page_dir)
     return markdown
