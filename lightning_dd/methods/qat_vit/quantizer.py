@@ -104,7 +104,7 @@ def mse_step(w: torch.Tensor, qn: int, qp: int, tol: float = 1e-5, max_iters: in
 
     Shapes: ``w`` any shape -> 0-dim float tensor (``> 0``; ``1e-8`` for an all-zero ``w``).
     """
-    w = w.detach().float().flatten()
+    w = w.detach().double().flatten()  # float64 sums: the same step whatever the torch thread count
     s = (w.abs().max() / max(qp, 1)).clamp(min=1e-8)
     for _ in range(max_iters):
         q = (w / s).clamp(qn, qp).round()
@@ -113,7 +113,7 @@ def mse_step(w: torch.Tensor, qn: int, qp: int, tol: float = 1e-5, max_iters: in
         s = new
         if done:
             break
-    return s
+    return s.float()
 
 
 class Quantizer(nn.Module):
@@ -170,8 +170,11 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def init_act(self, x: torch.Tensor) -> None:
         """Activation init from a batch (reference ``QuantAct``): ``step = 2 * mean|x| /
-        sqrt(2^(b-1) - 1)`` (the signed ``Qp`` whatever the range), ``beta`` left at 0; mark initialized."""
-        self.step.copy_((2 * x.abs().mean() / math.sqrt(max(1, 2 ** (self.bits - 1) - 1))).clamp(min=MIN_STEP))
+        sqrt(2^(b-1) - 1)`` (the signed ``Qp`` whatever the range), ``beta`` left at 0; mark
+        initialized. The mean is accumulated in float64 (float32's parallel sum depends on the
+        number of torch threads)."""
+        mean_abs = x.abs().mean(dtype=torch.float64)  # float64: the same step whatever the torch thread count
+        self.step.copy_((2 * mean_abs / math.sqrt(max(1, 2 ** (self.bits - 1) - 1))).clamp(min=MIN_STEP))
         self.initialized.fill_(True)
 
     def integers(self, x: torch.Tensor) -> torch.Tensor:
