@@ -273,3 +273,19 @@ def test_reference_lr_is_timm_cosine_per_pass():
 
     assert reference_lr(0, 150) == 1.0 and math.isclose(reference_lr(75, 150), 0.5) and reference_lr(150, 150) == 0
     assert math.isclose(reference_lr(2, 150, warmup_epochs=5, warmup_lr=0.0), 0.4)
+
+
+def test_streamed_views_are_independent_crops_of_the_original_image(shared_data):
+    """ImageNet views for multi-crop KD (reference ``RandomResizedCrop_FKD``): each item holds
+    ``views`` crops, each its own random-resized crop of the original JPEG (not crops of one crop);
+    single-crop passes get ``(1, 3, S, S)`` items (views made, not cropped again)."""
+    from lightning_dd.data.imagenet import image_folder_dataset
+
+    ds = image_folder_dataset(shared_data / "imagenet_sample", "train", "flat", image_size=64, views=4,
+                              scale=(0.08, 1.0))
+    torch.manual_seed(0)
+    x, _ = ds[0]
+    assert x.shape == (4, 3, 64, 64)
+    assert all(not torch.equal(x[i], x[j]) for i in range(4) for j in range(i))
+    one, _ = image_folder_dataset(shared_data / "imagenet_sample", "train", "flat", image_size=64, views=1)[0]
+    assert one.shape == (1, 3, 64, 64)
