@@ -171,24 +171,27 @@ def _status(url: str) -> int:
         return e.code
 
 
-def test_every_page_in_headless_chromium(site, served, tmp_path):
+def _need_browser():
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does)")
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import sync_playwright  # noqa: F401
     except ImportError:
         pytest.fail("Playwright's Python package is missing: pip install -e '.[dev]' installs it")
 
-    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html"))
-    pages = ["" if p == "." else p + "/" for p in pages]
-    origin = served.rstrip("/")
+
+def browse(base: str, pages: list[str], profile: Path, screenshots: dict[str, Path] | None = None) -> list[str]:
+    """Open ``base + page`` for every page in headless Chromium; the problems found: console and
+    page errors, failed or >= 400 same-origin requests, images with ``naturalWidth`` 0, internal
+    links (fragment dropped) that do not answer 200. ``screenshots``: page -> PNG path."""
+    from playwright.sync_api import sync_playwright
+
+    origin = base.rstrip("/")
     problems: list[str] = []
     links: dict[str, str] = {}
-    t0 = time.perf_counter()
     with sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                    headless=True, args=CHROMIUM_FLAGS,
-                                                    viewport={"width": 1280, "height": 900})
+        ctx = pw.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                    args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 900})
         page = ctx.new_page()
         current = {"url": ""}
         page.on("console", lambda m: m.type == "error" and problems.append(f"{current['url']}: console error: {m.text}"))
@@ -198,7 +201,7 @@ def test_every_page_in_headless_chromium(site, served, tmp_path):
         page.on("response", lambda r: r.url.startswith(origin) and r.status >= 400 and problems.append(
             f"{current['url']}: HTTP {r.status} for {r.url}"))
         for rel in pages:
-            url = served + rel
+            url = base + rel
             current["url"] = url
             page.goto(url, wait_until="load")
             page.wait_for_load_state("networkidle")
@@ -209,14 +212,47 @@ def test_every_page_in_headless_chromium(site, served, tmp_path):
                 target = urllib.parse.urldefrag(href).url
                 if target.startswith(origin):
                     links.setdefault(target, url)
-            if rel == "":
-                page.screenshot(path=str(SCREENSHOTS / "ldd_docs_home.png"))
-            if rel == "tutorials/selection-dq/":
-                page.screenshot(path=str(SCREENSHOTS / "ldd_docs_tutorial.png"), full_page=True)
+            if screenshots and rel in screenshots:
+                page.screenshot(path=str(screenshots[rel]), full_page=rel != "")
         ctx.close()
-    dead = [f"{target} (linked from {where})" for target, where in sorted(links.items()) if _status(target) != 200]
-    print(f"\n{len(pages)} pages in Chromium, {len(links)} internal links checked, {time.perf_counter() - t0:.1f} s; "
-          f"screenshots: {SCREENSHOTS / 'ldd_docs_home.png'}, {SCREENSHOTS / 'ldd_docs_tutorial.png'}")
+    problems += [f"dead internal link: {target} (linked from {where})" for target, where in sorted(links.items())
+                 if _status(target) != 200]
+    return problems
+
+
+def test_the_browser_check_finds_what_it_looks_for(tmp_path):
+    """A tiny site with a console error, a missing image and a dead link: each is reported."""
+    _need_browser()
+    root = tmp_path / "mini"
+    root.mkdir()
+    (root / "index.html").write_text('<html><body><a href="ok.html">ok</a> <a href="gone.html">gone</a>'
+                                     '<img src="missing.png"><script>console.error("boom")</script></body></html>')
+    (root / "ok.html").write_text("<html><body>fine</body></html>")
+    handler = functools.partial(_Quiet, directory=str(root))
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        problems = browse(base, ["", "ok.html"], tmp_path / "profile")
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = "\n".join(problems)
+    assert "console error: boom" in text, text
+    assert "image did not load: missing.png" in text, text
+    assert "dead internal link: " + base + "gone.html" in text, text
+    assert not any("ok.html" in p for p in problems if "dead" in p), text
+
+
+def test_every_page_in_headless_chromium(site, served, tmp_path):
+    _need_browser()
+    pages = sorted(p.parent.relative_to(site).as_posix() for p in site.rglob("index.html"))
+    pages = ["" if p == "." else p + "/" for p in pages]
+    shots = {"": SCREENSHOTS / "ldd_docs_home.png", "tutorials/selection-dq/": SCREENSHOTS / "ldd_docs_tutorial.png"}
+    t0 = time.perf_counter()
+    problems = browse(served, pages, tmp_path / "profile", shots)
+    print(f"\n{len(pages)} pages in Chromium, {time.perf_counter() - t0:.1f} s; screenshots: "
+          f"{shots[''] }, {shots['tutorials/selection-dq/']}")
     assert len(pages) > 40
-    assert not dead, "dead internal links:\n" + "\n".join(dead)
+    assert all(p.is_file() for p in shots.values())
     assert not problems, "\n".join(problems)
