@@ -289,3 +289,20 @@ def test_streamed_views_are_independent_crops_of_the_original_image(shared_data)
     assert all(not torch.equal(x[i], x[j]) for i in range(4) for j in range(i))
     one, _ = image_folder_dataset(shared_data / "imagenet_sample", "train", "flat", image_size=64, views=1)[0]
     assert one.shape == (1, 3, 64, 64)
+
+
+def test_a_step_driven_below_the_floor_restarts_there_and_exports_exactly():
+    """As the reference's in-place ``alpha.data.clamp_(min=1e-4)``: a step an update drove negative
+    is reset to 1e-4 by the next forward and still gets gradients; the export then reloads to the
+    same predictions (it broke when the step stayed negative)."""
+    model = calibrate(quantize_vit(small_vit(), 8), torch.randn(16, 3, 16, 16))
+    with torch.no_grad():
+        model.head.wq.step.fill_(-7e-4)
+    x = torch.randn(8, 3, 16, 16)
+    model.train()
+    model(x).square().sum().backward()
+    assert float(model.head.wq.step.detach()) == pytest.approx(1e-4) and model.head.wq.step.grad != 0
+    cfg = {"_target_": "lightning_dd.nets.vit.ViT", **SMALL}
+    back = load_quantized(export_quantized(model, cfg, 8, 8, 8, "reference"), 3, 10, (16, 16))
+    with torch.no_grad():
+        assert torch.equal(back(x), model.eval()(x))

@@ -23,7 +23,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from lightning_dd.methods.qat_vit.quantizer import GradScale, QConv2d, QLinear, Quantizer
+from lightning_dd.methods.qat_vit.quantizer import MIN_STEP, GradScale, QConv2d, QLinear, Quantizer
 from lightning_dd.nets.swin import PatchMerging, Swin
 from lightning_dd.nets.vit import Attention, Mlp, ViT
 
@@ -134,7 +134,7 @@ def load_quantized(d: dict, channel: int, num_classes: int, im_size) -> ViT | Sw
     model = quantize_vit(fp, b["w"], b["a"], b["keep"], d.get("grad_scale", "reference"))
     state = dict(d["float_state"])
     for name, ints in d["int_weights"].items():
-        state[f"{name}.weight"] = ints.float() * state[f"{name}.wq.step"].clamp(min=1e-8)
+        state[f"{name}.weight"] = ints.float() * state[f"{name}.wq.step"].clamp(min=MIN_STEP)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

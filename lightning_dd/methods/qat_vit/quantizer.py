@@ -21,8 +21,9 @@ Step-gradient scale ``g`` (the step's gradient is multiplied by ``g``, its value
 Initialization (reference): weight steps by the MSE fixed-point fit :func:`mse_step` started at
 ``max|w| / Qp`` (``quantize_by_mse``); activation steps from the first batch that reaches them,
 ``2 * mean|x| / sqrt(2^(b-1) - 1)`` (LSQ's init with the signed ``Qp`` for every quantizer, as
-``QuantAct.forward``), offsets at 0. Steps are kept ``>= 1e-4`` (the reference clamps them in place
-before every forward; here in the forward).
+``QuantAct.forward``), offsets at 0. Steps are kept ``>= 1e-4``: clamped in place before every
+forward, as the reference (a step an AdamW update drove below it, e.g. an 8-bit weight step of
+~1e-3 at lr 5e-4, restarts at 1e-4 and keeps learning).
 
 Deviation from the reference code kept as an option (``impl="fused"``, not the default):
 PyTorch's fused learnable fake-quantize kernel (``torch._fake_quantize_learnable_per_tensor_affine``)
@@ -191,7 +192,9 @@ class Quantizer(nn.Module):
             else:
                 self.init_act(x)
         g = self.grad_factor(x) if torch.is_grad_enabled() and self.step.requires_grad else 1.0
-        s = self.step.clamp(min=MIN_STEP)
+        with torch.no_grad():  # the reference's in-place clamp: a step an update drove below it restarts there
+            self.step.clamp_(min=MIN_STEP)
+        s = self.step
         if self.impl == "fused":
             xc = x - self.beta if self.beta is not None else x
             y = torch._fake_quantize_learnable_per_tensor_affine(xc, s.reshape(1), self._zero, self.qn, self.qp, g)
