@@ -71,8 +71,8 @@ Deviations from the reference code, and what was fixed:
   code samples ``[10, 5]`` neighbours per hop (``retrieve_class_sampler`` with
   ``NeighborSampler``, values of the full normalized adjacency, not renormalized) -- an unbiased
   but noisy estimate of the same gradient; with fan-outs above the largest degree the two are
-  equal (that is how the parity fixture runs the reference). Cora's median degree is 3, so
-  most training nodes' 1-hop neighbourhoods are complete there too.
+  equal (that is how the parity fixture runs the reference). Cora's mean degree is 3.9, so
+  the first hop (fan-out 10) is mostly complete there; the second (fan-out 5) is sampled more often.
 * kept, no change in numbers -- closed-form per-class gradients; the generator's first layer split
   as ``W_i x_i + W_j x_j``; only the side being updated gets gradients (the reference
   backpropagates into both and steps one).
