@@ -268,11 +268,18 @@ def test_training_length_follows_the_reference_loop(epochs, num_crops, warmup):
 
 def test_reference_lr_is_timm_cosine_per_pass():
     """LR per epoch as timm's CosineLRScheduler(t_initial=epochs) of the reference: full at epoch 0,
-    half at epochs/2, min_lr from epochs on (the last single-crop epoch), linear warmup."""
+    half at epochs/2, min_lr from epochs on (the last single-crop epoch), linear warmup; equal to
+    the installed timm's scheduler at every epoch."""
     from lightning_dd.methods.qat_vit.training import reference_lr
 
     assert reference_lr(0, 150) == 1.0 and math.isclose(reference_lr(75, 150), 0.5) and reference_lr(150, 150) == 0
     assert math.isclose(reference_lr(2, 150, warmup_epochs=5, warmup_lr=0.0), 0.4)
+    scheduler = pytest.importorskip("timm.scheduler.cosine_lr")
+    for warmup in (0, 5):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+        timm_sched = scheduler.CosineLRScheduler(opt, t_initial=150, lr_min=0.0, warmup_t=warmup, warmup_lr_init=1e-6)
+        for t in range(152):
+            assert math.isclose(timm_sched._get_lr(t)[0], reference_lr(t, 150, warmup, 1e-6, 5e-4), rel_tol=1e-12), t
 
 
 def test_streamed_views_are_independent_crops_of_the_original_image(shared_data):
