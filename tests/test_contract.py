@@ -65,7 +65,7 @@ def no_data(monkeypatch):
     ("eval.num_eval=0", "eval.num_eval"),
     ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path"),
     ("net.norm=layernrm", "net: net.norm must be"),
-    ("method.max_start_epoch=60", "method: Value error, the last start epoch"),
+    ("method.max_start_epoch=120", "method: Value error, the last start epoch"),  # past the 100 expert epochs
 ])
 def test_bad_value_fails_before_any_data_naming_the_key(tmp_path, no_data, override, key):
     cfg = _cfg(tmp_path, "experiment=datm_cifar10", override)
