@@ -20,7 +20,9 @@ Synthetic images start from a random real subset per class (the reference's ``in
 labels are hard.
 
 Data (``experiment=dm_cifar10``): CIFAR-10 normalized by channel mean/std, no ZCA, as the
-reference's ``utils.get_dataset``.
+reference's ``utils.get_dataset``. The CPU preset (``conf/scale_preset/dm_cifar10/cpu.yaml``) sets
+``data.zca: true``: at 200 iterations and 2000 images per class it measured 44.62 +- 0.43 vs
+41.20 +- 0.38 without (experiments/dm/README.md).
 
 Deviations from the reference code (VICO-UoE/DatasetCondensation, ``main_DM.py``):
 
