@@ -77,7 +77,7 @@ def main() -> None:
     main_DM.get_dataset, main_DM.get_network = get_dataset, get_network
     main_DM.evaluate_synset = lambda it_eval, net, *a, **k: (net, 0.0, 0.0)
     torch.optim.SGD, torch.Tensor.backward = RecordingSGD, recording_backward
-    cwd = os.getcwd()
+    cwd, argv = os.getcwd(), sys.argv
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         sys.argv = ["main_DM.py", "--dataset", "CIFAR10", "--model", "ConvNet", "--ipc", str(IPC), "--Iteration", "1",
@@ -89,7 +89,7 @@ def main() -> None:
             res = torch.load(os.path.join(tmp, "result", f"res_DM_CIFAR10_ConvNet_{IPC}ipc.pt"), weights_only=False)
         finally:
             os.chdir(cwd)
-            torch.optim.SGD, torch.Tensor.backward = sgd, backward
+            sys.argv, torch.optim.SGD, torch.Tensor.backward = argv, sgd, backward
     final_images, final_labels = res["data"][0]
     assert len(steps) == 2, f"expected 2 updates, recorded {len(steps)}"
     cases = {"dm_two_updates": {
