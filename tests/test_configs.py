@@ -53,7 +53,7 @@ def test_paper_settings_of_statistics_matching():
     r = cda.recover
     assert (r.lr, r.r_bn, r.first_bn_multiplier, r.jitter, list(r.crop_scale), r.crop_schedule) == \
         (0.25, 0.01, 10.0, 32, [0.08, 1.0], "cosine")
-    assert _cfg("experiment=sre2l_imagenet").method.recover.iterations == 1000
+    assert _cfg("experiment=sre2l_imagenet").method.recover.iterations == 4000  # SRe2L recover.sh --iteration 4000
     assert _cfg("experiment=sre2l_imagenet").method.recover.crop_schedule == "none"
     assert len(_cfg("experiment=gvbsm_cifar10").method.teacher.nets) == 5
     assert _cfg("experiment=gvbsm_cifar10", "scale=cpu").method.recover.backbones_per_iter == 2

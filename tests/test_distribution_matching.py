@@ -163,7 +163,25 @@ def test_pool_defaults_are_the_authors_recipe(tmp_path):
                                cfg, _TinyData(), make)
         spec = json.loads((pool.dirs[0] / "spec.json").read_text())
         assert (spec["momentum"], spec["weight_decay"], spec["epochs"]) == (0.9, 5e-3, 1)
+        assert spec["lr_milestones"] == [50, 100]
         assert (spec["dsa"] == "none") != augment
+
+
+def test_pool_lr_drops_tenfold_after_each_milestone_epoch():
+    """The pool's ``MultiStepLR`` (``--lr_decay_step 50,100``, gamma 0.1, stepped per epoch) through the
+    expert trainer; no milestones: a constant lr (the trajectory-matching experts). Mutation checked: the
+    scheduler stepped per batch instead of per epoch fails."""
+    from lightning_dd.methods.experts import ExpertModule
+    net = torch.nn.Linear(2, 2)
+    conf = ExpertModule(net, 0.01, 0.9, 5e-3, None, lr_milestones=(1, 3)).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "epoch"
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched["scheduler"].step()
+    assert lrs == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+    assert isinstance(ExpertModule(net, 0.01, 0.0, 0.0, None).configure_optimizers(), torch.optim.SGD)
 
 
 def test_dm_cosine_clom_contrasts_against_a_uniform_real_batch():

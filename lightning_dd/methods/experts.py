@@ -49,9 +49,10 @@ class ExpertModule(L.LightningModule):
     """One expert: SGD on real batches with DSA; records its flat parameters every epoch."""
 
     def __init__(self, net: torch.nn.Module, lr: float, momentum: float, weight_decay: float, dsa: DSA | None,
-                 compile: bool = False):
+                 compile: bool = False, lr_milestones: tuple[int, ...] = ()):
         super().__init__()
         self.lr, self.momentum, self.weight_decay, self.dsa = lr, momentum, weight_decay, dsa
+        self.lr_milestones = tuple(lr_milestones)
         self.flat = FlatParams(net)  # the uncompiled module: same parameters
         self.net = maybe_compile(net, compile)
         self.trajectory: list[torch.Tensor] = []
@@ -78,8 +79,12 @@ class ExpertModule(L.LightningModule):
         self.trajectory.append(self.flat.flatten().cpu())
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
-                               weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        if not self.lr_milestones:
+            return opt
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(self.lr_milestones), gamma=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
 class EpochResume(L.Callback):
@@ -156,12 +161,16 @@ class ExpertBank:
 
     def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int,
                  batch_size: int = 256, momentum: float = 0.0, weight_decay: float = 0.0,
-                 dsa: DSA | None = None, seed: int = 0, make_trainer: TrainerFactory | None = None):
+                 dsa: DSA | None = None, seed: int = 0, make_trainer: TrainerFactory | None = None,
+                 lr_milestones: tuple[int, ...] = ()):
         make_trainer = make_trainer or TrainerFactory()
         if str(make_trainer.precision) not in ("32-true", "32"):
             spec = {**spec, "precision": str(make_trainer.precision)}
         self.spec = {**spec, "net": dict(net_cfg), "lr_teacher": lr_teacher, "epochs": epochs,
                      "batch_size": batch_size, "momentum": momentum, "weight_decay": weight_decay, "seed": seed}
+        if lr_milestones:  # only when set: the keys of every earlier cache entry stay valid
+            self.spec["lr_milestones"] = list(lr_milestones)
+        self.lr_milestones = tuple(lr_milestones)
         self.dir = Path(root) / experts_key(self.spec)
         self.net_cfg, self.lr, self.epochs, self.batch_size = dict(net_cfg), lr_teacher, epochs, batch_size
         self.momentum, self.weight_decay, self.dsa, self.seed = momentum, weight_decay, dsa, seed
@@ -203,7 +212,8 @@ class ExpertBank:
             t0 = time.perf_counter()
             L.seed_everything(self.seed + i, verbose=False)
             net = build_net_cfg(self.net_cfg, images.shape[1], num_classes, images.shape[2:])
-            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.make_trainer.compile)
+            module = ExpertModule(net, self.lr, self.momentum, self.weight_decay, self.dsa, self.make_trainer.compile,
+                                  self.lr_milestones)
             loader = batch_loader(images, labels, batch_size=self.batch_size, epochs=1, seed=self.seed + i)
             part = self.dir / "partial" / f"expert_{i:03d}"
             callbacks, resume = epoch_checkpoints(part, loader.dataset, f"expert {i}")
