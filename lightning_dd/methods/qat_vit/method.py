@@ -163,8 +163,7 @@ class QATViT(Method):
         net = self._build(ctx, net_cfg)
         if self.fp_init_from:
             src = load_dict(self.fp_init_from, ("state_dict",), "weight-selection source (method.fp_init_from)")
-            from lightning_dd.nets.vit import split_fused_qkv
-            weight_selection(net, split_fused_qkv(src["state_dict"]))
+            weight_selection(net, src["state_dict"])  # fused (timm, official) or separate q/k/v
         loader = self._loader(ctx, self.fp_batch_size, fp_seed)
         steps = self.fp_epochs * len(loader)
         module = FPModule(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
