@@ -85,7 +85,9 @@ def test_paper_size_config_is_the_papers(readme, heading, overrides, rows, secti
 
 
 # the paper-size experiments that must have a table
-REQUIRED = {"qat_deit_tiny_imagenet", "qat_swin_tiny_imagenet", "mast_pre_msr", "dm_cifar10", "dq_cifar10"}
+REQUIRED = {"qat_deit_tiny_imagenet", "qat_swin_tiny_imagenet", "mast_pre_msr", "dm_cifar10", "dm_clom_cifar10",
+            "dq_cifar10", "graphcut_cifar10", "datm_cifar10", "datm_cifar10_ipc1", "datm_cifar10_ipc50", "mtt_cifar10",
+            "gcond_cora", "sgdd_cora", "sre2l_imagenet", "cda_imagenet", "sre2l_cifar10", "gvbsm_cifar10"}
 
 
 def test_the_paper_size_experiments_have_tables():
