@@ -23,7 +23,7 @@ def _remove_if_only_hydra_files(out: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_dd.evaluate.standalone import evaluate_saved
+    from lightning_dd.evaluate_run import evaluate_saved
 
     try:
         metrics = evaluate_saved(cfg)

@@ -10,7 +10,7 @@ Rows (each measured in a fresh subprocess, so peaks do not mix):
   ConvNet's before timing.
 * ``unroll``, ``recompute``, ``recompute+compile``: :func:`matching_loss_and_grads` in that mode.
 * ``auto``: the default ``method.meta_grad=auto``, resolved by the same rule as a run
-  (:func:`lightning_dd.methods.meta_grad.resolve_meta_grad`); the row names what it picked.
+  (:func:`lightning_dd.methods.images.meta_grad.resolve_meta_grad`); the row names what it picked.
 * ``floor`` (only with ``--rows``): ``syn_steps`` plain training steps (forward, backward, SGD).
 
 Each row prints seconds per iteration (the fastest of ``--iters`` iterations, after two warm-up
@@ -122,7 +122,7 @@ def _sampler(s: dict, syn_steps: int):
 
 def predict(width: int, ipc: int, syn_steps: int, batch_syn: int, device: str) -> dict:
     """Predicted extra bytes of the two unrolled rows and the free memory of ``device``."""
-    from lightning_dd.methods.meta_grad import (UNROLL_OVERHEAD, StudentFunctions, StudentStep,
+    from lightning_dd.methods.images.meta_grad import (UNROLL_OVERHEAD, StudentFunctions, StudentStep,
                                                 available_memory_bytes, saved_tensor_bytes, unroll_memory_bytes)
 
     s = _setup(width, ipc, batch_syn, device)
@@ -169,7 +169,7 @@ def _status_kib(key: str) -> int:
 def measure(row: str, width: int, ipc: int, syn_steps: int, batch_syn: int, iters: int, device: str) -> dict:
     """One row, in this process: warm-up (compiled rows), then ``iters`` timed iterations, the
     first of which also gives the peak memory."""
-    from lightning_dd.methods.meta_grad import (StudentFunctions, StudentStep, compile_verified,
+    from lightning_dd.methods.images.meta_grad import (StudentFunctions, StudentStep, compile_verified,
                                                 matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
 
     s = _setup(width, ipc, batch_syn, device)
@@ -245,7 +245,7 @@ def gib(b: float) -> str:
 def table(a, steps: int, first: dict | None) -> dict:
     """Measure and print the rows at ``syn_steps=steps``; ``first`` = the reference row measured at
     the first ``--syn-steps`` (for estimates). Returns the reference row (measured or estimated)."""
-    from lightning_dd.methods.meta_grad import MEMORY_MARGIN
+    from lightning_dd.methods.images.meta_grad import MEMORY_MARGIN
 
     common = dict(width=a.width, ipc=a.ipc, syn_steps=steps, batch_syn=a.batch_syn, device=a.device)
     print(f"\n== device={a.device} ConvNet-{a.width} IPC {a.ipc} batch_syn {a.batch_syn} syn_steps {steps}, "

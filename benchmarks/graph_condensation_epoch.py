@@ -133,8 +133,8 @@ def main(argv=None):
     from omegaconf import OmegaConf
 
     from lightning_dd.data.graphs import GraphDataModule
-    from lightning_dd.methods.gcond import GCondMethod, class_gradients
-    from lightning_dd.methods.sgdd import SGDDMethod
+    from lightning_dd.methods.graphs.gcond import GCondMethod, class_gradients
+    from lightning_dd.methods.graphs.sgdd import SGDDMethod
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))

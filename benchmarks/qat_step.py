@@ -40,8 +40,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from lightning_dd.losses import soft_cross_entropy
-    from lightning_dd.methods.qat_vit.model import calibrate, quantize_vit, quantized_layers
-    from lightning_dd.methods.qat_vit.regularizer import bin_regularizer
+    from lightning_dd.methods.quantization.qat_vit.model import calibrate, quantize_vit, quantized_layers
+    from lightning_dd.methods.quantization.qat_vit.regularizer import bin_regularizer
     from lightning_dd.nets.vit import ViT
 
     if args.threads:

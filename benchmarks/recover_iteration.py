@@ -1,5 +1,5 @@
 """Seconds per statistics-matching recover iteration (SRe2L arXiv 2306.13092 Sec. 3.2; CDA; G-VBSM;
-:mod:`lightning_dd.methods.statistics_matching.recover`) against its floor measured in the same run,
+:mod:`lightning_dd.methods.images.statistics_matching.recover`) against its floor measured in the same run,
 ratio printed.
 
 The floor: one forward + backward of the teacher on the same batch (cross-entropy of its logits,
@@ -87,9 +87,9 @@ def run(name: str, cfg: dict, repeat: int) -> None:
     import torch.nn.functional as F
 
     from lightning_dd.core.trainer import TrainerFactory
-    from lightning_dd.methods.statistics_matching.config import RecoverConfig
-    from lightning_dd.methods.statistics_matching.recover import recover_batch
-    from lightning_dd.methods.statistics_matching.statistics import Backbone
+    from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
+    from lightning_dd.methods.images.statistics_matching.recover import recover_batch
+    from lightning_dd.methods.images.statistics_matching.statistics import Backbone
     from lightning_dd.nets import build_net_cfg
 
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ factory and DataModule -> ``method.run`` -> result artifact -> ``method.evaluate
 (:mod:`lightning_dd.methods.base` is the contract)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -15,14 +16,13 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_dd.core.config import ConfigError, RunConfig, instantiate_node, validated
+from lightning_dd.augment.dsa import AugmentSettings
+from lightning_dd.core.config import ConfigError, LoggerSettings, RunConfig, instantiate_node, validated
 from lightning_dd.core.trainer import release_process_group
-from lightning_dd.evaluate.images import quick_eval
 from lightning_dd.evaluate.table import print_table
 from lightning_dd.loggers import build_loggers, finish_wandb, resume_hint
-from lightning_dd.methods.base import RunContext
+from lightning_dd.methods.base import Method, RunContext
 from lightning_dd.quiet import quiet_lightning
-from lightning_dd.viz import PeriodicEvaluation, SyntheticImageLogger, save_grid
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,13 @@ def _check_net(cfg: DictConfig) -> None:
         raise ConfigError(f"invalid config:\nnet: {e.__cause__ or e}") from None
 
 
-def check_config(cfg: DictConfig):
+def check_config(cfg: DictConfig) -> tuple[RunConfig, Method, RunContext]:
     """Validate and build everything a run needs from ``cfg`` before any data is read: the run's
     own keys (:class:`RunConfig`), the CPU preset of ``scale=cpu``, the method (its typed fields,
-    its stages, its cross-key checks), the ``eval`` node against the method's evaluator schema and
-    the Trainer factory. Returns ``(run_cfg, method, trainer_factory)``.
+    its stages), the ``eval`` node against the method's evaluator schema, the ``augment`` and
+    ``logger`` nodes, the net and the Trainer factory, then the method's cross-key checks on the
+    resulting typed :class:`RunContext` (``dm`` still ``None``, ``out_dir`` still unset). Returns
+    ``(run_cfg, method, ctx)``.
 
     Raises:
         ConfigError: naming the offending key and what was expected.
@@ -74,14 +76,19 @@ def check_config(cfg: DictConfig):
     if run_cfg.stage not in method.stages:
         raise ConfigError(f"stage: {run_cfg.stage!r} is not a stage of {type(method).__name__}; "
                           f"allowed: {', '.join(method.stages)}")
-    if method.eval_schema is not None:
-        validated(method.eval_schema, cfg.eval, "eval")
-    method.check(cfg)
+    ev = validated(method.eval_schema, cfg.eval, "eval") if method.eval_schema is not None else None
     _check_net(cfg)
     make_trainer = instantiate_node(cfg.trainer, "trainer")
     if run_cfg.ckpt_path and not Path(run_cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {run_cfg.ckpt_path}")
-    return run_cfg, method, make_trainer
+    ctx = RunContext(dm=None, data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {},
+                     net=OmegaConf.to_container(cfg.net, resolve=True) if "net" in cfg else {}, eval=ev,
+                     augment=validated(AugmentSettings, cfg.augment, "augment"),
+                     logger=validated(LoggerSettings, cfg.logger, "logger"), make_trainer=make_trainer,
+                     out_dir=Path(), cache_dir=Path(cfg.paths.cache_dir), seed=run_cfg.seed, stage=run_cfg.stage,
+                     resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
+    method.check(ctx)
+    return run_cfg, method, ctx
 
 
 def run(cfg: DictConfig) -> dict:
@@ -100,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
     quiet_lightning()
-    run_cfg, method, make_trainer = check_config(cfg)
+    run_cfg, method, ctx = check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(run_cfg.seed, verbose=False)
@@ -108,17 +115,12 @@ def _run(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
+    if method.data_protocol is not None and not isinstance(dm, method.data_protocol):
+        raise ConfigError(f"data: {type(method).__name__} reads a {method.data_protocol.__name__} DataModule, "
+                          f"but data._target_ built a {type(dm).__name__}")
     timings = {"data_s": time.perf_counter() - t0}
     loggers = build_loggers(cfg, out_dir, resume=run_cfg.resume)
-    callbacks = []
-    if getattr(dm, "preprocessing", None) is not None:
-        callbacks.append(SyntheticImageLogger(dm.preprocessing, out_dir / "images", cfg.logger.image_every,
-                                              nrow=int(getattr(method, "ipc", 10)), classes=dm.classes))
-        if cfg.logger.get("eval_every"):
-            callbacks.append(PeriodicEvaluation(lambda x, y, lr: quick_eval(cfg, dm, make_trainer, x, y, lr),
-                                                cfg.logger.eval_every))
-    ctx = RunContext(cfg=cfg, dm=dm, out_dir=out_dir, loggers=loggers, callbacks=callbacks, trainer=make_trainer,
-                     seed=run_cfg.seed, stage=run_cfg.stage, resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
+    ctx = dataclasses.replace(ctx, dm=dm, out_dir=out_dir, loggers=loggers)
 
     try:
         out = method.run(ctx)
@@ -128,16 +130,11 @@ def _run(cfg: DictConfig) -> dict:
         raise
     timings.update(out.timings)
     metrics = dict(out.metrics)
-    result = out.result
     # under DDP (trainer.devices > 1) every rank runs the method and its evaluation (collective fits);
     # rank 0 alone writes the run's files and logs
     writer = rank_zero_only.rank == 0
-    if result is not None and writer:
-        result.meta["data"] = OmegaConf.to_container(cfg.data, resolve=True)  # evaluate.py rebuilds the test set
-        result.meta["net"] = OmegaConf.to_container(cfg.net, resolve=True)  # ... and evaluates on the same net
-        result.save(out_dir / "distilled.pt")
-        save_grid(result.images, dm.preprocessing, out_dir / "distilled.png", labels=result.hard_labels(),
-                  classes=result.classes, title=f"{result.method}, IPC {result.ipc}")
+    if writer:
+        method.save(ctx, out)  # the family's artifacts and pictures
     if run_cfg.stage == "all":
         t0 = time.perf_counter()
         metrics.update(method.evaluate(ctx, out))
@@ -154,5 +151,5 @@ def _run(cfg: DictConfig) -> dict:
             lg.experiment.summary.update(metrics)
         lg.finalize("success")
     finish_wandb()
-    print_table(metrics, title=f"{method.name} on {cfg.data.name} -> {out_dir}")
+    print_table(metrics, title=f"{method.name} on {ctx.data.get('name')} -> {out_dir}")
     return metrics

@@ -54,7 +54,7 @@ def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0, me
     """A tiny trajectory-matching module: 12 synthetic 3x8x8 images of 3 classes, 3 expert
     trajectories of 4 epochs (random walks from one init: the gradient only needs fixed targets)."""
     from lightning_dd.augment.dsa import DSA
-    from lightning_dd.methods.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
     from lightning_dd.nets import FlatParams, build_net
 
     g = torch.Generator().manual_seed(0)
@@ -75,7 +75,7 @@ def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0, me
 
 def first_iteration_losses(expert_draws: int) -> list[float]:
     """The matching loss of each draw of iteration 0 (one process, no Trainer)."""
-    from lightning_dd.methods.meta_grad import matching_loss_and_grads
+    from lightning_dd.methods.images.meta_grad import matching_loss_and_grads
 
     m = tm_problem(expert_draws)
     m.on_fit_start()
@@ -127,7 +127,7 @@ def recover_problem():
     and 2, 4 steps each (checkpoints every 2), a ConvNet-8 teacher (random weights, BatchNorm
     statistics of the real training images), the same in every process."""
     from lightning_dd.data import DigitsDataModule
-    from lightning_dd.methods.statistics_matching import Backbone, RecoverConfig, pixel_bounds
+    from lightning_dd.methods.images.statistics_matching import Backbone, RecoverConfig, pixel_bounds
     from lightning_dd.nets import build_net
 
     dm = DigitsDataModule(cache_dir=None)
@@ -151,7 +151,7 @@ def run_recover(out: Path, devices: int, strategy: str, one_process: Path | None
     import shutil
 
     from lightning_dd.core.trainer import TrainerFactory
-    from lightning_dd.methods.statistics_matching.recover import recover_batches
+    from lightning_dd.methods.images.statistics_matching.recover import recover_batches
 
     hp, dm, backbones, labels, lo, hi = recover_problem()
     factory = TrainerFactory(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
@@ -187,8 +187,8 @@ def graph_method(name: str):
     """Tiny GCond / SGDD settings for Cora: 4 epochs alternating structure and feature updates (1 + 1),
     3 outer x 2 inner steps, 16-wide generators, the structure terms on (GCond's smoothness ``alpha``,
     SGDD's OT on a 400-node subgraph and smoothness, 3 warm-up steps)."""
-    from lightning_dd.methods.gcond import GCondMethod
-    from lightning_dd.methods.sgdd import SGDDMethod
+    from lightning_dd.methods.graphs.gcond import GCondMethod
+    from lightning_dd.methods.graphs.sgdd import SGDDMethod
 
     common = dict(epochs=4, outer_loop=3, inner_loop=2, adj_epochs=1, feat_epochs=1, lr_feat=1e-3, lr_adj=1e-3,
                   ckpt_every=0)
@@ -204,7 +204,7 @@ def run_graph(out: Path, devices: int, strategy: str, precision: str, name: str)
     from conftest import SHARED_DATA
     from lightning_dd.core.trainer import TrainerFactory
     from lightning_dd.data.graphs import GraphDataModule
-    from lightning_dd.methods.graph_run import fit_condenser
+    from lightning_dd.methods.graphs.graph_run import fit_condenser
 
     dm = GraphDataModule("cora", root=str(SHARED_DATA / "planetoid"))
     dm.setup()

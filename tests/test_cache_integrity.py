@@ -16,7 +16,7 @@ from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data import DigitsDataModule
 from lightning_dd.data.readers import read_class_folders
 from lightning_dd.io import CACHE_FORMAT_VERSION, load_cache, save_cache, sidecar
-from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import build_net
 
 
@@ -150,7 +150,7 @@ def test_corrupted_decoded_images_are_decoded_again(tmp_path, caplog, corrupt):
 def test_corrupted_real_statistics_are_recomputed(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from lightning_dd.methods.statistics_matching import real_statistics
+    from lightning_dd.methods.images.statistics_matching import real_statistics
 
     torch.manual_seed(0)
     net = build_net("ConvNet", 3, 4, (16, 16), width=8, depth=2, norm="batchnorm").eval()
@@ -168,8 +168,8 @@ def test_corrupted_real_statistics_are_recomputed(tmp_path, caplog):
 
 
 def test_corrupted_teacher_is_trained_again(tmp_path, caplog):
-    from lightning_dd.methods.statistics_matching import squeeze
-    from lightning_dd.methods.statistics_matching.config import TeacherConfig
+    from lightning_dd.methods.images.statistics_matching import squeeze
+    from lightning_dd.methods.images.statistics_matching.config import TeacherConfig
 
     dm = DigitsDataModule(train_per_class=10)
     dm.setup()

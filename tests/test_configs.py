@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import ROOT
-from lightning_dd.methods.experts import ExpertSettings
+from lightning_dd.methods.images.experts import ExpertSettings
 from lightning_dd.runner import check_config
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

@@ -15,7 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from conftest import ROOT
 from lightning_dd.core.config import ConfigError
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.base import ImageMethod, MethodOutput
+from lightning_dd.methods.base import MethodOutput
+from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.results import DistilledSet
 from lightning_dd.runner import check_config, run
 

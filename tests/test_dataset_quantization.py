@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_dd.methods.dataset_quantization import (DatasetQuantization, GraphCutSelection, bin_quotas,
+from lightning_dd.methods.images.dataset_quantization import (DatasetQuantization, GraphCutSelection, bin_quotas,
                                                        cosine_similarity, graph_cut, last_layer_embeddings,
                                                        quantize_bins, sample_bins)
-from lightning_dd.methods.selection import Herding, RandomSelection
+from lightning_dd.methods.images.selection import Herding, RandomSelection
 
 
 def _sim(n, d=6, seed=0):

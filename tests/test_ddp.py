@@ -17,8 +17,8 @@ from conftest import ROOT
 from ddp_worker import SaveFirstGradient, tm_problem
 from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.data.batches import StepLoader, TensorBatches, shard_batch
-from lightning_dd.methods.meta_grad import matching_loss_and_grads
-from lightning_dd.methods.trajectory_matching import TrajectoryMatchingMethod
+from lightning_dd.methods.images.meta_grad import matching_loss_and_grads
+from lightning_dd.methods.images.trajectory_matching import TrajectoryMatchingMethod
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
@@ -293,7 +293,7 @@ def test_a_run_destroys_the_process_group_it_leaves(tmp_path):
     ``evaluate.py``'s evaluation, here of a missing result."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_dd.evaluate.standalone import evaluate_saved
+    from lightning_dd.evaluate_run import evaluate_saved
     from lightning_dd.runner import run
 
     dist = torch.distributed

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool, cos_clom, penultimate
-from lightning_dd.methods.distribution_matching import (DistributionMatching, DMMethod, class_table, dm_loss,
+from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, ModelPool, cos_clom, penultimate
+from lightning_dd.methods.images.distribution_matching import (DistributionMatching, DMMethod, class_table, dm_loss,
                                                         sample_per_class, siamese_dsa)
 from lightning_dd.nets import build_net
 
@@ -171,7 +171,7 @@ def test_pool_lr_drops_tenfold_after_each_milestone_epoch():
     """The pool's ``MultiStepLR`` (``--lr_decay_step 50,100``, gamma 0.1, stepped per epoch) through the
     expert trainer; no milestones: a constant lr (the trajectory-matching experts). Mutation checked: the
     scheduler stepped per batch instead of per epoch fails."""
-    from lightning_dd.methods.experts import ExpertModule
+    from lightning_dd.methods.images.experts import ExpertModule
     net = torch.nn.Linear(2, 2)
     conf = ExpertModule(net, 0.01, 0.9, 5e-3, None, lr_milestones=(1, 3)).configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]
@@ -253,7 +253,7 @@ def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_
 def test_trajectory_matching_adds_the_clom_term_to_the_image_gradient_only(tmp_path, kind):
     """``method.clom`` in trajectory matching: ``clom_backward`` adds exactly ``alpha * L_CLoM`` of the
     member drawn from its (seed, iteration) generator to the images' gradient; labels and lr get none."""
-    from lightning_dd.methods.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
     from lightning_dd.nets import FlatParams, build_net
 
     hp_clom = ClomConfig(enabled=True, kind=kind, alpha=5.0, archs=["ConvNet"], seeds=1, epochs=[1, 2], batch=16)

@@ -94,7 +94,7 @@ def test_site_has_every_section(site):
 
 
 def test_a_new_typed_field_appears_in_the_config_reference(monkeypatch):
-    import lightning_dd.methods.trajectory_matching as tm
+    import lightning_dd.methods.images.trajectory_matching as tm
     from lightning_dd.core.config import PositiveInt
 
     hook = _hook()

@@ -70,7 +70,7 @@ def test_malformed_saved_sets_fail_clearly(tmp_path, digits, mutate, message):
     torch.save(d, path)
     from hydra import compose, initialize_config_dir
 
-    from lightning_dd.evaluate.standalone import evaluate_saved
+    from lightning_dd.evaluate_run import evaluate_saved
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"result={path}", f"paths.output_dir={tmp_path / 'ev'}"])
@@ -79,7 +79,7 @@ def test_malformed_saved_sets_fail_clearly(tmp_path, digits, mutate, message):
 
 
 def test_missing_result_file_fails_clearly(tmp_path):
-    from lightning_dd.evaluate.standalone import load_result
+    from lightning_dd.evaluate_run import load_result
 
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_result(tmp_path / "nope.pt")
@@ -88,7 +88,7 @@ def test_missing_result_file_fails_clearly(tmp_path):
 def test_coreset_indices_and_image_folders_load_as_sets(tmp_path, digits):
     from PIL import Image
 
-    from lightning_dd.evaluate.standalone import load_result
+    from lightning_dd.evaluate_run import load_result
 
     idx = torch.tensor([3, 50, 700, 11])
     (tmp_path / "core.txt").write_text("\n".join(map(str, idx.tolist())))

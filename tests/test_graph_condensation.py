@@ -13,10 +13,10 @@ from lightning_dd.data.graphs import GraphDataModule
 from lightning_dd.evaluate.graph import evaluate_graph, train_gnn
 from lightning_dd.evaluate.led import led_shift
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.gcond import PGE, GCondMethod, class_gradients
+from lightning_dd.methods.graphs.gcond import PGE, GCondMethod, class_gradients
 from lightning_dd.data.graph_ops import synthetic_labels
-from lightning_dd.methods.graph_run import coreset_graph, fit_condenser, select_coreset
-from lightning_dd.methods.sgdd import IGNR, SGDDMethod, StructureOT, sinkhorn
+from lightning_dd.methods.graphs.graph_run import coreset_graph, fit_condenser, select_coreset
+from lightning_dd.methods.graphs.sgdd import IGNR, SGDDMethod, StructureOT, sinkhorn
 from lightning_dd.results import CondensedGraph
 
 # a short run: 30 epochs of 10 outer x 10 inner steps, 10x the paper's learning rates (~20 s)

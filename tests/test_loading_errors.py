@@ -10,7 +10,7 @@ import torch
 
 from lightning_dd.data.imagenet import ImageFileDataset, decode_files
 from lightning_dd.data.readers import read_class_folders
-from lightning_dd.evaluate.standalone import _read_indices, load_result
+from lightning_dd.evaluate_run import _read_indices, load_result
 from lightning_dd.io import load_dict, safe_load
 from lightning_dd.results import CondensedGraph, DistilledSet
 

@@ -5,10 +5,10 @@ import torch
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.methods import meta_grad as mg
-from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, available_memory_bytes,
+from lightning_dd.methods.images.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, available_memory_bytes,
                                             choose_meta_grad, compile_verified, matching_loss_and_grads,
                                             resolve_meta_grad, unroll_memory_bytes)
-from lightning_dd.methods.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
 from lightning_dd.nets import FlatParams, build_net
 
 GiB = 2**30

@@ -80,7 +80,7 @@ def test_a_coreset_of_hundreds_per_class_shows_its_first_50(tmp_path):
 
 
 def test_the_pixel_step_figure_shows_selected_masked_and_reconstructed(tmp_path):
-    from lightning_dd.methods.pixel_quantization import pixel_step_panels, save_pixel_step_figure
+    from lightning_dd.methods.images.pixel_quantization import pixel_step_panels, save_pixel_step_figure
 
     x, y, pre = _set(2)
     y = y.flip(0)  # [9, 9, 8, 8, ..., 0, 0]: the first image of class c is at 18 - 2c

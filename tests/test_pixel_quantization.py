@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.dataset_quantization import DatasetQuantization
-from lightning_dd.methods.pixel_quantization import (PixelQuantizationConfig, drop_mask, gradcam_pp,
+from lightning_dd.methods.images.dataset_quantization import DatasetQuantization
+from lightning_dd.methods.images.pixel_quantization import (PixelQuantizationConfig, drop_mask, gradcam_pp,
                                                      patch_importance, quantize_pixels, trained_mae)
 from lightning_dd.nets.mae import MAE, patchify, random_mask, unpatchify
 
@@ -94,7 +94,7 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
                                  decoder_dim=32, decoder_depth=1, mae_epochs=8, mae_batch=64, mae_lr=3e-3)
     make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
     mask = random_mask(256, 16, 0.25, torch.Generator().manual_seed(5))
-    from lightning_dd.methods.pixel_quantization import build_mae
+    from lightning_dd.methods.images.pixel_quantization import build_mae
     from lightning_dd.nets.mae import mae_loss
     torch.manual_seed(0)
     init_err = mae_loss(build_mae(hp, 3, (16, 16)).eval()(x, mask), x, mask, 4).item()

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
+from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                 quantized_layers, quantizers)
-from lightning_dd.methods.qat_vit.quantizer import Quantizer, mse_step, qrange
-from lightning_dd.methods.qat_vit.regularizer import (OscillationTracker, bin_regularizer, bin_stats, ramp,
+from lightning_dd.methods.quantization.qat_vit.quantizer import Quantizer, mse_step, qrange
+from lightning_dd.methods.quantization.qat_vit.regularizer import (OscillationTracker, bin_regularizer, bin_stats, ramp,
                                                       within_bin_variance)
 from lightning_dd.nets.vit import ViT, load_vit_state, split_fused_qkv
 from lightning_dd.nets.weight_selection import uniform_indices, weight_selection
@@ -244,7 +244,7 @@ def test_paper_configs_give_the_reference_training_length(experiment):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from lightning_dd.methods.qat_vit.training import qat_passes, training_length
+    from lightning_dd.methods.quantization.qat_vit.training import qat_passes, training_length
 
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         m = compose("train", overrides=[f"experiment={experiment}"]).method
@@ -259,7 +259,7 @@ def test_paper_configs_give_the_reference_training_length(experiment):
 @pytest.mark.parametrize("epochs,num_crops,warmup", [(4, 2, 0), (5, 2, 0), (1, 2, 0), (10, 4, 2), (7, 3, 1)])
 def test_training_length_follows_the_reference_loop(epochs, num_crops, warmup):
     """Small cases of the same arithmetic, warmup included (the CPU preset is (4, 2, 0))."""
-    from lightning_dd.methods.qat_vit.training import training_length
+    from lightning_dd.methods.quantization.qat_vit.training import training_length
 
     for n, batch in ((3000, 64), (101, 10)):
         assert training_length(epochs, num_crops, warmup, n, batch) == _reference_loop_length(n, batch, epochs,
@@ -270,7 +270,7 @@ def test_reference_lr_is_timm_cosine_per_pass():
     """LR per epoch as timm's CosineLRScheduler(t_initial=epochs) of the reference: full at epoch 0,
     half at epochs/2, min_lr from epochs on (the last single-crop epoch), linear warmup; equal to
     the installed timm's scheduler at every epoch."""
-    from lightning_dd.methods.qat_vit.training import reference_lr
+    from lightning_dd.methods.quantization.qat_vit.training import reference_lr
 
     assert reference_lr(0, 150) == 1.0 and math.isclose(reference_lr(75, 150), 0.5) and reference_lr(150, 150) == 0
     assert math.isclose(reference_lr(2, 150, warmup_epochs=5, warmup_lr=0.0), 0.4)

@@ -15,10 +15,10 @@ import torch
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.readers import ImageSet
-from lightning_dd.evaluate.standalone import load_result
+from lightning_dd.evaluate_run import load_result
 from lightning_dd.io import (UnsafeFileError, check_checkpoint, load_cache, load_dict, safe_fit_kwargs, safe_load,
                              save_cache, sidecar)
-from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import build_net, load_net_file
 from lightning_dd.results import FORMAT_VERSION, CondensedGraph, DistilledSet
 
@@ -142,9 +142,9 @@ def test_resume_checkpoints_refuse_a_crafted_pickle(tmp_path, marker, monkeypatc
     """Our check before ``trainer.fit(ckpt_path=...)`` and Lightning's own loader with
     :func:`safe_fit_kwargs` both refuse; so does the statistics-matching recovery resume; even with
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set (it only overrides calls that pass no ``weights_only``)."""
-    from lightning_dd.methods.statistics_matching.config import RecoverConfig
-    from lightning_dd.methods.statistics_matching.recover import recover_batch
-    from lightning_dd.methods.statistics_matching.statistics import Backbone
+    from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
+    from lightning_dd.methods.images.statistics_matching.recover import recover_batch
+    from lightning_dd.methods.images.statistics_matching.statistics import Backbone
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     ckpt = tmp_path / "ck" / "last.ckpt"

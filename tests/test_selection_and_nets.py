@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from lightning_dd.methods.selection import embed, herding, k_center
+from lightning_dd.methods.images.selection import embed
+from lightning_dd.training.coresets import herding, k_center
 from lightning_dd.nets import ARCHITECTURES, build_net
 
 

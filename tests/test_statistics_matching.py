@@ -13,7 +13,7 @@ import torch.nn as nn
 from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.base import RunContext
-from lightning_dd.methods.statistics_matching import (Backbone, RecoverConfig, RecoverModule, StatisticsMatching,
+from lightning_dd.methods.images.statistics_matching import (Backbone, RecoverConfig, RecoverModule, StatisticsMatching,
                                                       StatsHooks, TeacherConfig, backbone_weights, batch_crop_flip,
                                                       bn_loss_of,
                                                       bn_loss_views, channel_stats, conv_statistics, crop_resize,
@@ -300,7 +300,7 @@ def test_channel_stats_is_biased_per_channel():
 def test_real_statistics_are_cached_beside_the_teacher(tmp_path):
     from types import SimpleNamespace
 
-    from lightning_dd.methods.statistics_matching import real_statistics
+    from lightning_dd.methods.images.statistics_matching import real_statistics
 
     net = _teacher()
     path = tmp_path / "teacher.pt"
@@ -425,7 +425,7 @@ def test_given_teacher_checkpoint_and_bad_settings_fail_clearly(tmp_path):
     from types import SimpleNamespace
 
     from lightning_dd.data.images import Preprocessing
-    from lightning_dd.methods.statistics_matching import load_teacher_file, pixel_bounds
+    from lightning_dd.methods.images.statistics_matching import load_teacher_file, pixel_bounds
 
     dm = SimpleNamespace(image_shape=(3, 16, 16), num_classes=4, test_images=torch.randn(8, 3, 16, 16),
                          test_labels=torch.arange(8) % 4)
@@ -457,7 +457,7 @@ def test_run_device_follows_the_accelerator_setting():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_teacher_passes_run_on_the_teachers_device():
-    from lightning_dd.methods.statistics_matching import accuracy
+    from lightning_dd.methods.images.statistics_matching import accuracy
 
     teacher = _teacher()
     images = torch.randn(10, 3, 16, 16)
@@ -477,7 +477,7 @@ def _hooks(net: nn.Module) -> int:
 
 @pytest.mark.slow
 def test_backbone_hooks_are_removed_after_recovery_even_when_it_fails(tmp_path, monkeypatch):
-    import lightning_dd.methods.statistics_matching.method as sm
+    import lightning_dd.methods.images.statistics_matching.method as sm
 
     b = Backbone(_teacher(), conv_statistics(_teacher(), torch.randn(8, 3, 16, 16)))
     assert _hooks(b.net) > 0
@@ -625,7 +625,7 @@ def test_cpu_presets_compose_and_imagenet_ones_share_one_data_config():
 
 
 def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
-    from lightning_dd.methods.statistics_matching import squeeze
+    from lightning_dd.methods.images.statistics_matching import squeeze
 
     cfg = _digits_cfg(tmp_path, monkeypatch)
     dm = instantiate_node(cfg.data, "data")

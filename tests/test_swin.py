@@ -5,7 +5,7 @@ Swin keeps the patch-merging weight at 8 bits (its input in FP, as the reference
 import pytest
 import torch
 
-from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
+from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                 quantizers)
 from lightning_dd.nets.swin import Swin, relative_position_index, shifted_window_mask
 from lightning_dd.nets.vit import load_vit_state

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.methods.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
-from lightning_dd.methods.trajectory_matching import (TrajectoryMatching, TrajectoryMatchingMethod, expert_soft_labels,
+from lightning_dd.methods.images.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
+from lightning_dd.methods.images.trajectory_matching import (TrajectoryMatching, TrajectoryMatchingMethod, expert_soft_labels,
                                                       select_correct_samples, window_upper_bound)
 from lightning_dd.nets import FlatParams, build_net
 

@@ -516,7 +516,7 @@ def experiments_page(conf: Path) -> str:
 
 def api_pages(package: str = "lightning_dd") -> dict[str, str]:
     """``{site path: markdown}``: one page per subpackage of ``package`` (``lightning_dd.data``,
-    ``lightning_dd.methods.qat_vit``, ...: each of its public modules a ``::: module`` block) and one
+    ``lightning_dd.methods.quantization.qat_vit``, ...: each of its public modules a ``::: module`` block) and one
     per top-level module (``lightning_dd.results``)."""
     pkg = importlib.import_module(package)
     groups: dict[str, list[str]] = {}

@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     args = ap.parse_args()
     from lightning_dd.losses import soft_cross_entropy
-    from lightning_dd.methods.qat_vit.model import calibrate, quantize_vit, quantized_layers, quantizers
+    from lightning_dd.methods.quantization.qat_vit.model import calibrate, quantize_vit, quantized_layers, quantizers
 
     x = images(192, args.data)
     fp0 = build_fp(args.fp_ckpt)

@@ -23,9 +23,9 @@ from lightning_dd.data.graphs import GraphDataModule
 from lightning_dd.evaluate.graph import evaluate_graph
 from lightning_dd.evaluate.led import led_cdf, w1_between_cdfs
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.gcond import GCondMethod
-from lightning_dd.methods.graph_run import fit_condenser
-from lightning_dd.methods.sgdd import SGDDMethod
+from lightning_dd.methods.graphs.gcond import GCondMethod
+from lightning_dd.methods.graphs.graph_run import fit_condenser
+from lightning_dd.methods.graphs.sgdd import SGDDMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 

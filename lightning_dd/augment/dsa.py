@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
+
+from lightning_dd.core.config import Typed
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -215,3 +219,32 @@ def _cutout_mask(offset: torch.Tensor, h: int, w: int, ratio: float, dtype) -> t
     iny = (ys >= y0) & (ys <= y1)
     inx = (xs >= x0) & (xs <= x1)
     return (~(iny.unsqueeze(2) & inx.unsqueeze(1))).unsqueeze(1).to(dtype)
+
+
+class DSASettings(Typed):
+    """The ``augment.dsa`` node: DSA's ``strategy`` (families joined by ``_``) and ``mode`` (S | M)."""
+
+    strategy: str
+    mode: Literal["S", "M"]
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_families(cls, strategy: str) -> str:
+        DSA(strategy)  # raises ValueError naming the unknown family
+        return strategy
+
+
+class AugmentSettings(Typed):
+    """The ``augment`` node (``conf/augment/dsa.yaml``): whether methods augment real and synthetic
+    batches with DSA (``dsa_enabled``) and DSA's settings (``dsa``)."""
+
+    dsa_enabled: bool
+    dsa: DSASettings
+
+    def build_dsa(self) -> DSA:
+        """The :class:`DSA` of ``dsa`` (whether or not ``dsa_enabled``)."""
+        return DSA(self.dsa.strategy, self.dsa.mode)
+
+    def enabled_dsa(self) -> DSA | None:
+        """:meth:`build_dsa` when ``dsa_enabled``, else ``None``."""
+        return self.build_dsa() if self.dsa_enabled else None

@@ -108,3 +108,15 @@ class RunConfig(Typed):
     scale_name: Literal["paper", "cpu"] = "paper"
     scale_preset: str | None = None
     optimized_metric: str | None = None
+
+
+class LoggerSettings(Typed):
+    """The ``logger`` node's run-time settings a method reads (``conf/logger/default.yaml``; the
+    ``wandb`` part is the runner's): ``image_every`` (synthetic-image grid every N iterations),
+    ``eval_every`` (evaluate the current set every N iterations, 0: only at the end) and
+    ``eval_epochs`` (that evaluation's training epochs)."""
+
+    model_config = ConfigDict(extra="ignore")
+    image_every: int = Field(ge=0)
+    eval_every: int = Field(ge=0)
+    eval_epochs: PositiveInt

@@ -15,7 +15,7 @@ epoch):
   macro-F1 of the arg-max prediction on the test nodes.
 
 :func:`evaluate_graph_run` is the whole judgement of a graph method's result (what
-:meth:`lightning_dd.methods.graph_run.GraphMethod.evaluate` returns); its ``eval`` node is
+:meth:`lightning_dd.methods.graphs.graph_run.GraphMethod.evaluate` returns); its ``eval`` node is
 :class:`GraphEvalConfig` (``conf/graph/cora_eval.yaml``).
 
 Deviations from the reference code: GCond's ``fit_with_val`` is followed (lr / 10 with a fresh

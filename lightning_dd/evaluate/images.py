@@ -4,44 +4,38 @@ typed ``eval`` node (:class:`ImageEvalConfig`) validated before any work."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from pydantic import field_validator
+from pydantic import ConfigDict, field_validator
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.core.config import NonNegFloat, PositiveFloat, PositiveInt, Typed
+from lightning_dd.core.config import PositiveFloat
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.evaluate.student import evaluate_set
+from lightning_dd.data.protocols import ImageData
+from lightning_dd.evaluate.student import StudentSettings, evaluate_set
 from lightning_dd.nets import load_net_file, net_target
 from lightning_dd.results import DistilledSet
 
 log = logging.getLogger(__name__)
 
 
-class ImageEvalConfig(Typed):
-    """``conf/eval/default.yaml``: the student evaluator (MTT/DATM protocol) and its baselines."""
+class ImageEvalConfig(StudentSettings):
+    """``conf/eval/default.yaml`` (which holds every default): the student evaluator (MTT/DATM
+    protocol, :class:`StudentSettings`) and what the run evaluates with it: ``nets`` (architectures);
+    ``lr`` (for sets without a learned lr, e.g. random subsets) and ``use_learned_lr``; ``teacher_ckpt``
+    (KD teacher of ``label_mode=teacher``); ``baselines`` (``init``: the method's initialization,
+    ``random``: a random real subset of the same IPC); ``full_data_acc`` (``{net: full-data
+    accuracy}`` -> ``eval/<net>/gap_to_full``)."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     nets: list[str]
-    num_eval: PositiveInt = 5
-    epochs: PositiveInt = 1000
-    batch_size: PositiveInt = 256
-    lr: PositiveFloat = 0.01
-    use_learned_lr: bool = True
-    momentum: NonNegFloat = 0.9
-    weight_decay: NonNegFloat = 5e-4
-    precision: str | None = None
-    augment: Literal["dsa", "crop_flip", "none"] = "dsa"
-    schedule: Literal["step", "cosine"] = "step"  # lr x0.1 at half | cosine per epoch (evaluate.student.lr_schedule)
-    label_mode: Literal["auto", "hard", "soft", "teacher"] = "auto"
-    soft_loss: Literal["soft_ce", "kl", "mse_ce"] = "soft_ce"
-    temperature: PositiveFloat = 1.0
-    teacher_ckpt: str | None = None
-    seed: int = 0
-    parallel_seeds: Literal["auto", "vmap", "sequential"] = "auto"
-    baselines: list[Literal["init", "random"]] = ["init", "random"]
-    full_data_acc: dict[str, float] = {}
+    lr: PositiveFloat
+    use_learned_lr: bool
+    teacher_ckpt: str | None
+    baselines: list[Literal["init", "random"]]
+    full_data_acc: dict[str, float]
 
     @field_validator("nets")
     @classmethod
@@ -59,70 +53,79 @@ def eval_net_cfg(net_cfg: dict, name: str) -> dict:
     return dict(net_cfg) if name == net_cfg.get("name") else {"name": name}
 
 
-def evaluate_result(cfg: DictConfig, dm, result: DistilledSet, prefix: str, make_trainer: TrainerFactory,
-                    lr: float | None = None, num_eval: int | None = None, teacher: torch.nn.Module | None = None,
-                    nets: list[str] | None = None, epochs: int | None = None) -> dict:
-    """Evaluate ``result`` on every ``eval.nets`` architecture (or ``nets``) for ``eval.epochs`` (or
-    ``epochs``); flat metrics under ``prefix`` (``<prefix>/<net>/acc_mean``, ...)."""
-    ev = cfg.eval
-    dsa = DSA(**cfg.augment.dsa) if ev.augment == "dsa" else None
-    if lr is None:
-        lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
-    net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-    metrics = {}
-    for name in nets or ev.nets:
-        r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
-                         eval_net_cfg(net_cfg, name), lr=lr, epochs=epochs or ev.epochs, batch_size=ev.batch_size,
-                         num_eval=num_eval or ev.num_eval, seed=ev.seed, dsa=dsa, momentum=ev.momentum,
-                         weight_decay=ev.weight_decay, make_trainer=make_trainer, augment=ev.augment,
-                         label_mode=ev.label_mode, soft_loss_kind=ev.soft_loss, temperature=ev.temperature,
-                         teacher=teacher, precision=ev.get("precision"),
-                         parallel_seeds=ev.get("parallel_seeds", "auto"), schedule=ev.get("schedule", "step"))
-        metrics.update(r.metrics(prefix))
-        log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
-                 len(r.accs), r.seconds)
-    return metrics
+@dataclass(frozen=True)
+class ImageEvaluator:
+    """The image-set evaluation of a run: the typed ``eval`` settings plus what the run shares with it.
+
+    Args:
+        settings: the validated ``eval`` node.
+        net: the run's resolved net config (``{"name": ..., **kwargs}``); an ``eval.nets`` entry of
+            the same architecture is evaluated with it, others with their defaults.
+        dsa: the run's DSA (``augment.dsa``), used when ``settings.augment == "dsa"``.
+        make_trainer: the run's Trainer factory.
+    """
+
+    settings: ImageEvalConfig
+    net: dict
+    dsa: DSA | None
+    make_trainer: TrainerFactory
+
+    def evaluate(self, dm: ImageData, result: DistilledSet, prefix: str, lr: float | None = None,
+                 num_eval: int | None = None, teacher: torch.nn.Module | None = None, nets: list[str] | None = None,
+                 epochs: int | None = None) -> dict:
+        """Evaluate ``result`` on every ``eval.nets`` architecture (or ``nets``) for ``eval.epochs`` (or
+        ``epochs``) on ``dm``'s test set; flat metrics under ``prefix`` (``<prefix>/<net>/acc_mean``, ...).
+        ``lr``: default the set's learned lr when ``eval.use_learned_lr``, else ``eval.lr``."""
+        ev = self.settings
+        dsa = self.dsa if ev.augment == "dsa" else None
+        if lr is None:
+            lr = result.lr if (result.lr is not None and ev.use_learned_lr) else ev.lr
+        metrics = {}
+        for name in nets or ev.nets:
+            r = evaluate_set(result.images, result.labels, dm.test_images, dm.test_labels, dm.num_classes,
+                             eval_net_cfg(self.net, name), ev, lr=lr, epochs=epochs, num_eval=num_eval, dsa=dsa,
+                             make_trainer=self.make_trainer, teacher=teacher)
+            metrics.update(r.metrics(prefix))
+            log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, name, 100 * r.mean, 100 * r.std,
+                     len(r.accs), r.seconds)
+        return metrics
+
+    def quick(self, dm: ImageData, images: torch.Tensor, labels: torch.Tensor, lr, epochs: int) -> float:
+        """One-seed evaluation of a set during distillation on the run's own net for ``epochs``
+        (``logger.eval_epochs``); the final evaluation's settings otherwise. Returns the accuracy (fraction)."""
+        current = DistilledSet(images, labels, lr, dm.classes, {}, method="current")
+        name = self.net["name"]
+        return self.evaluate(dm, current, "periodic", num_eval=1, nets=[name], epochs=epochs)[f"periodic/{name}/acc_mean"]
+
+    def with_baselines(self, dm: ImageData, result: DistilledSet, init: DistilledSet | None = None,
+                       teacher_ckpt: str | None = None) -> dict:
+        """``eval/...`` for ``result``, then each of ``eval.baselines`` through the same evaluator:
+        ``init`` (the method's initialization), ``random`` (a random real subset of the same IPC,
+        hard labels, ``eval.lr``). Adds ``eval/<net>/improvement_over_random`` (accuracy points as a
+        fraction, DD-Ranking's IOR idea) when both are there, and ``eval/<net>/gap_to_full`` when
+        ``eval.full_data_acc`` (the architecture's full-data accuracy) is given. The KD teacher is
+        ``eval.teacher_ckpt``, else ``teacher_ckpt`` (the one a method trained, e.g. SRe2L's)."""
+        ev = self.settings
+        teacher_ckpt = ev.teacher_ckpt or teacher_ckpt
+        teacher = load_teacher(teacher_ckpt, dm) if teacher_ckpt else None
+        metrics = self.evaluate(dm, result, "eval", teacher=teacher)
+        for b in ev.baselines:
+            if b == "init" and init is not None:
+                metrics.update(self.evaluate(dm, init, "baseline/init", teacher=teacher))
+            elif b == "random":
+                x, y = dm.random_subset(result.ipc, int(ev.seed))
+                rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
+                metrics.update(self.evaluate(dm, rnd, "baseline/random", lr=ev.lr, teacher=teacher))
+        for name in ev.nets:
+            acc = metrics[f"eval/{name}/acc_mean"]
+            if f"baseline/random/{name}/acc_mean" in metrics:
+                metrics[f"eval/{name}/improvement_over_random"] = acc - metrics[f"baseline/random/{name}/acc_mean"]
+            if name in ev.full_data_acc:
+                metrics[f"eval/{name}/gap_to_full"] = float(ev.full_data_acc[name]) - acc
+        return metrics
 
 
-def quick_eval(cfg: DictConfig, dm, make_trainer: TrainerFactory, images, labels, lr) -> float:
-    """One-seed evaluation of a set during distillation on the run's own net, ``logger.eval_epochs``
-    epochs (the same evaluator settings as the final evaluation otherwise)."""
-    current = DistilledSet(images, labels, lr, dm.classes, {}, method="current")
-    m = evaluate_result(cfg, dm, current, "periodic", make_trainer, num_eval=1, nets=[cfg.net.name],
-                        epochs=cfg.logger.eval_epochs)
-    return m[f"periodic/{cfg.net.name}/acc_mean"]
-
-
-def evaluate_with_baselines(cfg: DictConfig, dm, result: DistilledSet, make_trainer: TrainerFactory,
-                            init: DistilledSet | None = None, teacher_ckpt: str | None = None) -> dict:
-    """``eval/...`` for ``result``, then each of ``eval.baselines`` through the same evaluator:
-    ``init`` (the method's initialization), ``random`` (a random real subset of the same IPC,
-    hard labels, ``eval.lr``). Adds ``eval/<net>/improvement_over_random`` (accuracy points as a
-    fraction, DD-Ranking's IOR idea) when both are there, and ``eval/<net>/gap_to_full`` when
-    ``eval.full_data_acc`` (the architecture's full-data accuracy) is given. The KD teacher is
-    ``eval.teacher_ckpt``, else ``teacher_ckpt`` (the one a method trained, e.g. SRe2L's)."""
-    teacher_ckpt = cfg.eval.get("teacher_ckpt") or teacher_ckpt
-    teacher = load_teacher(teacher_ckpt, dm) if teacher_ckpt else None
-    metrics = evaluate_result(cfg, dm, result, "eval", make_trainer, teacher=teacher)
-    for b in cfg.eval.baselines:
-        if b == "init" and init is not None:
-            metrics.update(evaluate_result(cfg, dm, init, "baseline/init", make_trainer, teacher=teacher))
-        elif b == "random":
-            x, y = dm.random_subset(result.ipc, int(cfg.eval.seed))
-            rnd = DistilledSet(x, y, None, dm.classes, dm.preprocessing.state(), "random", result.ipc)
-            metrics.update(evaluate_result(cfg, dm, rnd, "baseline/random", make_trainer, lr=cfg.eval.lr,
-                                           teacher=teacher))
-    full = cfg.eval.get("full_data_acc") or {}
-    for name in cfg.eval.nets:
-        acc = metrics[f"eval/{name}/acc_mean"]
-        if f"baseline/random/{name}/acc_mean" in metrics:
-            metrics[f"eval/{name}/improvement_over_random"] = acc - metrics[f"baseline/random/{name}/acc_mean"]
-        if name in full:
-            metrics[f"eval/{name}/gap_to_full"] = float(full[name]) - acc
-    return metrics
-
-
-def load_teacher(path: str, dm) -> torch.nn.Module:
+def load_teacher(path: str, dm: ImageData) -> torch.nn.Module:
     """A teacher saved as ``{"net_cfg": {"name": ..., ...}, "state_dict": ...}`` (``torch.save``).
 
     Raises:

@@ -19,8 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from typing import Literal
+
+from pydantic import ConfigDict
 
 from lightning_dd.augment.dsa import DSA
+from lightning_dd.core.config import NonNegFloat, PositiveFloat, PositiveInt, Typed
 from lightning_dd.data.batches import TensorBatches, batch_loader
 from lightning_dd.evaluate.ensemble import (SeedEnsembleModule, SeedRng, batched_support, seed_mode, trains_on_cuda,
                                             zipped_loader)
@@ -166,14 +170,47 @@ class EvalResult:
                 f"{p}/seconds": self.seconds}
 
 
+class StudentSettings(Typed):
+    """How the student evaluator trains and tests (the student part of the ``eval`` node,
+    ``conf/eval/default.yaml``, which holds every default).
+
+    Fields: epochs (passes over the set); batch_size; num_eval (seeds ``seed .. seed+num_eval-1``);
+    seed; momentum, weight_decay (SGD); schedule (``step``: lr x0.1 at half | ``cosine`` per epoch,
+    :func:`lr_schedule`); augment (``dsa`` | ``crop_flip`` | ``none``); label_mode (``auto``: the
+    set's labels as they are, ``hard``: argmax of soft labels, ``soft``: require soft labels,
+    ``teacher``: targets = a teacher's logits per batch); soft_loss, temperature (the loss for soft /
+    teacher targets: ``soft_ce``, ``kl``, ``mse_ce``); precision (overrides the Trainer factory's
+    precision for these runs: ``32-true``, ``bf16-mixed`` (autocast to bfloat16; AlexNet/VGG11/
+    ResNet18 steps on 100 CIFAR images went from 0.78/0.47/1.66 s to 0.38/0.31/0.89 s on a 2-core
+    AVX512-BF16 CPU), ``16-mixed`` on GPUs; null: the factory's); parallel_seeds (``sequential``:
+    one Trainer per seed; ``vmap``: all seeds stacked in one batched network,
+    :mod:`lightning_dd.evaluate.ensemble`, seed ``i`` gets the same initial weights, batch order and
+    augmentation draws as its sequential run, losses equal to float32 rounding, not bitwise;
+    ``auto``: vmap on CUDA when the net supports it, else sequential, also after running out of
+    device memory; the choice is logged. Compilation applies to the sequential runs only; the
+    stacked runs know only the ``step`` schedule).
+    """
+
+    model_config = ConfigDict(extra="ignore")  # the rest of the eval node is the caller's
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    num_eval: PositiveInt
+    seed: int
+    momentum: NonNegFloat
+    weight_decay: NonNegFloat
+    schedule: Literal["step", "cosine"]
+    augment: Literal["dsa", "crop_flip", "none"]
+    label_mode: Literal["auto", "hard", "soft", "teacher"]
+    soft_loss: Literal["soft_ce", "kl", "mse_ce"]
+    temperature: PositiveFloat
+    precision: str | None
+    parallel_seeds: Literal["auto", "vmap", "sequential"]
+
+
 def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, net_cfg: dict, *, lr: float,
-                 epochs: int, batch_size: int = 256, num_eval: int = 3, seed: int = 0,
-                 dsa: DSA | None = None, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 make_trainer: TrainerFactory | None = None, augment: str | None = None,
-                 label_mode: str = "auto", soft_loss_kind: str = "soft_ce", temperature: float = 1.0,
-                 teacher: torch.nn.Module | None = None, precision: str | None = None,
-                 parallel_seeds: str = "auto", schedule: str = "step") -> EvalResult:
+                 test_labels: torch.Tensor, num_classes: int, net_cfg: dict, settings: StudentSettings, *,
+                 lr: float, epochs: int | None = None, num_eval: int | None = None, dsa: DSA | None = None,
+                 make_trainer: TrainerFactory | None = None, teacher: torch.nn.Module | None = None) -> EvalResult:
     """Train ``num_eval`` fresh networks (seeds ``seed .. seed+num_eval-1``) on ``(images, labels)``.
 
     The MTT/DATM protocol: SGD (momentum 0.9, weight decay 5e-4) for ``epochs`` passes, lr x0.1
@@ -184,26 +221,13 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         labels: ``(N,)`` int64 hard labels or ``(N, K)`` float soft-label logits.
         test_images, test_labels: the real test set ``(M, C, H, W)``, ``(M,)``.
         net_cfg: ``{"name" | "_target_": ..., **kwargs}`` for :func:`lightning_dd.nets.build_net_cfg`.
-        lr: learning rate; epochs: passes over the set.
-        schedule: ``step`` (lr x0.1 at half) or ``cosine`` (per epoch, :func:`lr_schedule`).
-        augment: ``dsa`` | ``crop_flip`` | ``none`` (default: ``dsa`` when ``dsa`` is given).
-        label_mode: ``auto`` (the set's labels as they are), ``hard`` (argmax of soft labels),
-            ``soft`` (require soft labels), ``teacher`` (targets = ``teacher`` logits per batch).
-        soft_loss_kind, temperature: loss for soft / teacher targets (``soft_ce``, ``kl``, ``mse_ce``).
+        settings: the student settings (:class:`StudentSettings`).
+        lr: learning rate. epochs, num_eval: override ``settings``' (e.g. a quick one-seed evaluation).
+        dsa: the DSA used when ``settings.augment == "dsa"``.
         make_trainer: the run's Trainer factory (accelerator, devices, strategy, precision; its
             ``compile`` flag compiles the networks, see :class:`StudentModule`); default: CPU/GPU
             auto, fp32, no compile.
-        precision: overrides the factory's precision for these runs (``eval.precision``):
-            ``32-true``, or ``bf16-mixed``
-            (autocast to bfloat16; AlexNet/VGG11/ResNet18 steps on 100 CIFAR images went from
-            0.78/0.47/1.66 s to 0.38/0.31/0.89 s on a 2-core AVX512-BF16 CPU), ``16-mixed`` on GPUs.
-        parallel_seeds: ``sequential`` (one Trainer per seed), ``vmap`` (all seeds stacked in one
-            batched network, :mod:`lightning_dd.evaluate.ensemble`: seed ``i`` gets the same
-            initial weights, batch order and augmentation draws as its sequential run; losses
-            equal to float32 rounding, not bitwise) or ``auto`` (vmap on CUDA when the net
-            supports it, else sequential, also after running out of device memory; the choice is
-            logged). Compilation applies to the sequential runs only. The stacked runs know only the
-            ``step`` schedule: with ``cosine``, ``auto`` runs the seeds one by one and ``vmap`` raises.
+        teacher: the network whose logits are the targets with ``label_mode=teacher``.
 
     Returns:
         :class:`EvalResult` with one test accuracy per seed.
@@ -213,6 +237,12 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
             label mode does not fit the labels, or ``parallel_seeds=vmap`` is impossible here
             (Trainer settings, or a network that cannot be stacked; the reason is given).
     """
+    epochs = epochs or settings.epochs
+    num_eval = num_eval or settings.num_eval
+    batch_size, seed, momentum, weight_decay = settings.batch_size, settings.seed, settings.momentum, settings.weight_decay
+    label_mode, soft_loss_kind, temperature = settings.label_mode, settings.soft_loss, settings.temperature
+    precision, parallel_seeds, schedule = settings.precision, settings.parallel_seeds, settings.schedule
+    augment = settings.augment
     check_set(images, labels, num_classes, tuple(test_images.shape[1:]))
     quiet_lightning()
     if label_mode == "hard" and labels.dim() == 2:

@@ -1,25 +1,32 @@
 """The contract every method keeps: one class per method, built from its config node.
 
-``conf/method/<name>.yaml`` names the class in ``_target_`` and sets its hyperparameters, which are
-the class's typed fields (a pydantic model): ``hydra.utils.instantiate(cfg.method)`` builds the
-method and validates every value before any data is read. The runner then calls
-:meth:`Method.run` with a :class:`RunContext` (the set-up DataModule, the output directory, the
-loggers, the Trainer factory) and, for ``stage=all``, :meth:`Method.evaluate` on what it returned.
-The runner knows no method by name. Adding a method::
+``conf/method/<name>.yaml`` names the class in ``_target_`` and holds every hyperparameter's
+default; the class declares them as typed fields (a pydantic model), so
+``hydra.utils.instantiate(cfg.method)`` builds the method and validates every value before any
+data is read. The runner validates the rest of the run once (``net``, ``augment``, the method's
+``eval`` schema, ``logger``, ``trainer``) into a :class:`RunContext` and calls
+:meth:`Method.check`, then :meth:`Method.run`, :meth:`Method.save` and, for ``stage=all``,
+:meth:`Method.evaluate`. The runner knows no method and no family by name; a method reads only the
+typed context, never the raw config.
+
+Each family has a base class (``lightning_dd.methods.images.base.ImageMethod``,
+``lightning_dd.methods.graphs.graph_run.GraphMethod``, ...) that names the DataModule
+:class:`typing.Protocol` it reads (``data_protocol``, checked before ``run``), its evaluator's
+settings (``eval_schema``) and how its result saves itself. Adding a method::
 
     # my_pkg/my_method.py
-    class MyMethod(ImageMethod):              # or Method / GraphMethod
+    class MyMethod(ImageMethod):
         \"\"\"What it is (paper, arXiv id).\"\"\"
-        ipc: PositiveInt = 10
-        lr: PositiveFloat = 0.1
-        def run(self, ctx):                    # LightningModules fitted with ctx.trainer(...)
-            ...
+        lr: PositiveFloat                         # no default here: conf/method/my_method.yaml holds it
+        def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
+            ...                                   # LightningModules fitted with ctx.make_trainer(...)
             return MethodOutput(result=DistilledSet(...))
 
     # conf/method/my_method.yaml
     _target_: my_pkg.my_method.MyMethod
     name: my_method
     ipc: 10
+    lr: 0.1
 
 and ``python train.py method=my_method``.
 """
@@ -28,38 +35,49 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from omegaconf import DictConfig
-
-from lightning_dd.core.config import PositiveInt, Typed
+from lightning_dd.augment.dsa import AugmentSettings
+from lightning_dd.core.config import LoggerSettings, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.evaluate.images import ImageEvalConfig, evaluate_with_baselines
 from lightning_dd.io import check_checkpoint
 
 log = logging.getLogger(__name__)
 
+D = TypeVar("D")
 
-@dataclass
-class RunContext:
-    """What a method gets from the runner.
+
+@dataclass(frozen=True)
+class RunContext(Generic[D]):
+    """What a method gets from the runner: typed, resolved settings, validated before any data is read.
 
     Attributes:
-        cfg: the whole composed run config (``eval``, ``net``, ``augment``, ``paths``, ...), resolved.
-        dm: the set-up DataModule (built from ``data._target_``).
-        out_dir: the run directory (Hydra's output dir).
+        dm: the set-up DataModule (built from ``data._target_``); it satisfies the method's
+            ``data_protocol``. ``None`` while :meth:`Method.check` runs (before any data is read).
+        data: the resolved ``data`` node as a plain dict (recorded in artifacts, so that
+            ``evaluate.py`` can rebuild the test set).
+        net: the resolved ``net`` node (``{"name" | "_target_": ..., **kwargs}``, built with
+            :func:`lightning_dd.nets.build_net_cfg`).
+        eval: the validated ``eval`` node, an instance of the method's ``eval_schema`` (``None``
+            when the method has none).
+        augment: the validated ``augment`` node (DSA).
+        logger: the validated ``logger`` node's image and periodic-evaluation settings.
+        make_trainer: the Trainer factory from ``conf/trainer``; every stage builds its Trainer with it.
+        out_dir: the run directory (Hydra's output dir). cache_dir: ``paths.cache_dir``.
         loggers: the run's Lightning loggers (CSV, W&B) for the method's main stage.
-        callbacks: run-level callbacks for the main stage (synthetic-image grids, periodic evaluation).
-        trainer: the Trainer factory from ``conf/trainer``; every stage builds its Trainer with it.
         seed, stage, resume, ckpt_path: the run's own keys.
     """
 
-    cfg: DictConfig
-    dm: Any
+    dm: D
+    data: dict
+    net: dict
+    eval: Any
+    augment: AugmentSettings
+    logger: LoggerSettings
+    make_trainer: TrainerFactory
     out_dir: Path
-    loggers: list
-    callbacks: list
-    trainer: TrainerFactory
+    cache_dir: Path
+    loggers: list = field(default_factory=list)
     seed: int = 0
     stage: str = "all"
     resume: bool = False
@@ -93,8 +111,8 @@ class MethodOutput:
     """What :meth:`Method.run` returns.
 
     Attributes:
-        result: the artifact to save and evaluate (a :class:`lightning_dd.results.DistilledSet`),
-            or ``None`` (a stage that stops early, or a method that saves its own artifact).
+        result: the artifact to save (:meth:`Method.save`) and evaluate (a
+            :class:`lightning_dd.results.DistilledSet`, a condensed graph, ...), or ``None``.
         init: the set before optimization (evaluated as ``baseline/init``).
         extras: anything the method's own :meth:`Method.evaluate` needs (e.g. a teacher path).
         metrics, timings: flat metrics and stage durations (seconds) for ``metrics.json``.
@@ -108,44 +126,35 @@ class MethodOutput:
 
 
 class Method(Typed):
-    """Base class of every method: typed hyperparameters as fields, :meth:`run` and :meth:`evaluate`.
+    """Base class of every method: typed hyperparameters as fields, :meth:`run`, :meth:`save` and
+    :meth:`evaluate`.
 
     Class attributes:
         stages: the values ``stage`` may take for this method (``all`` runs everything and the
             evaluation; the others stop after that stage).
         eval_schema: the typed model of the ``eval`` node this method's evaluator reads
-            (validated by the runner before any work); ``None`` = not validated.
+            (validated by the runner before any work, handed over as ``ctx.eval``); ``None`` = none.
+        data_protocol: the :class:`typing.Protocol` (``runtime_checkable``) the DataModule must
+            satisfy; the runner checks it before ``run``. ``None`` = any.
     """
 
     stages: ClassVar[tuple[str, ...]] = ("all",)
     eval_schema: ClassVar[type | None] = None
+    data_protocol: ClassVar[type | None] = None
     name: str
+
+    def check(self, ctx: RunContext) -> None:
+        """Cross-key checks that need the rest of the run's settings (the net, the trainer), before
+        any work; ``ctx.dm`` is ``None`` here. Raises :class:`lightning_dd.core.config.ConfigError`.
+        Default: none."""
 
     def run(self, ctx: RunContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def save(self, ctx: RunContext, out: MethodOutput) -> None:
+        """Write ``out``'s artifacts and pictures into ``ctx.out_dir`` (rank 0 only). Default: none
+        (a method that writes its files during :meth:`run`)."""
+
     def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
         """Flat metrics of ``out`` (``eval/<net>/acc_mean``, baselines, ...); default: none."""
         return {}
-
-    def check(self, ctx_cfg: DictConfig) -> None:
-        """Cross-key checks that need the rest of the config (e.g. the net), before any work.
-        Raises :class:`lightning_dd.core.config.ConfigError`. Default: none."""
-
-
-class ImageMethod(Method):
-    """A method whose result is a :class:`lightning_dd.results.DistilledSet` of images, judged by the
-    shared student evaluator with its baselines (``eval`` node: :class:`ImageEvalConfig`).
-
-    ``MethodOutput.extras["teacher_ckpt"]`` (optional): a teacher the evaluator uses for KD when
-    ``eval.teacher_ckpt`` is unset.
-    """
-
-    eval_schema: ClassVar[type | None] = ImageEvalConfig
-    ipc: PositiveInt = 10
-
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        if out.result is None:
-            return {}
-        return evaluate_with_baselines(ctx.cfg, ctx.dm, out.result, ctx.trainer, out.init,
-                                       out.extras.get("teacher_ckpt"))

@@ -38,7 +38,7 @@ from lightning_dd.nets.zoo import VGG11, AlexNet, resnet  # noqa: F401
 COMPILE_VERIFIED = {"ConvNet", "AlexNet", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN"}
 
 #: Architectures whose compiled *functional* per-step functions (trajectory matching's compiled
-#: ``recompute`` meta-gradient over :class:`FlatParams`, :mod:`lightning_dd.methods.meta_grad`) were
+#: ``recompute`` meta-gradient over :class:`FlatParams`, :mod:`lightning_dd.methods.images.meta_grad`) were
 #: checked against the unrolled gradient (tests/test_meta_grad.py) -- a different use of
 #: ``torch.compile`` from :func:`maybe_compile`'s, verified separately.
 FLAT_COMPILE_VERIFIED = frozenset({"ConvNet"})

@@ -3,7 +3,7 @@ CVPR 2022, arXiv 2111.06377) for patch reconstruction at the data's own resoluti
 
 Dataset Quantization's pixel step (arXiv 2308.10524, Sec. 3.4) reconstructs dropped patches with
 an ImageNet-pretrained MAE; no pretrained weights can be downloaded here, so
-:mod:`lightning_dd.methods.pixel_quantization` trains this one on the real training pool.
+:mod:`lightning_dd.methods.images.pixel_quantization` trains this one on the real training pool.
 
 Architecture (the MAE recipe at small size): patches of ``patch x patch`` pixels linearly embedded
 with fixed 2-D sine-cosine position embeddings, a pre-norm Transformer encoder over the *visible*

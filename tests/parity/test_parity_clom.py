@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fixture_io import load_fixture
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, ModelPool, PoolMember
+from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, ModelPool, PoolMember
 from lightning_dd.nets import FlatParams, build_net
 
 pytestmark = pytest.mark.parity

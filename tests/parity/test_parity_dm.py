@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixture_io import load_fixture
-from lightning_dd.methods.distribution_matching import DistributionMatching, DMMethod
+from lightning_dd.methods.images.distribution_matching import DistributionMatching, DMMethod
 from lightning_dd.nets import build_net
 
 pytestmark = pytest.mark.parity

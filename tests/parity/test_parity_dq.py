@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from fixture_io import load_fixture
 
-from lightning_dd.methods.dataset_quantization import (cosine_similarity, graph_cut, last_layer_embeddings,
+from lightning_dd.methods.images.dataset_quantization import (cosine_similarity, graph_cut, last_layer_embeddings,
                                                        quantize_bins, sample_bins)
 
 pytestmark = pytest.mark.parity

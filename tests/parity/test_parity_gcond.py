@@ -1,6 +1,6 @@
 """GCond (arXiv 2110.07580) against the authors' code: ``fixtures/gcond.pt`` from
 ``gen_gcond.py`` (``utils.match_loss``, ``models/parametrized_adj.PGE``, ``GCond.train`` of
-``gcond_agent_transduct.py`` with ``models/sgc.SGC``), fed to :mod:`lightning_dd.methods.gcond`.
+``gcond_agent_transduct.py`` with ``models/sgc.SGC``), fed to :mod:`lightning_dd.methods.graphs.gcond`.
 
 Tolerances: float32 throughout; ``1e-5`` relative (``1e-6`` absolute) for single evaluations, ``1e-4``
 after 11 epochs of Adam steps (summation order differs: closed-form gradients vs autograd)."""
@@ -12,8 +12,8 @@ from fixture_io import load_fixture
 from torch_geometric.data import Data
 
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.gcond import PGE, GCondMethod, match_distance
-from lightning_dd.methods.graph_run import fit_condenser
+from lightning_dd.methods.graphs.gcond import PGE, GCondMethod, match_distance
+from lightning_dd.methods.graphs.graph_run import fit_condenser
 
 pytestmark = pytest.mark.parity
 
@@ -114,7 +114,7 @@ def test_one_outer_step_loss_and_gradients_equal_gcond():
 
 def m_class_grads(m, h_syn, c):
     """Per-class ``(synthetic, real)`` SGC weight gradients of our module, one class per row."""
-    from lightning_dd.methods.gcond import class_gradients
+    from lightning_dd.methods.graphs.gcond import class_gradients
 
     gs = class_gradients(h_syn, c["w"], c["b"], m.onehot_syn, m.cw_syn)
     gr = class_gradients(m.h_real, c["w"], c["b"], m.onehot_real, m.cw_real)

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from fixture_io import load_fixture
 
-from lightning_dd.methods.qat_vit.quantizer import Quantizer, qrange
-from lightning_dd.methods.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
+from lightning_dd.methods.quantization.qat_vit.quantizer import Quantizer, qrange
+from lightning_dd.methods.quantization.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
 
 pytestmark = pytest.mark.parity
 

@@ -1,6 +1,6 @@
 """SGDD (arXiv 2310.09192) against the authors' code: ``fixtures/sgdd.pt`` from ``gen_sgdd.py``
 (``models/IGNR.py`` ``GraphonLearner`` forward / inference / ``opt_loss``, ``graph.py``
-``mx_inv`` / ``mx_inv_sqrt``), fed to :mod:`lightning_dd.methods.sgdd`.
+``mx_inv`` / ``mx_inv_sqrt``), fed to :mod:`lightning_dd.methods.graphs.sgdd`.
 
 Tolerances: float32; ``1e-5`` relative for the generator's adjacency and the pseudo-inverses,
 ``1e-4`` relative for the OT loss, ``1e-3`` for its gradients (SVD and eigenvalue routines,
@@ -12,7 +12,7 @@ import pytest
 import torch
 from fixture_io import load_fixture
 
-from lightning_dd.methods.sgdd import IGNR, ReferenceOT, svd_pinv
+from lightning_dd.methods.graphs.sgdd import IGNR, ReferenceOT, svd_pinv
 
 pytestmark = pytest.mark.parity
 

@@ -14,7 +14,7 @@ import torch
 
 from fixture_io import load_fixture
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.statistics_matching import (Backbone, RecoverConfig, RecoverModule, batch_crop_flip,
+from lightning_dd.methods.images.statistics_matching import (Backbone, RecoverConfig, RecoverModule, batch_crop_flip,
                                                       conv_statistics, recover_batch)
 from lightning_dd.nets import build_net
 

@@ -22,8 +22,8 @@ import torch
 from fixture_io import load_fixture
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.methods.meta_grad import MODES, StudentFunctions, draw_student_steps, matching_loss_and_grads
-from lightning_dd.methods.trajectory_matching import expert_soft_labels
+from lightning_dd.methods.images.meta_grad import MODES, StudentFunctions, draw_student_steps, matching_loss_and_grads
+from lightning_dd.methods.images.trajectory_matching import expert_soft_labels
 from lightning_dd.nets import FlatParams
 from lightning_dd.nets.convnet import ConvNet
 

@@ -111,15 +111,15 @@ after every step. The BN-statistics loss before and after recovery (``recover/lo
 (:func:`~.statistics.bn_loss_views`), i.e. on the objective recovery minimizes; the loss of the
 whole, un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
-from lightning_dd.methods.statistics_matching.config import RecoverConfig, TeacherConfig
-from lightning_dd.methods.statistics_matching.crops import (batch_crop_flip, crop_resize, crop_scale_min,
+from lightning_dd.methods.images.statistics_matching.config import RecoverConfig, TeacherConfig
+from lightning_dd.methods.images.statistics_matching.crops import (batch_crop_flip, crop_resize, crop_scale_min,
                                                             jitter_crop_flip, sample_crops)
-from lightning_dd.methods.statistics_matching.method import StatisticsMatching, recover_metrics
-from lightning_dd.methods.statistics_matching.recover import (RecoverModule, check_settings, pixel_bounds,
+from lightning_dd.methods.images.statistics_matching.method import StatisticsMatching, recover_metrics
+from lightning_dd.methods.images.statistics_matching.recover import (RecoverModule, check_settings, pixel_bounds,
                                                               recover_batch, recover_batches, recover_settings)
-from lightning_dd.methods.statistics_matching.squeeze import (TeacherModule, accuracy, load_teacher_file,
+from lightning_dd.methods.images.statistics_matching.squeeze import (TeacherModule, accuracy, load_teacher_file,
                                                               load_teachers, run_device, squeeze)
-from lightning_dd.methods.statistics_matching.statistics import (Backbone, StatsHooks, backbone_weights, bn_loss_of,
+from lightning_dd.methods.images.statistics_matching.statistics import (Backbone, StatsHooks, backbone_weights, bn_loss_of,
                                                                  bn_loss_views, channel_stats, conv_input_stats,
                                                                  conv_statistics, eigenvalue_loss, patch_stats,
                                                                  real_statistics)

@@ -1,6 +1,6 @@
 """Distribution matching (DM; Zhao & Bilen, "Dataset Condensation with Distribution Matching",
 WACV 2023, arXiv 2110.04181), optionally guided by a model pool (CLoM, arXiv 2310.03295;
-:mod:`lightning_dd.methods.clom`).
+:mod:`lightning_dd.methods.images.clom`).
 
 Algorithm (one iteration, :meth:`DistributionMatching.training_step`; DM Sec. 3, Eq. 4-5):
 
@@ -57,8 +57,9 @@ from omegaconf import OmegaConf
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.core.config import ConfigError, Fraction, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
-from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term, penultimate, uniform_real_batch
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.images.base import ImageMethod
+from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term, penultimate, uniform_real_batch
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.results import DistilledSet
 
@@ -217,7 +218,7 @@ class DMMethod(ImageMethod):
 
     Fields (reference defaults, CIFAR-10 IPC 10): ``iterations`` 20000, ``lr_img`` 1.0,
     ``momentum`` 0.5, ``batch_real`` 256 real images per class and iteration, ``ckpt_every``;
-    ``clom``: :class:`lightning_dd.methods.clom.ClomConfig` (off by default).
+    ``clom``: :class:`lightning_dd.methods.images.clom.ClomConfig` (off by default).
 
     Stages: ``pool`` (train and cache the CLoM pool only), ``distill`` (no evaluation), ``all``.
     """

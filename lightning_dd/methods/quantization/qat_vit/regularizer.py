@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
-from lightning_dd.methods.qat_vit.quantizer import MIN_STEP, grad_scale
+from lightning_dd.methods.quantization.qat_vit.quantizer import MIN_STEP, grad_scale
 
 
 def bin_stats(w: torch.Tensor, step: torch.Tensor, qn: int, qp: int,
@@ -58,7 +58,7 @@ def bin_regularizer(w: torch.Tensor, step: torch.Tensor, qn: int, qp: int, g: fl
 
     Args:
         g: the step-gradient factor of the layer's weight quantizer
-            (:meth:`~lightning_dd.methods.qat_vit.quantizer.Quantizer.grad_factor`).
+            (:meth:`~lightning_dd.methods.quantization.qat_vit.quantizer.Quantizer.grad_factor`).
 
     Shapes: ``w`` any shape, ``step`` 0-dim -> 0-dim (weight units squared)."""
     s = grad_scale(step.clamp(min=MIN_STEP), g)

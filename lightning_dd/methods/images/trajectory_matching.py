@@ -19,7 +19,7 @@ each image correctly. MTT is the same module with ``soft_labels=false``, ``pix_i
 fixed window (``sequential_generation=false``).
 
 ``method.clom.*`` (off by default) adds the CLoM term of a trained model pool (Lu et al., arXiv
-2310.03295; :mod:`lightning_dd.methods.clom`) to the images' gradient after the matching
+2310.03295; :mod:`lightning_dd.methods.images.clom`) to the images' gradient after the matching
 meta-gradient, before the step (:meth:`TrajectoryMatching.clom_backward`).
 
 Parity (``tests/parity/test_parity_trajectory_matching.py``): from the same expert, images, labels,
@@ -81,11 +81,12 @@ from pydantic import model_validator
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
-from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.clom import ClomConfig, ClomTerm, clom_term
-from lightning_dd.methods.devices import planned_world_size, require_ddp
-from lightning_dd.methods.experts import ExpertSettings, expert_bank
-from lightning_dd.methods.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.images.base import ImageMethod
+from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term
+from lightning_dd.training.devices import planned_world_size, require_ddp
+from lightning_dd.methods.images.experts import ExpertSettings, expert_bank
+from lightning_dd.methods.images.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
                                             draw_student_steps,
                                             matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
 from lightning_dd.nets import FlatParams, build_net_cfg
@@ -204,7 +205,7 @@ class TrajectoryMatching(L.LightningModule):
 
     def resolve_meta_grad(self, flat: FlatParams) -> MetaGradChoice:
         """``method.meta_grad`` / ``method.compile`` as run on this device (``auto`` resolved, see
-        :func:`lightning_dd.methods.meta_grad.resolve_meta_grad`), logged with the reason."""
+        :func:`lightning_dd.methods.images.meta_grad.resolve_meta_grad`), logged with the reason."""
         hp, n = self.hp, self.images.shape[0]
         batch = min(hp.batch_syn or n, n)
 

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.losses import soft_cross_entropy
-from lightning_dd.methods.qat_vit.model import quantized_layers
-from lightning_dd.methods.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
-from lightning_dd.methods.statistics_matching.crops import crop_resize, sample_crops
+from lightning_dd.methods.quantization.qat_vit.model import quantized_layers
+from lightning_dd.methods.quantization.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
+from lightning_dd.methods.images.statistics_matching.crops import crop_resize, sample_crops
 
 
 def multi_crop(x: torch.Tensor, num_crops: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:

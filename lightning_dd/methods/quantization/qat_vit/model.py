@@ -23,7 +23,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from lightning_dd.methods.qat_vit.quantizer import MIN_STEP, GradScale, QConv2d, QLinear, Quantizer
+from lightning_dd.methods.quantization.qat_vit.quantizer import MIN_STEP, GradScale, QConv2d, QLinear, Quantizer
 from lightning_dd.nets.swin import PatchMerging, Swin
 from lightning_dd.nets.vit import Attention, Mlp, ViT
 

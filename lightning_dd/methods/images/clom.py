@@ -15,11 +15,11 @@ axes: sub-optimal, early-epoch models and a diverse pool can help). Each iterati
 uniformly. By default it is the authors' (``train_original_models.py`` and the README's
 ``--model_num 1 --epoch 150``): one ConvNet trained 150 epochs with SGD lr 0.01, momentum 0.9,
 weight decay 5e-3, batch 256, no augmentation, its epoch-150 weights drawn. The members are expert
-trajectories of :mod:`lightning_dd.methods.experts` (parameters recorded after every epoch), so
+trajectories of :mod:`lightning_dd.methods.images.experts` (parameters recorded after every epoch), so
 the pool is trained once, cached
 under a directory keyed by everything that determines it, written atomically with a checksum,
 loaded with ``weights_only=True`` (a corrupted member file is reported and retrained:
-:meth:`lightning_dd.methods.experts.ExpertBank.load`), and shared with trajectory matching and the
+:meth:`lightning_dd.methods.images.experts.ExpertBank.load`), and shared with trajectory matching and the
 feature coresets when the settings agree (e.g. the CIFAR-10 ``scale=cpu`` experts).
 
 Deviations from the reference code (yaolu-zjut/DDInterpreter):
@@ -56,7 +56,7 @@ from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, Positiv
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.evaluate.images import eval_net_cfg
 from lightning_dd.losses import label_loss
-from lightning_dd.methods.experts import ExpertBank
+from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import FlatParams, build_net_cfg
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The graph family on the method contract (:mod:`lightning_dd.methods.base`): condense a real graph
-with GCond (arXiv 2110.07580, :class:`lightning_dd.methods.gcond.GCondMethod`) or SGDD (arXiv
-2310.09192, :class:`lightning_dd.methods.sgdd.SGDDMethod`), or select a node coreset
+with GCond (arXiv 2110.07580, :class:`lightning_dd.methods.graphs.gcond.GCondMethod`) or SGDD (arXiv
+2310.09192, :class:`lightning_dd.methods.graphs.sgdd.SGDDMethod`), or select a node coreset
 (:class:`NodeCoresetMethod`: random, herding, k-center) or keep the full graph
 (:class:`FullGraphMethod`); save ``condensed.pt``; :meth:`GraphMethod.evaluate` judges it on the
 real graph (:func:`lightning_dd.evaluate.graph.evaluate_graph_run`: GNNs across architectures,
@@ -10,7 +10,7 @@ link prediction / anomaly detection, the coreset baselines, the LED shift of SGD
 Coresets (GCond Sec. 5.1 baselines): per class, as many real training nodes as the synthetic
 graph has (GCond's label allocation), chosen at random, by herding (Welling 2009: greedily match
 the class mean) or k-center (greedy farthest point from the class mean's nearest node) -- the
-image family's :func:`lightning_dd.methods.selection.herding` / ``k_center`` -- in the space of
+image family's :func:`lightning_dd.methods.images.selection.herding` / ``k_center`` -- in the space of
 propagated features ``A_hat^2 X``; the reduced graph is the subgraph the chosen nodes induce in
 the real graph.
 
@@ -33,7 +33,7 @@ from pydantic import Field
 from lightning_dd.core.config import ConfigError, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.evaluate.graph import GraphEvalConfig
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.devices import require_ddp
+from lightning_dd.training.devices import require_ddp
 from lightning_dd.data.graph_ops import dense_adjacency, propagate_sparse, synthetic_labels, training_view
 from lightning_dd.results import CondensedGraph
 
@@ -52,7 +52,7 @@ def select_coreset(kind: str, h: torch.Tensor, y: torch.Tensor, per_class: torch
     Raises:
         ValueError: unknown kind, or a class with fewer nodes than asked.
     """
-    from lightning_dd.methods.selection import herding, k_center
+    from lightning_dd.training.coresets import herding, k_center
 
     if kind not in CORESETS:
         raise ValueError(f"coreset kind must be one of {CORESETS}, got {kind!r}")
@@ -101,7 +101,7 @@ def coreset_graph(kind: str, data, rate: float, nlayers: int = 2, seed: int = 0,
 
 def fit_condenser(module, epochs: int, make_trainer, ckpt_dir: str | Path | None = None, ckpt_every: int = 0,
                   resume_from: str | Path | None = None, loggers=None, callbacks=None) -> tuple[CondensedGraph, float]:
-    """Fit a condensation module (:class:`lightning_dd.methods.gcond.GradientMatchingCondenser`) up
+    """Fit a condensation module (:class:`lightning_dd.methods.graphs.gcond.GradientMatchingCondenser`) up
     to epoch ``epochs`` with ``make_trainer("condense", ...)`` (a
     :class:`lightning_dd.core.trainer.TrainerFactory`); returns the condensed graph and the
     seconds this call took.

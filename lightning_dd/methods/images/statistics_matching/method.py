@@ -12,12 +12,13 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_dd.core.config import ConfigError
-from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.devices import require_ddp
-from lightning_dd.methods.statistics_matching.config import RecoverConfig, TeacherConfig
-from lightning_dd.methods.statistics_matching.recover import pixel_bounds, recover_batches
-from lightning_dd.methods.statistics_matching.squeeze import ACCELERATORS, load_teachers, run_device
-from lightning_dd.methods.statistics_matching.statistics import Backbone, real_statistics
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.images.base import ImageMethod
+from lightning_dd.training.devices import require_ddp
+from lightning_dd.methods.images.statistics_matching.config import RecoverConfig, TeacherConfig
+from lightning_dd.methods.images.statistics_matching.recover import pixel_bounds, recover_batches
+from lightning_dd.methods.images.statistics_matching.squeeze import ACCELERATORS, load_teachers, run_device
+from lightning_dd.methods.images.statistics_matching.statistics import Backbone, real_statistics
 from lightning_dd.results import DistilledSet
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class StatisticsMatching(ImageMethod):
     def check(self, cfg) -> None:
         """Raises :class:`ConfigError` for ZCA data (images are clipped to valid pixels in the
         normalized space), an accelerator the teachers' own passes cannot run on, or a strategy
-        other than one device / ``ddp`` (:func:`~lightning_dd.methods.devices.require_ddp`: under
+        other than one device / ``ddp`` (:func:`~lightning_dd.training.devices.require_ddp`: under
         ``ddp`` the batches are recovered in rounds of one per rank, :func:`~.recover.recover_batches`)."""
         require_ddp(cfg, f"statistics matching ({self.name})")
         if cfg.data.get("zca"):

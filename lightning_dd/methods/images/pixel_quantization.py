@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dd.core.config import Fraction, PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.io import load_cache, require_keys, save_cache
-from lightning_dd.methods.experts import experts_key
+from lightning_dd.training.cache import cache_key
 from lightning_dd.nets.mae import MAE, mae_loss, random_mask
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def trained_mae(hp: PixelQuantizationConfig, images: torch.Tensor, data_identity
     Shapes: ``images (N, C, H, W)`` model space.
     """
     spec = {"data": data_identity, "mae": _mae_fields(hp), "seed": seed}
-    key = experts_key(spec)  # the same stable settings key as the expert and pool caches
+    key = cache_key(spec)  # the same stable settings key as the expert and pool caches
     path = Path(cache_dir) / "mae" / key / "mae.pt"
     mae = build_mae(hp, images.shape[1], images.shape[-2:])
     d = load_cache(path, "MAE cache entry", check=require_keys("state_dict", "loss"))

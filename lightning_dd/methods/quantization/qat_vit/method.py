@@ -19,12 +19,12 @@ from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegI
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.experts import experts_key
-from lightning_dd.methods.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
+from lightning_dd.training.cache import cache_key
+from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                 quantized_layers, quantizers)
-from lightning_dd.methods.qat_vit.regularizer import within_bin_variance
-from lightning_dd.methods.qat_vit.training import FPModule, Pass, QATModule, images_per_step
-from lightning_dd.methods.statistics_matching.squeeze import accuracy, run_device
+from lightning_dd.methods.quantization.qat_vit.regularizer import within_bin_variance
+from lightning_dd.methods.quantization.qat_vit.training import FPModule, Pass, QATModule, images_per_step
+from lightning_dd.methods.images.statistics_matching.squeeze import accuracy, run_device
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.nets.vit import ViT, load_vit_state
 from lightning_dd.nets.weight_selection import weight_selection
@@ -105,7 +105,7 @@ class QATViT(Method):
     def check(self, cfg: DictConfig) -> None:
         from hydra.utils import get_class
 
-        from lightning_dd.methods.qat_vit.model import QUANTIZABLE
+        from lightning_dd.methods.quantization.qat_vit.model import QUANTIZABLE
 
         target = str(cfg.net.get("_target_", "")) if "net" in cfg else ""
         try:  # a net built by name (no _target_, e.g. ConvNet) is not quantizable either
@@ -147,7 +147,7 @@ class QATViT(Method):
                 "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
                 "ls": self.label_smoothing, "init_from": self.fp_init_from,
                 "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
-        path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / experts_key(spec) / "fp.pt"
+        path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / cache_key(spec) / "fp.pt"
         built = {}
 
         def check(d):  # weights that do not fit the net make the entry unusable (ValueError): retrained

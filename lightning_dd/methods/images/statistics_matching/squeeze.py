@@ -19,40 +19,14 @@ import torch.nn.functional as F
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.io import atomic_write_text, load_cache, require_keys, safe_fit_kwargs, save_cache
-from lightning_dd.methods.experts import epoch_checkpoints, experts_key
-from lightning_dd.methods.statistics_matching.config import TeacherConfig
-from lightning_dd.methods.statistics_matching.statistics import device_of
+from lightning_dd.training.cache import cache_key
+from lightning_dd.methods.images.experts import epoch_checkpoints
+from lightning_dd.methods.images.statistics_matching.config import TeacherConfig
+from lightning_dd.methods.images.statistics_matching.statistics import device_of
 from lightning_dd.nets import build_net_cfg, load_net_file
 from lightning_dd.quiet import quiet_lightning
 
 log = logging.getLogger(__name__)
-
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-
-
-def run_device(accelerator: str = "auto") -> torch.device:
-    """The device a one-device Lightning run with ``trainer.accelerator`` computes on: ``cpu``;
-    ``gpu``/``cuda`` -> ``cuda``; ``mps``; ``auto`` -> ``cuda`` if available, else ``mps`` if
-    available, else ``cpu`` (Lightning's order). The teachers, their statistics passes, test
-    accuracy and soft labels run there, not only the Lightning fits.
-
-    Raises:
-        ValueError: an accelerator not in :data:`ACCELERATORS` (the method's ``check`` rejects it
-            before any work).
-    """
-    a = str(accelerator).lower()
-    if a == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if a in ("gpu", "cuda"):
-        return torch.device("cuda")
-    if a in ("cpu", "mps"):
-        return torch.device(a)
-    raise ValueError(f"trainer.accelerator must be {'|'.join(ACCELERATORS)} for statistics matching, "
-                     f"got {accelerator!r}")
-
 
 class TeacherModule(L.LightningModule):
     """Trains a teacher on real batches (SRe2L's squeeze): SGD (momentum 0.9, Nesterov or not), cosine lr
@@ -133,7 +107,7 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs, "lr": tcfg.lr,
             "batch_size": tcfg.batch_size, "weight_decay": tcfg.weight_decay, "label_smoothing": tcfg.label_smoothing,
             "nesterov": tcfg.nesterov}
-    path = Path(cache_root) / experts_key(spec) / "teacher.pt"
+    path = Path(cache_root) / cache_key(spec) / "teacher.pt"
     dev = run_device(trainer.accelerator)
     built = {}
 

@@ -14,7 +14,7 @@ real data: the last checkpoint of the first cached expert trajectory (trained on
 
 The budget is ``ipc`` images per class, or, with ``fraction`` set (a keep ratio, e.g. 0.1), that
 fraction of each class's training pool (``round(fraction * n)`` of its ``n`` images), so the
-selectors run at the same budget as Dataset Quantization (``methods/dataset_quantization.py``).
+selectors run at the same budget as Dataset Quantization (``methods/images/dataset_quantization.py``).
 """
 from __future__ import annotations
 
@@ -28,43 +28,12 @@ from typing import Annotated
 from pydantic import Field
 
 from lightning_dd.core.config import PositiveInt
-from lightning_dd.methods.base import ImageMethod, MethodOutput, RunContext
-from lightning_dd.methods.experts import ExpertSettings, expert_bank
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.images.base import ImageMethod
+from lightning_dd.methods.images.experts import ExpertSettings, expert_bank
 from lightning_dd.nets import build_net_cfg
+from lightning_dd.training.coresets import herding, k_center
 from lightning_dd.results import DistilledSet
-
-
-def herding(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` rows of ``features`` ``(N, D)`` chosen by herding (no repeats), in order."""
-    if k > len(features):
-        raise ValueError(f"herding: asked for {k} of {len(features)} samples")
-    mu = features.mean(0)
-    chosen: list[int] = []
-    total = torch.zeros_like(mu)
-    avail = torch.ones(len(features), dtype=torch.bool)
-    for i in range(k):
-        # mean after adding each candidate: (total + f) / (i + 1)
-        dist = ((total + features) / (i + 1) - mu).pow(2).sum(1)
-        dist[~avail] = float("inf")
-        j = int(dist.argmin())
-        chosen.append(j)
-        avail[j] = False
-        total += features[j]
-    return torch.tensor(chosen, dtype=torch.long)
-
-
-def k_center(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of ``k`` rows of ``features`` ``(N, D)`` by greedy k-center (first = nearest the mean)."""
-    if k > len(features):
-        raise ValueError(f"k-center: asked for {k} of {len(features)} samples")
-    first = int((features - features.mean(0)).pow(2).sum(1).argmin())
-    chosen = [first]
-    mind = (features - features[first]).pow(2).sum(1)
-    for _ in range(k - 1):
-        j = int(mind.argmax())
-        chosen.append(j)
-        mind = torch.minimum(mind, (features - features[j]).pow(2).sum(1))
-    return torch.tensor(chosen, dtype=torch.long)
 
 
 @torch.no_grad()

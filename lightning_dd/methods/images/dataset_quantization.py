@@ -18,7 +18,7 @@ the paper's argument is that this concentrates on one (dense, "representative") 
 diversity at low keep ratios, which the bins restore.
 
 Budget: ``fraction`` is the keep ratio of each class's pool (``round(fraction * n)`` images per
-class, :meth:`lightning_dd.methods.selection.Budget.per_class`), or ``ipc`` when ``fraction`` is
+class, :meth:`lightning_dd.methods.images.selection.Budget.per_class`), or ``ipc`` when ``fraction`` is
 null; the other selectors (random, herding, k-center) take the same ``fraction``.
 
 Deviations from the reference code, and why:
@@ -55,7 +55,7 @@ Deviations from the reference code, and why:
   ``method.pixel``, on by default with ``drop_ratio`` 0.2 and the CAM of the predicted class, as
   the README's CIFAR pipeline ``--mask_ratio 0.2 --cam_mask``) uses an MAE the framework trains on
   the real pool, not an ImageNet-pretrained one (nothing can be downloaded); see
-  :mod:`lightning_dd.methods.pixel_quantization`. The keep ratio counts stored pixels: with
+  :mod:`lightning_dd.methods.images.pixel_quantization`. The keep ratio counts stored pixels: with
   ``drop_ratio`` r, ``round(k / (1 - r))`` images per class are the bins' budget for a keep ratio
   of k (the README: ``--fraction 0.125`` in the bins for 10 % with ``--mask_ratio 0.2``).
 * **Data and evaluation** (``experiment=dq_cifar10``): per-channel mean/std, no ZCA
@@ -77,9 +77,9 @@ import torch.nn.functional as F
 from lightning_dd.core.config import PositiveFloat, PositiveInt
 from lightning_dd.io import atomic_save
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.pixel_quantization import (PixelQuantizationConfig, quantize_pixels, save_pixel_step_figure,
+from lightning_dd.methods.images.pixel_quantization import (PixelQuantizationConfig, quantize_pixels, save_pixel_step_figure,
                                                      trained_mae)
-from lightning_dd.methods.selection import FeatureCoreset
+from lightning_dd.methods.images.selection import FeatureCoreset
 from lightning_dd.results import DistilledSet
 
 

@@ -36,7 +36,7 @@ the edges among them, :func:`training_view`); evaluation is the same in both: a 
 condensed graph, tested on the test nodes of the full graph. ``N' = rate x`` training nodes in
 both (GCond's code).
 
-Checkpoints (Lightning's, :func:`lightning_dd.methods.graph_run.fit_condenser`): one Lightning
+Checkpoints (Lightning's, :func:`lightning_dd.methods.graphs.graph_run.fit_condenser`): one Lightning
 epoch is one condensation epoch; ``ModelCheckpoint(dirpath=<run>/checkpoints, save_last=True,
 every_n_epochs=ckpt_every)`` writes the module (synthetic features, structure generator, SGDD's
 transport plan), both optimizers' states and the loop's epoch counter; :meth:`on_save_checkpoint`
@@ -103,7 +103,7 @@ from pydantic import Field
 from lightning_dd.core.config import ConfigError, NonNegFloat, PositiveInt
 from lightning_dd.data.graph_ops import (gcn_norm_dense, label_smoothness, propagate_sparse, synthetic_labels,
                                             training_view)
-from lightning_dd.methods.graph_run import CondensationMethod
+from lightning_dd.methods.graphs.graph_run import CondensationMethod
 from lightning_dd.results import CondensedGraph
 
 
@@ -171,7 +171,7 @@ class GradientMatchingCondenser(L.LightningModule):
     Args:
         data: the real graph (``torch_geometric`` ``Data`` with ``x (N, F)``, ``y (N,)``,
             ``edge_index (2, E)``, ``train_mask (N,)``).
-        hp: the typed method (:class:`lightning_dd.methods.graph_run.CondensationMethod`):
+        hp: the typed method (:class:`lightning_dd.methods.graphs.graph_run.CondensationMethod`):
             reduction_rate, outer_loop, inner_loop, lr_feat, lr_adj, lr_model, adj_epochs,
             feat_epochs, nlayers, setting, + the generator's fields.
         seed: RNG seed of the initialization (synthetic features, generator).

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.io import atomic_save, check_checkpoint, load_dict, safe_fit_kwargs
-from lightning_dd.methods.devices import gather_objects
-from lightning_dd.methods.statistics_matching.config import RecoverConfig
-from lightning_dd.methods.statistics_matching.crops import crop_scale_min, jitter_crop_flip
-from lightning_dd.methods.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
+from lightning_dd.training.devices import gather_objects
+from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
+from lightning_dd.methods.images.statistics_matching.crops import crop_scale_min, jitter_crop_flip
+from lightning_dd.methods.images.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
                                                                  bn_loss_views, eigenvalue_loss)
 from lightning_dd.quiet import quiet_lightning
 
@@ -411,7 +411,7 @@ def recover_batches(hp: RecoverConfig, dm, backbones: list[Backbone], labels: to
     DDP), one fit per round (:class:`RecoverModule`): rank ``r`` recovers the round's batch ``r``
     (batches ``r, r + W, ...`` of a fresh run), and every rank ends each fit holding the round's
     recovered images. The BN-loss measurements of a batch (before / after, fixed views) are made
-    by the rank that recovered it and all-gathered (:func:`~lightning_dd.methods.devices.gather_objects`);
+    by the rank that recovered it and all-gathered (:func:`~lightning_dd.training.devices.gather_objects`);
     rank 0 writes the batch files (atomically). A round's checkpoints are
     ``out_dir/checkpoints/recover_XXX`` (``XXX``: its first batch; one batch per round without
     DDP); a checkpoint of another round (another number of processes) is not resumed from: that

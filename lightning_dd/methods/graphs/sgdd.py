@@ -2,7 +2,7 @@
 arXiv 2310.09192).
 
 SGDD keeps GCond's gradient matching of features (Alg. 1 of arXiv 2110.07580, reused from
-:mod:`lightning_dd.methods.gcond`) but generates the synthetic structure ``A'`` so that the
+:mod:`lightning_dd.methods.graphs.gcond`) but generates the synthetic structure ``A'`` so that the
 *original* graph's structure is broadcast into it (Sec. 4):
 
 * **IGNR** (implicit graph neural representation, Sec. 4.1): ``A'`` is a graphon evaluated on
@@ -85,10 +85,10 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from lightning_dd.core.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.methods.gcond import GradientMatchingCondenser
+from lightning_dd.methods.graphs.gcond import GradientMatchingCondenser
 from lightning_dd.data.graph_ops import (dense_adjacency, gcn_norm_dense, label_smoothness, laplacian_eigenpairs,
                                             normalized_laplacian_dense, propagate_sparse)
-from lightning_dd.methods.graph_run import CondensationMethod
+from lightning_dd.methods.graphs.graph_run import CondensationMethod
 
 
 def latent_grid(n: int) -> torch.Tensor:

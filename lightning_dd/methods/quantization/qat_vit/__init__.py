@@ -39,4 +39,4 @@ Deviations kept (reasons):
 * ``quantizer.impl="fused"`` (PyTorch's fake-quantize kernel, round before clamp) is available but
   not the default (:mod:`.quantizer`).
 """
-from lightning_dd.methods.qat_vit.method import QATViT  # noqa: F401
+from lightning_dd.methods.quantization.qat_vit.method import QATViT  # noqa: F401

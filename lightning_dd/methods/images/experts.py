@@ -23,7 +23,6 @@ and rank 0 alone writes it to the cache. The number of processes is not part of 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -41,6 +40,7 @@ from lightning_dd.io import atomic_write_text, load_cache, safe_fit_kwargs, save
 from lightning_dd.losses import label_loss
 from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
+from lightning_dd.training.cache import cache_key
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,6 @@ def epoch_checkpoints(ckpt_dir: Path, batches, what: str) -> tuple[list, str | N
     return cbs, resume
 
 
-def experts_key(spec: dict) -> str:
-    """Stable 16-hex key of the settings that determine an expert trajectory."""
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class ExpertBank:
     """A cached set of expert trajectories.
 
@@ -171,7 +166,7 @@ class ExpertBank:
         if lr_milestones:  # only when set: the keys of every earlier cache entry stay valid
             self.spec["lr_milestones"] = list(lr_milestones)
         self.lr_milestones = tuple(lr_milestones)
-        self.dir = Path(root) / experts_key(self.spec)
+        self.dir = Path(root) / cache_key(self.spec)
         self.net_cfg, self.lr, self.epochs, self.batch_size = dict(net_cfg), lr_teacher, epochs, batch_size
         self.momentum, self.weight_decay, self.dsa, self.seed = momentum, weight_decay, dsa, seed
         self.make_trainer = make_trainer

@@ -9,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.io import load_cache, require_keys, save_cache
-from lightning_dd.methods.experts import experts_key
-from lightning_dd.methods.statistics_matching.config import RecoverConfig
-from lightning_dd.methods.statistics_matching.crops import jitter_crop_flip
+from lightning_dd.training.cache import cache_key
+from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
+from lightning_dd.methods.images.statistics_matching.crops import jitter_crop_flip
 
 
 def device_of(net: nn.Module) -> torch.device:
@@ -226,7 +226,7 @@ def real_statistics(teacher: dict, dm) -> tuple[list, torch.Tensor]:
     """
     path = Path(teacher["path"])
     st = path.stat()
-    key = experts_key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size,
+    key = cache_key({"data": dm.identity(), "teacher": str(path.resolve()), "size": st.st_size,
                        "mtime": st.st_mtime_ns, "conv_stats": "input+patch/batch64"})
     cache = path.parent / f"real_stats-{key}.pt"
     d = load_cache(cache, "cached real-data statistics", require_keys("conv", "class_logits"))
