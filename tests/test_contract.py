@@ -117,7 +117,7 @@ def test_devices_and_strategy_reach_the_trainers():
 class ToyMethod(ImageMethod):
     """A method defined outside lightning_dd: the first `ipc` training images of each class, scaled."""
 
-    scale: float = 1.0
+    scale: float
 
     def run(self, ctx):
         idx = torch.cat([i[: self.ipc] for i in ctx.dm.class_indices()])
