@@ -72,7 +72,10 @@ def main():
 
     from lightning_dd.augment.dsa import DSA
     from lightning_dd.core.trainer import TrainerFactory
+    import yaml
+
     from lightning_dd.evaluate import evaluate_set
+    from lightning_dd.evaluate.student import StudentSettings
     from lightning_dd.quiet import quiet_lightning
 
     quiet_lightning()
@@ -80,12 +83,15 @@ def main():
     x, y = read_subset(root / "train", a.ipc, seed=0)
     xt, yt = read_subset(root / "test", a.test_per_class, seed=1)
     make = TrainerFactory(accelerator=a.accelerator, enable_progress_bar=False, compile=a.compile)
+    defaults = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "eval" / "default.yaml").read_text())
     net = {"name": "ConvNet", "width": a.width}
 
     def run(mode: str, epochs: int, num_eval: int):
         t = time.perf_counter()
-        r = evaluate_set(x, y, xt, yt, 10, net, lr=a.lr, epochs=epochs, batch_size=a.batch_size, num_eval=num_eval,
-                         seed=0, dsa=DSA(), make_trainer=make, parallel_seeds=mode)
+        settings = StudentSettings.model_validate({**defaults, "epochs": epochs, "batch_size": a.batch_size,
+                                                   "num_eval": num_eval, "seed": 0, "augment": "dsa",
+                                                   "parallel_seeds": mode})
+        r = evaluate_set(x, y, xt, yt, 10, net, settings, lr=a.lr, dsa=DSA(), make_trainer=make)
         return r, time.perf_counter() - t
 
     load0 = os.getloadavg()

@@ -166,12 +166,14 @@ def evaluate_saved(cfg: DictConfig) -> dict:
 
 def _evaluate_saved(cfg: DictConfig) -> dict:
     from lightning_dd.core.config import instantiate_node, validated
-    from lightning_dd.evaluate.images import ImageEvalConfig, evaluate_with_baselines
+    from lightning_dd.augment.dsa import AugmentSettings
+    from lightning_dd.evaluate.images import ImageEvalConfig, ImageEvaluator
     from lightning_dd.evaluate.table import print_table
     from lightning_dd.quiet import quiet_lightning
 
     quiet_lightning()
-    validated(ImageEvalConfig, cfg.eval, "eval")
+    settings = validated(ImageEvalConfig, cfg.eval, "eval")
+    augment = validated(AugmentSettings, cfg.augment, "augment")
     make_trainer = instantiate_node(cfg.trainer, "trainer")
     dm = instantiate_node(cfg.data, "data") if cfg.get("data") else None
     if dm is not None:
@@ -187,16 +189,17 @@ def _evaluate_saved(cfg: DictConfig) -> dict:
                          f"the test set {tuple(dm.image_shape)}")
     if len(result.classes) != dm.num_classes:
         raise ValueError(f"result={cfg.result}: {len(result.classes)} classes, the test set has {dm.num_classes}")
+    net = OmegaConf.to_container(cfg.net, resolve=True)
     if result.meta.get("net") and not cfg.get("use_config_net", False):
-        cfg.net = OmegaConf.create(result.meta["net"])  # the architecture the set was made with
+        net = dict(result.meta["net"])  # the architecture the set was made with
     if make_trainer.compile and not worth_compiling(tuple(dm.image_shape)):
         log.info("trainer.compile: skipped for %s images (below %d pixels compiling costs more than it saves)",
                  "x".join(map(str, dm.image_shape)), COMPILE_MIN_PIXELS)
         make_trainer.compile = False
-    metrics = evaluate_with_baselines(cfg, dm, result, make_trainer)
+    metrics = ImageEvaluator(settings, net, augment.build_dsa(), make_trainer).with_baselines(dm, result)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "net.yaml").write_text(OmegaConf.to_yaml(cfg.net))  # the net actually used (compare reads it)
+    (out / "net.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(net)))  # the net actually used (compare reads it)
     metrics = {k: float(v) for k, v in metrics.items()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     print_table(metrics, title=f"{result.method} (IPC {result.ipc}) from {cfg.result}")

@@ -47,6 +47,15 @@ def eval_settings(name: str = "default", schema=None, **overrides):
     return schema.model_validate(node("eval", name, **overrides))
 
 
+def student_settings(**overrides):
+    """``conf/eval/default.yaml`` with ``overrides`` as the student evaluator's
+    :class:`lightning_dd.evaluate.student.StudentSettings` (``augment`` defaults to ``none`` here: pass
+    ``augment="dsa"`` with a DSA)."""
+    from lightning_dd.evaluate.student import StudentSettings
+
+    return StudentSettings.model_validate(node("eval", "default", **{"augment": "none", **overrides}))
+
+
 def augment_settings(**overrides) -> AugmentSettings:
     return AugmentSettings.model_validate(node("augment", "dsa", **overrides))
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from configs import student_settings
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data import DigitsDataModule
@@ -54,9 +55,12 @@ def _traced(monkeypatch, dm, x, y, mode, net=None, num_eval=3, epochs=20, **kw):
     monkeypatch.setattr(DSA, "sample", spy_sample)
     monkeypatch.setattr(student.StudentModule, "training_step", spy_seq)
     monkeypatch.setattr(SeedEnsembleModule, "training_step", spy_stacked)
+    teacher = kw.pop("teacher", None)
+    settings = student_settings(**{"epochs": epochs, "batch_size": 16, "num_eval": num_eval, "seed": 3, "augment": "dsa",
+                                   "parallel_seeds": mode, **kw})
     r = evaluate_set(x, y, dm.test_images, dm.test_labels, 10, net or {"name": "ConvNet", "width": 16, "depth": 2},
-                     lr=0.01, epochs=epochs, batch_size=16, num_eval=num_eval, seed=3, dsa=DSA(),
-                     make_trainer=TrainerFactory(accelerator="cpu", compile=False), parallel_seeds=mode, **kw)
+                     settings, lr=0.01, dsa=DSA(), make_trainer=TrainerFactory(accelerator="cpu", compile=False),
+                     teacher=teacher)
     monkeypatch.undo()
     if mode == "vmap":  # step-major -> seed-major; the probe's net is built in a forked RNG, drop it
         inits = inits[-num_eval:]
@@ -102,7 +106,7 @@ def test_soft_labels_teacher_and_batchnorm_stacked(monkeypatch, digits):
     noise = torch.randn(len(y), 10, generator=torch.Generator().manual_seed(0))
     soft = torch.nn.functional.one_hot(y, 10).float() * 4 + 0.1 * noise
     n = len(digits.test_labels)
-    for mode_kw in ({"labels": soft, "soft_loss_kind": "kl", "temperature": 2.0},
+    for mode_kw in ({"labels": soft, "soft_loss": "kl", "temperature": 2.0},
                     {"labels": y, "net": {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"}}):
         kw = dict(mode_kw)
         labels = kw.pop("labels")
@@ -110,7 +114,7 @@ def test_soft_labels_teacher_and_batchnorm_stacked(monkeypatch, digits):
                           _traced(monkeypatch, digits, x, labels, "vmap", num_eval=2, epochs=10, **kw), n)
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    kw = {"label_mode": "teacher", "teacher": teacher, "soft_loss_kind": "soft_ce", "num_eval": 2, "epochs": 10}
+    kw = {"label_mode": "teacher", "teacher": teacher, "soft_loss": "soft_ce", "num_eval": 2, "epochs": 10}
     _assert_same_runs(_traced(monkeypatch, digits, x, y, "sequential", **kw),
                       _traced(monkeypatch, digits, x, y, "vmap", **kw), n)
 
@@ -139,13 +143,13 @@ def test_unstackable_net_falls_back_or_fails_clearly(monkeypatch, digits, caplog
     x, y = digits.random_subset(2, 0)
     net = {"_target_": f"{__name__}._Dropout"}
     assert "randomness" in batched_support(_Dropout(1, 10, (8, 8)), x)
-    kw = {"lr": 0.01, "epochs": 2, "num_eval": 2}
+    kw = {"epochs": 2, "num_eval": 2}
     with pytest.raises(ValueError, match="_Dropout cannot be stacked over seeds .*sequential or auto"):
-        evaluate_set(x, y, digits.test_images, digits.test_labels, 10, net, parallel_seeds="vmap",
-                     make_trainer=TrainerFactory(accelerator="cpu"), **kw)
+        evaluate_set(x, y, digits.test_images, digits.test_labels, 10, net, student_settings(parallel_seeds="vmap", **kw),
+                     lr=0.01, make_trainer=TrainerFactory(accelerator="cpu"))
     with caplog.at_level(logging.INFO, logger="lightning_dd.evaluate.student"):
-        r = evaluate_set(x, y, digits.test_images, digits.test_labels, 10, net, parallel_seeds="auto",
-                         make_trainer=TrainerFactory(accelerator="cpu"), **kw)
+        r = evaluate_set(x, y, digits.test_images, digits.test_labels, 10, net, student_settings(parallel_seeds="auto", **kw),
+                         lr=0.01, make_trainer=TrainerFactory(accelerator="cpu"))
     assert len(r.accs) == 2 and "one by one (_Dropout cannot be stacked over seeds (RuntimeError" in caplog.text
 
 

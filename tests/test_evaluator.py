@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from configs import student_settings
 from conftest import ROOT
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data import DigitsDataModule
@@ -19,10 +20,10 @@ def digits():
     return dm
 
 
-def _eval(dm, x, y, seed, **kw):
-    kw = {"num_eval": 1, **kw}
+def _eval(dm, x, y, seed, teacher=None, **kw):
+    settings = student_settings(**{"num_eval": 1, "epochs": 30, "seed": seed, **kw})
     return evaluate_set(x, y, dm.test_images, dm.test_labels, 10, {"name": "ConvNet", "width": 16, "depth": 2},
-                        lr=0.01, epochs=30, seed=seed, make_trainer=TrainerFactory(accelerator="cpu"), **kw)
+                        settings, lr=0.01, make_trainer=TrainerFactory(accelerator="cpu"), teacher=teacher)
 
 
 def test_run_r_is_seeded_with_seed_plus_r(digits):
@@ -39,7 +40,7 @@ def test_label_modes(digits):
     soft = torch.nn.functional.one_hot(y, 10).float() * 8
     hard = _eval(digits, x, y, 0)
     # near one-hot soft labels through soft CE learn the same task: accuracy far above chance
-    assert _eval(digits, x, soft, 0, soft_loss_kind="kl", temperature=2.0).mean > 0.5
+    assert _eval(digits, x, soft, 0, soft_loss="kl", temperature=2.0).mean > 0.5
     assert _eval(digits, x, soft, 0, label_mode="hard").accs == hard.accs  # argmax == the hard labels
     with pytest.raises(ValueError, match="needs \\(N, K\\) soft labels"):
         _eval(digits, x, y, 0, label_mode="soft")
@@ -50,7 +51,7 @@ def test_label_modes(digits):
     with torch.no_grad():
         teacher[1].weight.copy_(torch.linalg.lstsq(x.flatten(1), soft).solution.T)
         teacher[1].bias.zero_()
-    r = _eval(digits, x, y, 0, label_mode="teacher", teacher=teacher, soft_loss_kind="kl", temperature=4.0)
+    r = _eval(digits, x, y, 0, label_mode="teacher", teacher=teacher, soft_loss="kl", temperature=4.0)
     assert r.mean > 0.3
 
 
