@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, ModelPool, cos_clom, penultimate
-from lightning_dd.methods.images.distribution_matching import (DistributionMatching, DMMethod, class_table, dm_loss,
-                                                        sample_per_class, siamese_dsa)
+from lightning_dd.methods.images.distribution_matching import (DistributionMatching, class_table, dm_loss,
+                                                               sample_per_class, siamese_dsa)
 from lightning_dd.nets import build_net
+from configs import augment_settings, method, run_context
 
 
 def test_dm_loss_is_zero_iff_every_class_mean_matches():
@@ -119,24 +119,42 @@ class _TinyData:
         return {"name": "tiny", "n": 40}
 
 
-def _pool_cfg(cache: Path):
-    return OmegaConf.create({"augment": {"dsa_enabled": False, "dsa": {}}, "paths": {"cache_dir": str(cache)},
-                             "net": {"name": "ConvNet", "width": 4, "depth": 1}, "seed": 0})
+class _CountingFactory(TrainerFactory):
+    """A CPU Trainer factory that counts the Trainers it builds (one per pool model trained)."""
+
+    def __init__(self):
+        super().__init__(accelerator="cpu", enable_progress_bar=False)
+        self.n = 0
+
+    def __call__(self, stage, **kwargs):
+        self.n += 1
+        return super().__call__(stage, **kwargs)
+
+
+def _pool_ctx(cache: Path, dsa_enabled=False, make=None, **augment):
+    """A run context for the pool: tiny data, a tiny ConvNet, ``cache`` as ``paths.cache_dir``, seed 0."""
+    return run_context(dm=_TinyData(), cache_dir=cache, net={"name": "ConvNet", "width": 4, "depth": 1},
+                       augment=augment_settings(dsa_enabled=dsa_enabled, **augment), make_trainer=make, seed=0)
+
+
+def _clom(**overrides) -> ClomConfig:
+    """``conf/clom/default.yaml`` (as mounted at ``method.clom``) with ``overrides``."""
+    return method("dm", **{f"clom.{k}": v for k, v in overrides.items()}).clom
 
 
 def test_pool_is_trained_once_and_keyed_by_its_config(tmp_path):
-    hp = ClomConfig(enabled=True, archs=["ConvNet"], seeds=2, epochs=[1, 2], batch=16)
-    dm, cfg = _TinyData(), _pool_cfg(tmp_path)
-    make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
-    pool = ModelPool.build(hp, cfg, dm, make)
+    hp = _clom(enabled=True, archs=["ConvNet"], seeds=2, epochs=[1, 2], batch=16)
+    make = _CountingFactory()
+    ctx = _pool_ctx(tmp_path, make=make)
+    pool = ModelPool.build(hp, ctx)
     assert len(pool) == 4 and sorted((m.seed, m.epoch) for m in pool.members) == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert len(make.built) == 2  # one training per seed
+    assert make.n == 2  # one training per seed
     first = [m.theta for m in pool.members]
-    again = ModelPool.build(hp, cfg, dm, make)
-    assert len(make.built) == 2  # reused from the cache: nothing trained
+    again = ModelPool.build(hp, ctx)
+    assert make.n == 2  # reused from the cache: nothing trained
     assert all(torch.equal(a, m.theta) for a, m in zip(first, again.members))
-    other = ModelPool.build(hp.model_copy(update={"lr": 0.05}), cfg, dm, make)  # another config -> another pool
-    assert len(make.built) == 4 and other.dirs[0] != pool.dirs[0]
+    other = ModelPool.build(hp.model_copy(update={"lr": 0.05}), ctx)  # another config -> another pool
+    assert make.n == 4 and other.dirs[0] != pool.dirs[0]
     # epochs 1 and 2 of one model differ; the members run and give CE-CLoM gradients on the images only
     assert not torch.equal(pool.members[0].theta, pool.members[1].theta)
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
@@ -152,15 +170,13 @@ def test_pool_defaults_are_the_authors_recipe(tmp_path):
     --epoch 150``): SGD lr 0.01, momentum 0.9, weight decay 5e-3, batch 256, no augmentation even when
     the run uses DSA, the epoch-150 weights. ``augment=True`` trains with the run's DSA (CPU preset).
     Mutation checked: momentum / weight decay not passed to the expert trainer (spec says 0)."""
-    d = ClomConfig()
+    d = method("dm").clom  # conf/clom/default.yaml, as mounted at method.clom
     assert (d.seeds, d.epochs, d.lr, d.batch, d.momentum, d.weight_decay, d.augment) == (1, [150], 0.01, 256, 0.9,
                                                                                          5e-3, False)
-    cfg = _pool_cfg(tmp_path)
-    cfg.augment = {"dsa_enabled": True, "dsa": {"strategy": "flip"}}
-    make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    ctx = _pool_ctx(tmp_path, dsa_enabled=True, **{"dsa.strategy": "flip"})
     for augment in (False, True):
         pool = ModelPool.build(d.model_copy(update={"enabled": True, "epochs": [1], "batch": 16, "augment": augment}),
-                               cfg, _TinyData(), make)
+                               ctx)
         spec = json.loads((pool.dirs[0] / "spec.json").read_text())
         assert (spec["momentum"], spec["weight_decay"], spec["epochs"]) == (0.9, 5e-3, 1)
         assert spec["lr_milestones"] == [50, 100]
@@ -192,7 +208,7 @@ def test_dm_cosine_clom_contrasts_against_a_uniform_real_batch():
 
     class Recorder:
         def __init__(self, kind):
-            self.hp = ClomConfig(enabled=True, kind=kind, real_batch=50)
+            self.hp = _clom(enabled=True, kind=kind, real_batch=50)
 
         def __call__(self, images, labels, generator, real=None):
             calls.append(real)
@@ -201,7 +217,7 @@ def test_dm_cosine_clom_contrasts_against_a_uniform_real_batch():
     labels = torch.arange(3).repeat(10)
     x = torch.randn(30, 3, 8, 8)
     for kind in ("cos", "ce"):
-        hp = DMMethod(name="dm", ipc=1, batch_real=4)
+        hp = method("dm", ipc=1, batch_real=4)
         module = DistributionMatching(x[:3], torch.arange(3), x, labels, 3, {"name": "ConvNet", "width": 4, "depth": 1},
                                       hp, None, clom=Recorder(kind))
         module.dm_step_loss(0)
@@ -212,12 +228,14 @@ def test_dm_cosine_clom_contrasts_against_a_uniform_real_batch():
 
 
 def test_pool_rejects_batchnorm_architectures():
-    cfg = OmegaConf.create({"net": {"name": "ConvNet", "width": 8}, "stage": "all"})
-    DMMethod(name="dm", clom={"enabled": True, "archs": ["ConvNet", "ResNet18"]}).check(cfg)
+    ctx = run_context(net={"name": "ConvNet", "width": 8})
+    method("dm", **{"clom.enabled": True, "clom.archs": ["ConvNet", "ResNet18"]}).check(ctx)
     with pytest.raises(ConfigError, match="BatchNorm"):
-        DMMethod(name="dm", clom={"enabled": True, "archs": ["ResNet18BN"]}).check(cfg)
+        method("dm", **{"clom.enabled": True, "clom.archs": ["ResNet18BN"]}).check(ctx)
     with pytest.raises(ConfigError, match="clom.archs"):
-        DMMethod(name="dm", clom={"enabled": True, "archs": ["NoSuchNet"]}).check(cfg)
+        method("dm", **{"clom.enabled": True, "clom.archs": ["NoSuchNet"]}).check(ctx)
+    with pytest.raises(ConfigError, match="stage=pool"):
+        method("dm").check(run_context(stage="pool"))
 
 
 def _probe(module, iterations):
@@ -234,7 +252,7 @@ def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_
     dm = CIFARDataModule(root=str(shared_data / "cifar10"), zca=True, train_per_class=100, cache_dir=str(cache_dir))
     dm.setup()
     x, y = dm.random_subset(2, 0)
-    hp = DMMethod(name="dm", ipc=2, iterations=15, batch_real=16, lr_img=1.0)
+    hp = method("dm", ipc=2, iterations=15, batch_real=16, lr_img=1.0)
     module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes,
                                   {"name": "ConvNet", "width": 16}, hp, DSA(), seed=0)
     probes = range(10_000, 10_008)
@@ -253,16 +271,16 @@ def test_a_few_dm_iterations_on_real_cifar_lower_the_dm_loss(shared_data, cache_
 def test_trajectory_matching_adds_the_clom_term_to_the_image_gradient_only(tmp_path, kind):
     """``method.clom`` in trajectory matching: ``clom_backward`` adds exactly ``alpha * L_CLoM`` of the
     member drawn from its (seed, iteration) generator to the images' gradient; labels and lr get none."""
-    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching
     from lightning_dd.nets import FlatParams, build_net
 
-    hp_clom = ClomConfig(enabled=True, kind=kind, alpha=5.0, archs=["ConvNet"], seeds=1, epochs=[1, 2], batch=16)
-    dm, cfg = _TinyData(), _pool_cfg(tmp_path)
-    pool = ModelPool.build(hp_clom, cfg, dm, TrainerFactory(accelerator="cpu", enable_progress_bar=False))
+    hp_clom = _clom(enabled=True, kind=kind, alpha=5.0, archs=["ConvNet"], seeds=1, epochs=[1, 2], batch=16)
+    ctx = _pool_ctx(tmp_path)
+    dm, pool = ctx.dm, ModelPool.build(hp_clom, ctx)
     net = build_net("ConvNet", 3, 2, (8, 8), width=4, depth=1)
     traj = torch.stack([FlatParams(net).flatten()] * 3)
-    hp = TrajectoryMatchingMethod(name="datm", soft_labels=True, min_start_epoch=0, current_max_start_epoch=1,
-                                  max_start_epoch=1, expert_epochs=1, expert_train_epochs=3, clom=hp_clom)
+    hp = method("datm", soft_labels=True, min_start_epoch=0, current_max_start_epoch=1, max_start_epoch=1,
+                expert_epochs=1, expert_train_epochs=3, clom=hp_clom.model_dump())
     x = dm.train_images[:4].clone()
     soft = F.one_hot(dm.train_labels[:4], 2).float() * 3
     module = TrajectoryMatching(x, soft, [traj], net, hp, None, clom=ClomTerm(hp_clom, pool),
@@ -299,16 +317,18 @@ def test_paper_config_trains_as_long_as_main_dm():
     from conftest import ROOT
     from lightning_dd.core.config import instantiate_node
     from lightning_dd.data.batches import StepLoader
+    from omegaconf import OmegaConf
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=dm_cifar10"])
     assert cfg.data.train_per_class is None and cfg.data.zca is False
-    method = instantiate_node(cfg.method, "method")
-    assert len(StepLoader(method.iterations, lambda: 0)) == method.iterations == 20_000
+    dm_method = instantiate_node(cfg.method, "method")
+    assert len(StepLoader(dm_method.iterations, lambda: 0)) == dm_method.iterations == 20_000
     labels = torch.arange(10).repeat(5000)
     x = torch.zeros(len(labels), 3, 8, 8)
-    module = DistributionMatching(x[: 10 * method.ipc], torch.arange(10).repeat_interleave(method.ipc), x, labels,
-                                  10, OmegaConf.to_container(cfg.net), method, None)
+    ipc = dm_method.ipc
+    module = DistributionMatching(x[: 10 * ipc], torch.arange(10).repeat_interleave(ipc), x, labels, 10,
+                                  OmegaConf.to_container(cfg.net), dm_method, None)
     seen = []
     recorder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4), torch.nn.Linear(4, 10))
     recorder.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))

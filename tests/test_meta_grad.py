@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from lightning_dd.augment.dsa import DSA
-from lightning_dd.methods import meta_grad as mg
+from lightning_dd.methods.images import meta_grad as mg
 from lightning_dd.methods.images.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, available_memory_bytes,
                                             choose_meta_grad, compile_verified, matching_loss_and_grads,
                                             resolve_meta_grad, unroll_memory_bytes)
-from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching
 from lightning_dd.nets import FlatParams, build_net
+from configs import method
 
 GiB = 2**30
 
@@ -102,9 +103,9 @@ def test_unroll_prediction_grows_with_steps_batch_and_width():
 def _module(hw, meta_grad="auto", compile=None, width=8):
     net, flat, images, labels, lr = _problem(width=width, hw=hw)
     trajs = [torch.stack([flat.flatten() + 0.01 * i for i in range(4)])]
-    hp = TrajectoryMatchingMethod(name="datm", ipc=3, syn_steps=5, batch_syn=6, expert_epochs=1, min_start_epoch=0,
-                                  current_max_start_epoch=1, max_start_epoch=2, expert_train_epochs=3,
-                                  meta_grad=meta_grad, compile=compile)
+    hp = method("datm", ipc=3, syn_steps=5, batch_syn=6, expert_epochs=1, min_start_epoch=0,
+                current_max_start_epoch=1, max_start_epoch=2, expert_train_epochs=3, meta_grad=meta_grad,
+                compile=compile)
     return TrajectoryMatching(images.detach(), labels.detach(), trajs, net, hp, DSA())
 
 

@@ -4,9 +4,10 @@ import torch
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.methods.images.meta_grad import StudentFunctions, StudentStep, matching_loss_and_grads
-from lightning_dd.methods.images.trajectory_matching import (TrajectoryMatching, TrajectoryMatchingMethod, expert_soft_labels,
+from lightning_dd.methods.images.trajectory_matching import (TrajectoryMatching, expert_soft_labels,
                                                       select_correct_samples, window_upper_bound)
 from lightning_dd.nets import FlatParams, build_net
+from configs import method
 
 
 def _problem(seed=0, n=12, soft=True, width=8):
@@ -129,10 +130,10 @@ def test_distillation_lowers_the_matching_loss():
             loss = torch.nn.functional.cross_entropy(net(dm.train_images[i:i + 64]), dm.train_labels[i:i + 64])
             opt.zero_grad(), loss.backward(), opt.step()
         traj.append(flat.flatten())
-    hp = TrajectoryMatchingMethod(name="datm", soft_labels=True, lr_teacher=0.05, lr_img=100, lr_lr=1e-5, lr_y=2.0,
-                                  momentum_y=0.9, min_start_epoch=0, current_max_start_epoch=1, max_start_epoch=1,
-                                  expansion_end_epoch=1, sequential_generation=False, syn_steps=10, batch_syn=None,
-                                  expert_epochs=1, expert_train_epochs=3, threshold=10.0, meta_grad="unroll")
+    hp = method("datm", soft_labels=True, lr_teacher=0.05, lr_img=100, lr_lr=1e-5, lr_y=2.0, momentum_y=0.9,
+                min_start_epoch=0, current_max_start_epoch=1, max_start_epoch=1, expansion_end_epoch=1,
+                sequential_generation=False, syn_steps=10, batch_syn=None, expert_epochs=1, expert_train_epochs=3,
+                threshold=10.0, meta_grad="unroll")
     x, y = dm.random_subset(1, 0)
     module = TrajectoryMatching(x, torch.nn.functional.one_hot(y, 10).float() * 3, [torch.stack(traj)], net, hp,
                                 None)

@@ -34,7 +34,7 @@ Deviations from the reference code (yaolu-zjut/DDInterpreter):
   parameters only. :meth:`ClomConfig.check_archs` says so before any work.
 
 Hook for another distillation loop (e.g. trajectory matching): build ``pool = ModelPool.build(...)``
-and ``term = ClomTerm(cfg, pool)`` once, then in each iteration, before the optimizer step,
+and ``term = ClomTerm(hp, pool)`` once, then in each iteration, before the optimizer step,
 ``term(images, labels, generator, real=(x, y)).backward()`` accumulates ``alpha * L_CLoM`` into
 the images' gradient.
 """
@@ -48,14 +48,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from pydantic import field_validator
 
-from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
-from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.evaluate.images import eval_net_cfg
 from lightning_dd.losses import label_loss
+from lightning_dd.methods.base import RunContext
 from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import FlatParams, build_net_cfg
 
@@ -85,20 +83,20 @@ class ClomConfig(Typed):
             :func:`uniform_real_batch`; used by DM, trajectory matching draws its own).
     """
 
-    enabled: bool = False
-    kind: Literal["ce", "cos"] = "ce"
-    alpha: NonNegFloat = 1.0
-    archs: list[str] = ["ConvNet"]
-    seeds: PositiveInt = 1
-    epochs: list[PositiveInt] = [150]
-    lr: PositiveFloat = 0.01
-    batch: PositiveInt = 256
-    momentum: Fraction = 0.9
-    weight_decay: NonNegFloat = 5e-3
-    lr_milestones: list[PositiveInt] = [50, 100]
-    augment: bool = False
-    on_augmented: bool = False
-    real_batch: PositiveInt = 8196
+    enabled: bool
+    kind: Literal["ce", "cos"]
+    alpha: NonNegFloat
+    archs: list[str]
+    seeds: PositiveInt
+    epochs: list[PositiveInt]
+    lr: PositiveFloat
+    batch: PositiveInt
+    momentum: Fraction
+    weight_decay: NonNegFloat
+    lr_milestones: list[PositiveInt]
+    augment: bool
+    on_augmented: bool
+    real_batch: PositiveInt
 
     @field_validator("archs", "epochs")
     @classmethod
@@ -149,23 +147,23 @@ class ModelPool:
         return len(self.members)
 
     @classmethod
-    def build(cls, hp: ClomConfig, cfg, dm, make_trainer: TrainerFactory) -> "ModelPool":
-        """Train the missing pool models (cached) and load all of them.
+    def build(cls, hp: ClomConfig, ctx: RunContext) -> "ModelPool":
+        """Train the missing pool models (cached) and load all of them, on ``ctx.dm``'s training set.
 
-        The cache is the expert bank's (``paths.cache_dir/experts/<key>``), keyed by the data,
+        The cache is the expert bank's (``ctx.cache_dir/experts/<key>``), keyed by the data,
         augmentation, architecture config, lr, momentum, weight decay, ``max(epochs)``, batch and
         ``seed``: a change of any of them trains a new pool, anything else reuses it.
         """
-        dsa = DSA(**cfg.augment.dsa) if hp.augment and cfg.augment.dsa_enabled else None
-        spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True) if dsa else "none"}
-        run_net = OmegaConf.to_container(cfg.net, resolve=True)
+        dm = ctx.dm
+        dsa = ctx.augment.enabled_dsa() if hp.augment else None
+        spec = {"data": dm.identity(), "dsa": ctx.augment.model_dump() if dsa else "none"}
         train_epochs = max(hp.epochs)
         flats, members, accs, dirs = [], [], {}, []
         for a, name in enumerate(hp.archs):
-            net_cfg = eval_net_cfg(run_net, name)
-            bank = ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, net_cfg, hp.lr, train_epochs, hp.batch,
-                              momentum=hp.momentum, weight_decay=hp.weight_decay, dsa=dsa, seed=int(cfg.seed),
-                              make_trainer=make_trainer, lr_milestones=tuple(hp.lr_milestones))
+            net_cfg = eval_net_cfg(ctx.net, name)
+            bank = ExpertBank(Path(ctx.cache_dir) / "experts", spec, net_cfg, hp.lr, train_epochs, hp.batch,
+                              momentum=hp.momentum, weight_decay=hp.weight_decay, dsa=dsa, seed=int(ctx.seed),
+                              make_trainer=ctx.make_trainer, lr_milestones=tuple(hp.lr_milestones))
             t0 = time.perf_counter()
             recs = bank.ensure(hp.seeds, dm.train_images, dm.train_labels, dm.num_classes,
                                test=(dm.test_images, dm.test_labels))
@@ -257,12 +255,12 @@ def uniform_real_batch(x: torch.Tensor, y: torch.Tensor, n: int,
     return x[idx.to(x.device)], y[idx.to(y.device)].to(x.device)
 
 
-def clom_term(hp: ClomConfig, cfg, dm, make_trainer: TrainerFactory, timings: dict, metrics: dict) -> "ClomTerm":
+def clom_term(hp: ClomConfig, ctx: RunContext, timings: dict, metrics: dict) -> "ClomTerm":
     """Build (train or load, :meth:`ModelPool.build`) the pool of ``hp`` and its :class:`ClomTerm`;
     records ``timings["pool_s"]``, ``metrics["clom/pool_size"]`` and each architecture's mean test
     accuracy ``metrics["clom/<arch>/test_acc_mean"]``. The one way methods add CLoM."""
     t0 = time.perf_counter()
-    pool = ModelPool.build(hp, cfg, dm, make_trainer)
+    pool = ModelPool.build(hp, ctx)
     timings["pool_s"] = time.perf_counter() - t0
     metrics["clom/pool_size"] = len(pool)
     for name, accs in pool.test_acc.items():

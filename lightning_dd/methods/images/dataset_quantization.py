@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dd.core.config import PositiveFloat, PositiveInt
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.io import atomic_save
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.pixel_quantization import (PixelQuantizationConfig, quantize_pixels, save_pixel_step_figure,
@@ -234,15 +235,15 @@ class GraphCutSelection(FeatureCoreset):
     feature network (``conf/method/graphcut.yaml``). Fields: ``embedding`` (``gradient`` |
     ``features``), ``gradient_loss``, ``lam`` (GraphCut's lambda, 1 in the reference)."""
 
-    embedding: Literal["gradient", "features"] = "gradient"
-    gradient_loss: Literal["softmax_ce", "ce"] = "softmax_ce"
-    lam: PositiveFloat = 1.0
+    embedding: Literal["gradient", "features"]
+    gradient_loss: Literal["softmax_ce", "ce"]
+    lam: PositiveFloat
 
     def choose(self, sim: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, list | None]:
         """Indices into the class pool ``(k,)`` and the class's bins (``None`` without bins)."""
         return graph_cut(sim, k, self.lam), None
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
         dm, t0, k = ctx.dm, time.perf_counter(), self.per_class(ctx.dm)
         net, metrics = self.feature_net(ctx)
         e, g = last_layer_embeddings(net, dm.train_images, dm.train_labels, self.embedding, self.gradient_loss)
@@ -278,22 +279,22 @@ class DatasetQuantization(GraphCutSelection):
     stored pixels (:meth:`per_class`).
     """
 
-    num_bins: PositiveInt = 10
-    bin_quota: Literal["round", "exact"] = "round"
-    pixel: PixelQuantizationConfig = PixelQuantizationConfig()
+    num_bins: PositiveInt
+    bin_quota: Literal["round", "exact"]
+    pixel: PixelQuantizationConfig
 
     def per_class(self, dm) -> int:
         """Images per class: the budget's, or with the pixel step as many as fit the same number of
         stored pixels (:meth:`PixelQuantizationConfig.images_for`)."""
         return self.pixel.images_for(super().per_class(dm), min(len(i) for i in dm.class_indices()))
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
         out = super().run(ctx)
         if not self.pixel.enabled:
             return out
         dm, res, t0 = ctx.dm, out.result, time.perf_counter()
         net, _ = self.feature_net(ctx)  # the selection network, from the expert cache
-        mae, info = trained_mae(self.pixel, dm.train_images, dm.identity(), ctx.cfg.paths.cache_dir, ctx.trainer,
+        mae, info = trained_mae(self.pixel, dm.train_images, dm.identity(), ctx.cache_dir, ctx.make_trainer,
                                 seed=int(ctx.seed))
         t_mae = time.perf_counter()
         x, dropped = quantize_pixels(res.images, res.labels, net, mae, self.pixel)

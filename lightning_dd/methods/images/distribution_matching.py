@@ -52,11 +52,11 @@ from typing import ClassVar
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
 
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.core.config import ConfigError, Fraction, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term, penultimate, uniform_real_batch
@@ -216,36 +216,35 @@ class DistributionMatching(L.LightningModule):
 class DMMethod(ImageMethod):
     """Distribution matching as a method (``conf/method/dm.yaml``); see the module docstring.
 
-    Fields (reference defaults, CIFAR-10 IPC 10): ``iterations`` 20000, ``lr_img`` 1.0,
-    ``momentum`` 0.5, ``batch_real`` 256 real images per class and iteration, ``ckpt_every``;
-    ``clom``: :class:`lightning_dd.methods.images.clom.ClomConfig` (off by default).
+    Fields (defaults in ``conf/method/dm.yaml``: the reference's, CIFAR-10 IPC 10): ``iterations``,
+    ``lr_img``, ``momentum`` (SGD on the pixels), ``batch_real`` real images per class and iteration,
+    ``ckpt_every``; ``clom``: :class:`lightning_dd.methods.images.clom.ClomConfig`.
 
     Stages: ``pool`` (train and cache the CLoM pool only), ``distill`` (no evaluation), ``all``.
     """
 
     stages: ClassVar[tuple[str, ...]] = ("all", "pool", "distill")
-    iterations: PositiveInt = 20000
-    lr_img: PositiveFloat = 1.0
-    momentum: Fraction = 0.5
-    batch_real: PositiveInt = 256
-    ckpt_every: PositiveInt = 200
-    clom: ClomConfig = ClomConfig()
+    iterations: PositiveInt
+    lr_img: PositiveFloat
+    momentum: Fraction
+    batch_real: PositiveInt
+    ckpt_every: PositiveInt
+    clom: ClomConfig
 
-    def check(self, cfg) -> None:
+    def check(self, ctx: RunContext) -> None:
         if self.clom.enabled:
-            self.clom.check_archs(OmegaConf.to_container(cfg.net, resolve=True))
-        elif cfg.get("stage") == "pool":
+            self.clom.check_archs(ctx.net)
+        elif ctx.stage == "pool":
             raise ConfigError("stage=pool needs method.clom.enabled=true")
 
-    def run(self, ctx: RunContext) -> MethodOutput:
-        cfg, dm, seed = ctx.cfg, ctx.dm, ctx.seed
-        net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-        dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
+        dm, seed = ctx.dm, ctx.seed
+        dsa = ctx.augment.enabled_dsa()
         timings, metrics = {}, {}
 
         clom = None
         if self.clom.enabled:
-            clom = clom_term(self.clom, cfg, dm, ctx.trainer, timings, metrics)
+            clom = clom_term(self.clom, ctx, timings, metrics)
             if ctx.stage == "pool":
                 return MethodOutput(timings=timings, metrics=metrics)
 
@@ -254,13 +253,14 @@ class DMMethod(ImageMethod):
                             method=f"{self.name}-init", ipc=self.ipc)
 
         t0 = time.perf_counter()
-        module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes, net_cfg, self, dsa,
+        module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes, dict(ctx.net), self, dsa,
                                       clom, seed=seed)
         ckpt_dir = ctx.out_dir / "checkpoints"
         ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
                                   save_last=True, save_top_k=1)
-        trainer = ctx.trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
-                              callbacks=[ckpt_cb, *ctx.callbacks], log_every_n_steps=10, enable_checkpointing=True)
+        trainer = ctx.make_trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
+                                   callbacks=[ckpt_cb, *self.callbacks(ctx)], log_every_n_steps=10,
+                                   enable_checkpointing=True)
         ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
         trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
         timings["distill_s"] = time.perf_counter() - t0

@@ -38,6 +38,7 @@ from lightning_dd.core.config import PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.io import atomic_write_text, load_cache, safe_fit_kwargs, save_cache
 from lightning_dd.losses import label_loss
+from lightning_dd.methods.base import RunContext
 from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
 from lightning_dd.training.cache import cache_key
@@ -236,20 +237,18 @@ class ExpertBank:
 class ExpertSettings(Typed):
     """The expert-trajectory fields a method config shares (MTT Sec. 3.1; ``conf/method/datm.yaml``)."""
 
-    num_experts: PositiveInt = 100
-    expert_train_epochs: PositiveInt = 50
-    expert_batch: PositiveInt = 256
-    lr_teacher: PositiveFloat = 0.01
+    num_experts: PositiveInt
+    expert_train_epochs: PositiveInt
+    expert_batch: PositiveInt
+    lr_teacher: PositiveFloat
 
 
-def expert_bank(cfg, dm, hp: ExpertSettings, make_trainer: TrainerFactory) -> ExpertBank:
-    """The run's expert bank: ``hp``'s expert settings, ``net``, ``augment`` (DSA), ``seed`` and the
-    DataModule's identity as the cache key; shared by trajectory matching and the coreset
-    selectors' feature network, so both reuse the same cached trajectories."""
-    from omegaconf import OmegaConf
-
-    dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
-    spec = {"data": dm.identity(), "dsa": OmegaConf.to_container(cfg.augment, resolve=True)}
-    return ExpertBank(Path(cfg.paths.cache_dir) / "experts", spec, OmegaConf.to_container(cfg.net, resolve=True),
-                      hp.lr_teacher, hp.expert_train_epochs, hp.expert_batch, dsa=dsa, seed=int(cfg.seed),
-                      make_trainer=make_trainer)
+def expert_bank(ctx: RunContext, hp: ExpertSettings) -> ExpertBank:
+    """The run's expert bank: ``hp``'s expert settings, the run's ``net``, ``augment`` (DSA),
+    ``seed`` and the DataModule's identity as the cache key (under ``ctx.cache_dir/experts``);
+    shared by trajectory matching and the coreset selectors' feature network, so both reuse the
+    same cached trajectories."""
+    spec = {"data": ctx.dm.identity(), "dsa": ctx.augment.model_dump()}
+    return ExpertBank(Path(ctx.cache_dir) / "experts", spec, dict(ctx.net), hp.lr_teacher, hp.expert_train_epochs,
+                      hp.expert_batch, dsa=ctx.augment.enabled_dsa(), seed=int(ctx.seed),
+                      make_trainer=ctx.make_trainer)

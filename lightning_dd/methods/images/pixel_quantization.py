@@ -71,19 +71,19 @@ class PixelQuantizationConfig(Typed):
         mae_epochs, mae_lr, mae_batch, mae_weight_decay: its AdamW training on the real pool.
     """
 
-    enabled: bool = True
-    patch: PositiveInt = 4
-    drop_ratio: Fraction = 0.2
-    cam_class: Literal["argmax", "label"] = "argmax"
-    mae_dim: PositiveInt = 128
-    mae_depth: PositiveInt = 4
-    mae_heads: PositiveInt = 4
-    decoder_dim: PositiveInt = 64
-    decoder_depth: PositiveInt = 2
-    mae_epochs: PositiveInt = 20
-    mae_lr: PositiveFloat = 1e-3
-    mae_batch: PositiveInt = 128
-    mae_weight_decay: float = 0.05
+    enabled: bool
+    patch: PositiveInt
+    drop_ratio: Fraction
+    cam_class: Literal["argmax", "label"]
+    mae_dim: PositiveInt
+    mae_depth: PositiveInt
+    mae_heads: PositiveInt
+    decoder_dim: PositiveInt
+    decoder_depth: PositiveInt
+    mae_epochs: PositiveInt
+    mae_lr: PositiveFloat
+    mae_batch: PositiveInt
+    mae_weight_decay: float
 
     def images_for(self, k: int, n: int) -> int:
         """Images per class at a storage budget of ``k`` full images, of a class of ``n``:

@@ -19,15 +19,12 @@ selectors run at the same budget as Dataset Quantization (``methods/images/datas
 from __future__ import annotations
 
 import time
-
-import torch
-from omegaconf import OmegaConf
-
 from typing import Annotated
 
+import torch
 from pydantic import Field
 
-from lightning_dd.core.config import PositiveInt
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.methods.images.experts import ExpertSettings, expert_bank
@@ -53,7 +50,7 @@ def embed(net: torch.nn.Module, images: torch.Tensor, chunk: int = 1000) -> torc
 class Budget(ImageMethod):
     """A selector's budget: ``ipc`` images per class, or ``fraction`` of each class's pool when set."""
 
-    fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None
 
     def per_class(self, dm) -> int:
         """Images kept per class: ``ipc``, or ``round(fraction * n)`` (at least 1) with ``n`` the
@@ -67,7 +64,7 @@ class RandomSelection(Budget):
     """``ipc`` (or ``fraction``) uniformly random real training images per class, hard labels
     (``conf/method/random.yaml``)."""
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
         t0, ipc = time.perf_counter(), self.per_class(ctx.dm)
         x, y = ctx.dm.random_subset(ipc, ctx.seed)
         res = DistilledSet(x, y, None, ctx.dm.classes, ctx.dm.preprocessing.state(), method=self.name, ipc=ipc)
@@ -79,29 +76,26 @@ class FeatureCoreset(ExpertSettings, Budget):
     of the first cached expert's last checkpoint (trained on demand with the expert settings,
     shared with trajectory matching); hard labels, the evaluator's default lr."""
 
-    num_experts: PositiveInt = 1
-
     @staticmethod
     def select(features: torch.Tensor, k: int) -> torch.Tensor:  # pragma: no cover - abstract
         """Indices of ``k`` rows of ``features`` ``(N, D)``."""
         raise NotImplementedError
 
-    def feature_net(self, ctx: RunContext) -> tuple[torch.nn.Module, dict]:
-        """The first cached expert's last checkpoint as a ``ctx.cfg.net`` network (trained on demand
+    def feature_net(self, ctx: RunContext[ImageData]) -> tuple[torch.nn.Module, dict]:
+        """The first cached expert's last checkpoint as a ``ctx.net`` network (trained on demand
         with the expert settings) and its metrics (``selection/feature_net_test_acc``)."""
         from torch.nn.utils import vector_to_parameters
 
         dm, metrics = ctx.dm, {}
-        expert = expert_bank(ctx.cfg, dm, self, ctx.trainer).ensure(
+        expert = expert_bank(ctx, self).ensure(
             1, dm.train_images, dm.train_labels, dm.num_classes, test=(dm.test_images, dm.test_labels))[0]
         if expert.get("test_acc") is not None:
             metrics["selection/feature_net_test_acc"] = expert["test_acc"]
-        net = build_net_cfg(OmegaConf.to_container(ctx.cfg.net, resolve=True), dm.train_images.shape[1],
-                            dm.num_classes, dm.image_shape[1:])
+        net = build_net_cfg(ctx.net, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:])
         vector_to_parameters(expert["trajectory"][-1], net.parameters())  # FlatParams order = parameters()
         return net, metrics
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
         dm, t0, ipc = ctx.dm, time.perf_counter(), self.per_class(ctx.dm)
         net, metrics = self.feature_net(ctx)
         feats = embed(net, dm.train_images)

@@ -75,12 +75,12 @@ import torch
 from typing import ClassVar, Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
 from pydantic import model_validator
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import StepLoader
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term
@@ -357,28 +357,28 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("all", "experts", "distill")
-    syn_steps: PositiveInt = 80
-    expert_epochs: PositiveInt = 2
-    min_start_epoch: NonNegInt = 0
-    current_max_start_epoch: PositiveInt = 10
-    max_start_epoch: PositiveInt = 20
-    expansion_end_epoch: PositiveInt = 1000
-    sequential_generation: bool = True
-    batch_syn: PositiveInt | None = 100
-    iterations: PositiveInt = 10000
-    lr_img: PositiveFloat = 100
-    lr_lr: PositiveFloat = 1e-5
-    lr_y: PositiveFloat = 2.0
-    momentum_y: Fraction = 0.9
-    soft_labels: bool = True
-    pix_init: Literal["samples_predicted_correctly", "real"] = "samples_predicted_correctly"
-    label_init_epoch: int = -1
-    threshold: PositiveFloat = 1.0
-    expert_draws: PositiveInt = 1
-    meta_grad: Literal["auto", "unroll", "recompute"] = "auto"
-    compile: bool | None = None
-    ckpt_every: PositiveInt = 50
-    clom: ClomConfig = ClomConfig()
+    syn_steps: PositiveInt
+    expert_epochs: PositiveInt
+    min_start_epoch: NonNegInt
+    current_max_start_epoch: PositiveInt
+    max_start_epoch: PositiveInt
+    expansion_end_epoch: PositiveInt
+    sequential_generation: bool
+    batch_syn: PositiveInt | None
+    iterations: PositiveInt
+    lr_img: PositiveFloat
+    lr_lr: PositiveFloat
+    lr_y: PositiveFloat
+    momentum_y: Fraction
+    soft_labels: bool
+    pix_init: Literal["samples_predicted_correctly", "real"]
+    label_init_epoch: int
+    threshold: PositiveFloat
+    expert_draws: PositiveInt
+    meta_grad: Literal["auto", "unroll", "recompute"]
+    compile: bool | None
+    ckpt_every: PositiveInt
+    clom: ClomConfig
 
     @model_validator(mode="after")
     def _window(self):
@@ -391,28 +391,27 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
                              f"({self.expert_train_epochs})")
         return self
 
-    def check(self, cfg) -> None:
-        world = planned_world_size(cfg.get("trainer", {}))
+    def check(self, ctx: RunContext) -> None:
+        world = planned_world_size(ctx.make_trainer)
         if world is not None and world > self.expert_draws:
             raise ConfigError(f"method.expert_draws: {self.expert_draws} expert draw(s) per iteration cannot be split "
                               f"over {world} processes (trainer.devices x trainer.num_nodes); set "
                               f"method.expert_draws={world} (or a multiple)")
-        require_ddp(cfg, "trajectory matching")  # experts and the distillation state pass between fits
-        if cfg.net.get("norm") == "batchnorm":
+        require_ddp(ctx.make_trainer, "trajectory matching")  # experts and the distillation state pass between fits
+        if ctx.net.get("norm") == "batchnorm":
             raise ConfigError("net.norm: trajectory matching unrolls a buffer-free student; use instancenorm, "
                               "not batchnorm")
         if self.clom.enabled:
-            self.clom.check_archs(OmegaConf.to_container(cfg.net, resolve=True))
+            self.clom.check_archs(ctx.net)
 
-    def run(self, ctx: RunContext) -> MethodOutput:
-        cfg, dm, seed = ctx.cfg, ctx.dm, ctx.seed
-        net_cfg = OmegaConf.to_container(cfg.net, resolve=True)
-        dsa = DSA(**cfg.augment.dsa) if cfg.augment.dsa_enabled else None
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
+        dm, seed = ctx.dm, ctx.seed
+        dsa = ctx.augment.enabled_dsa()
         timings, metrics = {}, {}
 
         # 1. expert trajectories (cached)
         t0 = time.perf_counter()
-        bank = expert_bank(cfg, dm, self, ctx.trainer)
+        bank = expert_bank(ctx, self)
         experts = bank.ensure(self.num_experts, dm.train_images, dm.train_labels, dm.num_classes,
                               test=(dm.test_images, dm.test_labels))
         trajectories = [e["trajectory"] for e in experts]
@@ -427,7 +426,7 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
 
         # 2. initialization
         t0 = time.perf_counter()
-        net = build_net_cfg(net_cfg, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:])
+        net = build_net_cfg(ctx.net, dm.train_images.shape[1], dm.num_classes, dm.image_shape[1:])
         flat = FlatParams(net)
         g = torch.Generator().manual_seed(seed)
         label_epoch = self.label_init_epoch if self.label_init_epoch >= 0 else trajectories[0].shape[0] + self.label_init_epoch
@@ -446,15 +445,16 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         timings["init_s"] = time.perf_counter() - t0
 
         # 3. distillation (+ the optional CLoM term of a trained model pool)
-        clom = clom_term(self.clom, cfg, dm, ctx.trainer, timings, metrics) if self.clom.enabled else None
+        clom = clom_term(self.clom, ctx, timings, metrics) if self.clom.enabled else None
         t0 = time.perf_counter()
         module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed, clom=clom,
                                     clom_real=(dm.train_images, dm.train_labels))
         ckpt_dir = ctx.out_dir / "checkpoints"
         ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
                                   save_last=True, save_top_k=1)
-        trainer = ctx.trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
-                              callbacks=[ckpt_cb, *ctx.callbacks], log_every_n_steps=1, enable_checkpointing=True)
+        trainer = ctx.make_trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
+                                   callbacks=[ckpt_cb, *self.callbacks(ctx)], log_every_n_steps=1,
+                                   enable_checkpointing=True)
         ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
         trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
         timings["distill_s"] = time.perf_counter() - t0
