@@ -24,7 +24,7 @@ def test_experiment_builds_and_validates(name, scale):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={name}", f"scale={scale}"], return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    run_cfg, method, make_trainer = check_config(cfg)
+    run_cfg, method, ctx = check_config(cfg)
     assert method.name == cfg.method.name and run_cfg.scale_name == scale
     assert (run_cfg.scale_preset == name) == (scale == "cpu")
     if scale == "cpu" and name.endswith("cifar10") and isinstance(method, ExpertSettings):

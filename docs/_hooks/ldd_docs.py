@@ -435,7 +435,8 @@ def config_pages(conf: Path | None = None) -> dict[str, str]:
              "Generated when the site is built, from the YAML files in `conf/` and the typed configs "
              "(pydantic classes) or constructors their `_target_` names: a field added to a class, or a key "
              "added to a YAML file, shows up here with no other edit. *class default* is what the class "
-             "declares; *value in this file* is what the YAML option sets (the value a run gets unless an "
+             "declares (*required* for method and evaluator fields: their YAML file is the one home of each "
+             "default); *value in this file* is what the YAML option sets (the value a run gets unless an "
              "experiment, a scale preset or the command line overrides it).", "",
              "Override any key on the command line: `python train.py experiment=datm_cifar10 method.ipc=1 "
              "eval.num_eval=3`. A wrong type, an out-of-range value or an unknown key of a typed node stops "

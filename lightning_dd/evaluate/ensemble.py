@@ -143,12 +143,6 @@ class StackedNets(nn.Module):
         self._base[0].train(self.training)
         return self._fwd_shared(tuple(self.params), self._buffers_tuple(), x)
 
-    def state_dict_of(self, i: int) -> dict[str, torch.Tensor]:
-        """Seed ``i``'s weights as a state dict of the original architecture."""
-        out = {n: p[i].detach().clone() for n, p in zip(self.param_names, self.params)}
-        out.update({n: b[i].clone() for n, b in zip(self.buffer_names, self._buffers_tuple())})
-        return out
-
 
 def batched_support(net: nn.Module, sample: torch.Tensor, num: int = 2) -> str | None:
     """Why ``net`` cannot be trained batched over seeds, or ``None`` when it can.

@@ -15,26 +15,8 @@ from lightning_dd.nets.zoo import VGG11, AlexNet, resnet  # noqa: F401
 #: ``tests/test_compile.py`` (same step-1 loss and gradient; later steps, parameters, buffers and
 #: test-mode logits within 10x of what a 1e-6 perturbation of the init changes in eager runs).
 #:
-#: History: this set held only ConvNet because a compiled VGG11 had once evaluated to 0% test
-#: accuracy where eager did not (CPU, torch 2.14.1, no record of the run kept). It does not
-#: reproduce: per step, compiled VGG11 matches eager to rounding (step-1 gradient relative error
-#: ~5e-5, loss 1e-7), with ReLU in place or not, fp32 or bf16 autocast, NaN inputs/weights
-#: propagate alike, and the Lightning evaluator on real CIFAR-10 (random IPC 10, 100 steps, DSA,
-#: 2 seeds, lr 0.01) gave 26.0 / 30.8% compiled against 30.8 / 25.7% eager. What does differ is
-#: the trajectory after a few steps, because instance-norm nets normalizing 2x2 maps (VGG11 at
-#: 32x32; ResNet18 at 16x16) amplify any rounding difference: a 1e-6 relative perturbation of
-#: the initial weights moves an *eager* VGG11's test logits by 0.5% after three SGD steps (ConvNet:
-#: 3e-6 relative); at DATM's learned lr 0.040 (which collapsed an eager 50-epoch VGG11 run to
-#: 10.00 +- 0.00%, experiments/baselines) five 1e-6 perturbations of one init gave eager losses
-#: from 2.49 to 3.09 after 40 steps on a toy set (compiled: 2.48). So compiled and eager runs of one
-#: seed may end differently where training is unstable -- as two eager runs with different thread
-#: counts may. That does not explain the figure 0%: a collapsed run's NaN logits all argmax to
-#: class 0 (10% on CIFAR-10), in compiled code as in eager (checked); no mechanism giving 0% was found.
-#: The earlier check keyed on ``type(net).__name__``, which cannot tell VGG11 from VGG11BN or
-#: ResNet18 from ResNet50 (all ResNets are torchvision's ``ResNet``); nets now carry the
-#: architecture name they were built under (:func:`arch_name`). ResNet50 passes the same check but
-#: its cold compile takes ~160 s of one core (over the 2-minute budget of a slow test), so it runs
-#: eagerly; not checked: MobileNetV2, ShuffleNetV2, WRN16_2 (statistics-matching backbones).
+#: (The history of this set, and why ResNet50 and the statistics-matching backbones are not in it: the
+#: "Compiled networks" section of ``experiments/baselines/README.md``.)
 COMPILE_VERIFIED = {"ConvNet", "AlexNet", "VGG11", "VGG11BN", "ResNet18", "ResNet18BN"}
 
 #: Architectures whose compiled *functional* per-step functions (trajectory matching's compiled
