@@ -6,10 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_dd.methods.images.dataset_quantization import (DatasetQuantization, GraphCutSelection, bin_quotas,
-                                                       cosine_similarity, graph_cut, last_layer_embeddings,
-                                                       quantize_bins, sample_bins)
-from lightning_dd.methods.images.selection import Herding, RandomSelection
+from lightning_dd.methods.images.dataset_quantization import (bin_quotas, cosine_similarity, graph_cut,
+                                                               last_layer_embeddings, quantize_bins, sample_bins)
+from configs import method
 
 
 def _sim(n, d=6, seed=0):
@@ -161,12 +160,14 @@ def test_last_layer_gradient_embedding_is_the_classifier_gradient(loss):
 
 
 def test_typed_fields_are_checked():
-    with pytest.raises(ValueError, match="fraction"):
-        DatasetQuantization(name="dq", fraction=1.5)
-    with pytest.raises(ValueError, match="embedding"):
-        GraphCutSelection(name="graphcut", embedding="pixels")
-    with pytest.raises(ValueError, match="drop_ratio"):
-        DatasetQuantization(name="dq", pixel={"enabled": True, "drop_ratio": 1.5})
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="fraction"):
+        method("dq", fraction=1.5)
+    with pytest.raises(InstantiationException, match="embedding"):
+        method("graphcut", embedding="pixels")
+    with pytest.raises(InstantiationException, match="drop_ratio"):
+        method("dq", **{"pixel.enabled": True, "pixel.drop_ratio": 1.5})
 
 
 class _DM:
@@ -180,23 +181,24 @@ class _DM:
 
 def test_every_selector_takes_the_same_fraction_budget():
     dm = _DM([1000] * 10)
-    for cls, name in [(DatasetQuantization, "dq"), (GraphCutSelection, "graphcut"), (RandomSelection, "random"),
-                      (Herding, "herding")]:
-        kw = {"pixel": {"enabled": False}} if cls is DatasetQuantization else {}
-        assert cls(name=name, fraction=0.2, **kw).per_class(dm) == 200
-        assert cls(name=name, fraction=None, ipc=7, **kw).per_class(dm) == 7
+    for name in ("dq", "graphcut", "random", "herding"):
+        kw = {"pixel.enabled": False} if name == "dq" else {}
+        assert method(name, fraction=0.2, **kw).per_class(dm) == 200
+        assert method(name, fraction=None, ipc=7, **kw).per_class(dm) == 7
     # with the pixel step (on by default, 20 % of the patches dropped) DQ's bins buy 1 / 0.8 as many images
-    assert DatasetQuantization(name="dq", fraction=0.2).per_class(dm) == 250
+    assert method("dq", fraction=0.2).per_class(dm) == 250
 
 
 def _dq_run(tmp_path, monkeypatch, *overrides):
     """DQ built from its config node and run as the runner runs it (a tiny expert on digits, keep
     25 % of 40 images per class in 4 bins) with ``overrides`` added. Returns ``(output, datamodule)``."""
+    import dataclasses
+
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
     from lightning_dd.core.config import instantiate_node
-    from lightning_dd.methods.base import RunContext
+    from lightning_dd.runner import check_config
 
     monkeypatch.setenv("LDD_CACHE_DIR", str(tmp_path / "cache"))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -205,13 +207,10 @@ def _dq_run(tmp_path, monkeypatch, *overrides):
             "net.depth=2", "method.fraction=0.25", "method.num_bins=4", "method.expert_train_epochs=1",
             "method.expert_batch=64", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             "trainer.compile=false", *overrides])
-    method = instantiate_node(cfg.method, "method")
-    method.check(cfg)
+    _, dq, ctx = check_config(cfg)  # validated and checked as the runner does
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
-    ctx = RunContext(cfg=cfg, dm=dm, out_dir=tmp_path, loggers=[], callbacks=[],
-                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=0)
-    return method.run(ctx), dm
+    return dq.run(dataclasses.replace(ctx, dm=dm, out_dir=tmp_path)), dm
 
 
 @pytest.mark.slow
@@ -292,12 +291,12 @@ def test_paper_config_trains_the_evaluation_as_long_as_the_reference():
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=dq_cifar10"])
     assert cfg.data.train_per_class is None  # all 5,000 per class
-    method = instantiate_node(cfg.method, "method")
-    n, nb = 5000, method.num_bins
-    per_class = method.per_class(_DM([n] * 10))
+    dq = instantiate_node(cfg.method, "method")
+    n, nb = 5000, dq.num_bins
+    per_class = dq.per_class(_DM([n] * 10))
     assert per_class == 625  # 10 % of storage at 80 % of the pixels
     sizes = [round(n / nb)] * (nb - 1) + [n - round(n / nb) * (nb - 1)]  # the bins (pinned by test_parity_dq)
-    kept = 10 * sum(bin_quotas(sizes, per_class, method.bin_quota))
+    kept = 10 * sum(bin_quotas(sizes, per_class, dq.bin_quota))
     assert kept == 6200
     steps = cfg.eval.epochs * TensorBatches((torch.empty(kept, 1),), cfg.eval.batch_size, 1).steps_per_epoch()
     assert steps == 200 * math.ceil(6200 / 16) == 77_600

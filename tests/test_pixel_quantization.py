@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.images.dataset_quantization import DatasetQuantization
-from lightning_dd.methods.images.pixel_quantization import (PixelQuantizationConfig, drop_mask, gradcam_pp,
-                                                     patch_importance, quantize_pixels, trained_mae)
+from lightning_dd.methods.images.pixel_quantization import (drop_mask, gradcam_pp, patch_importance, quantize_pixels,
+                                                            trained_mae)
 from lightning_dd.nets.mae import MAE, patchify, random_mask, unpatchify
+from configs import method
 
 
 class _PoolNet(nn.Module):
@@ -90,9 +90,17 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
     ramp = torch.linspace(-1, 1, 16)
     x = (ramp.view(1, 1, 1, 16) * torch.rand(256, 3, 1, 1, generator=g)
          + ramp.view(1, 1, 16, 1) * torch.rand(256, 3, 1, 1, generator=g))
-    hp = PixelQuantizationConfig(enabled=True, patch=4, drop_ratio=0.25, mae_dim=32, mae_depth=1, mae_heads=2,
-                                 decoder_dim=32, decoder_depth=1, mae_epochs=8, mae_batch=64, mae_lr=3e-3)
-    make = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    small = {"enabled": True, "patch": 4, "drop_ratio": 0.25, "mae_dim": 32, "mae_depth": 1, "mae_heads": 2,
+             "decoder_dim": 32, "decoder_depth": 1, "mae_epochs": 8, "mae_batch": 64, "mae_lr": 3e-3}
+    hp = method("dq", **{f"pixel.{k}": v for k, v in small.items()}).pixel
+    built = []
+
+    class Counting(TrainerFactory):  # counts the MAE trainings
+        def __call__(self, stage, **kwargs):
+            built.append(stage)
+            return super().__call__(stage, **kwargs)
+
+    make = Counting(accelerator="cpu", enable_progress_bar=False)
     mask = random_mask(256, 16, 0.25, torch.Generator().manual_seed(5))
     from lightning_dd.methods.images.pixel_quantization import build_mae
     from lightning_dd.nets.mae import mae_loss
@@ -103,7 +111,7 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
         err = mae_loss(mae(x, mask), x, mask, 4).item()
     assert err < 0.5 * init_err and info["mae/train_s"] > 0
     again, info2 = trained_mae(hp, x, {"name": "ramps"}, tmp_path, make)
-    assert info2["mae/train_s"] == 0 and len(make.built) == 1
+    assert info2["mae/train_s"] == 0 and built == ["mae"]
     assert all(torch.equal(a, b) for a, b in zip(mae.state_dict().values(), again.state_dict().values()))
     # the whole step: shapes, drop count and visible pixels unchanged
     out, dropped = quantize_pixels(x[:10], torch.zeros(10, dtype=torch.long), _PoolNet(), mae, hp)
@@ -114,17 +122,17 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
 
 @pytest.mark.parametrize("fraction,drop,want", [(0.1, 0.25, 133), (0.1, 0.0, 100), (0.3, 0.5, 600), (0.8, 0.5, 1000)])
 def test_the_budget_counts_stored_pixels(fraction, drop, want):
-    dq = DatasetQuantization(name="dq", fraction=fraction, pixel={"enabled": True, "drop_ratio": drop})
+    dq = method("dq", fraction=fraction, **{"pixel.enabled": True, "pixel.drop_ratio": drop})
     dm = SimpleNamespace(class_indices=lambda: list(torch.arange(10_000).view(10, 1000)))
     assert dq.per_class(dm) == want
-    off = DatasetQuantization(name="dq", fraction=fraction, pixel={"enabled": False})
+    off = method("dq", fraction=fraction, **{"pixel.enabled": False})
     assert off.per_class(dm) == round(1000 * fraction)
 
 
 def test_the_pixel_step_is_on_by_default_as_the_reference_cifar_pipeline():
     """README: --mask_ratio 0.2 --cam_mask; mae_models.py get_cam_map explains the argmax class;
     cam_masking keeps int(L * (1 - ratio)) patches."""
-    hp = PixelQuantizationConfig()
+    hp = method("dq").pixel  # conf/method/dq.yaml
     assert hp.enabled and hp.drop_ratio == 0.2 and hp.cam_class == "argmax"
     assert drop_mask(torch.rand(3, 64), 0.2).sum(1).eq(64 - 51).all()  # int(51.2) kept
     assert drop_mask(torch.rand(3, 64), 0.1).sum(1).eq(7).all()  # int(57.6) = 57 kept, round(6.4) would drop 6

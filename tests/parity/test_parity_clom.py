@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fixture_io import load_fixture
-from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, ModelPool, PoolMember
+from lightning_dd.methods.images.clom import ClomTerm, ModelPool, PoolMember
 from lightning_dd.nets import FlatParams, build_net
+from configs import method
 
 pytestmark = pytest.mark.parity
 
@@ -21,7 +22,8 @@ def _term(kind: str):
     net.load_state_dict(inp["state"])
     flat = FlatParams(net.eval())
     pool = ModelPool([flat], ["ConvNet"], [PoolMember(0, 0, inp["epoch"], flat.flatten())])
-    term = ClomTerm(ClomConfig(enabled=True, kind=kind, alpha=case["alpha"]), pool)
+    hp = method("dm", **{"clom.enabled": True, "clom.kind": kind, "clom.alpha": case["alpha"]}).clom
+    term = ClomTerm(hp, pool)
     return term, inp, case
 
 

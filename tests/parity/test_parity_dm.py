@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from fixture_io import load_fixture
-from lightning_dd.methods.images.distribution_matching import DistributionMatching, DMMethod
+from lightning_dd.methods.images.distribution_matching import DistributionMatching
 from lightning_dd.nets import build_net
+from configs import method
 
 pytestmark = pytest.mark.parity
 
 
 def _module(case):
-    hp = DMMethod(name="dm", ipc=case["ipc"], batch_real=case["batch_real"])  # lr_img, momentum: our defaults
+    hp = method("dm", ipc=case["ipc"], batch_real=case["batch_real"])  # lr_img, momentum: conf/method/dm.yaml
     net_cfg = {"name": "ConvNet", "width": case["width"], "depth": case["depth"]}
     module = DistributionMatching(case["init_images"], case["syn_labels"], case["real_images"], case["real_labels"],
                                   case["num_classes"], net_cfg, hp, dsa=None)
