@@ -24,15 +24,14 @@ def small_vit(seed=0, **kw):
 
 @pytest.mark.parametrize("bits,signed", [(2, True), (3, False), (4, True), (8, False)])
 @pytest.mark.parametrize("mode", ["reference", "lsq"])
-@pytest.mark.parametrize("impl", ["reference", "fused"])
-def test_quantizer_matches_pytorch_learnable_fake_quantize(bits, signed, mode, impl):
+def test_quantizer_matches_pytorch_learnable_fake_quantize(bits, signed, mode):
     """Forward values equal torch._fake_quantize_learnable_per_tensor_affine's; so do the gradients
-    of x and of the step at the same gradient factor, except (impl="reference") for inputs within
-    half a step outside the range, where the reference clamps before it rounds (their upstream
-    gradient is zeroed here; the parity tests pin those against the authors' code)."""
+    of x and of the step at the same gradient factor, except for inputs within half a step outside
+    the range, where the reference clamps before it rounds and PyTorch's kernel rounds first (their
+    upstream gradient is zeroed here; the parity tests pin those against the authors' code)."""
     torch.manual_seed(bits)
     x = (torch.randn(6, 50) * 1.3).requires_grad_()
-    q = Quantizer(bits, signed, "act", grad_scale=mode, impl=impl)
+    q = Quantizer(bits, signed, "act", grad_scale=mode)
     q.init_act(x.detach())
     with torch.no_grad():
         q.step.mul_(0.7)  # push some values outside the range
@@ -313,3 +312,57 @@ def test_a_step_driven_below_the_floor_restarts_there_and_exports_exactly():
     back = load_quantized(export_quantized(model, cfg, 8, 8, 8, "reference"), 3, 10, (16, 16))
     with torch.no_grad():
         assert torch.equal(back(x), model.eval()(x))
+
+
+def _qat_vit(**overrides):
+    """QAT-ViT built from ``conf/method/qat_vit.yaml`` alone (the one home of its defaults)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    from lightning_dd.core.config import instantiate_node
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        node = compose("method/qat_vit").method
+    for k, v in overrides.items():
+        OmegaConf.update(node, k, v)
+    return instantiate_node(node, "method")
+
+
+def test_check_reads_the_typed_net_and_refuses_what_it_cannot_quantize():
+    from configs import run_context
+    from lightning_dd.core.config import ConfigError
+
+    m = _qat_vit()
+    assert m.bits == 4 and m.epochs == 150 and m.loader_workers == 0 and m.fp_seed is None
+    m.check(run_context(net={"_target_": "lightning_dd.nets.vit.ViT", **SMALL}))
+    with pytest.raises(ConfigError, match="net: QAT-ViT quantizes"):
+        m.check(run_context(net={"name": "ConvNet"}))
+    with pytest.raises(ConfigError, match="method.batch_size"):
+        _qat_vit(batch_size=2, num_crops=4).check(run_context(net={"_target_": "lightning_dd.nets.vit.ViT"}))
+
+
+def test_fp_module_keeps_the_deit_recipe():
+    """The FP ViT trains with AdamW (weight decay on >= 2-dim weights only, not on the position
+    embedding or class token) and warmup + cosine per step: the same lr multipliers as
+    ``(s + 1) / warmup`` then ``(1 + cos(pi (s - warmup) / (total - warmup))) / 2``."""
+    from lightning_dd.methods.quantization.qat_vit.training import fp_module
+
+    net = small_vit()
+    conf = fp_module(net, 5e-4, 0.05, 20, 3, (16, 16), 0.1).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.AdamW) and conf["lr_scheduler"]["interval"] == "step"
+    decay, rest = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and rest["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and any(p is net.pos_embed for p in rest["params"])
+    for s in range(25):
+        want = (s + 1) / 3 if s < 3 else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 3) / 17)))
+        assert sched.lr_lambdas[0](s) == want
+
+
+def test_qat_module_starts_without_oscillation_rates():
+    from lightning_dd.methods.quantization.qat_vit.training import QATModule
+
+    student = quantize_vit(small_vit(), 4)
+    m = QATModule(student, small_vit(), 1e-3, 0.0, 2, 2, 0, lambda p: None, (0.5, 1.0), 0.0, 0.25)
+    assert m.last_rates == {} and not hasattr(m, "osc_history")

@@ -1,6 +1,7 @@
 """Statistics matching (SRe2L / CDA / G-VBSM): BN hooks, convolution statistics, the crop pipeline,
 the CDA curriculum, resumable recovery, multi-backbone sampling, the typed config, and the method
-end to end through a hand-built RunContext."""
+end to end through the runner's typed RunContext."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,17 +10,19 @@ import lightning as L
 import pytest
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
+from lightning_dd.augment.crops import crop_resize, sample_crops
 from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.base import RunContext
 from lightning_dd.methods.images.statistics_matching import (Backbone, RecoverConfig, RecoverModule, StatisticsMatching,
-                                                      StatsHooks, TeacherConfig, backbone_weights, batch_crop_flip,
-                                                      bn_loss_of,
-                                                      bn_loss_views, channel_stats, conv_statistics, crop_resize,
-                                                      crop_scale_min, jitter_crop_flip, recover_batch, run_device,
-                                                      sample_crops)
+                                                             StatsHooks, TeacherConfig, backbone_weights,
+                                                             batch_crop_flip, bn_loss_of, bn_loss_views, channel_stats,
+                                                             conv_statistics, crop_scale_min, jitter_crop_flip,
+                                                             recover_batch)
 from lightning_dd.nets import build_net
+from lightning_dd.runner import check_config
+from lightning_dd.training.devices import run_device
 
 
 def _teacher(width=8, size=16, classes=4, seed=0) -> nn.Module:
@@ -33,7 +36,19 @@ def _teacher(width=8, size=16, classes=4, seed=0) -> nn.Module:
     return net.eval()
 
 
-HP = {"iterations": 10, "lr": 0.1, "r_bn": 1.0, "first_bn_multiplier": 10.0, "jitter": 2, "flip": True,
+def method_node(name: str) -> dict:
+    """``conf/method/<name>.yaml`` alone (its defaults list applied, resolved): the one home of the
+    defaults of :class:`TeacherConfig` and :class:`RecoverConfig`."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose(f"method/{name}").method, resolve=True)
+
+
+SRE2L = method_node("sre2l")
+HP = {**SRE2L["recover"], "iterations": 10, "lr": 0.1, "r_bn": 1.0, "first_bn_multiplier": 10.0, "jitter": 2, "flip": True,
       "crop_scale": [0.08, 1.0], "crop_schedule": "none", "milestone": 1.0, "backbones_per_iter": 1,
       "r_conv": 0.0, "r_logit": 0.0, "ckpt_every": 5}
 
@@ -45,6 +60,32 @@ def rc(**kw) -> RecoverConfig:
 
 LO, HI = torch.full((3,), -3.0), torch.full((3,), 3.0)
 CPU = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+
+
+def checked(cfg):
+    """:func:`check_config` of a config composed outside a Hydra run (``logger.wandb``, whose group
+    names the run's ``${hydra:...}`` choices, dropped): ``(run_cfg, method, ctx)``."""
+    from omegaconf import open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.logger.pop("wandb", None)
+    return check_config(cfg)
+
+
+class Recording:
+    """The Trainer factory ``factory``, recording every ``(stage, Trainer)`` it builds in ``built``."""
+
+    def __init__(self, factory: TrainerFactory):
+        self.factory, self.built = factory, []
+
+    def __getattr__(self, key):
+        return getattr(self.factory, key)
+
+    def __call__(self, stage: str, **kwargs):
+        trainer = self.factory(stage, **kwargs)
+        self.built.append((stage, trainer))
+        return trainer
 
 
 def test_bn_hooks_collect_the_statistics_of_each_bn_input():
@@ -228,7 +269,7 @@ def test_recover_resumes_after_an_interruption(tmp_path):
 
 def test_recover_builds_its_trainers_from_the_factory(tmp_path):
     """Every recover fit is ``trainer("recover", ...)``: the run-wide precision reaches it."""
-    made = TrainerFactory(accelerator="cpu", precision="bf16-mixed", enable_progress_bar=False)
+    made = Recording(TrainerFactory(accelerator="cpu", precision="bf16-mixed", enable_progress_bar=False))
     x, hist = recover_batch(torch.randn(4, 3, 16, 16), torch.arange(4), [Backbone(_teacher())], rc(iterations=2),
                             LO, HI, seed=0, batch_index=0, ckpt_dir=None, trainer=made)
     assert [s for s, _ in made.built] == ["recover"]
@@ -334,15 +375,16 @@ def _digits_cfg(tmp_path, monkeypatch, *extra, experiment="sre2l_cifar10"):
 
 
 def _run(cfg, out_dir, dm=None, **ctx_kw):
-    """``(method, ctx, output)``: the method built from ``cfg.method`` and run as the runner runs it."""
-    method = instantiate_node(cfg.method, "method")
-    method.check(cfg)
+    """``(method, ctx, output)``: the method and its typed context built and checked by the runner's
+    :func:`checked`, run as the runner runs it (``ctx.make_trainer`` records its Trainers)."""
+    _, method, ctx = checked(cfg)
     if dm is None:
         dm = instantiate_node(cfg.data, "data")
         dm.setup()
-    ctx = RunContext(cfg=cfg, dm=dm, out_dir=Path(out_dir), loggers=[], callbacks=[],
-                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=int(cfg.seed), **ctx_kw)
-    return method, ctx, method.run(ctx)
+    ctx = dataclasses.replace(ctx, dm=dm, out_dir=Path(out_dir), make_trainer=Recording(ctx.make_trainer), **ctx_kw)
+    out = method.run(ctx)
+    method.save(ctx, out)
+    return method, ctx, out
 
 
 @pytest.mark.slow
@@ -355,7 +397,7 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     out = tmp_path / "run"
     method, ctx, a = _run(cfg, out)
     assert isinstance(method, StatisticsMatching) and method.name == "sre2l"
-    assert [s for s, _ in ctx.trainer.built] == ["squeeze", "recover", "recover"]  # every fit from the factory
+    assert [s for s, _ in ctx.make_trainer.built] == ["squeeze", "recover", "recover"]  # every fit from the factory
     assert a.metrics["recover/n_batches"] == 2 and a.result.images.shape == (20, 1, 8, 8)
     assert Path(a.extras["teacher_ckpt"]).is_file() and not (out / "fkd_labels.pt").exists()
     hard = a.result.meta["hard_labels"]  # the recovered classes, class-major, not the teacher's argmax
@@ -370,7 +412,7 @@ def test_batched_run_resumes_from_finished_batches_and_checkpoints(tmp_path, mon
     dm = ctx.dm
     (out / "recover" / "batch_001.pt").unlink()  # killed before batch 1 was saved
     _, ctx_b, b = _run(cfg, out, dm, resume=True)
-    assert [s for s, _ in ctx_b.trainer.built] == ["recover"]  # teacher cached, batch 0 read back
+    assert [s for s, _ in ctx_b.make_trainer.built] == ["recover"]  # teacher cached, batch 0 read back
     assert torch.allclose(a.result.images, b.result.images, atol=1e-6)
     assert torch.equal(a.result.labels.argmax(1), b.result.labels.argmax(1))
     (out / "recover" / "batch_001.pt").unlink()
@@ -407,7 +449,7 @@ def test_gvbsm_run_reports_every_backbone_and_takes_per_net_teacher_epochs(tmp_p
     assert specs == [1, 2]
     assert all("epochs" not in json.loads(p.read_text())["net"]
                for p in (tmp_path / "cache" / "teachers").glob("*/spec.json"))
-    squeezes = [t for s, t in ctx.trainer.built if s == "squeeze"]
+    squeezes = [t for s, t in ctx.make_trainer.built if s == "squeeze"]
     assert [t.max_epochs for t in squeezes] == [1, 2]
 
 
@@ -417,7 +459,7 @@ def test_stage_squeeze_stops_after_the_teachers(tmp_path, monkeypatch):
     method, ctx, out = _run(cfg, tmp_path / "run", stage="squeeze")
     assert set(method.stages) == {"all", "squeeze", "recover"}
     assert out.result is None and Path(out.extras["teacher_ckpt"]).is_file()
-    assert out.metrics["squeeze/n_backbones"] == 1 and [s for s, _ in ctx.trainer.built] == ["squeeze"]
+    assert out.metrics["squeeze/n_backbones"] == 1 and [s for s, _ in ctx.make_trainer.built] == ["squeeze"]
     assert not (tmp_path / "run" / "recover").exists()
 
 
@@ -457,7 +499,7 @@ def test_run_device_follows_the_accelerator_setting():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_teacher_passes_run_on_the_teachers_device():
-    from lightning_dd.methods.images.statistics_matching import accuracy
+    from lightning_dd.training.metrics import accuracy
 
     teacher = _teacher()
     images = torch.randn(10, 3, 16, 16)
@@ -590,6 +632,7 @@ def test_every_method_config_builds_the_same_class_with_its_settings():
               for n in ("sre2l", "cda", "gvbsm")}
         zca = compose("train", overrides=["experiment=cda_cifar10", "data.zca=true"])
         tpu = compose("train", overrides=["experiment=cda_cifar10", "trainer.accelerator=tpu"])
+        ddp_spawn = compose("train", overrides=["experiment=cda_cifar10", "trainer.strategy=ddp_spawn"])
     assert all(type(m) is StatisticsMatching for m in ms.values())
     assert ms["sre2l"].recover.crop_schedule == "none" and ms["cda"].recover.crop_schedule == "cosine"
     assert ms["cda"].recover.iterations == 4000 and len(ms["gvbsm"].teacher.nets) == 5
@@ -598,9 +641,11 @@ def test_every_method_config_builds_the_same_class_with_its_settings():
     assert (g.r_nuc, g.stat_momentum, g.conv_drop, g.crop_pad, g.r_logit) == (1.0, 0.8, 0.4, 4, 0.0)
     assert isinstance(ms["sre2l"].teacher, TeacherConfig) and isinstance(ms["sre2l"].recover, RecoverConfig)
     with pytest.raises(ConfigError, match=r"data\.zca"):
-        ms["cda"].check(zca)
+        checked(zca)
     with pytest.raises(ConfigError, match=r"trainer\.accelerator"):
-        ms["cda"].check(tpu)
+        checked(tpu)
+    with pytest.raises(ConfigError, match=r"trainer\.strategy"):
+        checked(ddp_spawn)
 
 
 def test_cpu_presets_compose_and_imagenet_ones_share_one_data_config():
@@ -614,7 +659,7 @@ def test_cpu_presets_compose_and_imagenet_ones_share_one_data_config():
                 for e in ("sre2l_cifar10", "cda_cifar10", "gvbsm_cifar10", "sre2l_imagenet", "cda_imagenet")}
     for e, c in cfgs.items():
         assert c.scale_preset == e
-        instantiate_node(c.method, "method").check(c)
+        checked(c)
     a, b = cfgs["sre2l_imagenet"], cfgs["cda_imagenet"]
     assert a.data.name == "imagenet_sample" and a.method.recover.iterations == 12 and a.method.ipc == 1
     for node in ("data", "net", "eval"):
@@ -630,9 +675,9 @@ def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
     cfg = _digits_cfg(tmp_path, monkeypatch)
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
-    tcfg = TeacherConfig(epochs=1, lr=0.05, batch_size=64, weight_decay=0.0, label_smoothing=0.0)
+    tcfg = TeacherConfig(**{**SRE2L["teacher"], "epochs": 1, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0})
     net_cfg = {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"}
-    made = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+    made = Recording(TrainerFactory(accelerator="cpu", enable_progress_bar=False))
     a = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
     b = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
     assert [s for s, _ in made.built] == ["squeeze"]  # trained once, through the factory
@@ -693,3 +738,31 @@ def test_conv_drop_leaves_layers_out_and_their_averages_still():
         b.conv.loss(b.conv_targets, 1.0, momentum=0.8, keep=[True, False])
         assert b.conv.ema[0] is not None and b.conv.ema[1] is None
     b.remove()
+
+
+def test_teacher_module_keeps_the_squeeze_recipe():
+    """SGD (momentum 0.9, Nesterov as set, L2 weight decay) and a cosine per optimizer step:
+    ``(1 + cos(pi min(s, T) / T)) / 2``, the same floats as SRe2L's schedule written out."""
+    import math
+
+    from lightning_dd.methods.images.statistics_matching import teacher_module
+
+    tcfg = TeacherConfig(**{**SRE2L["teacher"], "nesterov": True, "weight_decay": 0.001, "lr": 0.2})
+    conf = teacher_module(_teacher(), tcfg, 7, (16, 16)).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    g = opt.param_groups[0]
+    assert isinstance(opt, torch.optim.SGD) and conf["lr_scheduler"]["interval"] == "step"
+    assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.2, 0.9, True, 0.001)
+    assert [sched.lr_lambdas[0](s) for s in range(10)] == [0.5 * (1 + math.cos(math.pi * min(s, 7) / 7))
+                                                           for s in range(10)]
+
+
+def test_accuracy_is_the_fraction_of_correct_predictions():
+    from lightning_dd.training.metrics import accuracy
+
+    net = _teacher()
+    images, labels = torch.randn(37, 3, 16, 16), torch.arange(37) % 4
+    with torch.no_grad():
+        correct = int((net(images).argmax(1) == labels).sum())
+    assert accuracy(net, images, labels, batch_size=10) == correct / 37
+    assert accuracy(net, images[:0], labels[:0]) == 0.0

@@ -54,7 +54,7 @@ def test_lsq_activation_quantizer_matches_reference_quantact(name):
     (scaled by ``1/(sqrt(numel) Qp)``) and the offset (not scaled), at the init and at a moved step
     and offset. Mutations checked: grad scale ``1/sqrt(numel Qp)`` (fails on step grads), offset
     gradient scaled by ``g`` (fails on beta grads), unsigned ``Qp`` in the init (fails on init_step
-    of the unsigned cases), round before clamp (``impl="fused"``: fails on x/step grads)."""
+    of the unsigned cases), round before clamp (PyTorch's fused kernel: fails on x/step grads)."""
     c = CASES[name]
     q = Quantizer(c["bits"], c["signed"], "act", offset=c["offset"])
     x1 = c["x1"].clone().requires_grad_()

@@ -11,17 +11,28 @@ same torchvision ops on the same RNG stream); G-VBSM's real-data statistics ``rt
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fixture_io import load_fixture
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.images.statistics_matching import (Backbone, RecoverConfig, RecoverModule, batch_crop_flip,
-                                                      conv_statistics, recover_batch)
+                                                             conv_statistics, recover_batch)
 from lightning_dd.nets import build_net
 
 pytestmark = pytest.mark.parity
 
 CASES = load_fixture("statistics_matching")["cases"]
 CPU = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+
+
+def recover_config(**settings) -> RecoverConfig:
+    """``conf/method/sre2l.yaml``'s ``recover`` settings (SRe2L's) with ``settings`` changed."""
+    from conftest import ROOT
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        base = OmegaConf.to_container(compose("method/sre2l").method.recover, resolve=True)
+    return RecoverConfig(**{**base, **settings})
 
 
 def _draw(spec: dict) -> torch.Tensor:
@@ -75,7 +86,7 @@ def test_recover_lr_is_lr_cosine_policy():
     ``lr_cosine_policy(lr, 0, iterations)``, ``0.5 (1 + cos(pi i / T)) lr`` at iteration ``i``.
     Mutation checked: ``min(s, total) / total`` -> ``(s + 1) / total`` (fails)."""
     case = CASES["lr_cosine"]
-    hp = RecoverConfig(iterations=case["iterations"], lr=case["base_lr"])
+    hp = recover_config(iterations=case["iterations"], lr=case["base_lr"])
     m = RecoverModule(torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), [], hp, torch.zeros(3), torch.ones(3))
     conf = m.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -101,9 +112,9 @@ def test_four_recovery_steps_equal_recover_cifar():
     ref = CASES["bn_loss"]
     net = _net(ref["state_dict"], ref["classes"], ref["size"])
     assert (case["betas"], case["eps"]) == ([0.5, 0.9], 1e-8)
-    hp = RecoverConfig(iterations=case["iterations"], batch=100, lr=case["lr"], r_bn=case["r_bn"],
-                       first_bn_multiplier=case["first_bn_multiplier"], jitter=case["jitter"], flip=False,
-                       crop_scale=(1.0, 1.0))
+    hp = recover_config(iterations=case["iterations"], batch=100, lr=case["lr"], r_bn=case["r_bn"],
+                        first_bn_multiplier=case["first_bn_multiplier"], jitter=case["jitter"], flip=False,
+                        crop_scale=(1.0, 1.0))
     steps = _Steps()
     b = Backbone(net)
     x, _ = recover_batch(_draw(case["init"]), case["labels"], [b], hp, case["lo"], case["hi"], seed=0, batch_index=0,
@@ -124,8 +135,8 @@ def test_cda_crop_scale_bound_equals_recover_cda_in1k(mode, milestone):
     ``--easy2hard-mode`` and ``--milestone`` 1 and 0.5. Mutation checked: progress ``i / (milestone
     * T)`` -> ``(i + 1) / (milestone * T)`` in ``crop_scale_min`` (fails)."""
     case = CASES["cda_schedule"]
-    hp = RecoverConfig(iterations=case["iterations"], crop_schedule=mode, milestone=milestone, crop_scale=(0.08, 1.0),
-                       jitter=0)
+    hp = recover_config(iterations=case["iterations"], crop_schedule=mode, milestone=milestone, crop_scale=(0.08, 1.0),
+                        jitter=0)
     m = RecoverModule(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), [], hp, -torch.ones(3), torch.ones(3))
     got = torch.tensor([m.augment(i)[1] for i in range(case["iterations"])], dtype=torch.float64)
     torch.testing.assert_close(got, case[f"{mode}_{milestone}"], rtol=1e-12, atol=1e-15)
@@ -184,10 +195,10 @@ def test_three_gvbsm_recovery_steps_equal_main_worker():
     case = CASES["gvbsm_recover"]
     nets = [_net(sd, case["classes"], case["size"]) for sd in case["state_dicts"]]
     bbs = [Backbone(n, conv_targets=[tuple(t.float() for t in ts) for ts in st]) for n, st in zip(nets, case["conv_stats"])]
-    hp = RecoverConfig(iterations=case["iterations"], batch=20, lr=case["lr"], r_bn=case["r_loss"], r_conv=case["r_loss"],
-                       first_bn_multiplier=case["first_multiplier"], jitter=0, flip=False, crop_scale=(1.0, 1.0),
-                       backbones_per_iter=1, backbone_sampling="cycle", r_nuc=case["nuc_norm"], nuc_tau=case["tau"],
-                       stat_momentum=case["momentum"])
+    hp = recover_config(iterations=case["iterations"], batch=20, lr=case["lr"], r_bn=case["r_loss"], r_conv=case["r_loss"],
+                        first_bn_multiplier=case["first_multiplier"], jitter=0, flip=False, crop_scale=(1.0, 1.0),
+                        backbones_per_iter=1, backbone_sampling="cycle", r_nuc=case["nuc_norm"], nuc_tau=case["tau"],
+                        stat_momentum=case["momentum"])
     steps = _Steps()
     x, hist = recover_batch(_draw(case["init"]), case["labels"], bbs, hp, case["lo"], case["hi"], seed=0, batch_index=0,
                             ckpt_dir=None, trainer=CPU, callbacks=[steps])

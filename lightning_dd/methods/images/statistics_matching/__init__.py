@@ -9,7 +9,8 @@ One method class, :class:`StatisticsMatching` (``conf/method/sre2l.yaml``; ``cda
 SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
 
 1. **Squeeze** (SRe2L Sec. 3.1): train a BatchNorm teacher on the real data (a LightningModule,
-   :class:`~.squeeze.TeacherModule`), cached under ``paths.cache_dir/teachers/<key>`` keyed by the
+   :func:`~.squeeze.teacher_module`, the shared
+   :class:`~lightning_dd.training.supervised.SupervisedModule`), cached under ``paths.cache_dir/teachers/<key>`` keyed by the
    data's identity and every training setting; or load ``method.teacher.ckpt``.
 2. **Recover** (SRe2L Sec. 3.2, Eq. 5-7): optimize synthetic images from noise with Adam (betas
    0.5, 0.9) and a cosine lr (SRe2L's ``lr_cosine_policy``) so that the teacher classifies them as
@@ -66,16 +67,16 @@ SRe2L ("Squeeze, Recover and Relabel") decouples distillation into three stages:
    student step; FKD stores them to save that cost at ImageNet scale, not for other targets.
 
 The teachers, their statistics passes and test accuracy and the soft labels run on the run's
-device (``trainer.accelerator``, :func:`~.squeeze.run_device`); every Lightning fit (squeeze,
-each recover batch) is built by the run's Trainer factory (``ctx.trainer("squeeze" | "recover",
-...)``), so ``trainer.precision`` / ``devices`` / ``strategy`` reach it.
+device (``trainer.accelerator``, :func:`~lightning_dd.training.devices.run_device`); every Lightning
+fit (squeeze, each recover batch) is built by the run's Trainer factory (``ctx.make_trainer("squeeze" |
+"recover", ...)``), so ``trainer.precision`` / ``devices`` / ``strategy`` reach it.
 
 Deviations from the reference code (SRe2L's ``recover_cifar.py`` / ``recover/data_synthesis.py``,
 CDA's ``recover_cda_in1k.py``, G-VBSM's CIFAR-10 recovery), checked against it by
 ``tests/parity/test_parity_statistics_matching.py``:
 
 * **Options of ours, off by default**: ``crop_per_image`` (every image its own random-resized crop
-  and flip, :func:`~.crops.sample_crops`; the reference: one box and one flip for the batch);
+  and flip, :func:`lightning_dd.augment.crops.sample_crops`; the reference: one box and one flip for the batch);
   ``r_logit``; ``backbone_norm=start``; ``backbones_per_iter > 1`` with ``backbone_sampling=random``
   (the G-VBSM CPU preset uses the last two, with the measurement in ``experiments/sre2l/README.md``).
   The CIFAR-10 CPU presets set ``crop_per_image=true``: at 32 px, 500 steps, one batch of 100,
@@ -112,20 +113,19 @@ after every step. The BN-statistics loss before and after recovery (``recover/lo
 whole, un-augmented images is reported beside it (``recover/loss_bn_whole_images_*``).
 """
 from lightning_dd.methods.images.statistics_matching.config import RecoverConfig, TeacherConfig
-from lightning_dd.methods.images.statistics_matching.crops import (batch_crop_flip, crop_resize, crop_scale_min,
-                                                            jitter_crop_flip, sample_crops)
+from lightning_dd.methods.images.statistics_matching.crops import batch_crop_flip, crop_scale_min, jitter_crop_flip
 from lightning_dd.methods.images.statistics_matching.method import StatisticsMatching, recover_metrics
 from lightning_dd.methods.images.statistics_matching.recover import (RecoverModule, check_settings, pixel_bounds,
-                                                              recover_batch, recover_batches, recover_settings)
-from lightning_dd.methods.images.statistics_matching.squeeze import (TeacherModule, accuracy, load_teacher_file,
-                                                              load_teachers, run_device, squeeze)
-from lightning_dd.methods.images.statistics_matching.statistics import (Backbone, StatsHooks, backbone_weights, bn_loss_of,
-                                                                 bn_loss_views, channel_stats, conv_input_stats,
-                                                                 conv_statistics, eigenvalue_loss, patch_stats,
-                                                                 real_statistics)
+                                                                     recover_batch, recover_batches, recover_settings)
+from lightning_dd.methods.images.statistics_matching.squeeze import (load_teacher_file, load_teachers, squeeze,
+                                                                     teacher_module)
+from lightning_dd.methods.images.statistics_matching.statistics import (Backbone, StatsHooks, backbone_weights,
+                                                                        bn_loss_of, bn_loss_views, channel_stats,
+                                                                        conv_input_stats, conv_statistics,
+                                                                        eigenvalue_loss, patch_stats, real_statistics)
 
 __all__ = ["Backbone", "RecoverConfig", "RecoverModule", "StatisticsMatching", "StatsHooks", "TeacherConfig",
-           "TeacherModule", "accuracy", "backbone_weights", "batch_crop_flip", "bn_loss_of", "bn_loss_views",
-           "channel_stats", "check_settings", "conv_input_stats", "conv_statistics", "eigenvalue_loss", "patch_stats", "crop_resize", "crop_scale_min", "jitter_crop_flip",
-           "load_teacher_file", "load_teachers", "pixel_bounds", "real_statistics", "recover_batch",
-           "recover_batches", "recover_metrics", "recover_settings", "run_device", "sample_crops", "squeeze"]
+           "backbone_weights", "batch_crop_flip", "bn_loss_of", "bn_loss_views", "channel_stats", "check_settings",
+           "conv_input_stats", "conv_statistics", "crop_scale_min", "eigenvalue_loss", "jitter_crop_flip",
+           "load_teacher_file", "load_teachers", "patch_stats", "pixel_bounds", "real_statistics", "recover_batch",
+           "recover_batches", "recover_metrics", "recover_settings", "squeeze", "teacher_module"]

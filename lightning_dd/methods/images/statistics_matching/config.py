@@ -28,14 +28,14 @@ class TeacherConfig(Typed):
             ``train.py``: plain momentum 0.9).
     """
 
-    ckpt: str | None = None
-    nets: list[dict[str, Any]] = [{"name": "ResNet18BN"}]
-    epochs: PositiveInt = 100
-    lr: PositiveFloat = 0.1
-    batch_size: PositiveInt = 256
-    weight_decay: NonNegFloat = 0.0001
-    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
-    nesterov: bool = False
+    ckpt: str | None
+    nets: list[dict[str, Any]]
+    epochs: PositiveInt
+    lr: PositiveFloat
+    batch_size: PositiveInt
+    weight_decay: NonNegFloat
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    nesterov: bool
 
     @field_validator("nets")
     @classmethod
@@ -93,29 +93,29 @@ class RecoverConfig(Typed):
         ckpt_every: checkpoint period in steps (not part of a batch's identity for resume).
     """
 
-    iterations: PositiveInt = 1000
-    batch: PositiveInt = 100
-    lr: PositiveFloat = 0.25
-    r_bn: NonNegFloat = 0.01
-    first_bn_multiplier: NonNegFloat = 10.0
-    jitter: NonNegInt = 32
-    flip: bool = True
-    crop_scale: CropScale = (0.08, 1.0)
-    crop_pad: NonNegInt = 0
-    crop_per_image: bool = False
-    crop_schedule: Literal["none", "cosine", "linear", "step"] = "none"
-    milestone: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
-    backbones_per_iter: PositiveInt = 1
-    backbone_sampling: Literal["random", "cycle"] = "random"
-    r_conv: NonNegFloat = 0.0
-    r_logit: NonNegFloat = 0.0
-    r_nuc: NonNegFloat = 0.0
-    nuc_tau: PositiveFloat = 4.0
-    stat_momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
-    conv_drop: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
-    backbone_norm: Literal["none", "start"] = "none"
-    init_std: PositiveFloat = 1.0
-    ckpt_every: PositiveInt = 100
+    iterations: PositiveInt
+    batch: PositiveInt
+    lr: PositiveFloat
+    r_bn: NonNegFloat
+    first_bn_multiplier: NonNegFloat
+    jitter: NonNegInt
+    flip: bool
+    crop_scale: CropScale
+    crop_pad: NonNegInt
+    crop_per_image: bool
+    crop_schedule: Literal["none", "cosine", "linear", "step"]
+    milestone: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    backbones_per_iter: PositiveInt
+    backbone_sampling: Literal["random", "cycle"]
+    r_conv: NonNegFloat
+    r_logit: NonNegFloat
+    r_nuc: NonNegFloat
+    nuc_tau: PositiveFloat
+    stat_momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    conv_drop: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    backbone_norm: Literal["none", "start"]
+    init_std: PositiveFloat
+    ckpt_every: PositiveInt
 
     @field_validator("crop_scale")
     @classmethod

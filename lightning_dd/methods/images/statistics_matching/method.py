@@ -9,17 +9,17 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_dd.core.config import ConfigError
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
-from lightning_dd.training.devices import require_ddp
 from lightning_dd.methods.images.statistics_matching.config import RecoverConfig, TeacherConfig
 from lightning_dd.methods.images.statistics_matching.recover import pixel_bounds, recover_batches
-from lightning_dd.methods.images.statistics_matching.squeeze import ACCELERATORS, load_teachers, run_device
+from lightning_dd.methods.images.statistics_matching.squeeze import load_teachers
 from lightning_dd.methods.images.statistics_matching.statistics import Backbone, real_statistics
 from lightning_dd.results import DistilledSet
+from lightning_dd.training.devices import ACCELERATORS, require_ddp, run_device
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,23 @@ class StatisticsMatching(ImageMethod):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("all", "squeeze", "recover")
-    teacher: TeacherConfig = TeacherConfig()
-    recover: RecoverConfig = RecoverConfig()
+    teacher: TeacherConfig
+    recover: RecoverConfig
 
-    def check(self, cfg) -> None:
+    def check(self, ctx: RunContext) -> None:
         """Raises :class:`ConfigError` for ZCA data (images are clipped to valid pixels in the
         normalized space), an accelerator the teachers' own passes cannot run on, or a strategy
         other than one device / ``ddp`` (:func:`~lightning_dd.training.devices.require_ddp`: under
         ``ddp`` the batches are recovered in rounds of one per rank, :func:`~.recover.recover_batches`)."""
-        require_ddp(cfg, f"statistics matching ({self.name})")
-        if cfg.data.get("zca"):
+        require_ddp(ctx.make_trainer, f"statistics matching ({self.name})")
+        if ctx.data.get("zca"):
             raise ConfigError("data.zca: statistics matching needs data.zca=false (images are clipped to valid "
                               "pixels in the normalized space)")
-        acc = str(cfg.trainer.get("accelerator", "auto")).lower()
+        acc = str(ctx.make_trainer.accelerator).lower()
         if acc not in ACCELERATORS:
             raise ConfigError(f"trainer.accelerator: statistics matching runs on {'|'.join(ACCELERATORS)}, got {acc!r}")
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[ImageData]) -> MethodOutput:
         """Squeeze -> recover; returns the distilled set and the first teacher's checkpoint
         (``extras["teacher_ckpt"]``, the evaluator's KD teacher). ``stage=squeeze`` stops after
         the teachers (no result).
@@ -69,11 +69,11 @@ class StatisticsMatching(ImageMethod):
         dm, seed, out_dir = ctx.dm, ctx.seed, Path(ctx.out_dir)
         timings, metrics = {}, {}
         lo, hi = pixel_bounds(dm.preprocessing)  # fails early on ZCA data
-        dev = run_device(ctx.trainer.accelerator)  # teachers, statistics and soft labels run here
+        dev = run_device(ctx.make_trainer.accelerator)  # teachers, statistics and soft labels run here
 
         # 1. squeeze
         t0 = time.perf_counter()
-        teachers = load_teachers(self.teacher, dm, Path(ctx.cfg.paths.cache_dir) / "teachers", seed, ctx.trainer)
+        teachers = load_teachers(self.teacher, dm, Path(ctx.cache_dir) / "teachers", seed, ctx.make_trainer)
         timings["squeeze_s"] = time.perf_counter() - t0
         names = self.teacher.net_names()
         for i, t in enumerate(teachers):
@@ -105,15 +105,13 @@ class StatisticsMatching(ImageMethod):
 
             # 2. recover, batch by batch
             t0 = time.perf_counter()
-            r = recover_batches(rec, dm, backbones, labels, lo, hi, out_dir, seed=seed, trainer=ctx.trainer,
+            r = recover_batches(rec, dm, backbones, labels, lo, hi, out_dir, seed=seed, trainer=ctx.make_trainer,
                                 resume=ctx.resume, loggers=ctx.loggers, teacher_paths=[t["path"] for t in teachers])
         finally:
             for bb in backbones:
                 bb.remove()
         timings["recover_s"] = time.perf_counter() - t0
         metrics.update(recover_metrics(r, names, rec.iterations))
-        if r["history"] and rank_zero_only.rank == 0:  # under DDP every rank holds it: rank 0 writes it
-            (out_dir / "recover_history.json").write_text(json.dumps(r["history"]))
 
         # class-major order (the framework's convention), teacher soft labels on the whole images
         x = torch.cat(r["images"])
@@ -130,7 +128,17 @@ class StatisticsMatching(ImageMethod):
                                     "labels": "labels: teacher logits on the whole images; meta['hard_labels']: the "
                                               "class each image was recovered as (labels.argmax(1) is the teacher's "
                                               "prediction, which can differ)"})
-        return MethodOutput(result=result, extras={"teacher_ckpt": teacher_ckpt}, metrics=metrics, timings=timings)
+        return MethodOutput(result=result, extras={"teacher_ckpt": teacher_ckpt, "recover_history": r["history"]},
+                            metrics=metrics, timings=timings)
+
+    def save(self, ctx: RunContext[ImageData], out: MethodOutput) -> None:
+        """The distilled set (``distilled.pt``, ``distilled.png``: :meth:`ImageMethod.save`) and the
+        per-step history of every recovered batch, ``recover_history.json`` (a list of ``{"batch",
+        "step", "loss_bn", "crop_scale_min", "backbones"}``; not written when empty)."""
+        super().save(ctx, out)
+        history = out.extras.get("recover_history")
+        if history:
+            (Path(ctx.out_dir) / "recover_history.json").write_text(json.dumps(history))
 
 
 def recover_metrics(r: dict, names: list[str], iterations: int) -> dict:

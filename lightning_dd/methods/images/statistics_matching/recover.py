@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +18,13 @@ import torch.nn.functional as F
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import StepLoader
 from lightning_dd.io import atomic_save, check_checkpoint, load_dict, safe_fit_kwargs
-from lightning_dd.training.devices import gather_objects
 from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.images.statistics_matching.crops import crop_scale_min, jitter_crop_flip
 from lightning_dd.methods.images.statistics_matching.statistics import (Backbone, backbone_weights, bn_loss_of,
-                                                                 bn_loss_views, eigenvalue_loss)
+                                                                        bn_loss_views, eigenvalue_loss)
 from lightning_dd.quiet import quiet_lightning
+from lightning_dd.training.devices import gather_objects
+from lightning_dd.training.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,7 @@ class RecoverModule(L.LightningModule):
         hp = self.hp
         opt = torch.optim.Adam([self.slot_images(s) for s in range(self.slots)], lr=hp.lr, betas=(0.5, 0.9),
                                eps=1e-8)
-        total = hp.iterations
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        sched = warmup_cosine(opt, hp.iterations)  # SRe2L's lr_cosine_policy, per step
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

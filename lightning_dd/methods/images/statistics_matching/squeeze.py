@@ -6,72 +6,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.io import atomic_write_text, load_cache, require_keys, safe_fit_kwargs, save_cache
-from lightning_dd.training.cache import cache_key
 from lightning_dd.methods.images.experts import epoch_checkpoints
 from lightning_dd.methods.images.statistics_matching.config import TeacherConfig
-from lightning_dd.methods.images.statistics_matching.statistics import device_of
 from lightning_dd.nets import build_net_cfg, load_net_file
 from lightning_dd.quiet import quiet_lightning
+from lightning_dd.training.cache import cache_key
+from lightning_dd.training.devices import run_device
+from lightning_dd.training.metrics import accuracy
+from lightning_dd.training.schedules import warmup_cosine
+from lightning_dd.training.supervised import SupervisedModule
 
 log = logging.getLogger(__name__)
 
-class TeacherModule(L.LightningModule):
-    """Trains a teacher on real batches (SRe2L's squeeze): SGD (momentum 0.9, Nesterov or not), cosine lr
-    over ``total_steps`` optimizer steps, random crop (4-px padding, or random-resized crop of scale
-    0.25-1 at >= 64 px) and flip (kornia), cross-entropy with ``label_smoothing``.
 
-    Args:
-        net: the network (BatchNorm). lr: initial lr. weight_decay: L2 weight.
-        image_size: ``(H, W)`` of the batches ``x (B, C, H, W)``, ``y (B,)``.
-    """
-
-    def __init__(self, net: nn.Module, lr: float, total_steps: int, weight_decay: float, image_size,
-                 label_smoothing: float = 0.0, nesterov: bool = False):
-        super().__init__()
-        import kornia.augmentation as K
-
-        self.net, self.lr, self.total_steps, self.weight_decay = net, lr, total_steps, weight_decay
-        self.label_smoothing, self.nesterov = label_smoothing, nesterov
-        h, w = image_size
-        crop = K.RandomResizedCrop((h, w), scale=(0.25, 1.0)) if h >= 64 else K.RandomCrop((h, w), padding=4)
-        self.augment = nn.Sequential(crop, K.RandomHorizontalFlip())
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(self.augment(x)), y, label_smoothing=self.label_smoothing)
-        self.log("squeeze/train_loss", loss, prog_bar=True, logger=False)
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.SGD(self.net.parameters(), lr=self.lr, momentum=0.9, nesterov=self.nesterov,
-                              weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, self.total_steps) / max(1, self.total_steps))))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-@torch.no_grad()
-def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``net`` in eval mode on ``images (N, C, H, W)``,
-    ``labels (N,)``, batch by batch on the network's device."""
-    net.eval()
-    dev = device_of(net)
-    correct = sum(int((net(x.to(dev)).argmax(1).cpu() == y).sum())
-                  for x, y in zip(images.split(batch_size), labels.split(batch_size)))
-    return correct / max(1, len(labels))
+def teacher_module(net: torch.nn.Module, tcfg: TeacherConfig, total_steps: int, image_size) -> SupervisedModule:
+    """The squeeze's LightningModule (SRe2L Sec. 3.1): SGD (momentum 0.9, Nesterov or not, L2
+    ``weight_decay``), cosine lr from ``tcfg.lr`` to 0 over ``total_steps`` optimizer steps, random
+    crop + flip, cross-entropy with ``label_smoothing``
+    (:class:`~lightning_dd.training.supervised.SupervisedModule`)."""
+    opt = partial(torch.optim.SGD, lr=tcfg.lr, momentum=0.9, nesterov=tcfg.nesterov, weight_decay=tcfg.weight_decay)
+    return SupervisedModule(net, opt, partial(warmup_cosine, total=total_steps), image_size, tcfg.label_smoothing,
+                            "squeeze/train_loss")
 
 
 def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed: int = 0,
@@ -88,7 +54,7 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
         cache_root: ``paths.cache_dir/teachers``; the file is ``<key>/teacher.pt`` with the key over
             the data identity, ``net_cfg``, the training settings and ``seed``.
         trainer: the run's Trainer factory (``TrainerFactory()`` when ``None``); its accelerator
-            also places the returned network (:func:`run_device`).
+            also places the returned network (:func:`~lightning_dd.training.devices.run_device`).
 
     Returns:
         ``{"net": nn.Module (eval, on the run's device), "path": Path, "test_acc": float (fraction),
@@ -130,8 +96,7 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     net = build_net_cfg(net_cfg, dm.image_shape[0], dm.num_classes, dm.image_shape[1:])
     loader = batch_loader(dm.train_images, dm.train_labels, tcfg.batch_size, epochs=1, seed=seed)
     steps = epochs * len(loader)
-    module = TeacherModule(net, tcfg.lr, steps, tcfg.weight_decay, dm.image_shape[1:], tcfg.label_smoothing,
-                           tcfg.nesterov)
+    module = teacher_module(net, tcfg, steps, dm.image_shape[1:])
     callbacks, resume = epoch_checkpoints(path.parent / "partial", loader.dataset, f"teacher {path.parent.name}")
     trainer("squeeze", max_epochs=epochs, enable_progress_bar=False, callbacks=callbacks,
             enable_checkpointing=True).fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())
@@ -150,7 +115,8 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
 
 def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
     """A teacher checkpoint ``{"net_cfg", "state_dict", ...}`` (``method.teacher.ckpt``) on the run's
-    device (:func:`run_device`), with its test accuracy (stored, else measured on ``dm``'s test set).
+    device (:func:`~lightning_dd.training.devices.run_device`), with its test accuracy (stored, else
+    measured on ``dm``'s test set).
 
     Returns:
         ``{"net", "path", "test_acc", "seconds": 0.0, "cached": True}`` (as :func:`squeeze`).

@@ -8,7 +8,8 @@ Precision", arXiv 2307.00331, TMLR 2024).
   the integer export ``quantized.pt`` and its reload.
 * :mod:`.regularizer`: the variation-aware bin regularizer (vectorized), its cosine ramp, the
   oscillation tracker.
-* :mod:`.training`: FP training and QAT with multi-crop KD from the FP teacher (Lightning).
+* :mod:`.training`: FP training (the shared
+  :class:`~lightning_dd.training.supervised.SupervisedModule`) and QAT with multi-crop KD from the FP teacher (Lightning).
 * :mod:`.method`: :class:`QATViT`, the method (stages ``fp``, ``ptq``, ``qat``, ``all``).
 
 Reference code: github.com/HuangOwen/Quantization-Variation (``train_VVTQ.py``,
@@ -36,7 +37,5 @@ Deviations kept (reasons):
   images; here on 64 training images (no test image is fitted).
 * A weight's bin in the regularizer is its integer code (the reference compares ``w_q / s`` with
   each level in floating point, :mod:`.regularizer`).
-* ``quantizer.impl="fused"`` (PyTorch's fake-quantize kernel, round before clamp) is available but
-  not the default (:mod:`.quantizer`).
 """
 from lightning_dd.methods.quantization.qat_vit.method import QATViT  # noqa: F401

@@ -12,23 +12,23 @@ from typing import Annotated, ClassVar, Literal
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.training.cache import cache_key
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
-                                                quantized_layers, quantizers)
+                                                             quantized_layers, quantizers)
 from lightning_dd.methods.quantization.qat_vit.regularizer import within_bin_variance
-from lightning_dd.methods.quantization.qat_vit.training import FPModule, Pass, QATModule, images_per_step
-from lightning_dd.methods.images.statistics_matching.squeeze import accuracy, run_device
+from lightning_dd.methods.quantization.qat_vit.training import Pass, QATModule, fp_module, images_per_step
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.nets.vit import ViT, load_vit_state
 from lightning_dd.nets.weight_selection import weight_selection
 from lightning_dd.quiet import quiet_lightning
+from lightning_dd.training.cache import cache_key
+from lightning_dd.training.devices import run_device
+from lightning_dd.training.metrics import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -71,50 +71,50 @@ class QATViT(Method):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("fp", "ptq", "qat", "all")
-    name: str = "qat_vit"
-    bits: Bits = 4
-    act_bits: Bits | None = None
-    keep_bits: Bits = 8
-    grad_scale: Literal["reference", "lsq"] = "reference"
-    fp_ckpt: str | None = None
-    fp_init_from: str | None = None
-    fp_epochs: PositiveInt = 300
-    fp_lr: PositiveFloat = 5e-4
-    fp_batch_size: PositiveInt = 512
-    fp_weight_decay: NonNegFloat = 0.05
-    fp_warmup_epochs: NonNegInt = 5
-    fp_seed: NonNegInt | None = None
-    label_smoothing: Fraction = 0.1
-    drop_path: Fraction = 0.1
-    epochs: PositiveInt = 150
-    lr: PositiveFloat = 5e-4
-    weight_decay: NonNegFloat = 1e-4
-    batch_size: PositiveInt = 512
-    num_crops: PositiveInt = 4
-    crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
-    warmup_epochs: NonNegInt = 0
-    reg_weight: NonNegFloat = 0.01
-    reg_start: Fraction = 0.25
-    calib_images: PositiveInt = 64
-    stream_train: bool = False
-    stream_per_class: PositiveInt | None = None
-    eval_per_class: PositiveInt | None = None
-    loader_workers: NonNegInt = 0
-    baselines: list[Literal["ptq", "qat_noreg"]] = ["ptq", "qat_noreg"]
+    name: str
+    bits: Bits
+    act_bits: Bits | None
+    keep_bits: Bits
+    grad_scale: Literal["reference", "lsq"]
+    fp_ckpt: str | None
+    fp_init_from: str | None
+    fp_epochs: PositiveInt
+    fp_lr: PositiveFloat
+    fp_batch_size: PositiveInt
+    fp_weight_decay: NonNegFloat
+    fp_warmup_epochs: NonNegInt
+    fp_seed: NonNegInt | None
+    label_smoothing: Fraction
+    drop_path: Fraction
+    epochs: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegFloat
+    batch_size: PositiveInt
+    num_crops: PositiveInt
+    crop_scale: tuple[Fraction, Fraction]
+    warmup_epochs: NonNegInt
+    reg_weight: NonNegFloat
+    reg_start: Fraction
+    calib_images: PositiveInt
+    stream_train: bool
+    stream_per_class: PositiveInt | None
+    eval_per_class: PositiveInt | None
+    loader_workers: NonNegInt
+    baselines: list[Literal["ptq", "qat_noreg"]]
 
-    def check(self, cfg: DictConfig) -> None:
+    def check(self, ctx: RunContext) -> None:
         from hydra.utils import get_class
 
         from lightning_dd.methods.quantization.qat_vit.model import QUANTIZABLE
 
-        target = str(cfg.net.get("_target_", "")) if "net" in cfg else ""
+        target = str(ctx.net.get("_target_", ""))
         try:  # a net built by name (no _target_, e.g. ConvNet) is not quantizable either
             ok = bool(target) and issubclass(get_class(target), QUANTIZABLE)
         except (ImportError, ValueError, TypeError):  # not a class path at all
             ok = False
         if not ok:
             raise ConfigError("net: QAT-ViT quantizes a lightning_dd.nets.vit.ViT or nets.swin.Swin (net=vit_tiny_cifar, "
-                              f"deit_tiny, swin_tiny); got {target or cfg.net.get('name')!r}")
+                              f"deit_tiny, swin_tiny); got {target or ctx.net.get('name')!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"method.crop_scale: need 0 < min <= max <= 1, got {list(self.crop_scale)}")
         if self.batch_size < self.num_crops:
@@ -124,8 +124,7 @@ class QATViT(Method):
     # ------------------------------------------------------------------------------------ stages
 
     def _net_cfg(self, ctx: RunContext) -> dict:
-        cfg = OmegaConf.to_container(ctx.cfg.net, resolve=True)
-        return {**cfg, "drop_path": self.drop_path}
+        return {**ctx.net, "drop_path": self.drop_path}
 
     def _build(self, ctx: RunContext, net_cfg: dict) -> ViT:
         dm = ctx.dm
@@ -134,7 +133,7 @@ class QATViT(Method):
     def fp_model(self, ctx: RunContext) -> tuple[ViT, dict]:
         """The FP ViT: ``fp_ckpt`` loaded strictly (fused qkv split), else trained once and cached.
         Returns ``(net in eval mode on the run's device, info)``."""
-        dm, dev, net_cfg = ctx.dm, run_device(ctx.trainer.accelerator), self._net_cfg(ctx)
+        dm, dev, net_cfg = ctx.dm, run_device(ctx.make_trainer.accelerator), self._net_cfg(ctx)
         if self.fp_ckpt:
             d = safe_load(self.fp_ckpt, "FP checkpoint (method.fp_ckpt)")
             state = d.get("state_dict", d.get("model", d)) if isinstance(d, dict) else None
@@ -147,7 +146,7 @@ class QATViT(Method):
                 "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
                 "ls": self.label_smoothing, "init_from": self.fp_init_from,
                 "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
-        path = Path(ctx.cfg.paths.cache_dir) / "qat_vit_fp" / cache_key(spec) / "fp.pt"
+        path = Path(ctx.cache_dir) / "qat_vit_fp" / cache_key(spec) / "fp.pt"
         built = {}
 
         def check(d):  # weights that do not fit the net make the entry unusable (ValueError): retrained
@@ -166,9 +165,9 @@ class QATViT(Method):
             weight_selection(net, src["state_dict"])  # fused (timm, official) or separate q/k/v
         loader = self._loader(ctx, self.fp_batch_size, fp_seed)
         steps = self.fp_epochs * len(loader)
-        module = FPModule(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
-                          dm.image_shape[1:], self.label_smoothing)
-        ctx.trainer("fp", max_epochs=self.fp_epochs, logger=ctx.loggers).fit(module, loader)
+        module = fp_module(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
+                           dm.image_shape[1:], self.label_smoothing)
+        ctx.make_trainer("fp", max_epochs=self.fp_epochs, logger=ctx.loggers).fit(module, loader)
         net = net.to(dev).eval()
         secs = time.perf_counter() - t0
         acc = accuracy(net, dm.test_images, dm.test_labels) if self.eval_per_class is None else None
@@ -221,7 +220,7 @@ class QATViT(Method):
 
         module = QATModule(student, fp, self.lr, self.weight_decay, self.epochs, self.num_crops, self.warmup_epochs,
                            loader_for, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
-        ctx.trainer(prefix, max_epochs=len(module.passes), reload_dataloaders_every_n_epochs=1,
+        ctx.make_trainer(prefix, max_epochs=len(module.passes), reload_dataloaders_every_n_epochs=1,
                     logger=ctx.loggers).fit(module)
         return student.eval(), module
 
@@ -251,14 +250,19 @@ class QATViT(Method):
             timings[f"{prefix}_s"] = time.perf_counter() - t0
             models[prefix], trained[prefix] = model, module
             metrics.update(self._variation(model, module, prefix))
-        export = export_quantized(models["qat"], self._net_cfg(ctx), self.bits, self.act_bits or self.bits,
-                                  self.keep_bits, self.grad_scale)
-        atomic_save(export, ctx.out_dir / "quantized.pt")
-        extras["quantized_path"] = str(ctx.out_dir / "quantized.pt")
-        self._report(ctx.out_dir, models, trained)
-        if "ptq" not in self.baselines:
-            models.pop("ptq")
+        extras["export"] = export_quantized(models["qat"], self._net_cfg(ctx), self.bits, self.act_bits or self.bits,
+                                            self.keep_bits, self.grad_scale)
+        extras["osc_rates"] = {k: m.last_rates for k, m in trained.items()}
         return MethodOutput(extras=extras, metrics=metrics, timings=timings)
+
+    def save(self, ctx: RunContext, out: MethodOutput) -> None:
+        """After stage ``qat`` or ``all``: the integer export ``quantized.pt``
+        (:func:`~.model.export_quantized`) and the per-quantizer report ``layers.csv`` /
+        ``layers.json`` of the PTQ and QAT models (:meth:`_report`); nothing after ``fp`` / ``ptq``."""
+        if "export" not in out.extras:
+            return
+        atomic_save(out.extras["export"], ctx.out_dir / "quantized.pt")
+        self._report(ctx.out_dir, out.extras["models"], out.extras["osc_rates"])
 
     # ------------------------------------------------------------------------------ measurements
 
@@ -266,18 +270,19 @@ class QATViT(Method):
         """Mean within-bin variance and oscillation rate (last epoch) over the target-bit layers."""
         layers = {n: m for n, m in quantized_layers(model).items() if m.wq.bits == self.bits}
         var = [within_bin_variance(m.weight, m.wq.step, m.wq.qn, m.wq.qp) for m in layers.values()]
-        rates = getattr(module, "last_rates", {})
+        rates = module.last_rates
         osc = [rates[n] for n in layers if n in rates]
         return {f"{prefix}/bin_var": sum(var) / max(1, len(var)), f"{prefix}/osc_rate": sum(osc) / max(1, len(osc))}
 
-    def _report(self, out_dir: Path, models: dict, trained: dict) -> None:
-        """``layers.csv`` / ``layers.json``: one row per quantizer of the QAT model(s) and PTQ."""
+    def _report(self, out_dir: Path, models: dict, osc_rates: dict) -> None:
+        """``layers.csv`` / ``layers.json``: one row per quantizer of the QAT model(s) and PTQ
+        (``osc_rates``: per QAT model, its layers' oscillation rates in the last pass)."""
         rows = []
         for which in ("ptq", "qat_noreg", "qat"):
             if which not in models:
                 continue
             model = models[which]
-            rates = getattr(trained.get(which), "last_rates", {})
+            rates = osc_rates.get(which, {})
             layers = quantized_layers(model)
             for name, q in quantizers(model).items():
                 owner = name.rsplit(".", 1)[0]
@@ -286,7 +291,7 @@ class QATViT(Method):
                        "bin_var": "", "quant_mse": "", "osc_rate": ""}
                 if q.kind == "weight" and owner in layers:
                     w = layers[owner].weight.detach()
-                    row["bin_var"] = within_bin_variance(w, q.step, q.qn, q.qp)
+                    row["bin_var"] = within_bin_variance(w, q.step.detach(), q.qn, q.qp)
                     row["quant_mse"] = float(((q(w) - w) ** 2).mean() / (q.step.detach() ** 2))
                     row["osc_rate"] = rates.get(owner, "")
                 rows.append(row)
@@ -306,20 +311,23 @@ class QATViT(Method):
         return xs, ys
 
     def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        """Test accuracy (fraction) of every model of the run, ``eval/<model>/acc``, and of the
-        reloaded ``quantized.pt``: ``eval/qat/export_acc`` and ``eval/qat/export_agree`` (share of
-        test predictions equal to the fake-quantized model's; 1.0 expected)."""
+        """Test accuracy (fraction) of every model of the run, ``eval/<model>/acc`` (PTQ only when
+        ``ptq`` is in ``baselines``), and of the integer export (the dict :meth:`save` writes to
+        ``quantized.pt``, rebuilt by :func:`~.model.load_quantized`): ``eval/qat/export_acc`` and
+        ``eval/qat/export_agree`` (share of test predictions equal to the fake-quantized model's;
+        1.0 expected)."""
         dm, res = ctx.dm, {}
-        dev = run_device(ctx.trainer.accelerator)
+        dev = run_device(ctx.make_trainer.accelerator)
         xs, ys = self._test_set(ctx)
         if self.eval_per_class:
             res["eval/test_images"] = len(ys)
         for name, model in out.extras.get("models", {}).items():
+            if name == "ptq" and "ptq" not in self.baselines:  # QAT's start, reported in layers.csv only
+                continue
             res[f"eval/{name}/acc"] = accuracy(model.to(dev), xs, ys)
-        path = out.extras.get("quantized_path")
-        if path:
-            d = safe_load(path, "quantized model")
-            q = load_quantized(d, dm.image_shape[0], dm.num_classes, dm.image_shape[1:]).to(dev)
+        export = out.extras.get("export")
+        if export is not None:
+            q = load_quantized(export, dm.image_shape[0], dm.num_classes, dm.image_shape[1:]).to(dev)
             ref = out.extras["models"]["qat"].to(dev).eval()
             agree = correct = 0
             with torch.no_grad():

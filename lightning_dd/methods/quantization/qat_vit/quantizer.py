@@ -25,13 +25,12 @@ Initialization (reference): weight steps by the MSE fixed-point fit :func:`mse_s
 forward, as the reference (a step an AdamW update drove below it, e.g. an 8-bit weight step of
 ~1e-3 at lr 5e-4, restarts at 1e-4 and keeps learning).
 
-Deviation from the reference code kept as an option (``impl="fused"``, not the default):
 PyTorch's fused learnable fake-quantize kernel (``torch._fake_quantize_learnable_per_tensor_affine``)
-rounds before it clamps; its values are the same, its gradients differ for ``u`` within half a step
+rounds before it clamps: its values are the same, its gradients differ for ``u`` within half a step
 outside ``[Qn, Qp]`` (there it passes the input gradient and gives the step ``round(u) - u``, the
-reference 0 and ``Qn``/``Qp``). At exact ties ``u = Qn`` or ``u = Qp`` the reference's
-``torch.minimum``/``maximum`` split the gradient in halves; here the tie counts as outside (a
-measure-zero set for real inputs).
+reference 0 and ``Qn``/``Qp``; ``tests/test_qat_vit.py`` compares the two). At exact ties
+``u = Qn`` or ``u = Qp`` the reference's ``torch.minimum``/``maximum`` split the gradient in
+halves; here the tie counts as outside (a measure-zero set for real inputs).
 """
 from __future__ import annotations
 
@@ -43,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 GradScale = Literal["reference", "lsq"]
-Impl = Literal["reference", "fused"]
 MIN_STEP = 1e-4  # the reference's ``alpha.data.clamp_(min=1e-4)``
 
 
@@ -126,9 +124,6 @@ class Quantizer(nn.Module):
             batch in :meth:`forward`); also selects the gradient-scale formula.
         offset: learn an offset ``beta`` (the unsigned GELU output, whose minimum is about -0.17).
         grad_scale: ``"reference"`` | ``"lsq"`` (module docstring).
-        impl: ``"reference"`` (default): :class:`_LSQ`, the reference's clamp-then-round with its
-            gradients; ``"fused"``: PyTorch's fused kernel (round, then clamp: the gradients differ
-            within half a step outside the range, module docstring).
 
     Attributes:
         step: ``()`` parameter. beta: ``()`` parameter (``offset``) or ``None``.
@@ -139,7 +134,7 @@ class Quantizer(nn.Module):
     """
 
     def __init__(self, bits: int, signed: bool, kind: Literal["weight", "act"] = "act", offset: bool = False,
-                 grad_scale: GradScale = "reference", impl: Impl = "reference"):
+                 grad_scale: GradScale = "reference"):
         super().__init__()
         self.bits, self.signed, self.kind, self.grad_mode = bits, signed, kind, grad_scale
         self.qn, self.qp = qrange(bits, signed)
@@ -148,7 +143,6 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("_zero", torch.zeros(1), persistent=False)
         self.enabled = True
-        self.impl = impl
 
     def extra_repr(self) -> str:
         return f"{self.kind}, bits={self.bits}, signed={self.signed}, offset={self.beta is not None}"
@@ -194,13 +188,8 @@ class Quantizer(nn.Module):
         g = self.grad_factor(x) if torch.is_grad_enabled() and self.step.requires_grad else 1.0
         with torch.no_grad():  # the reference's in-place clamp: a step an update drove below it restarts there
             self.step.clamp_(min=MIN_STEP)
-        s = self.step
-        if self.impl == "fused":
-            xc = x - self.beta if self.beta is not None else x
-            y = torch._fake_quantize_learnable_per_tensor_affine(xc, s.reshape(1), self._zero, self.qn, self.qp, g)
-            return y + self.beta if self.beta is not None else y
         beta = self.beta if self.beta is not None else self._zero.reshape(())
-        return _LSQ.apply(x, s, beta, self.qn, self.qp, g)
+        return _LSQ.apply(x, self.step, beta, self.qn, self.qp, g)
 
 
 class QLinear(nn.Module):

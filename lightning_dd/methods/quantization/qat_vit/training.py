@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import lightning as L
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from lightning_dd.augment.crops import crop_resize, sample_crops
 from lightning_dd.losses import soft_cross_entropy
 from lightning_dd.methods.quantization.qat_vit.model import quantized_layers
 from lightning_dd.methods.quantization.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
-from lightning_dd.methods.images.statistics_matching.crops import crop_resize, sample_crops
+from lightning_dd.training.schedules import warmup_cosine
+from lightning_dd.training.supervised import SupervisedModule
 
 
 def multi_crop(x: torch.Tensor, num_crops: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -54,40 +56,15 @@ def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _cosine(opt, total: int, warmup: int):
-    def f(s):
-        if s < warmup:
-            return (s + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-class FPModule(L.LightningModule):
-    """Trains the FP ViT: AdamW, linear warmup then cosine over ``total_steps``, random crop
-    (4-px padding below 64 px, random-resized crop of scale 0.25-1 above) and flip (kornia),
-    cross-entropy with ``label_smoothing``. Batches ``x (B, C, H, W)``, ``y (B,)``."""
-
-    def __init__(self, net: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
-                 image_size, label_smoothing: float = 0.1):
-        super().__init__()
-        import kornia.augmentation as K
-
-        self.net, self.lr, self.wd = net, lr, weight_decay
-        self.total, self.warmup, self.ls = total_steps, warmup_steps, label_smoothing
-        h, w = image_size
-        crop = K.RandomResizedCrop((h, w), scale=(0.25, 1.0)) if h >= 64 else K.RandomCrop((h, w), padding=4)
-        self.augment = nn.Sequential(crop, K.RandomHorizontalFlip())
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self.net(self.augment(x)), y, label_smoothing=self.ls)
-        self.log("fp/train_loss", loss, prog_bar=True, logger=False)
-        return loss
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(_param_groups(self.net, self.wd), lr=self.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": _cosine(opt, self.total, self.warmup),
-                                                   "interval": "step"}}
+def fp_module(net: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int, image_size,
+              label_smoothing: float) -> SupervisedModule:
+    """The FP ViT's LightningModule (DeiT's recipe, arXiv 2012.12877): AdamW (weight decay on >= 2-dim
+    weights only), linear warmup over ``warmup_steps`` then cosine to 0 at ``total_steps`` (per
+    optimizer step), random crop + flip, cross-entropy with ``label_smoothing``
+    (:class:`~lightning_dd.training.supervised.SupervisedModule`). Batches ``x (B, C, H, W)``, ``y (B,)``."""
+    return SupervisedModule(net, partial(torch.optim.AdamW, lr=lr),
+                            partial(warmup_cosine, total=total_steps, warmup=warmup_steps), image_size,
+                            label_smoothing, "fp/train_loss", param_groups=partial(_param_groups, weight_decay=weight_decay))
 
 
 @dataclass(frozen=True)
@@ -189,7 +166,7 @@ class QATModule(L.LightningModule):
         self.gen = torch.Generator().manual_seed(seed)
         self.layers = quantized_layers(student)
         self.tracker: OscillationTracker | None = None
-        self.osc_history: list[float] = []
+        self.last_rates: dict[str, float] = {}  # per layer, the last pass's oscillation rate
 
     @property
     def current_pass(self) -> Pass:
@@ -233,7 +210,6 @@ class QATModule(L.LightningModule):
     def on_train_epoch_end(self):
         rates = self.tracker.rates()
         osc = sum(rates.values()) / max(1, len(rates))
-        self.osc_history.append(osc)
         self.log(f"{self.prefix}/osc_rate", osc, on_epoch=True)
         self.last_rates = rates
         self.tracker.reset()
