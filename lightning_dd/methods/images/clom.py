@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 
 class ClomConfig(Typed):
-    """``method.clom``: the CLoM term and its pool (arXiv 2310.03295, Sec. 4-5).
+    """``method.clom``: the CLoM term and its pool (arXiv 2310.03295, Sec. 4-5); the defaults, the
+    authors' pool recipe with the term off, are in ``conf/clom/default.yaml``.
 
     Attributes:
         enabled: add the term.
@@ -77,7 +78,7 @@ class ClomConfig(Typed):
             ``MultiStepLR``, ``--lr_decay_step 50,100``, stepped per epoch); empty: constant lr.
         augment: train the pool models with the run's DSA on every batch (the authors train them
             without augmentation; the CPU presets keep DSA to share the trajectory-matching experts).
-        on_augmented: compute the term on the DSA-augmented synthetic batch (default: on ``S``).
+        on_augmented: compute the term on the DSA-augmented synthetic batch (false: on ``S``).
         real_batch: real images the cosine term contrasts against, drawn uniformly with replacement
             from the training set each iteration (the authors' ``CLoM_batch_size``, README 8196;
             :func:`uniform_real_batch`; used by DM, trajectory matching draws its own).

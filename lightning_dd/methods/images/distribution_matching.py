@@ -51,17 +51,16 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.core.config import ConfigError, Fraction, PositiveFloat, PositiveInt
-from lightning_dd.data.batches import StepLoader
 from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term, penultimate, uniform_real_batch
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.results import DistilledSet
+from lightning_dd.training.fit import fit_steps
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +255,9 @@ class DMMethod(ImageMethod):
         module = DistributionMatching(x, y, dm.train_images, dm.train_labels, dm.num_classes, dict(ctx.net), self, dsa,
                                       clom, seed=seed)
         ckpt_dir = ctx.out_dir / "checkpoints"
-        ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
-                                  save_last=True, save_top_k=1)
-        trainer = ctx.make_trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
-                                   callbacks=[ckpt_cb, *self.callbacks(ctx)], log_every_n_steps=10,
-                                   enable_checkpointing=True)
-        ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
-        trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
+        trainer = fit_steps(module, ctx.make_trainer, "distill", self.iterations, ckpt_dir, self.ckpt_every,
+                            ctx.resume_from(ckpt_dir / "last.ckpt", "distillation"), ctx.loggers,
+                            self.callbacks(ctx), log_every_n_steps=10)
         timings["distill_s"] = time.perf_counter() - t0
         metrics["distill/iterations"] = trainer.global_step
         images, labels, _ = module.current_set()

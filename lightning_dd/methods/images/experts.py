@@ -148,18 +148,17 @@ class ExpertBank:
         spec: everything that determines the trajectories (becomes the cache key and is saved
             beside them as ``spec.json``).
         net_cfg: ``{"name": ..., **kwargs}`` for :func:`build_net`.
-        lr_teacher, epochs, batch_size, momentum, weight_decay: expert SGD settings.
+        lr_teacher, epochs, batch_size, momentum, weight_decay: expert SGD settings (momentum and
+            weight decay 0: MTT's plain SGD; the CLoM pool sets the authors' values).
         dsa: augmentation of real batches (``None`` = none).
         seed: expert ``i`` uses seed ``seed + i``.
         make_trainer: the run's Trainer factory (its ``compile`` flag compiles the network: speed
             only, not part of the key; its precision is part of the key when not ``32-true``).
     """
 
-    def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int,
-                 batch_size: int = 256, momentum: float = 0.0, weight_decay: float = 0.0,
-                 dsa: DSA | None = None, seed: int = 0, make_trainer: TrainerFactory | None = None,
-                 lr_milestones: tuple[int, ...] = ()):
-        make_trainer = make_trainer or TrainerFactory()
+    def __init__(self, root: str | Path, spec: dict, net_cfg: dict, lr_teacher: float, epochs: int, batch_size: int,
+                 *, make_trainer: TrainerFactory, momentum: float = 0.0, weight_decay: float = 0.0,
+                 dsa: DSA | None = None, seed: int = 0, lr_milestones: tuple[int, ...] = ()):
         if str(make_trainer.precision) not in ("32-true", "32"):
             spec = {**spec, "precision": str(make_trainer.precision)}
         self.spec = {**spec, "net": dict(net_cfg), "lr_teacher": lr_teacher, "epochs": epochs,

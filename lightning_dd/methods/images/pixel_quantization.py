@@ -61,7 +61,7 @@ class PixelQuantizationConfig(Typed):
     """``method.pixel``: DQ's pixel step (arXiv 2308.10524, Sec. 3.4).
 
     Attributes:
-        enabled: run the step (on by default, as the README's CIFAR pipeline).
+        enabled: run the step (on in ``conf/method/dq.yaml``, as the README's CIFAR pipeline).
         patch: patch side in pixels (the image size must be a multiple).
         drop_ratio: share of each image's patches dropped (least GradCAM++ importance first; the
             reference's ``--mask_ratio``, 0.2).

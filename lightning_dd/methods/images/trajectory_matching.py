@@ -69,28 +69,26 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import ClassVar, Literal
 
 import lightning as L
 import torch
-from typing import ClassVar, Literal
-
-from lightning.pytorch.callbacks import ModelCheckpoint
 from pydantic import model_validator
 
 from lightning_dd.augment.dsa import DSA
 from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.data.batches import StepLoader
 from lightning_dd.data.protocols import ImageData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.images.base import ImageMethod
 from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, clom_term
-from lightning_dd.training.devices import planned_world_size, require_ddp
 from lightning_dd.methods.images.experts import ExpertSettings, expert_bank
 from lightning_dd.methods.images.meta_grad import (MetaGradChoice, StudentFunctions, StudentStep, compile_verified,
-                                            draw_student_steps,
-                                            matching_loss_and_grads, resolve_meta_grad, unroll_memory_bytes)
+                                                   draw_student_steps, matching_loss_and_grads, resolve_meta_grad,
+                                                   unroll_memory_bytes)
 from lightning_dd.nets import FlatParams, build_net_cfg
 from lightning_dd.results import DistilledSet
+from lightning_dd.training.devices import planned_world_size, require_ddp
+from lightning_dd.training.fit import fit_steps
 
 log = logging.getLogger(__name__)
 
@@ -450,16 +448,11 @@ class TrajectoryMatchingMethod(ExpertSettings, ImageMethod):
         module = TrajectoryMatching(images, labels, trajectories, net, self, dsa, seed=seed, clom=clom,
                                     clom_real=(dm.train_images, dm.train_labels))
         ckpt_dir = ctx.out_dir / "checkpoints"
-        ckpt_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="distill-{step}", every_n_train_steps=self.ckpt_every,
-                                  save_last=True, save_top_k=1)
-        trainer = ctx.make_trainer("distill", max_steps=self.iterations, max_epochs=1, logger=ctx.loggers,
-                                   callbacks=[ckpt_cb, *self.callbacks(ctx)], log_every_n_steps=1,
-                                   enable_checkpointing=True)
-        ckpt_path = ctx.resume_from(ckpt_dir / "last.ckpt", "distillation")
-        trainer.fit(module, StepLoader(self.iterations, lambda: module.global_step), ckpt_path=ckpt_path)
+        trainer = fit_steps(module, ctx.make_trainer, "distill", self.iterations, ckpt_dir, self.ckpt_every,
+                            ctx.resume_from(ckpt_dir / "last.ckpt", "distillation"), ctx.loggers,
+                            self.callbacks(ctx), log_every_n_steps=1)
         timings["distill_s"] = time.perf_counter() - t0
-        metrics["distill/iterations"] = trainer.global_step
-        metrics["distill/meta_grad_mode"] = module.meta_grad.label
+        metrics.update({"distill/iterations": trainer.global_step, "distill/meta_grad_mode": module.meta_grad.label})
         x, y, lr = module.current_set()
         result = DistilledSet(x, y, lr, dm.classes, dm.preprocessing.state(), method=self.name, ipc=self.ipc,
                               meta={"iterations": metrics["distill/iterations"]})
