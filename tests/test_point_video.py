@@ -1,6 +1,7 @@
-"""Point-cloud videos (issue 15): point ops vs brute force, the npz reader and clips, the skeleton
-renderer on a real MSR-Action3D file, the P4Transformer tube embedding, MaST-Pre's losses, and a
-whole MaST-Pre -> fine-tune run on tiny files in the real layout."""
+"""Point-cloud videos: point ops vs brute force, the npz reader and clips, the skeleton renderer on a
+real MSR-Action3D file, the P4Transformer tube embedding, MaST-Pre's losses, the contrastive
+pretext, the family's shared pretraining run, and a whole MaST-Pre -> fine-tune run on tiny files
+in the real layout. Methods are built from their config files (the one home of their defaults)."""
 import json
 import subprocess
 import sys
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from hydra.utils import instantiate
+
+from configs import compose_train, run_context
 from conftest import ROOT, SHARED_DATA, load_script
 from lightning_dd.nets.point_ops import ball_query, chamfer_l2, farthest_point_sample, gather_points
 from lightning_dd.data.point_video import (ClipDataset, PointVideoDataModule, parse_video_name, read_point_video,
@@ -17,6 +21,15 @@ from lightning_dd.data.skeleton_render import BONES, fill_untracked, read_skelet
 from lightning_dd.nets.p4transformer import P4Encoder
 
 SKELETON = SHARED_DATA / "msr_action3d" / "skeleton3D"
+EXPERIMENT = {"mast_pre": "mast_pre_msr", "point_contrast": "point_contrast_msr", "msr_finetune": "msr_finetune",
+              "skeleton_msr": "skeleton_msr"}
+SMALL_ENCODER = dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8, radius=0.7, dropout=0.0)
+
+
+def pv_method(name: str, **overrides):
+    """``conf/method/<name>.yaml`` built as the runner builds it (composed under its paper-size
+    experiment, which overrides no method key), with ``overrides`` merged in."""
+    return instantiate(compose_train(f"experiment={EXPERIMENT[name]}").method, _convert_="all", **overrides)
 
 
 # ---------------------------------------------------------------- point ops vs brute force
@@ -168,10 +181,13 @@ def test_untracked_frames_take_the_nearest_tracked_skeleton():
 
 
 # ---------------------------------------------------------------- the tube embedding and MaST-Pre
+_SMALL_MAST_PRE = dict(encoder=SMALL_ENCODER, decoder_dim=32, decoder_depth=1, decoder_heads=4)
+
+
 def test_linear_probe_is_paired_across_encoders_and_averages_its_repeats():
     """Two encoders probed with one seed see the same augmented training clips (a paired gain);
     each repeat draws new clips; the reported accuracy is the mean of the repeats."""
-    from lightning_dd.methods.point_video.common import ProbeConfig, linear_probe
+    from lightning_dd.methods.point_video.common import linear_probe
 
     g = torch.Generator().manual_seed(0)
     vids = [[torch.randn(48, 3, generator=g) * (1 + c) for _ in range(6)] for c in (0, 1, 2, 0, 1, 2)]
@@ -186,13 +202,13 @@ def test_linear_probe_is_paired_across_encoders_and_averages_its_repeats():
         enc.tokens = lambda clip, **kw: (seen.append(clip.clone()), tokens(clip, **kw))[1]
         return enc, seen
 
-    cfg = ProbeConfig(steps=20, repeats=2)
+    cfg = pv_method("mast_pre", probe=dict(steps=20, repeats=2)).probe
     (a, seen_a), (b, seen_b) = recording(0), recording(1)
     ra, rb = (linear_probe(e, train, test, labels[:3], 3, cfg, seed=5) for e in (a, b))
     assert len(seen_a) == 3  # one batch each: the test clips, then the training clips of each repeat
     assert all(torch.equal(x, y) for x, y in zip(seen_a, seen_b))
     assert not torch.equal(seen_a[1], seen_a[2])  # each repeat draws new training clips
-    one = [linear_probe(a, train, test, labels[:3], 3, ProbeConfig(steps=20, repeats=1), seed=s) for s in (5, 6)]
+    one = [linear_probe(a, train, test, labels[:3], 3, cfg.model_copy(update={"repeats": 1}), seed=s) for s in (5, 6)]
     assert ra["video_acc"] == pytest.approx(sum(r["video_acc"] for r in one) / 2)
     assert ra["video_acc_std"] == pytest.approx(float(torch.tensor([r["video_acc"] for r in one],
                                                                    dtype=torch.float64).std()))
@@ -248,7 +264,7 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     shares) on a hand-made ball, then 25 Adam steps lower both losses on a fixed batch, with
     either target (``absolute``, the reference's, and ``displacement``). The reference's own
     values are pinned in tests/parity/test_parity_point_video.py."""
-    from lightning_dd.methods.point_video.mast_pre import (MaSTPre, MaSTPreModule, cardinality_descriptor,
+    from lightning_dd.methods.point_video.mast_pre import (MaSTPreModule, cardinality_descriptor, random_mask,
                                                            soft_cardinality)
 
     above = [[0.1 + 0.01 * i, 0.3, 0.05] for i in range(4)]      # z > 0, near the equator: interpolated
@@ -262,10 +278,12 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     assert cardinality_descriptor(disp, torch.zeros_like(index)).sum() == 0  # empty ball: all indices 0
     shares = soft_cardinality(disp, radius=0.7)
     assert torch.allclose(shares.sum(-1), torch.ones(1))        # cardinality=fraction: every one of the k slots
+    vis, msk = random_mask(3, 10, 0.75)                         # int(0.75 * 10) = 7 masked per sample
+    assert vis.shape == (3, 3) and msk.shape == (3, 7)
+    assert torch.equal(torch.cat([vis, msk], 1).sort(1).values, torch.arange(10).expand(3, 10))
     torch.manual_seed(0)
-    hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
-                                                radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
-    m = MaSTPreModule(hp.encoder.build(), hp, 10)
+    hp = pv_method("mast_pre", **_SMALL_MAST_PRE)
+    m = hp.pretext(hp.encoder.build(), 10)
     x = torch.randn(4, 6, 64, 3)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = None
@@ -282,10 +300,6 @@ def test_mast_pre_losses_fall_on_a_fixed_batch():
     assert torch.allclose(m.targets(neigh, index, xyzt)[0], neigh - xyzt[:, :, None, None, :3])
 
 
-_SMALL_MAST_PRE = dict(name="mast_pre", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8,
-                                                      radius=0.7), decoder_dim=32, decoder_depth=1, decoder_heads=4)
-
-
 def test_encoder_dependence_variants_train_and_see_what_they_say():
     """experiments/point_video/encoder_dependence.py (the MaST-Pre diagnostic): ``frozen`` trains
     everything but the encoder; ``positions`` also leaves ``decoder_embed`` at zero, so its losses
@@ -294,8 +308,8 @@ def test_encoder_dependence_variants_train_and_see_what_they_say():
     x = torch.randn(4, 6, 64, 3)
     for cls, feeds_points in ((ed.FrozenEncoderMaSTPre, True), (ed.PositionsOnlyMaSTPre, False)):
         torch.manual_seed(0)
-        hp = cls(**_SMALL_MAST_PRE)
-        m = hp.module_cls(hp.encoder.build(), hp, 10)
+        hp = cls(**pv_method("mast_pre", **_SMALL_MAST_PRE).model_dump())
+        m = hp.pretext(hp.encoder.build(), 10)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(3):
@@ -316,23 +330,23 @@ def test_encoder_dependence_variants_train_and_see_what_they_say():
         assert (abs(losses[0] - losses[1]) > 1e-4) == feeds_points, (cls.__name__, losses)
 
 
-def test_mast_pre_run_trains_the_module_its_class_names(tmp_path):
-    """``MaSTPre.run`` builds ``module_cls`` (the hook the diagnostic's variants swap): the module a
-    subclass names is the one trained, so its frozen encoder is saved as it was built."""
-    from hydra import compose, initialize_config_dir
+def test_pretraining_run_trains_its_pretext_and_saves_and_probes_that_encoder(tmp_path):
+    """The family's shared pretraining run fits the module the method's ``pretext`` names (here
+    one whose encoder stays frozen), returns that module's encoder, which ``save`` writes to
+    ``encoder.pt`` as it was built and ``evaluate`` probes against a random encoder."""
+    from lightning_dd.methods.point_video.mast_pre import MaSTPre, MaSTPreModule
 
-    from lightning_dd.core.config import instantiate_node
-    from lightning_dd.methods.base import RunContext
+    built = []
 
-    ed, built = load_script("experiments/point_video/encoder_dependence.py"), []
-
-    class Recording(ed.FrozenEncoderModule):
+    class Recording(MaSTPreModule):
         def __init__(self, *args):
             super().__init__(*args)
+            self.encoder.requires_grad_(False)
             built.append((self, {n: p.detach().clone() for n, p in self.named_parameters()}))
 
-    class RecordingMaSTPre(ed.FrozenEncoderMaSTPre):
-        module_cls = Recording
+    class RecordingMaSTPre(MaSTPre):
+        def pretext(self, encoder, steps):
+            return Recording(encoder, self, steps)
 
     rng = np.random.default_rng(0)
     for a, s in ((1, 1), (2, 1), (1, 6), (2, 6)):
@@ -340,18 +354,21 @@ def test_mast_pre_run_trains_the_module_its_class_names(tmp_path):
     dm = PointVideoDataModule(format="npz", root=str(tmp_path / "npz"), num_classes=2, clip_len=6, frame_stride=1,
                               num_points=64, batch_size=2)
     dm.setup()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                                          "trainer.compile=false"])
-    ctx = RunContext(cfg=cfg, dm=dm, out_dir=tmp_path / "run", loggers=[], callbacks=[],
-                     trainer=instantiate_node(cfg.trainer, "trainer"), seed=0)
-    out = RecordingMaSTPre(**_SMALL_MAST_PRE, epochs=2).run(ctx)
+    hp = RecordingMaSTPre(**pv_method("mast_pre", **_SMALL_MAST_PRE, epochs=2, probe=dict(steps=5, repeats=1)).model_dump())
+    assert isinstance(dm, hp.data_protocol)
+    ctx = run_context(dm=dm, out_dir=tmp_path / "run")
+    out = hp.run(ctx)
     (module, init), = built
+    assert out.result is module.encoder and set(out.metrics) >= {"pretrain/loss_epoch", "pretrain/points_epoch"}
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, init[n])}
     assert changed and not any(n.startswith("encoder.") for n in changed), changed
-    saved = torch.load(out.extras["encoder"], weights_only=True)["encoder"]
-    assert {f"encoder.{k}" for k in saved} == {n for n in init if n.startswith("encoder.")}
-    assert all(torch.equal(v, init[f"encoder.{k}"]) for k, v in saved.items())
+    hp.save(ctx, out)
+    saved = torch.load(ctx.out_dir / "encoder.pt", weights_only=True)
+    assert {f"encoder.{k}" for k in saved["encoder"]} == {n for n in init if n.startswith("encoder.")}
+    assert all(torch.equal(v, init[f"encoder.{k}"]) for k, v in saved["encoder"].items())
+    assert saved["final_losses"] == out.metrics and saved["encoder_config"] == hp.encoder.model_dump()
+    res = hp.evaluate(ctx, out)
+    assert 0 <= res["eval/linear_probe/video_acc"] <= 1 and "eval/linear_probe_random/video_acc" in res
 
 
 @pytest.mark.slow
@@ -385,8 +402,7 @@ def test_mast_pre_then_finetune_runs_on_tiny_npz_files(tmp_path):
 
 
 def test_point_contrast_matches_tokens_and_its_losses_fall():
-    from lightning_dd.methods.point_video.point_contrast import (PointContrast, PointContrastModule, kmeans,
-                                                                 match_tokens)
+    from lightning_dd.methods.point_video.point_contrast import PointContrastModule, kmeans, match_tokens
 
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(2, 10, 3, generator=g), torch.arange(1.0, 3.0).repeat_interleave(5).view(1, 10, 1).expand(2, 10, 1)], -1)
@@ -397,9 +413,9 @@ def test_point_contrast_matches_tokens_and_its_losses_fall():
     ids = kmeans(blobs, 2, 3)
     assert (ids[:, :6] == ids[:, :1]).all() and (ids[:, 6:] != ids[:, :1]).all()
     torch.manual_seed(0)
-    hp = PointContrast(name="pc", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8),
-                       proj_dim=16, superpoints=4)
-    m = PointContrastModule(hp.encoder.build(), hp, 10)
+    hp = pv_method("point_contrast", encoder=SMALL_ENCODER, proj_dim=16, superpoints=4)
+    m = hp.pretext(hp.encoder.build(), 10)
+    assert isinstance(m, PointContrastModule)
     clip = torch.randn(4, 1, 6, 64, 3)
     views = torch.cat([clip, clip * torch.tensor([1.05, 0.95, 1.0])], 1)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
@@ -418,7 +434,7 @@ def test_rigid_view_augmentation_is_undone_for_the_correspondence(monkeypatch):
     vertical coordinate only shifted; the anchors of the augmented clip, brought back, are the
     original clip's anchors (so the views' tokens still match), which they are not before."""
     from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
-    from lightning_dd.methods.point_video.point_contrast import PointContrast, PointContrastModule, match_tokens
+    from lightning_dd.methods.point_video.point_contrast import match_tokens
 
     torch.manual_seed(0)
     clip = torch.randn(3, 6, 64, 3)
@@ -436,9 +452,9 @@ def test_rigid_view_augmentation_is_undone_for_the_correspondence(monkeypatch):
     assert torch.allclose(back, xo, atol=1e-4)
     ident = torch.arange(xo.shape[1]).expand(3, -1)
     assert torch.equal(match_tokens(xo, back), ident) and not torch.equal(match_tokens(xo, xa), ident)
-    hp = PointContrast(name="pc", encoder=dict(dim=32, depth=1, heads=4, mlp_dim=64, k=8, spatial_stride=8),
-                       proj_dim=16, superpoints=4, rotation=30.0, translation=0.5)
-    m = PointContrastModule(hp.encoder.build(), hp, 10)
+    hp = pv_method("point_contrast", encoder=SMALL_ENCODER, proj_dim=16, superpoints=4, rotation=30.0,
+                   translation=0.5)
+    m = hp.pretext(hp.encoder.build(), 10)
     views = torch.randn(4, 1, 6, 64, 3).expand(4, 2, 6, 64, 3)  # the same points, rotated and shifted apart
     import lightning_dd.methods.point_video.point_contrast as pc
 
@@ -486,10 +502,9 @@ def test_mast_pre_paper_config_trains_as_long_as_the_reference():
     batch, 200 epochs) over P4Transformer's MSR-Action3D clips (``datasets/msr.py``: a clip at
     every start ``t in range(0, T - (24 - 1))`` of each training video, subjects 1-5): 4478 clips,
     34 steps per epoch, 6800 optimizer steps, 870,400 clips seen. Ours: the DataModule's training
-    loader (whose length :meth:`MaSTPre.run` multiplies by ``epochs`` for the schedule and the
+    loader (whose length the pretraining run multiplies by ``epochs`` for the schedule and the
     Trainer's ``max_epochs``) on videos of the real frame counts (the skeleton files: 20 lines a frame)."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=mast_pre_msr"])
@@ -502,8 +517,8 @@ def test_mast_pre_paper_config_trains_as_long_as_the_reference():
     assert (ref_clips, ref_steps, ref_steps * 128) == (4478, 6800, 870_400)
     dm = instantiate(cfg.data, load_videos=False)
     dm.train_videos, dm.train_labels = [[None] * t for t in train], torch.zeros(len(train), dtype=torch.long)
-    loader = dm.train_dataloader()
-    hp = instantiate(cfg.method)
+    hp = instantiate(cfg.method, _convert_="all")
+    loader = dm.loader(hp.train_clips(dm), shuffle=True, drop_last=True)   # as the pretraining run builds it
     assert len(loader.dataset) == ref_clips and loader.batch_size == 128 and loader.drop_last
     assert hp.epochs * len(loader) == ref_steps and hp.epochs * len(loader) * loader.batch_size == 870_400
 
@@ -511,10 +526,10 @@ def test_mast_pre_paper_config_trains_as_long_as_the_reference():
 def test_an_encoder_saved_with_a_tube_bias_loads_as_the_same_function(tmp_path):
     """Encoders saved before P4DConv became bias-free (the reference's ``bias=False``) load through
     ``load_encoder`` with that bias moved into the position embedding's: the same outputs."""
-    from lightning_dd.methods.point_video.common import EncoderConfig, load_encoder
+    from lightning_dd.methods.point_video.common import load_encoder
 
     torch.manual_seed(0)
-    cfg = EncoderConfig(dim=16, depth=1, heads=2, mlp_dim=32, k=8, spatial_stride=8)
+    cfg = pv_method("msr_finetune", encoder=dict(dim=16, depth=1, heads=2, mlp_dim=32, k=8, spatial_stride=8)).encoder
     enc = cfg.build().eval()
     bias = torch.randn(16)
     x = torch.randn(2, 6, 64, 3)

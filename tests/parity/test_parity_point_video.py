@@ -5,9 +5,11 @@ reference's CUDA ops were replaced by them), so the anchors are the same by cons
 tests pin what is built on them."""
 import pytest
 import torch
+from hydra.utils import instantiate
 
+from configs import compose_train
 from fixture_io import load_fixture
-from lightning_dd.methods.point_video.mast_pre import MaSTPre, MaSTPreModule, mast_pre_losses
+from lightning_dd.methods.point_video.mast_pre import MaSTPreModule, mast_pre_losses
 from lightning_dd.nets.p4transformer import P4DConv, P4Encoder
 
 pytestmark = pytest.mark.parity
@@ -37,13 +39,14 @@ def test_p4dconv_forward_equals_the_reference(family):
 
 
 def _mast_pre(case: dict, **kw) -> tuple[MaSTPreModule, P4Encoder]:
-    hp = MaSTPre(name="mast_pre", encoder=dict(dim=32, depth=1, heads=2, mlp_dim=64, radius=case["radius"],
-                                                k=case["k"], spatial_stride=case["spatial_stride"]),
-                 decoder_dim=32, decoder_depth=1, decoder_heads=2, **kw)
+    hp = instantiate(compose_train("experiment=mast_pre_msr").method, _convert_="all",   # conf/method/mast_pre.yaml
+                     encoder=dict(dim=32, depth=1, heads=2, mlp_dim=64, radius=case["radius"], k=case["k"],
+                                  spatial_stride=case["spatial_stride"], dropout=0.0),
+                     decoder_dim=32, decoder_depth=1, decoder_heads=2, **kw)
     enc = hp.encoder.build()
     with torch.no_grad():
         enc.tube.conv_d.weight.copy_(case["tube_weight"])
-    return MaSTPreModule(enc, hp, 10), enc
+    return hp.pretext(enc, 10), enc
 
 
 def test_mast_pre_targets_equal_the_reference():

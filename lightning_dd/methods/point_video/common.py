@@ -1,11 +1,12 @@
-"""Shared parts of the point-cloud video methods: the typed encoder settings, the encoder
-checkpoint (``encoder.pt``), clip features of a frozen encoder and the linear probe, video-level
-evaluation. Data: :class:`lightning_dd.data.point_video.PointVideoDataModule`."""
+"""Shared parts of the point-cloud video methods: the family's base class (its DataModule protocol),
+the typed encoder settings, the encoder checkpoint (``encoder.pt``), clip features of a frozen
+encoder and the linear probe, the AdamW + warmup-cosine recipe of every stage. Data:
+:class:`lightning_dd.data.protocols.PointVideoData` (:class:`lightning_dd.data.point_video.PointVideoDataModule`)."""
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -13,28 +14,39 @@ import torch.nn.functional as F
 
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
 from lightning_dd.data.point_video import ClipDataset, video_accuracy
+from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.io import atomic_save, load_dict
+from lightning_dd.methods.base import Method
 from lightning_dd.nets.p4transformer import P4Encoder
+from lightning_dd.training.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
-class EncoderConfig(Typed):
-    """P4Transformer encoder settings (:class:`lightning_dd.nets.p4transformer.P4Encoder`); defaults
-    = P4Transformer's MSR-Action3D settings (radius 0.7 in mm/300 units, 32 neighbours, spatial
-    stride 32, temporal kernel 3, stride 2, dim 1024, depth 5, 8 heads, MLP 2048)."""
+class PointVideoMethod(Method):
+    """Base of the point-cloud video family: its methods read a :class:`PointVideoData` DataModule."""
 
-    dim: PositiveInt = 1024
-    depth: PositiveInt = 5
-    heads: PositiveInt = 8
-    mlp_dim: PositiveInt = 2048
-    radius: PositiveFloat = 0.7
-    k: PositiveInt = 32
-    spatial_stride: PositiveInt = 32
-    tk: PositiveInt = 3
-    ts: PositiveInt = 2
-    padding: tuple[int, int] = (1, 0)
-    dropout: Fraction = 0.0
+    data_protocol: ClassVar[type] = PointVideoData
+
+
+class EncoderConfig(Typed):
+    """P4Transformer encoder settings (:class:`lightning_dd.nets.p4transformer.P4Encoder`): token
+    width ``dim``, ``depth`` transformer layers of ``heads`` heads and MLP width ``mlp_dim``, the
+    tube embedding's ball ``radius`` (data units, mm / 300) with ``k`` neighbours, ``spatial_stride``
+    (points per anchor), temporal kernel ``tk``, stride ``ts`` and ``padding``, and ``dropout``.
+    The method configs hold P4Transformer's MSR-Action3D values (Fan et al., CVPR 2021)."""
+
+    dim: PositiveInt
+    depth: PositiveInt
+    heads: PositiveInt
+    mlp_dim: PositiveInt
+    radius: PositiveFloat
+    k: PositiveInt
+    spatial_stride: PositiveInt
+    tk: PositiveInt
+    ts: PositiveInt
+    padding: tuple[int, int]
+    dropout: Fraction
 
     def build(self) -> P4Encoder:
         if self.dim % self.heads:
@@ -48,11 +60,11 @@ class ProbeConfig(Typed):
     repeated ``repeats`` times (each repeat draws its own augmented training clips and initial
     weights; the accuracies are averaged)."""
 
-    steps: PositiveInt = 300
-    lr: PositiveFloat = 0.01
-    weight_decay: NonNegFloat = 1e-4
-    train_views: PositiveInt = 1   # augmented passes over the training clips
-    repeats: PositiveInt = 3
+    steps: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegFloat
+    train_views: PositiveInt   # augmented passes over the training clips
+    repeats: PositiveInt
 
 
 def save_encoder(encoder: P4Encoder, cfg: EncoderConfig, path: Path, method: str, **extra) -> None:
@@ -104,7 +116,7 @@ def clip_features(encoder: P4Encoder, ds: ClipDataset, batch_size: int = 32, vie
 
 
 def linear_probe(encoder: P4Encoder, train: ClipDataset, test: ClipDataset, test_labels: torch.Tensor,
-                 num_classes: int, cfg: ProbeConfig, seed: int = 0) -> dict:
+                 num_classes: int, cfg: ProbeConfig, seed: int) -> dict:
     """Train a linear classifier on frozen clip features of ``train``; video accuracy on ``test``
     (summed clip softmax scores). Repeat ``r`` of ``cfg.repeats`` seeds the global RNG with
     ``seed + r`` before drawing the training clips (resampled points, scale jitter) and the
@@ -140,8 +152,10 @@ def linear_probe(encoder: P4Encoder, train: ClipDataset, test: ClipDataset, test
             "video_acc_std": float(acc[:, 1].std()) if len(runs) > 1 else 0.0}
 
 
-def cosine_warmup(step: int, total: int, warmup: int) -> float:
-    """LR factor: linear warmup over ``warmup`` steps, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def adamw_warmup_cosine(params, lr: float, weight_decay: float, total: int, warmup: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer of every point-video stage: AdamW (``params``:
+    parameters or param groups, ``weight_decay`` their default) and, stepped per optimizer step, a
+    linear warmup over ``warmup`` steps then a cosine to 0 at ``total``
+    (:func:`lightning_dd.training.schedules.warmup_cosine`)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup_cosine(opt, total, warmup), "interval": "step"}}

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.point_video import video_accuracy
-from lightning_dd.io import atomic_save, load_dict
-from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, ProbeConfig, cosine_warmup, linear_probe,
-                                                     load_encoder)
+from lightning_dd.data.protocols import PointVideoData
+from lightning_dd.io import atomic_save
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.point_video.common import (EncoderConfig, PointVideoMethod, ProbeConfig,
+                                                     adamw_warmup_cosine, linear_probe, load_encoder)
 from lightning_dd.nets.p4transformer import P4Classifier
 
 
@@ -48,9 +49,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.wd)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_warmup(s, self.steps, self.warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.parameters(), self.lr, self.wd, self.steps, self.warmup)
 
 
 @torch.no_grad()
@@ -65,25 +64,30 @@ def test_scores(net: P4Classifier, loader) -> tuple[torch.Tensor, torch.Tensor, 
     return torch.cat(s), torch.cat(ys), torch.cat(vs)
 
 
-class PointVideoFinetune(Method):
+class PointVideoFinetune(PointVideoMethod):
     """Fine-tune / train from scratch / linear-probe a P4Transformer classifier (module docstring),
-    ``conf/method/msr_finetune.yaml``."""
+    ``conf/method/msr_finetune.yaml``.
+
+    Result (``finetune`` mode): ``out.result`` is the trained :class:`P4Classifier`; :meth:`save`
+    writes ``classifier.pt`` (``{"classifier": state_dict, "encoder_config", "num_classes",
+    "head_hidden"}``). ``linear`` mode has no artifact: its probe is its evaluation (in :meth:`run`).
+    """
 
     stages: ClassVar[tuple[str, ...]] = ("all", "train")
-    pretrained: str | None = None
-    mode: Literal["finetune", "linear"] = "finetune"
-    encoder: EncoderConfig = EncoderConfig()
-    label_fraction: Fraction = 1.0
-    epochs: PositiveInt = 50
-    lr: PositiveFloat = 5e-4
-    weight_decay: NonNegFloat = 0.05
-    warmup_epochs: NonNegInt = 5
-    label_smoothing: Fraction = 0.1
-    head_hidden: PositiveInt = 256
-    head_dropout: Fraction = 0.5
-    probe: ProbeConfig = ProbeConfig()
+    pretrained: str | None
+    mode: Literal["finetune", "linear"]
+    encoder: EncoderConfig
+    label_fraction: Fraction
+    epochs: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegFloat
+    warmup_epochs: NonNegInt
+    label_smoothing: Fraction
+    head_hidden: PositiveInt
+    head_dropout: Fraction
+    probe: ProbeConfig
 
-    def check(self, ctx_cfg) -> None:
+    def check(self, ctx: RunContext) -> None:
         if self.label_fraction <= 0:
             raise ConfigError("method.label_fraction must be > 0")
         if self.pretrained is not None and not str(self.pretrained).strip():
@@ -95,7 +99,7 @@ class PointVideoFinetune(Method):
         torch.manual_seed(ctx.seed)
         return self.encoder.build(), self.encoder
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[PointVideoData]) -> MethodOutput:
         t0, dm = time.perf_counter(), ctx.dm
         L.seed_everything(ctx.seed, verbose=False)
         encoder, enc_cfg = self._encoder(ctx)
@@ -112,22 +116,21 @@ class PointVideoFinetune(Method):
         steps = self.epochs * len(loader)
         module = ClassifierModule(net, self.lr, self.weight_decay, steps, self.warmup_epochs * len(loader),
                                   self.label_smoothing)
-        trainer = ctx.trainer("finetune", max_epochs=self.epochs, logger=ctx.loggers, callbacks=ctx.callbacks,
-                              log_every_n_steps=5)
+        trainer = ctx.make_trainer("finetune", max_epochs=self.epochs, logger=ctx.loggers, log_every_n_steps=5)
         trainer.fit(module, loader)
-        path = ctx.out_dir / "classifier.pt"
-        atomic_save({"classifier": net.state_dict(), "encoder_config": enc_cfg.model_dump(),
-                     "num_classes": dm.num_classes, "head_hidden": self.head_hidden}, path)
-        return MethodOutput(extras={"classifier": str(path)}, metrics=metrics,
+        return MethodOutput(result=net, extras={"encoder_config": enc_cfg}, metrics=metrics,
                             timings={"train_s": time.perf_counter() - t0})
 
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        if "classifier" not in out.extras:
+    def save(self, ctx: RunContext, out: MethodOutput) -> None:
+        if out.result is None:
+            return  # linear mode
+        atomic_save({"classifier": out.result.state_dict(), "encoder_config": out.extras["encoder_config"].model_dump(),
+                     "num_classes": ctx.dm.num_classes, "head_hidden": self.head_hidden}, ctx.out_dir / "classifier.pt")
+
+    def evaluate(self, ctx: RunContext[PointVideoData], out: MethodOutput) -> dict:
+        if out.result is None:
             return {}  # linear mode: evaluated in run
-        d = load_dict(out.extras["classifier"], ("classifier", "encoder_config"), "point-video classifier")
-        net = P4Classifier(EncoderConfig.model_validate(d["encoder_config"]).build(), int(d["num_classes"]),
-                           int(d["head_hidden"]))
-        net.load_state_dict(d["classifier"])
-        scores, y, v = test_scores(net, ctx.dm.test_dataloader())
-        return {"eval/video_acc": video_accuracy(scores, v, ctx.dm.test_labels),
+        dm = ctx.dm
+        scores, y, v = test_scores(out.result.cpu(), dm.loader(dm.clips("test"), shuffle=False))
+        return {"eval/video_acc": video_accuracy(scores, v, dm.test_labels),
                 "eval/clip_acc": float((scores.argmax(1) == y).float().mean())}

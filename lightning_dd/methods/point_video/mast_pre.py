@@ -14,9 +14,10 @@ decoder position embedding, and predicts for every masked tube
   interpolated neighbour histogram (:func:`cardinality_descriptor`), differenced between
   consecutive frames, SmoothL1.
 
-The loss is their sum (:func:`mast_pre_losses`). After pretraining, :meth:`MaSTPre.evaluate`
-linear-probes the frozen encoder and, as the baseline, the same probe on a frozen *randomly
-initialized* encoder of the same shape. The targets and losses equal the reference's on fixed
+The loss is their sum (:func:`mast_pre_losses`). After pretraining, the family's evaluation
+(:class:`~lightning_dd.methods.point_video.pretraining.PointVideoPretraining`) linear-probes the
+frozen encoder and, as the baseline, the same probe on a frozen *randomly initialized* encoder of
+the same shape. The targets and losses equal the reference's on fixed
 inputs (``tests/parity/test_parity_point_video.py``).
 
 Options that leave the reference (named, off by default):
@@ -41,9 +42,7 @@ distribution, other draws); the learning rate is warmed up and cosine-annealed p
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import lightning as L
 import torch
@@ -51,12 +50,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.augment.point_cloud import vertical_rigid
-from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
-from lightning_dd.nets.point_ops import chamfer_l2
-from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, ProbeConfig, cosine_warmup, linear_probe,
-                                                     load_encoder, save_encoder)
+from lightning_dd.core.config import ConfigError, Fraction, PositiveInt
+from lightning_dd.methods.base import RunContext
+from lightning_dd.methods.point_video.common import adamw_warmup_cosine
+from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder, transformer
+from lightning_dd.nets.point_ops import chamfer_l2
 
 
 def cardinality_descriptor(disp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -148,9 +147,16 @@ def mast_pre_losses(pred_points: torch.Tensor, pred_card: torch.Tensor, points: 
     return {"loss": chamfer + card_loss, "points": chamfer, "cardinality": card_loss}
 
 
-def random_mask(b: int, t: int, ratio: float, device=None) -> torch.Tensor:
-    """Indices ``(B, T)`` of a random permutation per sample: the first ``T - int(ratio T)`` visible."""
-    return torch.rand(b, t, device=device).argsort(1)
+def random_mask(b: int, t: int, ratio: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random mask of ``int(ratio T)`` of ``T`` tokens per sample (a random permutation per sample,
+    its first ``T - int(ratio T)`` entries visible).
+
+    Shapes:
+        Returns ``(visible (B, T - int(ratio T)), masked (B, int(ratio T)))`` token indices (long).
+    """
+    perm = torch.rand(b, t, device=device).argsort(1)
+    n_vis = t - int(ratio * t)
+    return perm[:, :n_vis], perm[:, n_vis:]
 
 
 class MaSTPreModule(L.LightningModule):
@@ -186,10 +192,9 @@ class MaSTPreModule(L.LightningModule):
         """``{"loss", "points", "cardinality"}`` of a batch of clips ``(B, L, N, 3)``."""
         xyzt, feats, neigh, index = self.encoder.tokens(clip, return_neighbours=True)
         b, t, _ = feats.shape
-        n_vis = t - int(self.hp.mask_ratio * t)
-        perm = random_mask(b, t, self.hp.mask_ratio, clip.device)
+        vis, msk = random_mask(b, t, self.hp.mask_ratio, clip.device)
+        n_vis = vis.shape[1]
         take = lambda x, idx: torch.gather(x, 1, idx.view(b, -1, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
-        vis, msk = perm[:, :n_vis], perm[:, n_vis:]
         enc = self.encoder.encode(take(feats, vis), take(xyzt, vis))
         pos = self.decoder_pos(torch.cat([take(xyzt, vis), take(xyzt, msk)], 1))
         x = torch.cat([self.decoder_embed(enc), self.mask_token.expand(b, t - n_vis, -1)], 1) + pos
@@ -210,32 +215,9 @@ class MaSTPreModule(L.LightningModule):
     def configure_optimizers(self):
         decay = [p for n, p in self.named_parameters() if p.ndim > 1 and "token" not in n]
         rest = [p for n, p in self.named_parameters() if not (p.ndim > 1 and "token" not in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hp.weight_decay},
-                                 {"params": rest, "weight_decay": 0.0}], lr=self.hp.lr)
-        warm = max(1, int(self.hp.warmup_fraction * self.total_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_warmup(s, self.total_steps, warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class PointVideoPretraining(Method):
-    """What the self-supervised pretexts share: the encoder settings, AdamW ``lr``/``weight_decay``,
-    ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine, the rigid augmentation of the
-    pretraining clips (``rotation``, ``translation``: :func:`lightning_dd.augment.point_cloud.vertical_rigid`,
-    off by default, as in the papers' MSR-Action3D training), and the evaluation, linear
-    probes of the saved ``encoder.pt`` against a random encoder (:func:`probe_pretrained_vs_random`)."""
-
-    stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
-    encoder: EncoderConfig = EncoderConfig()
-    lr: PositiveFloat = 1e-3
-    weight_decay: NonNegFloat = 0.05
-    epochs: PositiveInt = 200
-    warmup_fraction: Fraction = 0.05
-    rotation: NonNegFloat = 0.0      # degrees: rigid augmentation, a rotation about the vertical axis from U(-r, r)
-    translation: NonNegFloat = 0.0   # data units (mm / 300): ... and a shift per axis from U(-t, t), per clip
-    probe: ProbeConfig = ProbeConfig()
-
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        return probe_pretrained_vs_random(ctx, Path(out.extras["encoder"]), self.probe)
+        return adamw_warmup_cosine([{"params": decay, "weight_decay": self.hp.weight_decay},
+                                    {"params": rest, "weight_decay": 0.0}], self.hp.lr, self.hp.weight_decay,
+                                   self.total_steps, self.hp.warmup_steps(self.total_steps))
 
 
 class MaSTPre(PointVideoPretraining):
@@ -248,60 +230,20 @@ class MaSTPre(PointVideoPretraining):
     ``fraction``, :func:`soft_cardinality`; module docstring), AdamW
     ``lr``/``weight_decay``, ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine;
     ``probe``: the linear-probe evaluation (pretrained vs random encoder).
-
-    Class attribute ``module_cls``: the LightningModule :meth:`run` trains (a subclass may swap it,
-    e.g. ``experiments/point_video/encoder_dependence.py`` freezes the encoder to measure how much of
-    the pretext the encoder's features carry).
     """
 
-    module_cls: ClassVar[type[MaSTPreModule]] = MaSTPreModule
-    decoder_dim: PositiveInt = 512
-    decoder_depth: PositiveInt = 4
-    decoder_heads: PositiveInt = 8
-    mask_ratio: Fraction = 0.75
-    target: Literal["absolute", "displacement"] = "absolute"
-    cardinality: Literal["reference", "fraction"] = "reference"
+    decoder_dim: PositiveInt
+    decoder_depth: PositiveInt
+    decoder_heads: PositiveInt
+    mask_ratio: Fraction
+    target: Literal["absolute", "displacement"]
+    cardinality: Literal["reference", "fraction"]
 
-    def check(self, ctx_cfg) -> None:
-        from lightning_dd.core.config import ConfigError
-
+    def check(self, ctx: RunContext) -> None:
         if self.encoder.dim % self.encoder.heads or self.decoder_dim % self.decoder_heads:
             raise ConfigError("method.encoder.dim / decoder_dim must be divisible by their heads")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
-    def run(self, ctx: RunContext) -> MethodOutput:
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        t0, dm = time.perf_counter(), ctx.dm
-        L.seed_everything(ctx.seed, verbose=False)
-        loader = dm.train_dataloader()
-        steps = self.epochs * len(loader)
-        module = self.module_cls(self.encoder.build(), self, steps)
-        ckpt_dir = ctx.out_dir / "checkpoints"
-        trainer = ctx.trainer("pretrain", max_epochs=self.epochs, logger=ctx.loggers, callbacks=[
-            *ctx.callbacks, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], enable_checkpointing=True,
-            log_every_n_steps=5)
-        trainer.fit(module, loader, ckpt_path=ctx.resume_from(ckpt_dir / "last.ckpt", "pretraining"))
-        hist = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_epoch")}
-        path = ctx.out_dir / "encoder.pt"
-        save_encoder(module.encoder, self.encoder, path, self.name, final_losses=hist)
-        return MethodOutput(extras={"encoder": str(path)}, metrics={f"{k}": v for k, v in hist.items()},
-                            timings={"pretrain_s": time.perf_counter() - t0})
-
-def probe_pretrained_vs_random(ctx: RunContext, encoder_path: Path, probe: ProbeConfig) -> dict:
-    """Linear probes (:func:`linear_probe`) of the saved encoder and of a random encoder of the
-    same settings (seeded by the run's seed), each probed on the same training clips (the same
-    probe seed): ``eval/linear_probe/{video_acc,video_acc_std,clip_acc,train_acc}``,
-    ``eval/linear_probe_random/...`` and ``eval/linear_probe/gain`` (video accuracy points)."""
-    dm = ctx.dm
-    enc, cfg = load_encoder(encoder_path)
-    torch.manual_seed(ctx.seed)
-    rand = cfg.build()
-    train, test = dm.clips("train"), dm.clips("test")
-    res = {}
-    for tag, e in (("linear_probe", enc), ("linear_probe_random", rand)):
-        for k, v in linear_probe(e, train, test, dm.test_labels, dm.num_classes, probe, ctx.seed).items():
-            res[f"eval/{tag}/{k}"] = v
-    res["eval/linear_probe/gain"] = 100 * (res["eval/linear_probe/video_acc"] - res["eval/linear_probe_random/video_acc"])
-    return res
+    def pretext(self, encoder: P4Encoder, steps: int) -> MaSTPreModule:
+        return MaSTPreModule(encoder, self, steps)

@@ -29,14 +29,12 @@ skeleton-rendered MSR-Action3D CPU preset (3 seeds) the linear probe's gain over
 rose from +9.8 +- 1.0 to +14.8 +- 1.7 points with ``rotation=30, translation=1.0`` (the preset's).
 The paper-size config keeps them off, as the paper trains.
 
-Deviations from the paper: this implements the issue's summary of PointCPSC (two views, point-level
-InfoNCE, superpoint alignment, negative selection and positive supplements) on our encoder; the
+Deviations from the paper: this implements PointCPSC's two views, point-level InfoNCE, superpoint
+alignment, negative selection and positive supplements on our encoder; the
 paper's prediction branch over future frames, its clustering details and its schedules are not
 reproduced. No momentum encoder (both views share the weights, gradients through both).
 """
 from __future__ import annotations
-
-import time
 
 import lightning as L
 import torch
@@ -45,9 +43,10 @@ import torch.nn.functional as F
 
 from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
 from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import cosine_warmup, save_encoder
-from lightning_dd.methods.point_video.mast_pre import PointVideoPretraining
+from lightning_dd.data.point_video import ClipDataset
+from lightning_dd.data.protocols import PointVideoData
+from lightning_dd.methods.point_video.common import adamw_warmup_cosine
+from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder
 
 
@@ -129,6 +128,8 @@ def contrastive_losses(z1: torch.Tensor, z2: torch.Tensor, match: torch.Tensor, 
 
 
 class PointContrastModule(L.LightningModule):
+    """Encoder + projector + the point-level and superpoint losses (module docstring)."""
+
     def __init__(self, encoder: P4Encoder, hp: "PointContrast", steps: int):
         super().__init__()
         self.encoder, self.hp, self.total_steps = encoder, hp, steps
@@ -162,38 +163,25 @@ class PointContrastModule(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
-        warm = max(1, int(self.hp.warmup_fraction * self.total_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_warmup(s, self.total_steps, warm))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.parameters(), self.hp.lr, self.hp.weight_decay, self.total_steps,
+                                   self.hp.warmup_steps(self.total_steps))
 
 
 class PointContrast(PointVideoPretraining):
     """Point-level contrastive pretraining (module docstring), ``conf/method/point_contrast.yaml``;
     saves ``encoder.pt``; evaluated like MaST-Pre (linear probes, pretrained vs random encoder)."""
 
-    proj_dim: PositiveInt = 128
-    temperature: PositiveFloat = 0.1
-    superpoints: PositiveInt = 8
-    kmeans_iters: PositiveInt = 5
-    superpoint_weight: NonNegFloat = 1.0
-    supplement: NonNegInt = 2
-    supplement_threshold: float = 0.9
+    proj_dim: PositiveInt
+    temperature: PositiveFloat
+    superpoints: PositiveInt
+    kmeans_iters: PositiveInt
+    superpoint_weight: NonNegFloat
+    supplement: NonNegInt
+    supplement_threshold: float
 
-    def run(self, ctx: RunContext) -> MethodOutput:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+    def train_clips(self, dm: PointVideoData) -> ClipDataset:
+        """Two views of every training clip (items ``(2, L, N, 3)``)."""
+        return dm.clips("train", views=2)
 
-        t0, dm = time.perf_counter(), ctx.dm
-        L.seed_everything(ctx.seed, verbose=False)
-        loader = dm.loader(dm.clips("train", views=2), shuffle=True, drop_last=True)
-        module = PointContrastModule(self.encoder.build(), self, self.epochs * len(loader))
-        ckpt_dir = ctx.out_dir / "checkpoints"
-        trainer = ctx.trainer("pretrain", max_epochs=self.epochs, logger=ctx.loggers, callbacks=[
-            *ctx.callbacks, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], enable_checkpointing=True,
-            log_every_n_steps=5)
-        trainer.fit(module, loader, ckpt_path=ctx.resume_from(ckpt_dir / "last.ckpt", "pretraining"))
-        hist = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_epoch")}
-        path = ctx.out_dir / "encoder.pt"
-        save_encoder(module.encoder, self.encoder, path, self.name, final_losses=hist)
-        return MethodOutput(extras={"encoder": str(path)}, metrics=hist, timings={"pretrain_s": time.perf_counter() - t0})
-
+    def pretext(self, encoder: P4Encoder, steps: int) -> PointContrastModule:
+        return PointContrastModule(encoder, self, steps)

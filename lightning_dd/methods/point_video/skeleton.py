@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -21,8 +21,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
-from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import cosine_warmup
+from lightning_dd.methods.base import MethodOutput, RunContext
+from lightning_dd.methods.point_video.common import PointVideoMethod, adamw_warmup_cosine
+
+
+@runtime_checkable
+class SkeletonData(Protocol):
+    """What the skeleton classifier reads of a point-video DataModule
+    (:class:`lightning_dd.data.point_video.PointVideoDataModule`, ``format: skeleton``): the joint
+    sequences, not the videos (``load_videos: false`` leaves those, and their labels, unread).
+
+    Shapes:
+        ``skeletons()``: ``(joints (T, 20, 3) metres per video, labels (V,), subjects (V,))``.
+    """
+
+    name: str
+    num_classes: int
+    train_subjects: tuple[int, ...]
+
+    def skeletons(self):
+        """``(joint arrays per video, labels, subjects)``."""
 
 
 def normalize_sequence(joints: np.ndarray, frames: int) -> torch.Tensor:
@@ -61,7 +79,7 @@ def as_input(x: torch.Tensor) -> torch.Tensor:
 class SkeletonNet(nn.Module):
     """Temporal CNN over joint sequences (module docstring). ``(B, 120, T)`` -> ``(B, C)``."""
 
-    def __init__(self, num_classes: int, width: int = 128, dropout: float = 0.3):
+    def __init__(self, num_classes: int, width: int, dropout: float):
         super().__init__()
         layers, c = [], 120
         for _ in range(3):
@@ -76,6 +94,8 @@ class SkeletonNet(nn.Module):
 
 
 class SkeletonModule(L.LightningModule):
+    """SkeletonNet trained with cross-entropy (label smoothing 0.1) on augmented sequences (module docstring)."""
+
     def __init__(self, net: SkeletonNet, hp: "SkeletonClassifier", steps: int):
         super().__init__()
         self.net, self.hp, self.steps = net, hp, steps
@@ -88,26 +108,28 @@ class SkeletonModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hp.lr, weight_decay=self.hp.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_warmup(s, self.steps, max(1, self.steps // 20)))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.parameters(), self.hp.lr, self.hp.weight_decay, self.steps,
+                                   max(1, self.steps // 20))
 
 
-class SkeletonClassifier(Method):
-    """20-joint skeleton classifier (module docstring), ``conf/method/skeleton_msr.yaml``.
-    Metrics: ``eval/video_acc`` on the test subjects, ``eval/train_acc``."""
+class SkeletonClassifier(PointVideoMethod):
+    """20-joint skeleton classifier (module docstring), ``conf/method/skeleton_msr.yaml``: sequences
+    resampled to ``frames`` frames, a ``width``-channel net with ``dropout``, ``epochs`` of AdamW
+    (``lr``, ``weight_decay``, batches of ``batch_size``, 5% warmup then cosine), rotations up to
+    ``rotate`` degrees. Metrics: ``eval/video_acc`` on the test subjects, ``eval/train_acc``."""
 
     stages: ClassVar[tuple[str, ...]] = ("all",)
-    frames: PositiveInt = 32
-    width: PositiveInt = 128
-    dropout: Fraction = 0.3
-    epochs: PositiveInt = 150
-    batch_size: PositiveInt = 32
-    lr: PositiveFloat = 3e-3
-    weight_decay: NonNegFloat = 0.01
-    rotate: NonNegFloat = 15.0
+    data_protocol: ClassVar[type] = SkeletonData
+    frames: PositiveInt
+    width: PositiveInt
+    dropout: Fraction
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    weight_decay: NonNegFloat
+    rotate: NonNegFloat
 
-    def run(self, ctx: RunContext) -> MethodOutput:
+    def run(self, ctx: RunContext[SkeletonData]) -> MethodOutput:
         t0 = time.perf_counter()
         L.seed_everything(ctx.seed, verbose=False)
         seqs, labels, subjects = ctx.dm.skeletons()
@@ -117,7 +139,7 @@ class SkeletonClassifier(Method):
         loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True)
         net = SkeletonNet(ctx.dm.num_classes, self.width, self.dropout)
         module = SkeletonModule(net, self, self.epochs * len(loader))
-        ctx.trainer("skeleton", max_epochs=self.epochs, logger=ctx.loggers, log_every_n_steps=5).fit(module, loader)
+        ctx.make_trainer("skeleton", max_epochs=self.epochs, logger=ctx.loggers, log_every_n_steps=5).fit(module, loader)
         net.eval()
         with torch.no_grad():
             te = net(as_input(x[~train])).argmax(1)
