@@ -16,6 +16,7 @@ from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import batch_loader
+from lightning_dd.data.protocols import ImageData
 from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
@@ -71,6 +72,7 @@ class QATViT(Method):
     """
 
     stages: ClassVar[tuple[str, ...]] = ("fp", "ptq", "qat", "all")
+    data_protocol: ClassVar[type] = ImageData
     name: str
     bits: Bits
     act_bits: Bits | None
