@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import CONF, method, node, run_context
+from omegaconf import OmegaConf
 
-from lightning_dd.data.graphs import GraphDataModule
-from lightning_dd.evaluate.graph import evaluate_graph, train_gnn
-from lightning_dd.evaluate.led import led_shift
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.graphs.gcond import PGE, GCondMethod, class_gradients
 from lightning_dd.data.graph_ops import synthetic_labels
+from lightning_dd.data.graphs import GraphDataModule
+from lightning_dd.evaluate.graph import GraphEvalConfig, evaluate_graph, train_gnn
+from lightning_dd.evaluate.led import led_shift
+from lightning_dd.methods.graphs.gcond import PGE, GCondMethod, class_gradients
 from lightning_dd.methods.graphs.graph_run import coreset_graph, fit_condenser, select_coreset
 from lightning_dd.methods.graphs.sgdd import IGNR, SGDDMethod, StructureOT, sinkhorn
 from lightning_dd.results import CondensedGraph
@@ -30,13 +32,19 @@ SGDD_HP = dict(GCOND_HP, ignr_hidden=64, ignr_layers=3, ep_ratio=0.5, beta=0.5, 
 
 
 def GCond(data, hp, seed=0):
-    """A fresh GCond condensation module from a dict of :class:`GCondMethod` fields."""
-    return GCondMethod(**{k: v for k, v in hp.items() if k in GCondMethod.model_fields}).condenser(data, seed)
+    """A fresh GCond condensation module: ``conf/method/gcond.yaml`` with the :class:`GCondMethod` fields of ``hp``."""
+    return method("gcond", **{k: v for k, v in hp.items() if k in GCondMethod.model_fields}).condenser(data, seed)
 
 
 def SGDD(data, hp, seed=0):
-    """A fresh SGDD condensation module from a dict of :class:`SGDDMethod` fields."""
-    return SGDDMethod(**{k: v for k, v in hp.items() if k in SGDDMethod.model_fields}).condenser(data, seed)
+    """A fresh SGDD condensation module: ``conf/method/sgdd.yaml`` with the :class:`SGDDMethod` fields of ``hp``."""
+    return method("sgdd", **{k: v for k, v in hp.items() if k in SGDDMethod.model_fields}).condenser(data, seed)
+
+
+def graph_eval(**overrides) -> GraphEvalConfig:
+    """``conf/graph/cora_eval.yaml``'s ``eval`` node (the Cora experiments' evaluation) with ``overrides``."""
+    ev = OmegaConf.to_container(OmegaConf.load(CONF / "graph" / "cora_eval.yaml").eval)
+    return GraphEvalConfig.model_validate({**ev, **overrides})
 
 
 def condense(module, epochs, **kw):
@@ -55,10 +63,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cora(shared_data):
+def cora_dm(shared_data):
     dm = GraphDataModule("cora", root=str(shared_data / "planetoid"))
     dm.setup()
-    return dm.data
+    return dm
+
+
+@pytest.fixture(scope="module")
+def cora(cora_dm):
+    return cora_dm.data
 
 
 def _valid_adjacency(adj):
@@ -174,8 +187,9 @@ def test_sgdd_structure_warmup_moves_the_condensed_spectrum_towards_cora(cora):
     assert after < before - 0.2, (before, after)
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="warmup_lr"):
-        SGDDMethod(warmup_lr=-1.0)
+    with pytest.raises(ValidationError, match="warmup_lr") as err:
+        SGDDMethod.model_validate(node("method", "sgdd", drop=("_target_",), warmup_lr=-1.0))
+    assert err.value.error_count() == 1
 
 
 def test_reg_every_step_adds_the_smoothness_gradient_to_feature_epochs(cora):
@@ -294,6 +308,46 @@ def test_train_py_writes_condensed_graph_and_metrics(shared_data, tmp_path):
     assert "baseline/random/GCN/acc_mean" in saved and 0.5 < saved["eval/GCN/link_auc_mean"] <= 1
     assert saved["led_shift"] > 0 and saved["timings/total_s"] > 0 and metrics["led_shift"] == saved["led_shift"]
     CondensedGraph.load(tmp_path / "condensed.pt").validate()
+
+
+def test_graph_method_runs_saves_and_evaluates_on_the_typed_context(cora_dm, tmp_path):
+    """A graph method reads only the typed RunContext: ``run`` returns the reduced graph as the result,
+    ``save`` writes ``condensed.pt`` with the data node and the method's fields in its meta,
+    ``evaluate`` judges it with ``ctx.eval``; the full graph saves nothing."""
+    from lightning_dd.data.protocols import GraphData
+
+    assert isinstance(cora_dm, GraphData)
+    data = {"_target_": "lightning_dd.data.graphs.GraphDataModule", "name": "cora", "root": str(cora_dm.root)}
+    ev = graph_eval(epochs=20, num_eval=1, eval_every=10, baselines=["random"], link_prediction=False, led=False)
+    herding = method("graph_herding")
+    ctx = run_context(dm=cora_dm, out_dir=tmp_path / "herding", data=data, eval=ev)
+    ctx.out_dir.mkdir()
+    out = herding.run(ctx)
+    assert isinstance(out.result, CondensedGraph) and out.metrics["condensed/nodes"] == 70
+    herding.save(ctx, out)
+    back = CondensedGraph.load(ctx.out_dir / "condensed.pt")
+    assert torch.equal(back.adj, out.result.adj) and torch.equal(back.x, out.result.x)
+    assert back.meta == {"data": data, "method_cfg": herding.model_dump()}
+    metrics = herding.evaluate(ctx, out)
+    assert metrics["eval/GCN/n_runs"] == 1 and metrics["baseline/random/GCN/n_runs"] == 1
+    assert metrics["eval/GCN/improvement_over_random"] == pytest.approx(
+        metrics["eval/GCN/acc_mean"] - metrics["baseline/random/GCN/acc_mean"])
+    full = method("graph_full")
+    ctx = run_context(dm=cora_dm, out_dir=tmp_path / "full", data=data, eval=ev)
+    out = full.run(ctx)
+    full.save(ctx, out)
+    assert out.result is None and not ctx.out_dir.exists()
+
+
+def test_condensation_check_refuses_empty_periods_and_spawned_strategies():
+    from lightning_dd.core.config import ConfigError
+
+    method("gcond").check(run_context())
+    with pytest.raises(ConfigError, match="adj_epochs"):
+        method("sgdd", adj_epochs=0, feat_epochs=0).check(run_context())
+    spawn = run_context(make_trainer=TrainerFactory(accelerator="cpu", strategy="ddp_spawn"))
+    with pytest.raises(ConfigError, match="ddp_spawn"):
+        method("gcond").check(spawn)
 
 
 def test_paper_and_cpu_settings_of_gcond_and_sgdd():

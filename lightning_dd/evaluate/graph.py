@@ -51,7 +51,7 @@ GNNKind = Literal["GCN", "SGC", "APPNP", "ChebNet", "GraphSAGE", "MLP"]
 
 
 class GraphEvalConfig(Typed):
-    """The ``eval`` node of the graph family (``conf/graph/cora_eval.yaml``).
+    """The ``eval`` node of the graph family; ``conf/graph/cora_eval.yaml`` holds its values (no defaults here).
 
     Fields: nets (GNNs trained on the condensed graph); num_eval (seeds ``seed ..``); epochs;
     full_epochs (epochs of the full-graph baseline, None: ``epochs``); lr, weight_decay (Adam);
@@ -60,21 +60,21 @@ class GraphEvalConfig(Typed):
     herding | kcenter | full); baseline_nets (None: ``nets``); link_prediction; led (LED shift).
     """
 
-    nets: list[GNNKind] = Field(default_factory=lambda: ["GCN"], min_length=1)
-    num_eval: PositiveInt = 5
-    epochs: PositiveInt = 600
-    full_epochs: PositiveInt | None = None
-    lr: PositiveFloat = 0.01
-    weight_decay: NonNegFloat = 5e-4
-    lr_decay_at: Fraction = 0.5
-    hidden: PositiveInt = 256
-    dropout: float = Field(0.5, ge=0, lt=1)
-    eval_every: PositiveInt = 1
-    seed: int = 0
-    baselines: list[Literal["random", "herding", "kcenter", "full"]] = Field(default_factory=list)
-    baseline_nets: list[GNNKind] | None = None
-    link_prediction: bool = False
-    led: bool = True
+    nets: list[GNNKind] = Field(min_length=1)
+    num_eval: PositiveInt
+    epochs: PositiveInt
+    full_epochs: PositiveInt | None
+    lr: PositiveFloat
+    weight_decay: NonNegFloat
+    lr_decay_at: Fraction
+    hidden: PositiveInt
+    dropout: float = Field(ge=0, lt=1)
+    eval_every: PositiveInt
+    seed: int
+    baselines: list[Literal["random", "herding", "kcenter", "full"]]
+    baseline_nets: list[GNNKind] | None
+    link_prediction: bool
+    led: bool
 
 
 @dataclass
@@ -152,11 +152,11 @@ class GraphStudentModule(L.LightningModule):
 def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=None, epochs: int = 600,
               seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01, weight_decay: float = 5e-4,
               eval_every: int = 1, accelerator: str = "cpu", lr_decay_at: float | None = 0.5,
-              trainer=None) -> GraphStudentModule:
+              make_trainer=None) -> GraphStudentModule:
     """Train one fresh ``arch`` network for ``epochs`` full-batch steps; returns the module
     (``test_at_best``, ``best_state``: weights at the best real-validation accuracy; its ``net``
     back on the CPU). ``lr_decay_at``: fraction of ``epochs`` after which the lr drops 10x with a
-    fresh Adam (GCond's protocol: 0.5); None or 0: constant lr. ``trainer``: the run's
+    fresh Adam (GCond's protocol: 0.5); None or 0: constant lr. ``make_trainer``: the run's
     :class:`lightning_dd.core.trainer.TrainerFactory` (default: one on ``accelerator``)."""
     from lightning_dd.core.trainer import TrainerFactory
 
@@ -167,7 +167,7 @@ def train_gnn(x, edge_index, edge_weight, y, real, arch: str = "GCN", train_idx=
     decay_step = int(epochs * lr_decay_at) if lr_decay_at else None
     module = GraphStudentModule(net, x, edge_index, edge_weight, y, real, train_idx, lr, weight_decay, eval_every,
                                 decay_step)
-    make = trainer or TrainerFactory(accelerator=accelerator, enable_progress_bar=False)
+    make = make_trainer or TrainerFactory(accelerator=accelerator, enable_progress_bar=False)
     fit = make("evaluate", max_steps=epochs, max_epochs=-1, enable_progress_bar=False)
     fit.fit(module, DataLoader(range(epochs), batch_size=None))
     if module.best_state is not None:
@@ -191,12 +191,12 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
                    seed: int = 0, hidden: int = 256, dropout: float = 0.5, lr: float = 0.01,
                    weight_decay: float = 5e-4, eval_every: int = 1, accelerator: str = "cpu",
                    link_prediction: bool = False, anomaly: bool = False,
-                   lr_decay_at: float | None = 0.5, trainer=None) -> GraphEvalResult:
+                   lr_decay_at: float | None = 0.5, make_trainer=None) -> GraphEvalResult:
     """Test accuracy (at the best real-validation epoch) of ``num_eval`` fresh ``arch`` networks
     trained on ``cond`` (``None``: the full real graph, loss on its training nodes); seeds
     ``seed .. seed+num_eval-1``; the lr drops 10x after ``lr_decay_at`` of the epochs (GCond's
     protocol, see :class:`GraphStudentModule`). Optionally per-seed ``link_auc`` and ``anomaly_auc`` /
-    ``anomaly_macro_f1`` in ``extra``. ``trainer``: see :func:`train_gnn`.
+    ``anomaly_macro_f1`` in ``extra``. ``make_trainer``: see :func:`train_gnn`.
 
     Raises:
         ValueError: see :func:`check_condensed`.
@@ -211,7 +211,7 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
     accs, extra, t0 = [], {}, time.perf_counter()
     for r in range(num_eval):
         m = train_gnn(x, ei, w, y, real, arch, train_idx, epochs, seed + r, hidden, dropout, lr, weight_decay,
-                      eval_every, accelerator, lr_decay_at, trainer)
+                      eval_every, accelerator, lr_decay_at, make_trainer)
         accs.append(m.test_at_best)
         if link_prediction:
             extra.setdefault("link_auc", []).append(link_prediction_auc(m.net, real, seed=seed + r))
@@ -222,7 +222,7 @@ def evaluate_graph(cond: CondensedGraph | None, real, arch: str = "GCN", epochs:
 
 
 def evaluate_condensed(cond: CondensedGraph | None, data, ev: GraphEvalConfig, prefix: str, nets, task: str = "node",
-                       trainer=None) -> dict:
+                       make_trainer=None) -> dict:
     """Flat metrics ``{prefix}/{net}/acc_mean|acc_std|n_runs|seconds`` (+ link / anomaly scores) of
     ``cond`` (None: the full graph, ``ev.full_epochs`` epochs) for each net in ``nets``."""
     metrics = {}
@@ -232,7 +232,7 @@ def evaluate_condensed(cond: CondensedGraph | None, data, ev: GraphEvalConfig, p
         kw["epochs"] = ev.full_epochs
     for net in nets:
         r = evaluate_graph(cond, data, net, link_prediction=ev.link_prediction, anomaly=task == "anomaly",
-                           trainer=trainer, **kw)
+                           make_trainer=make_trainer, **kw)
         metrics.update(r.metrics(prefix))
         log.info("%s/%s: %.2f ± %.2f %% over %d runs (%.0fs)", prefix, net, 100 * r.mean, 100 * r.std, len(r.accs),
                  r.seconds)
@@ -240,7 +240,7 @@ def evaluate_condensed(cond: CondensedGraph | None, data, ev: GraphEvalConfig, p
 
 
 def evaluate_graph_run(ev: GraphEvalConfig, data, cond: CondensedGraph | None, own: str,
-                       baseline_graph: Callable[[str], CondensedGraph], trainer=None, task: str = "node") -> dict:
+                       baseline_graph: Callable[[str], CondensedGraph], make_trainer=None, task: str = "node") -> dict:
     """Everything a graph method's result is judged by: ``eval/<net>/...`` of ``cond`` (None: the
     full graph) over ``ev.nets``; ``baseline/<b>/<net>/...`` for each of ``ev.baselines`` but the
     method's own (``own``): ``full`` is the real graph, the others ``baseline_graph(b)`` (the node
@@ -250,7 +250,7 @@ def evaluate_graph_run(ev: GraphEvalConfig, data, cond: CondensedGraph | None, o
     from lightning_dd.evaluate.led import led_cdf, w1_between_cdfs
 
     nets = list(ev.nets)
-    metrics = evaluate_condensed(cond, data, ev, "eval", nets, task, trainer)
+    metrics = evaluate_condensed(cond, data, ev, "eval", nets, task, make_trainer)
     baselines = {}
     t0 = time.perf_counter()
     for b in ev.baselines:
@@ -258,7 +258,8 @@ def evaluate_graph_run(ev: GraphEvalConfig, data, cond: CondensedGraph | None, o
             continue
         bg = None if b == "full" else baseline_graph(b)
         baselines[b] = bg
-        metrics.update(evaluate_condensed(bg, data, ev, f"baseline/{b}", list(ev.baseline_nets or nets), task, trainer))
+        b_nets = list(ev.baseline_nets or nets)
+        metrics.update(evaluate_condensed(bg, data, ev, f"baseline/{b}", b_nets, task, make_trainer))
     metrics["timings/baselines_s"] = time.perf_counter() - t0
     for net in nets:
         if f"baseline/random/{net}/acc_mean" in metrics:

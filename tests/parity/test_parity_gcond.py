@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from configs import method
 from fixture_io import load_fixture
 from torch_geometric.data import Data
 
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.methods.graphs.gcond import PGE, GCondMethod, match_distance
+from lightning_dd.methods.graphs.gcond import PGE, match_distance
 from lightning_dd.methods.graphs.graph_run import fit_condenser
 
 pytestmark = pytest.mark.parity
@@ -49,9 +50,9 @@ def condenser(case, **hp):
     mask = torch.zeros(len(case["y"]), dtype=torch.bool)
     mask[case["train"]] = True
     data = Data(x=case["x"], y=case["y"], edge_index=a.nonzero().T.contiguous(), train_mask=mask)
-    method = GCondMethod(reduction_rate=0.5, pge_hidden=16, pge_layers=3, nlayers=2, lr_feat=case["lr_feat"],
-                         lr_adj=case["lr_adj"], lr_model=case["lr_model"], **hp)
-    module = method.condenser(data, 0)
+    gcond = method("gcond", reduction_rate=0.5, pge_hidden=16, pge_layers=3, nlayers=2, lr_feat=case["lr_feat"],
+                   lr_adj=case["lr_adj"], lr_model=case["lr_model"], **hp)
+    module = gcond.condenser(data, 0)
     with torch.no_grad():
         module.feat.copy_(case["feat_syn"])
     load_pge(module.generator_net, case["pge_state"])

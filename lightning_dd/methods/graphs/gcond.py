@@ -465,10 +465,9 @@ class GCondMethod(CondensationMethod):
     ``alpha`` (label-smoothness weight)."""
 
     module_class: ClassVar[type] = GCond
-    name: str = "gcond"
-    pge_hidden: PositiveInt = 128
-    pge_layers: int = Field(3, ge=2)
-    alpha: NonNegFloat = 0.0
+    pge_hidden: PositiveInt
+    pge_layers: int = Field(ge=2)
+    alpha: NonNegFloat
 
 
 __all__ = ["PGE", "GCond", "GCondMethod", "GradientMatchingCondenser", "class_gradients", "match_distance"]

@@ -2,15 +2,16 @@
 with GCond (arXiv 2110.07580, :class:`lightning_dd.methods.graphs.gcond.GCondMethod`) or SGDD (arXiv
 2310.09192, :class:`lightning_dd.methods.graphs.sgdd.SGDDMethod`), or select a node coreset
 (:class:`NodeCoresetMethod`: random, herding, k-center) or keep the full graph
-(:class:`FullGraphMethod`); save ``condensed.pt``; :meth:`GraphMethod.evaluate` judges it on the
-real graph (:func:`lightning_dd.evaluate.graph.evaluate_graph_run`: GNNs across architectures,
-link prediction / anomaly detection, the coreset baselines, the LED shift of SGDD Sec. 3).
+(:class:`FullGraphMethod`); the result, a :class:`lightning_dd.results.CondensedGraph`, saves itself
+as ``condensed.pt`` (:meth:`GraphMethod.save`); :meth:`GraphMethod.evaluate` judges it on the real
+graph (:func:`lightning_dd.evaluate.graph.evaluate_graph_run`: GNNs across architectures, link
+prediction / anomaly detection, the coreset baselines, the LED shift of SGDD Sec. 3).
 ``stage=condense`` stops after ``condensed.pt``.
 
 Coresets (GCond Sec. 5.1 baselines): per class, as many real training nodes as the synthetic
 graph has (GCond's label allocation), chosen at random, by herding (Welling 2009: greedily match
 the class mean) or k-center (greedy farthest point from the class mean's nearest node) -- the
-image family's :func:`lightning_dd.methods.images.selection.herding` / ``k_center`` -- in the space of
+shared :func:`lightning_dd.training.coresets.herding` / ``k_center`` -- in the space of
 propagated features ``A_hat^2 X``; the reduced graph is the subgraph the chosen nodes induce in
 the real graph.
 
@@ -26,16 +27,15 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import OmegaConf
 from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.evaluate.graph import GraphEvalConfig
-from lightning_dd.methods.base import Method, MethodOutput, RunContext
-from lightning_dd.training.devices import require_ddp
 from lightning_dd.data.graph_ops import dense_adjacency, propagate_sparse, synthetic_labels, training_view
+from lightning_dd.data.protocols import GraphData
+from lightning_dd.evaluate.graph import GraphEvalConfig, evaluate_graph_run
+from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.results import CondensedGraph
+from lightning_dd.training.devices import require_ddp
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,9 @@ def fit_condenser(module, epochs: int, make_trainer, ckpt_dir: str | Path | None
 
 
 class GraphMethod(Method):
-    """Base of the graph family: builds a reduced graph (:meth:`build`), saves ``condensed.pt``;
-    :meth:`evaluate` judges it on the real graph (``eval`` node: :class:`GraphEvalConfig`).
+    """Base of the graph family: builds a reduced graph (:meth:`build`) from a
+    :class:`lightning_dd.data.protocols.GraphData` DataModule, saves it as ``condensed.pt``
+    (:meth:`save`); :meth:`evaluate` judges it on the real graph (``eval`` node: :class:`GraphEvalConfig`).
 
     Fields:
         reduction_rate: GCond's convention, ``N' = rate x`` (number of labeled training nodes).
@@ -144,16 +145,11 @@ class GraphMethod(Method):
 
     stages: ClassVar[tuple[str, ...]] = ("all", "condense")
     eval_schema: ClassVar[type | None] = GraphEvalConfig
-    reduction_rate: float = Field(0.5, gt=0, le=1)
-    nlayers: PositiveInt = 2
-    num_threads: NonNegInt = 0
-    setting: Literal["transductive", "inductive"] = "transductive"
-
-    def check(self, ctx_cfg) -> None:
-        target = str((ctx_cfg.get("data") or {}).get("_target_", ""))
-        if not target.endswith("GraphDataModule"):
-            raise ConfigError(f"method {self.name} needs a graph data module (data=cora, _target_ "
-                              f"lightning_dd.data.graphs.GraphDataModule), got data._target_={target!r}")
+    data_protocol: ClassVar[type | None] = GraphData
+    reduction_rate: float = Field(gt=0, le=1)
+    nlayers: PositiveInt
+    num_threads: NonNegInt
+    setting: Literal["transductive", "inductive"]
 
     @contextlib.contextmanager
     def threads(self):
@@ -166,46 +162,44 @@ class GraphMethod(Method):
         finally:
             torch.set_num_threads(old)
 
-    def build(self, ctx: RunContext, data) -> tuple[CondensedGraph | None, dict, dict]:
+    def build(self, ctx: RunContext[GraphData], data) -> tuple[CondensedGraph | None, dict, dict]:
         """``(reduced graph or None for the full graph, metrics, timings)``."""
         raise NotImplementedError
 
-    def run(self, ctx: RunContext) -> MethodOutput:
-        """Build, save ``<out_dir>/condensed.pt``; the graph travels in ``extras["condensed"]``.
-
-        Raises:
-            ValueError: a data module without a graph."""
-        data = getattr(ctx.dm, "data", None)
-        if data is None:
-            raise ValueError(f"method {self.name} needs a graph data module (data=cora, _target_ GraphDataModule)")
+    def run(self, ctx: RunContext[GraphData]) -> MethodOutput:
+        """Build the reduced graph (``result``; ``None``: the full graph) and its size metrics."""
         with self.threads():
-            cond, metrics, timings = self.build(ctx, data)
+            cond, metrics, timings = self.build(ctx, ctx.dm.data)
         if cond is not None:
-            cond.meta.update(data=OmegaConf.to_container(ctx.cfg.data, resolve=True), method_cfg=self.model_dump())
-            if rank_zero_only.rank == 0:  # under DDP every rank holds the same graph: rank 0 writes it
-                cond.save(Path(ctx.out_dir) / "condensed.pt")
             metrics.update({"condensed/nodes": cond.x.shape[0], "condensed/edge_weight_mean": float(cond.adj.mean())})
-        return MethodOutput(result=None, extras={"condensed": cond}, metrics=metrics, timings=timings)
+        return MethodOutput(result=cond, metrics=metrics, timings=timings)
 
-    def evaluate(self, ctx: RunContext, out: MethodOutput) -> dict:
-        from lightning_dd.core.config import validated
-        from lightning_dd.evaluate.graph import evaluate_graph_run
+    def save(self, ctx: RunContext[GraphData], out: MethodOutput) -> None:
+        """``<out_dir>/condensed.pt``: the reduced graph, its ``meta`` holding the data node
+        (``python -m lightning_dd.evaluate.graph`` rebuilds the real graph from it) and the method's
+        fields (nothing for the full graph)."""
+        cond = out.result
+        if cond is None:
+            return
+        cond.meta.update(data=dict(ctx.data), method_cfg=self.model_dump())
+        cond.save(ctx.out_dir / "condensed.pt")
 
-        ev = validated(GraphEvalConfig, ctx.cfg.eval, "eval")
+    def evaluate(self, ctx: RunContext[GraphData], out: MethodOutput) -> dict:
+        """:func:`lightning_dd.evaluate.graph.evaluate_graph_run` with ``ctx.eval``; the baselines'
+        node coresets of this method's rate and setting (``A_hat^2 X`` embeddings, ``ctx.seed``)."""
+        data = ctx.dm.data
         with self.threads():
-            data = ctx.dm.data
             return evaluate_graph_run(
-                ev, data, out.extras.get("condensed"), self.name,
+                ctx.eval, data, out.result, self.name,
                 lambda b: coreset_graph(b, data, self.reduction_rate, 2, int(ctx.seed), self.setting),
-                ctx.trainer, getattr(ctx.dm, "task", "node"))
+                ctx.make_trainer, ctx.dm.task)
 
 
 class NodeCoresetMethod(GraphMethod):
     """A node coreset of the training nodes (GCond Sec. 5.1 baselines), ``kind``: random | herding |
     kcenter (see the module docstring); the reduced graph is the induced subgraph."""
 
-    name: str = "coreset"
-    kind: Literal["random", "herding", "kcenter"] = "random"
+    kind: Literal["random", "herding", "kcenter"]
 
     def build(self, ctx, data):
         t0 = time.perf_counter()
@@ -216,7 +210,6 @@ class NodeCoresetMethod(GraphMethod):
 class FullGraphMethod(GraphMethod):
     """The full real graph (a GNN trained on its labeled training nodes): the upper reference."""
 
-    name: str = "full"
 
     def build(self, ctx, data):
         return None, {}, {}
@@ -235,23 +228,25 @@ class CondensationMethod(GraphMethod):
     every N epochs, 0: none).
     """
 
-    stages: ClassVar[tuple[str, ...]] = ("all", "condense")
     module_class: ClassVar[type | None] = None
-    epochs: PositiveInt = 600
-    outer_loop: PositiveInt = 20
-    inner_loop: NonNegInt = 15
-    lr_feat: PositiveFloat = 1e-4
-    lr_adj: PositiveFloat = 1e-4
-    lr_model: PositiveFloat = 0.01
-    adj_epochs: NonNegInt = 10
-    feat_epochs: NonNegInt = 40
-    reg_every_step: bool = True
-    inference_bn: Literal["batch", "running"] = "batch"
-    ckpt_every: NonNegInt = 10
+    epochs: PositiveInt
+    outer_loop: PositiveInt
+    inner_loop: NonNegInt
+    lr_feat: PositiveFloat
+    lr_adj: PositiveFloat
+    lr_model: PositiveFloat
+    adj_epochs: NonNegInt
+    feat_epochs: NonNegInt
+    reg_every_step: bool
+    inference_bn: Literal["batch", "running"]
+    ckpt_every: NonNegInt
 
-    def check(self, ctx_cfg) -> None:
-        super().check(ctx_cfg)
-        require_ddp(ctx_cfg, f"graph condensation ({self.name})")  # under ddp: classes split over the ranks
+    def check(self, ctx: RunContext) -> None:
+        """Raises ConfigError: ``adj_epochs + feat_epochs == 0``, or a strategy other than one device /
+        DDP (:func:`lightning_dd.training.devices.require_ddp`; under DDP the classes split over the ranks)."""
+        if self.adj_epochs + self.feat_epochs == 0:
+            raise ConfigError("method.adj_epochs + method.feat_epochs must be > 0")
+        require_ddp(ctx.make_trainer, f"graph condensation ({self.name})")
 
     def condenser(self, data, seed: int = 0):
         """A fresh condensation module on ``data`` (``torch.manual_seed(seed)`` first, as a run does)."""
@@ -259,13 +254,11 @@ class CondensationMethod(GraphMethod):
         return self.module_class(data, self, seed)
 
     def build(self, ctx, data):
-        if self.adj_epochs + self.feat_epochs == 0:
-            raise ConfigError("method.adj_epochs + method.feat_epochs must be > 0")
         module = self.condenser(data, int(ctx.seed))
-        ckpt_dir = Path(ctx.out_dir) / "checkpoints"
+        ckpt_dir = ctx.out_dir / "checkpoints"
         resume = ctx.resume_from(ckpt_dir / "last.ckpt", "condensation")
-        cond, secs = fit_condenser(module, self.epochs, ctx.trainer, ckpt_dir, self.ckpt_every, resume,
-                                   ctx.loggers, ctx.callbacks)
+        cond, secs = fit_condenser(module, self.epochs, ctx.make_trainer, ckpt_dir, self.ckpt_every, resume,
+                                   ctx.loggers)
         metrics = {"condense/resumed_from_epoch": module.start_epoch,
                    "condense/final_match_loss": module.epoch_losses[-1],
                    "condense/skipped_updates": module.skipped_updates}  # non-finite losses (expected 0)

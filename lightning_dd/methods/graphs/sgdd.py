@@ -76,18 +76,17 @@ where it is affordable.
 """
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from typing import ClassVar, Literal
-
 from pydantic import Field
 
 from lightning_dd.core.config import Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
-from lightning_dd.methods.graphs.gcond import GradientMatchingCondenser
 from lightning_dd.data.graph_ops import (dense_adjacency, gcn_norm_dense, label_smoothness, laplacian_eigenpairs,
-                                            normalized_laplacian_dense, propagate_sparse)
+                                         normalized_laplacian_dense, propagate_sparse)
+from lightning_dd.methods.graphs.gcond import GradientMatchingCondenser
 from lightning_dd.methods.graphs.graph_run import CondensationMethod
 
 
@@ -334,26 +333,23 @@ class SGDDMethod(CondensationMethod):
     ``normalized``: :class:`StructureOT`, ours), opt_scale (OT term), sinkhorn_iter, ot_rank (rank of
     ``L_x^+``, normalized only), mx_size, lr_plan, plan_temperature (the transport plan; the
     temperature: normalized only); warmup_epochs, warmup_lr (structure warm-up,
-    :meth:`SGDD.warmup_structure`). Defaults: SGDD's code (``train_SGDD.py``).
+    :meth:`SGDD.warmup_structure`). Values: ``conf/method/sgdd.yaml`` (SGDD's code, ``train_SGDD.py``).
     """
 
     module_class: ClassVar[type] = SGDD
-    name: str = "sgdd"
-    epochs: PositiveInt = 2001
-    ignr_hidden: PositiveInt = 128
-    ignr_layers: int = Field(3, ge=2)
-    ep_ratio: Fraction = 0.5
-    beta: NonNegFloat = 0.5
-    ot_form: Literal["reference", "normalized"] = "reference"
-    opt_scale: NonNegFloat = 1e-10
-    sinkhorn_iter: PositiveInt = 5
-    ot_rank: PositiveInt = 256
-    mx_size: PositiveInt = 5000
-    lr_plan: PositiveFloat = 1e-4
-    plan_temperature: PositiveFloat = 0.1
-    warmup_epochs: NonNegInt = 0
-    warmup_lr: PositiveFloat = 0.01
-    inference_bn: Literal["batch", "running"] = "running"
+    ignr_hidden: PositiveInt
+    ignr_layers: int = Field(ge=2)
+    ep_ratio: Fraction
+    beta: NonNegFloat
+    ot_form: Literal["reference", "normalized"]
+    opt_scale: NonNegFloat
+    sinkhorn_iter: PositiveInt
+    ot_rank: PositiveInt
+    mx_size: PositiveInt
+    lr_plan: PositiveFloat
+    plan_temperature: PositiveFloat
+    warmup_epochs: NonNegInt
+    warmup_lr: PositiveFloat
 
 
 __all__ = ["IGNR", "ReferenceOT", "SGDD", "SGDDMethod", "StructureOT", "latent_grid", "sinkhorn", "svd_pinv"]
