@@ -7,7 +7,7 @@ from lightning_dd.methods.images.meta_grad import StudentFunctions, StudentStep,
 from lightning_dd.methods.images.trajectory_matching import (TrajectoryMatching, expert_soft_labels,
                                                       select_correct_samples, window_upper_bound)
 from lightning_dd.nets import FlatParams, build_net
-from configs import method
+from configs import method, run_context
 
 
 def _problem(seed=0, n=12, soft=True, width=8):
@@ -147,3 +147,23 @@ def test_distillation_lowers_the_matching_loss():
                                               traj[start], traj[start + 1], steps, None).item())
         opt.step()
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
+
+
+def test_check_reads_the_typed_net_and_trainer_factory():
+    """``check(ctx)``: a batchnorm student, more processes (``trainer.devices x num_nodes``) than expert
+    draws, and a strategy other than one device or ``ddp`` are refused before any data is read."""
+    from lightning_dd.core.config import ConfigError
+    from lightning_dd.core.trainer import TrainerFactory
+
+    def ctx(norm="instancenorm", **trainer):
+        return run_context(net={"name": "ConvNet", "norm": norm},
+                           make_trainer=TrainerFactory(accelerator="cpu", **trainer))
+
+    hp = method("datm", expert_draws=2)
+    hp.check(ctx(devices=2, strategy="ddp"))
+    with pytest.raises(ConfigError, match="net.norm"):
+        hp.check(ctx("batchnorm"))
+    with pytest.raises(ConfigError, match=r"expert_draws: 2 .* over 4 processes"):
+        hp.check(ctx(devices=2, strategy="ddp", num_nodes=2))
+    with pytest.raises(ConfigError, match="trainer.strategy"):
+        hp.check(ctx(devices=2, strategy="ddp_spawn"))
