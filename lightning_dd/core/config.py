@@ -97,17 +97,18 @@ def instantiate_node(node: Any, prefix: str, **kwargs) -> Any:
 class RunConfig(Typed):
     """The run's own top-level keys (the rest of the config are the groups).
 
-    ``stage`` is checked against the method's stages by the runner.
+    ``stage`` is checked against the method's stages by the runner. Defaults: ``conf/train.yaml``
+    (``scale_name``: ``conf/scale/*.yaml``).
     """
 
     model_config = ConfigDict(extra="ignore")
-    seed: int = 0
-    stage: str = "all"
-    resume: bool = False
-    ckpt_path: str | None = None
-    scale_name: Literal["paper", "cpu"] = "paper"
-    scale_preset: str | None = None
-    optimized_metric: str | None = None
+    seed: int
+    stage: str
+    resume: bool
+    ckpt_path: str | None
+    scale_name: Literal["paper", "cpu"]
+    scale_preset: str | None
+    optimized_metric: str | None
 
 
 class LoggerSettings(Typed):
