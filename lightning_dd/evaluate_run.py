@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_dd.nets import COMPILE_MIN_PIXELS, worth_compiling
 from lightning_dd.results import DistilledSet
 
 log = logging.getLogger(__name__)
@@ -133,18 +134,6 @@ def load_result(path: str | Path, dm=None, data_needed: list | None = None) -> D
     images = dm.preprocessing.forward(x.float() / 255.0)
     return DistilledSet(images, y, None, dm.classes, dm.preprocessing.state(), method=f"folder:{p.name}",
                         ipc=int(torch.bincount(y).max()))
-
-
-# torch.compile pays off only where a training step is expensive. On 8x8 digits a ConvNet step is a
-# few ms eager, and compiling (~10-20 s per architecture on 2 CPU cores) made `python evaluate.py` on
-# a digits result ~4x slower (25 s against 5.9 s); on 32x32 CIFAR images compiled ConvNet steps are
-# ~1.7x faster and evaluations run for minutes. So evaluation runs eager below 32x32 pixels per image.
-COMPILE_MIN_PIXELS = 32 * 32
-
-
-def worth_compiling(image_shape: tuple[int, ...]) -> bool:
-    """Whether ``trainer.compile`` should apply to evaluation nets on ``(C, H, W)`` images."""
-    return image_shape[-2] * image_shape[-1] >= COMPILE_MIN_PIXELS
 
 
 def evaluate_saved(cfg: DictConfig) -> dict:

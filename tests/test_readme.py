@@ -351,7 +351,7 @@ def test_failed_evaluate_leaves_no_output_directory(tmp_path):
 
 
 def test_evaluate_compiles_only_where_it_pays():
-    from lightning_dd.evaluate_run import worth_compiling
+    from lightning_dd.nets import worth_compiling
 
     assert not worth_compiling((1, 8, 8))  # digits: 25 s compiled against 5.9 s eager
     assert worth_compiling((3, 32, 32)) and worth_compiling((3, 64, 64))

@@ -46,8 +46,7 @@ from torch.func import grad, vjp
 
 from lightning_dd.augment.dsa import DSA, DSAParams
 from lightning_dd.losses import label_loss
-from lightning_dd.evaluate_run import worth_compiling
-from lightning_dd.nets import FLAT_COMPILE_VERIFIED, FlatParams, arch_name
+from lightning_dd.nets import FLAT_COMPILE_VERIFIED, FlatParams, arch_name, worth_compiling
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +292,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
 def compile_verified(net: torch.nn.Module, image_shape) -> bool:
     """Whether compiling the student's per-step functions is trusted and worth it: its class is in
     :data:`lightning_dd.nets.FLAT_COMPILE_VERIFIED` and the images have at least 32x32 pixels (below,
-    compiling costs more than it saves, see :func:`lightning_dd.evaluate_run.worth_compiling`)."""
+    compiling costs more than it saves, see :func:`lightning_dd.nets.worth_compiling`)."""
     return arch_name(net) in FLAT_COMPILE_VERIFIED and worth_compiling(tuple(image_shape))
 
 
