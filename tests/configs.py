@@ -24,10 +24,13 @@ def compose_train(*overrides: str) -> DictConfig:
 
 
 def node(group: str, name: str, drop: tuple[str, ...] = (), **overrides) -> dict:
-    """The resolved ``conf/<group>/<name>.yaml`` (its defaults list applied) without the keys ``drop``,
-    updated with ``overrides`` (dotted keys allowed: ``**{"teacher.epochs": 2}``)."""
-    cfg = compose_train(f"{group}={name}")
-    d = OmegaConf.to_container(cfg[group.split("/")[-1]], resolve=False)
+    """The resolved ``conf/<group>/<name>.yaml`` (its defaults list applied, composed alone: no
+    experiment adds keys) without the keys ``drop``, updated with ``overrides`` (dotted keys
+    allowed: ``**{"teacher.epochs": 2}``)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=f"{group}/{name}")
+    d = OmegaConf.to_container(OmegaConf.select(cfg, group.replace("/", ".")), resolve=False)
     out = OmegaConf.create({k: v for k, v in d.items() if k not in drop})
     for k, v in overrides.items():
         OmegaConf.update(out, k, v, force_add=True)
@@ -77,3 +80,15 @@ def run_context(dm=None, out_dir: Path | str = ".", cache_dir: Path | str = ".ca
                       logger=fields.pop("logger", None) or logger_settings(),
                       make_trainer=make_trainer or TrainerFactory(accelerator="cpu", enable_progress_bar=False),
                       out_dir=Path(out_dir), cache_dir=Path(cache_dir), **fields)
+
+
+class CountingTrainerFactory(TrainerFactory):
+    """A :class:`TrainerFactory` that records the stage of every Trainer it builds (``stages``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stages: list[str] = []
+
+    def __call__(self, stage: str, **stage_kwargs):
+        self.stages.append(stage)
+        return super().__call__(stage, **stage_kwargs)

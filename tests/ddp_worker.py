@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, as for train.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/configs.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
@@ -137,7 +138,10 @@ def recover_problem():
     with torch.no_grad():
         for x in dm.train_images[:512].split(128):
             net(x)
-    hp = RecoverConfig(iterations=4, batch=4, lr=0.1, r_bn=1.0, jitter=1, crop_scale=(0.5, 1.0), ckpt_every=2)
+    from configs import node
+
+    hp = RecoverConfig.model_validate({**node("method", "sre2l")["recover"], **dict(
+        iterations=4, batch=4, lr=0.1, r_bn=1.0, jitter=1, crop_scale=(0.5, 1.0), ckpt_every=2)})
     lo, hi = pixel_bounds(dm.preprocessing)
     return hp, dm, [Backbone(net.eval())], torch.arange(10), lo, hi
 
@@ -150,11 +154,11 @@ def run_recover(out: Path, devices: int, strategy: str, one_process: Path | None
     per round, so under several processes the first round starts afresh and the last resumes)."""
     import shutil
 
-    from lightning_dd.core.trainer import TrainerFactory
+    from configs import CountingTrainerFactory
     from lightning_dd.methods.images.statistics_matching.recover import recover_batches
 
     hp, dm, backbones, labels, lo, hi = recover_problem()
-    factory = TrainerFactory(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
+    factory = CountingTrainerFactory(accelerator="cpu", devices=devices, strategy=strategy, enable_progress_bar=False)
     teacher = out.parent / "teacher.pt"  # the file the batches' settings name (one for all the test's runs)
     if _rank() == 0:  # before the first fit: the other ranks start there
         if not teacher.is_file():
@@ -165,7 +169,7 @@ def run_recover(out: Path, devices: int, strategy: str, one_process: Path | None
     def recover(scenario: str, resume: bool, run_dir: str | None = None) -> None:
         r = recover_batches(hp, dm, backbones, labels, lo, hi, out / (run_dir or scenario), seed=5, trainer=factory,
                             resume=resume, teacher_paths=[teacher])
-        torch.save({**r, "fits": len(factory.built)}, out / f"{scenario}_rank{_rank()}.pt")
+        torch.save({**r, "fits": len(factory.stages)}, out / f"{scenario}_rank{_rank()}.pt")
 
     recover("fresh", False)
     if _rank() == 0:
@@ -187,14 +191,13 @@ def graph_method(name: str):
     """Tiny GCond / SGDD settings for Cora: 4 epochs alternating structure and feature updates (1 + 1),
     3 outer x 2 inner steps, 16-wide generators, the structure terms on (GCond's smoothness ``alpha``,
     SGDD's OT on a 400-node subgraph and smoothness, 3 warm-up steps)."""
-    from lightning_dd.methods.graphs.gcond import GCondMethod
-    from lightning_dd.methods.graphs.sgdd import SGDDMethod
+    from configs import method
 
     common = dict(epochs=4, outer_loop=3, inner_loop=2, adj_epochs=1, feat_epochs=1, lr_feat=1e-3, lr_adj=1e-3,
                   ckpt_every=0)
     if name == "gcond":
-        return GCondMethod(pge_hidden=16, alpha=0.1, **common)
-    return SGDDMethod(ignr_hidden=16, ot_rank=16, mx_size=400, warmup_epochs=3, **common)
+        return method("gcond", pge_hidden=16, alpha=0.1, **common)
+    return method("sgdd", ignr_hidden=16, ot_rank=16, mx_size=400, warmup_epochs=3, **common)
 
 
 def run_graph(out: Path, devices: int, strategy: str, precision: str, name: str) -> None:

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from configs import CountingTrainerFactory, node
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.readers import ImageSet
 from lightning_dd.evaluate_run import load_result
@@ -22,7 +23,7 @@ from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import build_net, load_net_file
 from lightning_dd.results import FORMAT_VERSION, CondensedGraph, DistilledSet
 
-CPU = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
+CPU = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)
 
 
 class Payload:
@@ -123,7 +124,7 @@ def test_expert_bank_refuses_a_crafted_expert(tmp_path, marker):
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 2
     with pytest.raises(UnsafeFileError, match=r"expert_000\.pt: not loaded: .*expert trajectory.*system"):
         bank.ensure(1, x, y, 2)
-    assert CPU.built == []  # refused before any training
+    assert CPU.stages == []  # refused before any training
 
 
 class _Tiny(L.LightningModule):
@@ -158,9 +159,9 @@ def test_resume_checkpoints_refuse_a_crafted_pickle(tmp_path, marker, monkeypatc
     with pytest.raises(pickle.UnpicklingError):
         trainer.fit(_Tiny(), torch.utils.data.DataLoader(torch.zeros(2, 1)), ckpt_path=ckpt, **safe_fit_kwargs())
     net = build_net("ConvNet", 3, 2, (8, 8), width=4, depth=1, norm="batchnorm").eval()
-    hp = RecoverConfig(iterations=2, lr=0.1, r_bn=1.0, first_bn_multiplier=1.0, jitter=0, flip=False,
-                       crop_scale=[1.0, 1.0], crop_schedule="none", milestone=1.0, backbones_per_iter=1, r_conv=0.0,
-                       r_logit=0.0, ckpt_every=1)
+    hp = RecoverConfig.model_validate({**node("method", "sre2l")["recover"], **dict(
+        iterations=2, lr=0.1, r_bn=1.0, first_bn_multiplier=1.0, jitter=0, flip=False, crop_scale=[1.0, 1.0],
+        crop_schedule="none", milestone=1.0, backbones_per_iter=1, r_conv=0.0, r_logit=0.0, ckpt_every=1)})
     lo, hi = torch.full((3,), -3.0), torch.full((3,), 3.0)
     with pytest.raises(UnsafeFileError, match=r"last\.ckpt: not loaded: .*recovery checkpoint"):
         recover_batch(torch.zeros(2, 3, 8, 8), torch.arange(2), [Backbone(net)], hp, lo, hi, seed=0, batch_index=0,

@@ -72,9 +72,6 @@ class TrainerFactory:
         compile: ``torch.compile`` networks where verified (read by the stages that train nets;
             not a Trainer argument).
         deterministic, benchmark: Lightning's flags, for every Trainer.
-
-    Attributes:
-        built: ``[(stage, Trainer), ...]`` every Trainer made so far (tests inspect them).
     """
 
     RUN_WIDE = ("accelerator", "devices", "strategy", "precision", "num_nodes")
@@ -86,7 +83,6 @@ class TrainerFactory:
         self.precision, self.num_nodes = precision, num_nodes
         self.enable_progress_bar, self.compile = enable_progress_bar, compile
         self.deterministic, self.benchmark = deterministic, benchmark
-        self.built: list[tuple[str, L.Trainer]] = []
 
     def kwargs(self) -> dict:
         """The run-wide Trainer arguments."""
@@ -94,7 +90,7 @@ class TrainerFactory:
                 "precision": self.precision, "num_nodes": self.num_nodes}
 
     def __call__(self, stage: str, **stage_kwargs) -> L.Trainer:
-        """A Trainer (:class:`SafeTrainer`: resumes load with ``weights_only=True``) for ``stage`` (a label kept in :attr:`built`) with the stage's own arguments
+        """A Trainer (:class:`SafeTrainer`: resumes load with ``weights_only=True``) for ``stage`` (a label: experts, distill, evaluate, ...) with the stage's own arguments
         (``max_steps``, ``logger``, ``callbacks``, ...); defaults: no logger, no checkpointing,
         no model summary, no sanity validation, the factory's progress-bar setting.
 
@@ -107,9 +103,7 @@ class TrainerFactory:
         kw = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
               "num_sanity_val_steps": 0, "enable_progress_bar": self.enable_progress_bar,
               "deterministic": self.deterministic, "benchmark": self.benchmark, **stage_kwargs}
-        trainer = SafeTrainer(**self.kwargs(), **kw)
-        self.built.append((stage, trainer))
-        return trainer
+        return SafeTrainer(**self.kwargs(), **kw)
 
 
 def release_process_group() -> None:
