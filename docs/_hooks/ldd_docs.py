@@ -461,8 +461,10 @@ def config_pages(conf: Path | None = None) -> dict[str, str]:
             from lightning_dd.evaluate.graph import GraphEvalConfig
 
             body += ["### Graph evaluator (`GraphEvalConfig`)", "",
-                     "The `eval` node of graph methods; `conf/graph/cora_eval.yaml` sets it for the Cora experiments.", ""]
-            body += _table(fields_of(GraphEvalConfig), {}, {}, "eval.", docstring_attributes(GraphEvalConfig))
+                     "The `eval` node of graph methods; `conf/graph/cora_eval.yaml` sets it for the Cora experiments "
+                     "(its values in the table).", ""]
+            graph_eval = _load_yaml(conf / "graph" / "cora_eval.yaml").get("eval", {})
+            body += _table(fields_of(GraphEvalConfig), graph_eval, {}, "eval.", docstring_attributes(GraphEvalConfig))
             body.append("")
         pages[f"reference/config/{g}.md"] = "\n".join(body)
     index += ["", *_run_keys_section(conf)]
