@@ -1,5 +1,6 @@
 """Compare two outputs of ``experiments/structure/proof.sh``: every metric of every run, except wall
-clock (``timings/*`` and ``*/seconds``), must be equal (bitwise: floats compared with ``==``).
+clock (``timings/*`` and ``*/seconds``), must be equal (bitwise: floats compared with ``==``), and so
+must the tensors of the artifacts both runs wrote (``distilled.pt``, ``condensed.pt``).
 
 Usage: ``python experiments/structure/compare_proof.py BEFORE_DIR AFTER_DIR`` (exit 1 on a difference).
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 
 def is_clock(key: str) -> bool:
@@ -32,7 +35,27 @@ def main(before: Path, after: Path) -> int:
         for k in diff:
             print(f"    {k}: {a.get(k)!r} -> {b.get(k)!r}")
         bad += bool(diff)
+        for art in ("distilled.pt", "condensed.pt"):
+            if (m.parent / art).is_file() and (other.parent / art).is_file():
+                ta, tb = tensors(m.parent / art), tensors(other.parent / art)
+                differ = sorted(k for k in set(ta) | set(tb) if k not in ta or k not in tb or not torch.equal(ta[k], tb[k]))
+                print(f"    {art}: {len(ta)} tensors, {len(differ)} differ {differ or ''}")
+                bad += bool(differ)
     return int(bad > 0)
+
+
+def tensors(path: Path) -> dict:
+    """The tensors of a saved artifact (read with ``weights_only=True``), by dotted key."""
+    out = {}
+
+    def walk(prefix: str, v) -> None:
+        if isinstance(v, torch.Tensor):
+            out[prefix] = v
+        elif isinstance(v, dict):
+            for k, w in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), w)
+    walk("", torch.load(path, weights_only=True, map_location="cpu"))
+    return out
 
 
 if __name__ == "__main__":
