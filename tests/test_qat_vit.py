@@ -314,32 +314,17 @@ def test_a_step_driven_below_the_floor_restarts_there_and_exports_exactly():
         assert torch.equal(back(x), model.eval()(x))
 
 
-def _qat_vit(**overrides):
-    """QAT-ViT built from ``conf/method/qat_vit.yaml`` alone (the one home of its defaults)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from conftest import ROOT
-    from lightning_dd.core.config import instantiate_node
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        node = compose("method/qat_vit").method
-    for k, v in overrides.items():
-        OmegaConf.update(node, k, v)
-    return instantiate_node(node, "method")
-
-
 def test_check_reads_the_typed_net_and_refuses_what_it_cannot_quantize():
-    from configs import run_context
+    from configs import method, run_context
     from lightning_dd.core.config import ConfigError
 
-    m = _qat_vit()
+    m = method("qat_vit")
     assert m.bits == 4 and m.epochs == 150 and m.loader_workers == 0 and m.fp_seed is None
     m.check(run_context(net={"_target_": "lightning_dd.nets.vit.ViT", **SMALL}))
     with pytest.raises(ConfigError, match="net: QAT-ViT quantizes"):
         m.check(run_context(net={"name": "ConvNet"}))
     with pytest.raises(ConfigError, match="method.batch_size"):
-        _qat_vit(batch_size=2, num_crops=4).check(run_context(net={"_target_": "lightning_dd.nets.vit.ViT"}))
+        method("qat_vit", batch_size=2, num_crops=4).check(run_context(net={"_target_": "lightning_dd.nets.vit.ViT"}))
 
 
 def test_fp_module_keeps_the_deit_recipe():

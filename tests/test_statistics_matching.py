@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from configs import node
 from lightning_dd.augment.crops import crop_resize, sample_crops
 from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.core.trainer import TrainerFactory
@@ -36,18 +37,7 @@ def _teacher(width=8, size=16, classes=4, seed=0) -> nn.Module:
     return net.eval()
 
 
-def method_node(name: str) -> dict:
-    """``conf/method/<name>.yaml`` alone (its defaults list applied, resolved): the one home of the
-    defaults of :class:`TeacherConfig` and :class:`RecoverConfig`."""
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(compose(f"method/{name}").method, resolve=True)
-
-
-SRE2L = method_node("sre2l")
+SRE2L = node("method", "sre2l")  # the one home of the defaults of TeacherConfig / RecoverConfig
 HP = {**SRE2L["recover"], "iterations": 10, "lr": 0.1, "r_bn": 1.0, "first_bn_multiplier": 10.0, "jitter": 2, "flip": True,
       "crop_scale": [0.08, 1.0], "crop_schedule": "none", "milestone": 1.0, "backbones_per_iter": 1,
       "r_conv": 0.0, "r_logit": 0.0, "ckpt_every": 5}

@@ -11,9 +11,7 @@ same torchvision ops on the same RNG stream); G-VBSM's real-data statistics ``rt
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
+from configs import node
 from fixture_io import load_fixture
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.images.statistics_matching import (Backbone, RecoverConfig, RecoverModule, batch_crop_flip,
@@ -28,11 +26,7 @@ CPU = TrainerFactory(accelerator="cpu", enable_progress_bar=False)
 
 def recover_config(**settings) -> RecoverConfig:
     """``conf/method/sre2l.yaml``'s ``recover`` settings (SRe2L's) with ``settings`` changed."""
-    from conftest import ROOT
-
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        base = OmegaConf.to_container(compose("method/sre2l").method.recover, resolve=True)
-    return RecoverConfig(**{**base, **settings})
+    return RecoverConfig(**{**node("method", "sre2l")["recover"], **settings})
 
 
 def _draw(spec: dict) -> torch.Tensor:
