@@ -43,6 +43,19 @@ class ImageData(Protocol):
 
 
 @runtime_checkable
+class ImageFolderData(ImageData, Protocol):
+    """Image data read from an image-folder layout on disk
+    (:class:`lightning_dd.data.imagenet.ImageNetDataModule`), which a method may also stream from
+    ``root`` (``layout``: ``imagenet`` | ``tiny`` | ``flat``) instead of the in-memory tensors."""
+
+    root: object
+    layout: str
+    image_size: int
+    resize_size: int
+    subset_seed: int
+
+
+@runtime_checkable
 class GraphData(Protocol):
     """One real graph (:class:`lightning_dd.data.graphs.GraphDataModule`): ``data`` is a
     ``torch_geometric.data.Data`` with ``x (N, F)``, ``y (N,)``, ``edge_index (2, E)`` and the split

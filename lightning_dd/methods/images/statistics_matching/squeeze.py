@@ -30,26 +30,26 @@ from lightning_dd.training.supervised import SupervisedModule
 log = logging.getLogger(__name__)
 
 
-def teacher_module(net: torch.nn.Module, tcfg: TeacherConfig, total_steps: int, image_size) -> SupervisedModule:
+def teacher_module(net: torch.nn.Module, teacher: TeacherConfig, total_steps: int, image_size) -> SupervisedModule:
     """The squeeze's LightningModule (SRe2L Sec. 3.1): SGD (momentum 0.9, Nesterov or not, L2
-    ``weight_decay``), cosine lr from ``tcfg.lr`` to 0 over ``total_steps`` optimizer steps, random
+    ``weight_decay``), cosine lr from ``teacher.lr`` to 0 over ``total_steps`` optimizer steps, random
     crop + flip, cross-entropy with ``label_smoothing``
     (:class:`~lightning_dd.training.supervised.SupervisedModule`)."""
-    opt = partial(torch.optim.SGD, lr=tcfg.lr, momentum=0.9, nesterov=tcfg.nesterov, weight_decay=tcfg.weight_decay)
-    return SupervisedModule(net, opt, partial(warmup_cosine, total=total_steps), image_size, tcfg.label_smoothing,
+    opt = partial(torch.optim.SGD, lr=teacher.lr, momentum=0.9, nesterov=teacher.nesterov, weight_decay=teacher.weight_decay)
+    return SupervisedModule(net, opt, partial(warmup_cosine, total=total_steps), image_size, teacher.label_smoothing,
                             "squeeze/train_loss")
 
 
-def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed: int = 0,
+def squeeze(net_cfg: dict, dm, teacher: TeacherConfig, cache_root: str | Path, seed: int = 0,
             trainer: TrainerFactory | None = None) -> dict:
     """Train (or load from the cache) one teacher on ``dm``'s training set (SRe2L Sec. 3.1).
 
     Args:
         net_cfg: ``{"name" | "_target_": ..., **kwargs}`` (a BatchNorm network); an ``epochs`` key
-            overrides ``tcfg.epochs`` for this net (e.g. fewer epochs for the extra G-VBSM
+            overrides ``teacher.epochs`` for this net (e.g. fewer epochs for the extra G-VBSM
             backbones; the cache key holds the epochs actually used).
         dm: a set-up :class:`lightning_dd.data.images.ImageDataModule`.
-        tcfg: the squeeze's settings (``epochs``, ``lr``, ``batch_size``, ``weight_decay``,
+        teacher: the squeeze's settings (``epochs``, ``lr``, ``batch_size``, ``weight_decay``,
             ``label_smoothing``).
         cache_root: ``paths.cache_dir/teachers``; the file is ``<key>/teacher.pt`` with the key over
             the data identity, ``net_cfg``, the training settings and ``seed``.
@@ -69,10 +69,10 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     """
     trainer = trainer or TrainerFactory()
     net_cfg = dict(net_cfg)
-    epochs = net_cfg.pop("epochs", tcfg.epochs)  # a positive int (TeacherConfig checks the nets)
-    spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs, "lr": tcfg.lr,
-            "batch_size": tcfg.batch_size, "weight_decay": tcfg.weight_decay, "label_smoothing": tcfg.label_smoothing,
-            "nesterov": tcfg.nesterov}
+    epochs = net_cfg.pop("epochs", teacher.epochs)  # a positive int (TeacherConfig checks the nets)
+    spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs, "lr": teacher.lr,
+            "batch_size": teacher.batch_size, "weight_decay": teacher.weight_decay, "label_smoothing": teacher.label_smoothing,
+            "nesterov": teacher.nesterov}
     path = Path(cache_root) / cache_key(spec) / "teacher.pt"
     dev = run_device(trainer.accelerator)
     built = {}
@@ -94,9 +94,9 @@ def squeeze(net_cfg: dict, dm, tcfg: TeacherConfig, cache_root: str | Path, seed
     t0 = time.perf_counter()
     L.seed_everything(seed, verbose=False)
     net = build_net_cfg(net_cfg, dm.image_shape[0], dm.num_classes, dm.image_shape[1:])
-    loader = batch_loader(dm.train_images, dm.train_labels, tcfg.batch_size, epochs=1, seed=seed)
+    loader = batch_loader(dm.train_images, dm.train_labels, teacher.batch_size, epochs=1, seed=seed)
     steps = epochs * len(loader)
-    module = teacher_module(net, tcfg, steps, dm.image_shape[1:])
+    module = teacher_module(net, teacher, steps, dm.image_shape[1:])
     callbacks, resume = epoch_checkpoints(path.parent / "partial", loader.dataset, f"teacher {path.parent.name}")
     trainer("squeeze", max_epochs=epochs, enable_progress_bar=False, callbacks=callbacks,
             enable_checkpointing=True).fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())
@@ -134,9 +134,9 @@ def load_teacher_file(path: str | Path, dm, accelerator: str = "auto") -> dict:
         net, dm.test_images, dm.test_labels), "seconds": 0.0, "cached": True}
 
 
-def load_teachers(tcfg: TeacherConfig, dm, cache_root: str | Path, seed: int, trainer: TrainerFactory) -> list[dict]:
+def load_teachers(teacher: TeacherConfig, dm, cache_root: str | Path, seed: int, trainer: TrainerFactory) -> list[dict]:
     """Every teacher of ``method.teacher``: the given ``ckpt`` (one), else each of ``nets`` squeezed
     (:func:`squeeze`, cached under ``cache_root``) in order. Returns :func:`squeeze`'s dicts."""
-    if tcfg.ckpt:
-        return [load_teacher_file(tcfg.ckpt, dm, trainer.accelerator)]
-    return [squeeze(n, dm, tcfg, cache_root, seed, trainer) for n in tcfg.nets]
+    if teacher.ckpt:
+        return [load_teacher_file(teacher.ckpt, dm, trainer.accelerator)]
+    return [squeeze(n, dm, teacher, cache_root, seed, trainer) for n in teacher.nets]

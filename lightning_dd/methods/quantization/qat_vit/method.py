@@ -16,7 +16,7 @@ from pydantic import Field
 
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.data.protocols import ImageData
+from lightning_dd.data.protocols import ImageData, ImageFolderData
 from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
@@ -190,7 +190,7 @@ class QATViT(Method):
         from lightning_dd.data.imagenet import image_folder_dataset
 
         dm = ctx.dm
-        if not hasattr(dm, "layout"):
+        if not isinstance(dm, ImageFolderData):
             raise ConfigError(f"method.stream_train: {type(dm).__name__} is not an image-folder DataModule")
         ds = image_folder_dataset(dm.root, "train", dm.layout, dm.image_size, dm.resize_size, self.stream_per_class,
                                   dm.subset_seed, views=views, scale=tuple(self.crop_scale))
