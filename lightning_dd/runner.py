@@ -84,7 +84,7 @@ def check_config(cfg: DictConfig) -> tuple[RunConfig, Method, RunContext]:
     ctx = RunContext(dm=None, data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {},
                      net=OmegaConf.to_container(cfg.net, resolve=True) if "net" in cfg else {}, eval=ev,
                      augment=validated(AugmentSettings, cfg.augment, "augment"),
-                     logger=validated(LoggerSettings, cfg.logger, "logger"), make_trainer=make_trainer,
+                     logger=validated(LoggerSettings, {k: cfg.logger.get(k) for k in LoggerSettings.model_fields}, "logger"), make_trainer=make_trainer,
                      out_dir=Path(), cache_dir=Path(cfg.paths.cache_dir), seed=run_cfg.seed, stage=run_cfg.stage,
                      resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
     method.check(ctx)

@@ -55,7 +55,7 @@ def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0, me
     """A tiny trajectory-matching module: 12 synthetic 3x8x8 images of 3 classes, 3 expert
     trajectories of 4 epochs (random walks from one init: the gradient only needs fixed targets)."""
     from lightning_dd.augment.dsa import DSA
-    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching, TrajectoryMatchingMethod
+    from lightning_dd.methods.images.trajectory_matching import TrajectoryMatching
     from lightning_dd.nets import FlatParams, build_net
 
     g = torch.Generator().manual_seed(0)
@@ -67,10 +67,11 @@ def tm_problem(expert_draws: int, soft: bool = True, threshold: float = 10.0, me
     trajs = [theta0 + torch.cumsum(0.05 * torch.randn(5, theta0.numel(), generator=g), 0) for _ in range(3)]
     images = torch.randn(12, 3, 8, 8, generator=g)
     labels = torch.randn(12, 3, generator=g) if soft else torch.arange(12) % 3
-    hp = TrajectoryMatchingMethod(name="datm", ipc=4, syn_steps=4, batch_syn=6, expert_epochs=2, min_start_epoch=0,
-                                  current_max_start_epoch=2, max_start_epoch=3, expert_train_epochs=4,
-                                  soft_labels=soft, lr_teacher=0.05, lr_img=10.0, threshold=threshold,
-                                  meta_grad=meta_grad, expert_draws=expert_draws)
+    from configs import method
+
+    hp = method("datm", ipc=4, syn_steps=4, batch_syn=6, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2,
+                max_start_epoch=3, expert_train_epochs=4, soft_labels=soft, lr_teacher=0.05, lr_img=10.0,
+                threshold=threshold, meta_grad=meta_grad, expert_draws=expert_draws)
     return TrajectoryMatching(images, labels, trajs, net, hp, DSA(), seed=3)
 
 

@@ -11,14 +11,15 @@ import sys
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from configs import method, run_context
 from conftest import ROOT
 from ddp_worker import SaveFirstGradient, tm_problem
-from lightning_dd.core.config import ConfigError, instantiate_node
+from lightning_dd.core.config import ConfigError
 from lightning_dd.data.batches import StepLoader, TensorBatches, shard_batch
 from lightning_dd.methods.images.meta_grad import matching_loss_and_grads
-from lightning_dd.methods.images.trajectory_matching import TrajectoryMatchingMethod
+from lightning_dd.core.trainer import TrainerFactory
+from lightning_dd.runner import check_config
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
@@ -83,12 +84,13 @@ def _compose(*overrides):
 
 
 def _cfg(devices, strategy="ddp", nodes=1):
-    return OmegaConf.create({"trainer": {"devices": devices, "strategy": strategy, "num_nodes": nodes},
-                             "net": {"name": "ConvNet", "norm": "instancenorm"}})
+    """A run context with these Trainer settings and an instance-norm ConvNet."""
+    make = TrainerFactory(devices=devices, strategy=strategy, num_nodes=nodes)
+    return run_context(net={"name": "ConvNet", "norm": "instancenorm"}, make_trainer=make)
 
 
 def test_more_processes_than_draws_or_an_unsupported_strategy_is_a_config_error():
-    hp = TrajectoryMatchingMethod(name="datm", expert_draws=2)
+    hp = method("datm", expert_draws=2)
     hp.check(_cfg(2))
     hp.check(_cfg("auto"))
     with pytest.raises(ConfigError, match=r"method.expert_draws: 2 expert draw\(s\) .* over 4 processes"):
@@ -104,13 +106,12 @@ def test_more_processes_than_draws_or_an_unsupported_strategy_is_a_config_error(
     # under the spawn strategies or FSDP, refused before any work
     for exp, what in (("gcond_cora", r"graph condensation \(gcond\)"), ("sgdd_cora", r"graph condensation \(sgdd\)"),
                       ("sre2l_cifar10", r"statistics matching \(sre2l\)")):
-        method = instantiate_node(_compose(f"experiment={exp}").method, "method")
-        method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp"))
-        method.check(_compose(f"experiment={exp}", "trainer.accelerator=cpu", "trainer.devices=auto"))
+        check_config(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp"))
+        check_config(_compose(f"experiment={exp}", "trainer.accelerator=cpu", "trainer.devices=auto"))
         with pytest.raises(ConfigError, match=rf"trainer.strategy=ddp_spawn: {what} keeps state between its fits"):
-            method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp_spawn"))
+            check_config(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=ddp_spawn"))
         with pytest.raises(ConfigError, match=rf"trainer.strategy: {what} runs on one device or under DDP"):
-            method.check(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=fsdp"))
+            check_config(_compose(f"experiment={exp}", "trainer.devices=2", "trainer.strategy=fsdp"))
     # the same checks at fit time, from the Trainer's own strategy (devices=auto is known only there)
     m = tm_problem(1)
     m._trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)

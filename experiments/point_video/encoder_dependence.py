@@ -1,4 +1,4 @@
-"""How much of MaST-Pre's pretext needs the encoder? (issue 15, the MaST-Pre probe bar)
+"""How much of MaST-Pre's pretext needs the encoder? (the MaST-Pre probe bar of experiments/point_video)
 
 MaST-Pre (Shen et al., ICCV 2023, arXiv 2308.09245) gives its MAE-style decoder the (x, y, z, t)
 position of every visible and masked point tube. If the masked patches can be predicted from those
@@ -62,13 +62,15 @@ class PositionsOnlyModule(FrozenEncoderModule):
 class FrozenEncoderMaSTPre(MaSTPre):
     """``method._target_`` of the ``frozen`` variant: :class:`MaSTPre` training :class:`FrozenEncoderModule`."""
 
-    module_cls = FrozenEncoderModule
+    def pretext(self, encoder, steps):
+        return FrozenEncoderModule(encoder, self, steps)
 
 
 class PositionsOnlyMaSTPre(MaSTPre):
     """``method._target_`` of the ``positions`` variant: :class:`MaSTPre` training :class:`PositionsOnlyModule`."""
 
-    module_cls = PositionsOnlyModule
+    def pretext(self, encoder, steps):
+        return PositionsOnlyModule(encoder, self, steps)
 
 
 VARIANTS = {"trained": None, "frozen": "encoder_dependence.FrozenEncoderMaSTPre",

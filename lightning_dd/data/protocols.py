@@ -81,8 +81,9 @@ class PointVideoData(Protocol):
     train_labels: torch.Tensor
     test_labels: torch.Tensor
 
-    def clips(self, split: str = "train", videos: torch.Tensor | None = None, train: bool | None = None):
-        """The clip dataset of ``split`` (optionally of some videos only)."""
+    def clips(self, split: str = "train", videos: torch.Tensor | None = None, train: bool | None = None,
+              views: int = 1):
+        """The clip dataset of ``split`` (optionally of some videos only; ``views`` augmented views per clip)."""
 
     def loader(self, ds, shuffle: bool, drop_last: bool = False):
         """A DataLoader over ``ds`` with the module's batch size and workers."""
