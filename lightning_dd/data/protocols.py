@@ -93,3 +93,21 @@ class PointVideoData(Protocol):
 
     def skeletons(self):
         """``(joint arrays per video, labels, subjects)``."""
+
+
+@runtime_checkable
+class SkeletonData(Protocol):
+    """What the skeleton classifier reads of a point-video DataModule
+    (:class:`lightning_dd.data.point_video.PointVideoDataModule`, ``format: skeleton``): the joint
+    sequences, not the videos (``load_videos: false`` leaves those, and their labels, unread).
+
+    Shapes:
+        ``skeletons()``: ``(joints (T, 20, 3) metres per video, labels (V,), subjects (V,))``.
+    """
+
+    name: str
+    num_classes: int
+    train_subjects: tuple[int, ...]
+
+    def skeletons(self):
+        """``(joint arrays per video, labels, subjects)``."""

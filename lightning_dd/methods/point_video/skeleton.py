@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -21,26 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
+from lightning_dd.data.protocols import SkeletonData
 from lightning_dd.methods.base import MethodOutput, RunContext
 from lightning_dd.methods.point_video.common import PointVideoMethod, adamw_warmup_cosine
-
-
-@runtime_checkable
-class SkeletonData(Protocol):
-    """What the skeleton classifier reads of a point-video DataModule
-    (:class:`lightning_dd.data.point_video.PointVideoDataModule`, ``format: skeleton``): the joint
-    sequences, not the videos (``load_videos: false`` leaves those, and their labels, unread).
-
-    Shapes:
-        ``skeletons()``: ``(joints (T, 20, 3) metres per video, labels (V,), subjects (V,))``.
-    """
-
-    name: str
-    num_classes: int
-    train_subjects: tuple[int, ...]
-
-    def skeletons(self):
-        """``(joint arrays per video, labels, subjects)``."""
 
 
 def normalize_sequence(joints: np.ndarray, frames: int) -> torch.Tensor:
