@@ -12,25 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data import DigitsDataModule
 from lightning_dd.data.readers import read_class_folders
 from lightning_dd.io import CACHE_FORMAT_VERSION, load_cache, save_cache, sidecar
 from lightning_dd.methods.images.experts import ExpertBank
 from lightning_dd.nets import build_net
-from configs import method
-
-
-class CountingFactory(TrainerFactory):
-    """A CPU Trainer factory counting the Trainers it builds (one per training, none for a cache hit)."""
-
-    def __init__(self):
-        super().__init__(accelerator="cpu", enable_progress_bar=False)
-        self.n = 0
-
-    def __call__(self, stage, **kwargs):
-        self.n += 1
-        return super().__call__(stage, **kwargs)
+from configs import CountingTrainerFactory, method
 
 
 def truncate(path):
@@ -101,19 +88,19 @@ def test_format_0_entries_are_used_and_upgraded_and_bad_sidecars_rebuild(tmp_pat
 
 @pytest.mark.parametrize("corrupt", sorted(CORRUPTIONS))
 def test_corrupted_expert_trajectory_is_retrained(tmp_path, caplog, corrupt):
-    made = CountingFactory()
+    made = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.arange(16) % 2
     bank = ExpertBank(tmp_path / "experts", {"data": "toy"}, {"name": "ConvNet", "width": 4, "depth": 1}, 0.01, 2,
                       batch_size=8, make_trainer=made)
     first = bank.ensure(2, x, y, 2)
-    assert made.n == 2 and sidecar(bank.path(1)).is_file()
-    assert len(bank.ensure(2, x, y, 2)) == 2 and made.n == 2  # cached: nothing trained
+    assert len(made.stages) == 2 and sidecar(bank.path(1)).is_file()
+    assert len(bank.ensure(2, x, y, 2)) == 2 and len(made.stages) == 2  # cached: nothing trained
     CORRUPTIONS[corrupt](bank.path(1))
     with caplog.at_level(logging.WARNING):
         again = bank.ensure(2, x, y, 2)
     assert_reported(caplog, bank.path(1))
-    assert made.n == 3  # expert 1 retrained, expert 0 reused
+    assert len(made.stages) == 3  # expert 1 retrained, expert 0 reused
     assert torch.equal(again[0]["trajectory"], first[0]["trajectory"])
     assert torch.allclose(again[1]["trajectory"], first[1]["trajectory"])  # same seed: the same expert
     assert load_cache(bank.path(1)) is not None  # and a valid entry again
@@ -188,10 +175,10 @@ def test_corrupted_teacher_is_trained_again(tmp_path, caplog):
     short = {"epochs": 1, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0, "label_smoothing": 0.0}
     tcfg = method("sre2l", **{f"teacher.{k}": v for k, v in short.items()}).teacher
     net_cfg = {"name": "ConvNet", "width": 4, "depth": 1, "norm": "batchnorm"}
-    made = CountingFactory()
+    made = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)
     a = squeeze(net_cfg, dm, tcfg, tmp_path, trainer=made)
     truncate(a["path"])
     with caplog.at_level(logging.WARNING):
         b = squeeze(net_cfg, dm, tcfg, tmp_path, trainer=made)
     assert_reported(caplog, a["path"])
-    assert not b["cached"] and made.n == 2 and squeeze(net_cfg, dm, tcfg, tmp_path, trainer=made)["cached"]
+    assert not b["cached"] and len(made.stages) == 2 and squeeze(net_cfg, dm, tcfg, tmp_path, trainer=made)["cached"]

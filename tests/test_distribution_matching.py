@@ -15,7 +15,7 @@ from lightning_dd.methods.images.clom import ClomConfig, ClomTerm, ModelPool, co
 from lightning_dd.methods.images.distribution_matching import (DistributionMatching, class_table, dm_loss,
                                                                sample_per_class, siamese_dsa)
 from lightning_dd.nets import build_net
-from configs import augment_settings, method, run_context
+from configs import CountingTrainerFactory, augment_settings, method, run_context
 
 
 def test_dm_loss_is_zero_iff_every_class_mean_matches():
@@ -119,18 +119,6 @@ class _TinyData:
         return {"name": "tiny", "n": 40}
 
 
-class _CountingFactory(TrainerFactory):
-    """A CPU Trainer factory that counts the Trainers it builds (one per pool model trained)."""
-
-    def __init__(self):
-        super().__init__(accelerator="cpu", enable_progress_bar=False)
-        self.n = 0
-
-    def __call__(self, stage, **kwargs):
-        self.n += 1
-        return super().__call__(stage, **kwargs)
-
-
 def _pool_ctx(cache: Path, dsa_enabled=False, make=None, **augment):
     """A run context for the pool: tiny data, a tiny ConvNet, ``cache`` as ``paths.cache_dir``, seed 0."""
     return run_context(dm=_TinyData(), cache_dir=cache, net={"name": "ConvNet", "width": 4, "depth": 1},
@@ -144,17 +132,17 @@ def _clom(**overrides) -> ClomConfig:
 
 def test_pool_is_trained_once_and_keyed_by_its_config(tmp_path):
     hp = _clom(enabled=True, archs=["ConvNet"], seeds=2, epochs=[1, 2], batch=16)
-    make = _CountingFactory()
+    make = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)  # one Trainer per model trained
     ctx = _pool_ctx(tmp_path, make=make)
     pool = ModelPool.build(hp, ctx)
     assert len(pool) == 4 and sorted((m.seed, m.epoch) for m in pool.members) == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert make.n == 2  # one training per seed
+    assert len(make.stages) == 2  # one training per seed
     first = [m.theta for m in pool.members]
     again = ModelPool.build(hp, ctx)
-    assert make.n == 2  # reused from the cache: nothing trained
+    assert len(make.stages) == 2  # reused from the cache: nothing trained
     assert all(torch.equal(a, m.theta) for a, m in zip(first, again.members))
     other = ModelPool.build(hp.model_copy(update={"lr": 0.05}), ctx)  # another config -> another pool
-    assert make.n == 4 and other.dirs[0] != pool.dirs[0]
+    assert len(make.stages) == 4 and other.dirs[0] != pool.dirs[0]
     # epochs 1 and 2 of one model differ; the members run and give CE-CLoM gradients on the images only
     assert not torch.equal(pool.members[0].theta, pool.members[1].theta)
     x = torch.randn(4, 3, 8, 8, requires_grad=True)

@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.methods.images.pixel_quantization import (drop_mask, gradcam_pp, patch_importance, quantize_pixels,
                                                             trained_mae)
 from lightning_dd.nets.mae import MAE, patchify, random_mask, unpatchify
-from configs import method
+from configs import CountingTrainerFactory, method
 
 
 class _PoolNet(nn.Module):
@@ -93,14 +92,7 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
     small = {"enabled": True, "patch": 4, "drop_ratio": 0.25, "mae_dim": 32, "mae_depth": 1, "mae_heads": 2,
              "decoder_dim": 32, "decoder_depth": 1, "mae_epochs": 8, "mae_batch": 64, "mae_lr": 3e-3}
     hp = method("dq", **{f"pixel.{k}": v for k, v in small.items()}).pixel
-    built = []
-
-    class Counting(TrainerFactory):  # counts the MAE trainings
-        def __call__(self, stage, **kwargs):
-            built.append(stage)
-            return super().__call__(stage, **kwargs)
-
-    make = Counting(accelerator="cpu", enable_progress_bar=False)
+    make = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)
     mask = random_mask(256, 16, 0.25, torch.Generator().manual_seed(5))
     from lightning_dd.methods.images.pixel_quantization import build_mae
     from lightning_dd.nets.mae import mae_loss
@@ -111,7 +103,7 @@ def test_the_trained_mae_reconstructs_better_than_its_init_and_is_cached(tmp_pat
         err = mae_loss(mae(x, mask), x, mask, 4).item()
     assert err < 0.5 * init_err and info["mae/train_s"] > 0
     again, info2 = trained_mae(hp, x, {"name": "ramps"}, tmp_path, make)
-    assert info2["mae/train_s"] == 0 and built == ["mae"]
+    assert info2["mae/train_s"] == 0 and make.stages == ["mae"]
     assert all(torch.equal(a, b) for a, b in zip(mae.state_dict().values(), again.state_dict().values()))
     # the whole step: shapes, drop count and visible pixels unchanged
     out, dropped = quantize_pixels(x[:10], torch.zeros(10, dtype=torch.long), _PoolNet(), mae, hp)
