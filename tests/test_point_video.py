@@ -496,6 +496,60 @@ def test_paper_and_cpu_sizes_of_the_point_video_experiments():
     assert (mast.mask_ratio, mast.decoder_dim, mast.decoder_depth, mast.epochs) == (0.75, 512, 4, 200)
 
 
+def test_each_stage_trains_with_the_optimizer_and_schedule_of_its_config():
+    """``method.optimizer`` / ``method.scheduler`` (Hydra partials) give each stage its AdamW and
+    per-step warmup-cosine: MaST-Pre decays only its weight matrices (the optimizer's own weight
+    decay), the others every parameter; the probe's optimizer is full-batch Adam."""
+    import torch.nn as nn
+
+    from lightning_dd.methods.point_video.finetune import ClassifierModule
+    from lightning_dd.methods.point_video.skeleton import SkeletonModule, SkeletonNet
+    from lightning_dd.nets.p4transformer import P4Classifier
+    from lightning_dd.training.schedules import warmup_cosine_factor
+
+    enc = dict(encoder=SMALL_ENCODER)
+    mast = pv_method("mast_pre", **enc, decoder_dim=32, decoder_heads=4, decoder_depth=1)
+    ft = pv_method("msr_finetune", **enc)
+    skel = pv_method("skeleton_msr")
+    modules = {"mast_pre": (mast.pretext(mast.encoder.build(), 40), 0.001, 0.05, mast.warmup_steps(40)),
+               "point_contrast": (pv_method("point_contrast", **enc).pretext(P4Encoder(**SMALL_ENCODER), 40), 0.001, 0.05, 2),
+               "msr_finetune": (ClassifierModule(P4Classifier(ft.encoder.build(), 5, 16, 0.5), ft.optimizer, ft.scheduler,
+                                                 40, 3, 0.1), 0.0005, 0.05, 3),
+               "skeleton_msr": (SkeletonModule(SkeletonNet(5, 8, 0.3), skel, 40), 0.003, 0.01, 2)}
+    for name, (module, lr, wd, warmup) in modules.items():
+        conf = module.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        assert type(opt) is torch.optim.AdamW and conf["lr_scheduler"]["interval"] == "step", name
+        groups = [(g["initial_lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups]
+        if name == "mast_pre":
+            decay = [p for n, p in module.named_parameters() if p.ndim > 1 and "token" not in n]
+            assert groups == [(lr, wd, len(decay)), (lr, 0.0, len(list(module.parameters())) - len(decay))]
+        else:
+            assert groups == [(lr, wd, len(list(module.parameters())))], name
+        rates = []
+        for _ in range(40):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert rates == [lr * warmup_cosine_factor(s, 40, warmup) for s in range(40)], name
+    probe = mast.probe.optimizer(nn.Linear(3, 2).parameters())
+    assert type(probe) is torch.optim.Adam and (probe.defaults["lr"], probe.defaults["weight_decay"]) == (0.01, 0.0001)
+
+
+@pytest.mark.parametrize("experiment,override,key", [
+    ("skeleton_msr", "method.optimizer.lr=-1", "method.optimizer"),
+    ("mast_pre_msr", "method.optimizer.lr=-1", "method.optimizer"),
+    ("msr_finetune", "method.probe.optimizer.lr=-1", "method.probe.optimizer"),
+    ("point_contrast_msr", "+method.scheduler.gamma=0.5", "method.scheduler"),
+])
+def test_an_optimizer_or_schedule_that_does_not_build_fails_at_check_time_naming_its_key(experiment, override, key):
+    from lightning_dd.core.config import ConfigError
+    from lightning_dd.runner import check_config
+
+    with pytest.raises(ConfigError, match=rf"{key}: Value error, does not build"):
+        check_config(compose_train(f"experiment={experiment}", override))
+
+
 def test_mast_pre_paper_config_trains_as_long_as_the_reference():
     """The composed ``experiment=mast_pre_msr`` pretrains exactly as long as the reference's loop
     (``0-pretraining-dp.py``: ``DataLoader(batch_size=128, drop_last=True)``, one AdamW step per

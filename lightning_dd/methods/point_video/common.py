@@ -1,24 +1,25 @@
 """Shared parts of the point-cloud video methods: the family's base class (its DataModule protocol),
 the typed encoder settings, the encoder checkpoint (``encoder.pt``), clip features of a frozen
-encoder and the linear probe, the AdamW + warmup-cosine recipe of every stage. Data:
+encoder and the linear probe, the optimizer and schedule settings of every stage (config partials).
+Data:
 :class:`lightning_dd.data.protocols.PointVideoData` (:class:`lightning_dd.data.point_video.PointVideoDataModule`)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import AfterValidator
 
-from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Typed
+from lightning_dd.core.config import Fraction, PositiveFloat, PositiveInt, Typed
 from lightning_dd.data.point_video import ClipDataset, video_accuracy
 from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.io import atomic_save, load_dict
 from lightning_dd.methods.base import Method
 from lightning_dd.nets.p4transformer import P4Encoder
-from lightning_dd.training.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,57 @@ class PointVideoMethod(Method):
     """Base of the point-cloud video family: its methods read a :class:`PointVideoData` DataModule."""
 
     data_protocol: ClassVar[type] = PointVideoData
+
+
+def _builds_optimizer(factory: Callable) -> Callable:
+    """``factory`` (``params -> Optimizer``) if it builds an optimizer on one dummy parameter.
+
+    Raises:
+        ValueError: it does not (a negative ``lr``, an unknown keyword, not an optimizer); pydantic
+            reports it under the field's key (``method.optimizer: ...``).
+    """
+    try:
+        opt = factory([nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"does not build an optimizer: {e}") from None
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ValueError(f"builds a {type(opt).__name__}, not a torch.optim.Optimizer")
+    return factory
+
+
+def _builds_schedule(factory: Callable) -> Callable:
+    """``factory`` (``(optimizer, total=, warmup=) -> LRScheduler``) if it builds a schedule of a
+    dummy optimizer for a 10-step run with 1 warmup step.
+
+    Raises:
+        ValueError: it does not.
+    """
+    try:
+        sched = factory(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), total=10, warmup=1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"does not build a schedule with (optimizer, total=, warmup=): {e}") from None
+    if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+        raise ValueError(f"builds a {type(sched).__name__}, not a torch.optim.lr_scheduler.LRScheduler")
+    return factory
+
+
+OptimizerFactory = Annotated[Callable[..., torch.optim.Optimizer], AfterValidator(_builds_optimizer)]
+"""``params -> Optimizer``: a method config's ``optimizer`` node, ``{_target_: torch.optim.AdamW,
+_partial_: true, lr: ..., weight_decay: ...}``, which Hydra builds into a ``functools.partial``;
+validated by building it once on a dummy parameter."""
+ScheduleFactory = Annotated[Callable[..., torch.optim.lr_scheduler.LRScheduler], AfterValidator(_builds_schedule)]
+"""``(optimizer, total=, warmup=) -> LRScheduler`` stepped per optimizer step: a method config's
+``scheduler`` node, ``{_target_: lightning_dd.training.schedules.warmup_cosine, _partial_: true}``;
+``total`` and ``warmup`` (optimizer steps) are filled in at fit time."""
+
+
+def optimizers(optimizer: Callable, scheduler: Callable, params, total: int, warmup: int) -> dict:
+    """Lightning's ``configure_optimizers`` answer of every point-video stage: ``optimizer(params)``
+    (``params``: parameters or param groups) and ``scheduler(opt, total=total, warmup=warmup)``,
+    stepped per optimizer step."""
+    opt = optimizer(params)
+    sched = scheduler(opt, total=total, warmup=warmup)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class EncoderConfig(Typed):
@@ -56,13 +108,12 @@ class EncoderConfig(Typed):
 
 class ProbeConfig(Typed):
     """The linear probe on frozen clip features (max- and mean-pooled encoder tokens, standardized):
-    a linear classifier, full batch, ``steps`` of Adam at ``lr`` with weight decay ``weight_decay``,
+    a linear classifier, full batch, ``steps`` of ``optimizer`` (the configs: Adam, constant lr),
     repeated ``repeats`` times (each repeat draws its own augmented training clips and initial
     weights; the accuracies are averaged)."""
 
     steps: PositiveInt
-    lr: PositiveFloat
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
     train_views: PositiveInt   # augmented passes over the training clips
     repeats: PositiveInt
 
@@ -136,7 +187,7 @@ def linear_probe(encoder: P4Encoder, train: ClipDataset, test: ClipDataset, test
         mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
         xtr_s, xte_s = (xtr - mu) / sd, (xte - mu) / sd
         lin = nn.Linear(xtr.shape[1], num_classes)
-        opt = torch.optim.Adam(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = cfg.optimizer(lin.parameters())
         with torch.enable_grad():
             for _ in range(cfg.steps):
                 opt.zero_grad()
@@ -150,12 +201,3 @@ def linear_probe(encoder: P4Encoder, train: ClipDataset, test: ClipDataset, test
     mean = acc.mean(0)
     return {"clip_acc": float(mean[0]), "video_acc": float(mean[1]), "train_acc": float(mean[2]),
             "video_acc_std": float(acc[:, 1].std()) if len(runs) > 1 else 0.0}
-
-
-def adamw_warmup_cosine(params, lr: float, weight_decay: float, total: int, warmup: int) -> dict:
-    """Lightning's ``configure_optimizers`` answer of every point-video stage: AdamW (``params``:
-    parameters or param groups, ``weight_decay`` their default) and, stepped per optimizer step, a
-    linear warmup over ``warmup`` steps then a cosine to 0 at ``total``
-    (:func:`lightning_dd.training.schedules.warmup_cosine`)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup_cosine(opt, total, warmup), "interval": "step"}}

@@ -9,36 +9,38 @@ checkpoint; ``null`` starts from a random encoder of ``method.encoder``.
 
 Metrics: ``eval/video_acc`` (clip scores summed per video; test subjects 6-10), ``eval/clip_acc``.
 
-Deviation: one optimizer (AdamW) for every setting, where the P4Transformer scratch baseline used
-SGD with momentum (its lr 0.01, warmup 10 epochs); the same recipe for scratch and pretrained runs
-keeps the comparison about the initialization.
+Deviation: one optimizer (AdamW, ``method.optimizer``) for every setting, where the P4Transformer
+scratch baseline used SGD with momentum (its lr 0.01, warmup 10 epochs); the same recipe for scratch
+and pretrained runs keeps the comparison about the initialization.
 """
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.core.config import ConfigError, Fraction, NonNegInt, PositiveInt
 from lightning_dd.data.point_video import video_accuracy
 from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.io import atomic_save
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, PointVideoMethod, ProbeConfig,
-                                                     adamw_warmup_cosine, linear_probe, load_encoder)
+from lightning_dd.methods.point_video.common import (EncoderConfig, OptimizerFactory, PointVideoMethod, ProbeConfig,
+                                                     ScheduleFactory, linear_probe, load_encoder, optimizers)
 from lightning_dd.nets.p4transformer import P4Classifier
 
 
 class ClassifierModule(L.LightningModule):
-    """P4Classifier trained with cross-entropy (label smoothing), AdamW, warmup + cosine."""
+    """P4Classifier trained with cross-entropy (label smoothing); ``optimizer`` (``params -> Optimizer``)
+    and ``scheduler`` (``(optimizer, total=steps, warmup=warmup) -> LRScheduler``, stepped per step)."""
 
-    def __init__(self, net: P4Classifier, lr: float, weight_decay: float, steps: int, warmup: int,
+    def __init__(self, net: P4Classifier, optimizer: Callable, scheduler: Callable, steps: int, warmup: int,
                  label_smoothing: float):
         super().__init__()
-        self.net, self.lr, self.wd, self.steps, self.warmup, self.ls = net, lr, weight_decay, steps, warmup, label_smoothing
+        self.net, self.make_optimizer, self.make_scheduler = net, optimizer, scheduler
+        self.steps, self.warmup, self.ls = steps, warmup, label_smoothing
 
     def training_step(self, batch, _):
         clip, y, _v = batch
@@ -49,7 +51,7 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self.parameters(), self.lr, self.wd, self.steps, self.warmup)
+        return optimizers(self.make_optimizer, self.make_scheduler, self.parameters(), self.steps, self.warmup)
 
 
 @torch.no_grad()
@@ -79,8 +81,8 @@ class PointVideoFinetune(PointVideoMethod):
     encoder: EncoderConfig
     label_fraction: Fraction
     epochs: PositiveInt
-    lr: PositiveFloat
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
+    scheduler: ScheduleFactory
     warmup_epochs: NonNegInt
     label_smoothing: Fraction
     head_hidden: PositiveInt
@@ -114,7 +116,7 @@ class PointVideoFinetune(PointVideoMethod):
         net = P4Classifier(encoder, dm.num_classes, self.head_hidden, self.head_dropout)
         loader = dm.loader(dm.clips("train", subset), shuffle=True, drop_last=True)
         steps = self.epochs * len(loader)
-        module = ClassifierModule(net, self.lr, self.weight_decay, steps, self.warmup_epochs * len(loader),
+        module = ClassifierModule(net, self.optimizer, self.scheduler, steps, self.warmup_epochs * len(loader),
                                   self.label_smoothing)
         trainer = ctx.make_trainer("finetune", max_epochs=self.epochs, logger=ctx.loggers, log_every_n_steps=5)
         trainer.fit(module, loader)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from lightning_dd.augment.point_cloud import vertical_rigid
 from lightning_dd.core.config import ConfigError, Fraction, PositiveInt
 from lightning_dd.methods.base import RunContext
-from lightning_dd.methods.point_video.common import adamw_warmup_cosine
+from lightning_dd.methods.point_video.common import optimizers
 from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder, transformer
 from lightning_dd.nets.point_ops import chamfer_l2
@@ -215,9 +215,9 @@ class MaSTPreModule(L.LightningModule):
     def configure_optimizers(self):
         decay = [p for n, p in self.named_parameters() if p.ndim > 1 and "token" not in n]
         rest = [p for n, p in self.named_parameters() if not (p.ndim > 1 and "token" not in n)]
-        return adamw_warmup_cosine([{"params": decay, "weight_decay": self.hp.weight_decay},
-                                    {"params": rest, "weight_decay": 0.0}], self.hp.lr, self.hp.weight_decay,
-                                   self.total_steps, self.hp.warmup_steps(self.total_steps))
+        groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]  # decay: the optimizer's own weight_decay
+        return optimizers(self.hp.optimizer, self.hp.scheduler, groups, self.total_steps,
+                          self.hp.warmup_steps(self.total_steps))
 
 
 class MaSTPre(PointVideoPretraining):
@@ -227,8 +227,9 @@ class MaSTPre(PointVideoPretraining):
     reference's single ``dropout1``), decoder width/depth/heads, ``mask_ratio``, ``target``
     (``absolute``: the reference's point targets, or ``displacement`` from the anchor),
     ``cardinality`` (the targets of Sec. 3.4: ``reference``, :func:`cardinality_descriptor`, or
-    ``fraction``, :func:`soft_cardinality`; module docstring), AdamW
-    ``lr``/``weight_decay``, ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine;
+    ``fraction``, :func:`soft_cardinality`; module docstring), ``optimizer`` (its weight decay on
+    the weight matrices only, none on biases, norms and the mask token) and ``scheduler``, ``epochs``
+    with a ``warmup_fraction`` of warmup steps;
     ``probe``: the linear-probe evaluation (pretrained vs random encoder).
     """
 

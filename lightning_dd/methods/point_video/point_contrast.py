@@ -45,7 +45,7 @@ from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
 from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.point_video import ClipDataset
 from lightning_dd.data.protocols import PointVideoData
-from lightning_dd.methods.point_video.common import adamw_warmup_cosine
+from lightning_dd.methods.point_video.common import optimizers
 from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder
 
@@ -163,8 +163,8 @@ class PointContrastModule(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self.parameters(), self.hp.lr, self.hp.weight_decay, self.total_steps,
-                                   self.hp.warmup_steps(self.total_steps))
+        return optimizers(self.hp.optimizer, self.hp.scheduler, self.parameters(), self.total_steps,
+                          self.hp.warmup_steps(self.total_steps))
 
 
 class PointContrast(PointVideoPretraining):

@@ -11,21 +11,22 @@ from typing import ClassVar
 import lightning as L
 import torch
 
-from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
+from lightning_dd.core.config import Fraction, NonNegFloat, PositiveInt
 from lightning_dd.data.point_video import ClipDataset
 from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, PointVideoMethod, ProbeConfig, linear_probe,
-                                                     save_encoder)
+from lightning_dd.methods.point_video.common import (EncoderConfig, OptimizerFactory, PointVideoMethod, ProbeConfig,
+                                                     ScheduleFactory, linear_probe, save_encoder)
 from lightning_dd.nets.p4transformer import P4Encoder
 
 
 class PointVideoPretraining(PointVideoMethod):
-    """What the self-supervised pretexts share: the encoder settings, AdamW ``lr``/``weight_decay``,
-    ``epochs`` with a ``warmup_fraction`` of linear warmup then cosine, the rigid augmentation of the
-    pretraining clips (``rotation`` degrees about the vertical axis, ``translation`` data units per
-    axis: :func:`lightning_dd.augment.point_cloud.vertical_rigid`; 0 = off, as in the papers'
-    MSR-Action3D training), the linear-probe evaluation settings ``probe``.
+    """What the self-supervised pretexts share: the encoder settings, the ``optimizer`` (AdamW in the
+    configs) and per-step ``scheduler`` (warmup then cosine), ``epochs`` with a ``warmup_fraction`` of
+    warmup steps, the rigid augmentation of the pretraining clips (``rotation`` degrees about the
+    vertical axis, ``translation`` data units per axis:
+    :func:`lightning_dd.augment.point_cloud.vertical_rigid`; 0 = off, as in the papers' MSR-Action3D
+    training), the linear-probe evaluation settings ``probe``.
 
     A pretext names its LightningModule (:meth:`pretext`, whose ``training_step`` logs its losses
     under ``pretrain/``) and, if not the plain training clips, its training set (:meth:`train_clips`).
@@ -37,8 +38,8 @@ class PointVideoPretraining(PointVideoMethod):
 
     stages: ClassVar[tuple[str, ...]] = ("all", "pretrain")
     encoder: EncoderConfig
-    lr: PositiveFloat
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
+    scheduler: ScheduleFactory
     epochs: PositiveInt
     warmup_fraction: Fraction
     rotation: NonNegFloat

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dd.core.config import Fraction, NonNegFloat, PositiveFloat, PositiveInt
+from lightning_dd.core.config import Fraction, NonNegFloat, PositiveInt
 from lightning_dd.data.protocols import SkeletonData
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import PointVideoMethod, adamw_warmup_cosine
+from lightning_dd.methods.point_video.common import OptimizerFactory, PointVideoMethod, ScheduleFactory, optimizers
 
 
 def normalize_sequence(joints: np.ndarray, frames: int) -> torch.Tensor:
@@ -91,14 +91,15 @@ class SkeletonModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return adamw_warmup_cosine(self.parameters(), self.hp.lr, self.hp.weight_decay, self.steps,
-                                   max(1, self.steps // 20))
+        return optimizers(self.hp.optimizer, self.hp.scheduler, self.parameters(), self.steps,
+                          max(1, self.steps // 20))
 
 
 class SkeletonClassifier(PointVideoMethod):
     """20-joint skeleton classifier (module docstring), ``conf/method/skeleton_msr.yaml``: sequences
-    resampled to ``frames`` frames, a ``width``-channel net with ``dropout``, ``epochs`` of AdamW
-    (``lr``, ``weight_decay``, batches of ``batch_size``, 5% warmup then cosine), rotations up to
+    resampled to ``frames`` frames, a ``width``-channel net with ``dropout``, ``epochs`` of
+    ``optimizer`` (AdamW in the config) in batches of ``batch_size`` under ``scheduler`` (5% of the
+    steps warmup, then cosine), rotations up to
     ``rotate`` degrees. Metrics: ``eval/video_acc`` on the test subjects, ``eval/train_acc``."""
 
     stages: ClassVar[tuple[str, ...]] = ("all",)
@@ -108,8 +109,8 @@ class SkeletonClassifier(PointVideoMethod):
     dropout: Fraction
     epochs: PositiveInt
     batch_size: PositiveInt
-    lr: PositiveFloat
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
+    scheduler: ScheduleFactory
     rotate: NonNegFloat
 
     def run(self, ctx: RunContext[SkeletonData]) -> MethodOutput:
