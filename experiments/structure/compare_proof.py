@@ -1,6 +1,6 @@
 """Compare two outputs of ``experiments/structure/proof.sh``: every metric of every run, except wall
-clock (``timings/*`` and ``*/seconds``), must be equal (bitwise: floats compared with ``==``), and so
-must the tensors of the artifacts both runs wrote (``distilled.pt``, ``condensed.pt``).
+clock and memory (``timings/*``, ``*/seconds``, ``memory/*``), must be equal (bitwise: floats compared with ``==``), and so
+must the tensors of the artifacts both runs wrote (``distilled.pt``, ``condensed.pt``, ``quantized.pt``).
 
 Usage: ``python experiments/structure/compare_proof.py BEFORE_DIR AFTER_DIR`` (exit 1 on a difference).
 """
@@ -14,7 +14,8 @@ import torch
 
 
 def is_clock(key: str) -> bool:
-    return key.startswith("timings/") or key.endswith("/seconds")
+    """Measurements of the machine, not results: wall clock and peak memory."""
+    return key.startswith(("timings/", "memory/")) or key.endswith("/seconds")
 
 
 def main(before: Path, after: Path) -> int:
@@ -35,7 +36,7 @@ def main(before: Path, after: Path) -> int:
         for k in diff:
             print(f"    {k}: {a.get(k)!r} -> {b.get(k)!r}")
         bad += bool(diff)
-        for art in ("distilled.pt", "condensed.pt"):
+        for art in ("distilled.pt", "condensed.pt", "quantized.pt"):
             if (m.parent / art).is_file() and (other.parent / art).is_file():
                 ta, tb = tensors(m.parent / art), tensors(other.parent / art)
                 differ = sorted(k for k in set(ta) | set(tb) if k not in ta or k not in tb or not torch.equal(ta[k], tb[k]))
