@@ -1,18 +1,17 @@
 """Shared parts of the point-cloud video methods: the family's base class (its DataModule protocol),
 the typed encoder settings, the encoder checkpoint (``encoder.pt``), clip features of a frozen
-encoder and the linear probe, the optimizer and schedule settings of every stage (config partials).
+encoder and the linear probe, the probe's settings.
 Data:
 :class:`lightning_dd.data.protocols.PointVideoData` (:class:`lightning_dd.data.point_video.PointVideoDataModule`)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Callable, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import AfterValidator
 
 from lightning_dd.core.config import Fraction, PositiveFloat, PositiveInt, Typed
 from lightning_dd.data.point_video import ClipDataset, video_accuracy
@@ -20,6 +19,7 @@ from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.io import atomic_save, load_dict
 from lightning_dd.methods.base import Method
 from lightning_dd.nets.p4transformer import P4Encoder
+from lightning_dd.training.optim import OptimizerFactory
 
 log = logging.getLogger(__name__)
 
@@ -28,57 +28,6 @@ class PointVideoMethod(Method):
     """Base of the point-cloud video family: its methods read a :class:`PointVideoData` DataModule."""
 
     data_protocol: ClassVar[type] = PointVideoData
-
-
-def _builds_optimizer(factory: Callable) -> Callable:
-    """``factory`` (``params -> Optimizer``) if it builds an optimizer on one dummy parameter.
-
-    Raises:
-        ValueError: it does not (a negative ``lr``, an unknown keyword, not an optimizer); pydantic
-            reports it under the field's key (``method.optimizer: ...``).
-    """
-    try:
-        opt = factory([nn.Parameter(torch.zeros(1))])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"does not build an optimizer: {e}") from None
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise ValueError(f"builds a {type(opt).__name__}, not a torch.optim.Optimizer")
-    return factory
-
-
-def _builds_schedule(factory: Callable) -> Callable:
-    """``factory`` (``(optimizer, total=, warmup=) -> LRScheduler``) if it builds a schedule of a
-    dummy optimizer for a 10-step run with 1 warmup step.
-
-    Raises:
-        ValueError: it does not.
-    """
-    try:
-        sched = factory(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), total=10, warmup=1)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"does not build a schedule with (optimizer, total=, warmup=): {e}") from None
-    if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
-        raise ValueError(f"builds a {type(sched).__name__}, not a torch.optim.lr_scheduler.LRScheduler")
-    return factory
-
-
-OptimizerFactory = Annotated[Callable[..., torch.optim.Optimizer], AfterValidator(_builds_optimizer)]
-"""``params -> Optimizer``: a method config's ``optimizer`` node, ``{_target_: torch.optim.AdamW,
-_partial_: true, lr: ..., weight_decay: ...}``, which Hydra builds into a ``functools.partial``;
-validated by building it once on a dummy parameter."""
-ScheduleFactory = Annotated[Callable[..., torch.optim.lr_scheduler.LRScheduler], AfterValidator(_builds_schedule)]
-"""``(optimizer, total=, warmup=) -> LRScheduler`` stepped per optimizer step: a method config's
-``scheduler`` node, ``{_target_: lightning_dd.training.schedules.warmup_cosine, _partial_: true}``;
-``total`` and ``warmup`` (optimizer steps) are filled in at fit time."""
-
-
-def optimizers(optimizer: Callable, scheduler: Callable, params, total: int, warmup: int) -> dict:
-    """Lightning's ``configure_optimizers`` answer of every point-video stage: ``optimizer(params)``
-    (``params``: parameters or param groups) and ``scheduler(opt, total=total, warmup=warmup)``,
-    stepped per optimizer step."""
-    opt = optimizer(params)
-    sched = scheduler(opt, total=total, warmup=warmup)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class EncoderConfig(Typed):

@@ -27,8 +27,9 @@ from lightning_dd.data.point_video import video_accuracy
 from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.io import atomic_save
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, OptimizerFactory, PointVideoMethod, ProbeConfig,
-                                                     ScheduleFactory, linear_probe, load_encoder, optimizers)
+from lightning_dd.methods.point_video.common import (EncoderConfig, PointVideoMethod, ProbeConfig, linear_probe,
+                                                     load_encoder)
+from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory, optimizers
 from lightning_dd.nets.p4transformer import P4Classifier
 
 

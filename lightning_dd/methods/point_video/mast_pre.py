@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from lightning_dd.augment.point_cloud import vertical_rigid
 from lightning_dd.core.config import ConfigError, Fraction, PositiveInt
 from lightning_dd.methods.base import RunContext
-from lightning_dd.methods.point_video.common import optimizers
+from lightning_dd.training.optim import optimizers
 from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder, transformer
 from lightning_dd.nets.point_ops import chamfer_l2

@@ -45,7 +45,7 @@ from lightning_dd.augment.point_cloud import undo_rigid, vertical_rigid
 from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
 from lightning_dd.data.point_video import ClipDataset
 from lightning_dd.data.protocols import PointVideoData
-from lightning_dd.methods.point_video.common import optimizers
+from lightning_dd.training.optim import optimizers
 from lightning_dd.methods.point_video.pretraining import PointVideoPretraining
 from lightning_dd.nets.p4transformer import P4Encoder
 

@@ -15,8 +15,9 @@ from lightning_dd.core.config import Fraction, NonNegFloat, PositiveInt
 from lightning_dd.data.point_video import ClipDataset
 from lightning_dd.data.protocols import PointVideoData
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import (EncoderConfig, OptimizerFactory, PointVideoMethod, ProbeConfig,
-                                                     ScheduleFactory, linear_probe, save_encoder)
+from lightning_dd.methods.point_video.common import (EncoderConfig, PointVideoMethod, ProbeConfig, linear_probe,
+                                                     save_encoder)
+from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory
 from lightning_dd.nets.p4transformer import P4Encoder
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from lightning_dd.core.config import Fraction, NonNegFloat, PositiveInt
 from lightning_dd.data.protocols import SkeletonData
 from lightning_dd.methods.base import MethodOutput, RunContext
-from lightning_dd.methods.point_video.common import OptimizerFactory, PointVideoMethod, ScheduleFactory, optimizers
+from lightning_dd.methods.point_video.common import PointVideoMethod
+from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory, optimizers
 
 
 def normalize_sequence(joints: np.ndarray, frames: int) -> torch.Tensor:
