@@ -172,7 +172,7 @@ def test_corrupted_teacher_is_trained_again(tmp_path, caplog):
 
     dm = DigitsDataModule(train_per_class=10)
     dm.setup()
-    short = {"epochs": 1, "lr": 0.05, "batch_size": 32, "weight_decay": 0.0, "label_smoothing": 0.0}
+    short = {"epochs": 1, "optimizer.lr": 0.05, "batch_size": 32, "optimizer.weight_decay": 0.0, "label_smoothing": 0.0}
     tcfg = method("sre2l", **{f"teacher.{k}": v for k, v in short.items()}).teacher
     net_cfg = {"name": "ConvNet", "width": 4, "depth": 1, "norm": "batchnorm"}
     made = CountingTrainerFactory(accelerator="cpu", enable_progress_bar=False)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from configs import compose_train, method
 
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                 quantized_layers, quantizers)
@@ -315,7 +316,7 @@ def test_a_step_driven_below_the_floor_restarts_there_and_exports_exactly():
 
 
 def test_check_reads_the_typed_net_and_refuses_what_it_cannot_quantize():
-    from configs import method, run_context
+    from configs import run_context
     from lightning_dd.core.config import ConfigError
 
     m = method("qat_vit")
@@ -334,7 +335,8 @@ def test_fp_module_keeps_the_deit_recipe():
     from lightning_dd.methods.quantization.qat_vit.training import fp_module
 
     net = small_vit()
-    conf = fp_module(net, 5e-4, 0.05, 20, 3, (16, 16), 0.1).configure_optimizers()
+    hp = method("qat_vit", **{"fp_optimizer.lr": 5e-4, "fp_optimizer.weight_decay": 0.05})
+    conf = fp_module(net, hp.fp_optimizer, hp.fp_scheduler, 20, 3, (16, 16), 0.1).configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.AdamW) and conf["lr_scheduler"]["interval"] == "step"
     decay, rest = opt.param_groups
@@ -345,9 +347,48 @@ def test_fp_module_keeps_the_deit_recipe():
         assert sched.lr_lambdas[0](s) == want
 
 
+def test_fp_cache_key_stays_that_of_the_typed_fields():
+    """``method.fp_optimizer`` keys the FP model with the names and values the typed fields had
+    (``lr``, ``wd``): the qat_vit_cifar10 proof run's FP model keeps its folder ``e35db4e92648a723``;
+    another recipe gets its own key. The QAT stage's optimizer peaks its schedule at its own lr."""
+    from lightning_dd.core.config import instantiate_node
+    from lightning_dd.methods.quantization.qat_vit.training import fp_spec
+    from lightning_dd.training.cache import cache_key
+
+    cfg = compose_train("experiment=qat_vit_cifar10", "scale=cpu", "data.train_per_class=20", "method.fp_epochs=2",
+                        "method.fp_warmup_epochs=1")
+    hp = instantiate_node(cfg.method, "method")
+
+    def spec(m):
+        return fp_spec(m.fp_optimizer, m.fp_scheduler)
+
+    assert spec(hp) == {"lr": 0.001, "wd": 0.05}
+    data = {"n_train": 50000, "name": "cifar10", "source": "/work/shared/data/cifar10", "subset_seed": 0,
+            "train_per_class": 20, "zca": False, "zca_eps": 0.1}
+    net = {"_target_": "lightning_dd.nets.vit.ViT", "depth": 6, "drop_path": 0.0, "embed_dim": 192, "mlp_ratio": 4.0,
+           "num_heads": 3, "patch_size": 4}
+    full = {"data": data, "net": net, "seed": 0, "epochs": 2, "batch": 64, "warmup": 1, "ls": 0.1, "init_from": None,
+            "stream": None, **spec(hp)}
+    assert cache_key(full) == "e35db4e92648a723"
+    assert "recipe" in spec(method("qat_vit", **{"fp_optimizer.betas": [0.9, 0.95]}))
+    opt = hp.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    assert type(opt) is torch.optim.AdamW and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (0.0002, 0.0001)
+
+
+@pytest.mark.parametrize("override,key", [("method.fp_optimizer.lr=-1", "method.fp_optimizer"),
+                                          ("method.optimizer.weight_decay=-1", "method.optimizer"),
+                                          ("+method.fp_scheduler.gamma=0.5", "method.fp_scheduler")])
+def test_an_optimizer_that_does_not_build_fails_at_check_time_naming_its_key(override, key):
+    from lightning_dd.core.config import ConfigError
+    from lightning_dd.runner import check_config
+
+    with pytest.raises(ConfigError, match=rf"{key}: Value error, does not build"):
+        check_config(compose_train("experiment=qat_vit_cifar10", override))
+
+
 def test_qat_module_starts_without_oscillation_rates():
     from lightning_dd.methods.quantization.qat_vit.training import QATModule
 
     student = quantize_vit(small_vit(), 4)
-    m = QATModule(student, small_vit(), 1e-3, 0.0, 2, 2, 0, lambda p: None, (0.5, 1.0), 0.0, 0.25)
+    m = QATModule(student, small_vit(), method("qat_vit").optimizer, 2, 2, 0, lambda p: None, (0.5, 1.0), 0.0, 0.25)
     assert m.last_rates == {} and not hasattr(m, "osc_history")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from configs import node
+from configs import compose_train, method, node
 from lightning_dd.augment.crops import crop_resize, sample_crops
 from lightning_dd.core.config import ConfigError, instantiate_node
 from lightning_dd.core.trainer import TrainerFactory
@@ -600,6 +600,9 @@ def test_bn_loss_views_flip_only_when_recovery_does():
     ("method.teacher.nets=[{name:ConvNet,epochs:0}]", "method.teacher.nets"),
     ("+method.relabel.epochs=1", "method.relabel"),  # the FKD store is gone: an unknown key
     ("+method.recover.bacbone_norm=start", "method.recover.bacbone_norm"),
+    ("method.teacher.optimizer.lr=-1", r"method.teacher.optimizer: Value error, does not build"),
+    ("method.teacher.optimizer.weight_decay=-0.1", r"method.teacher.optimizer: Value error, does not build"),
+    ("+method.teacher.scheduler.gamma=0.5", r"method.teacher.scheduler: Value error, does not build"),
 ])
 def test_bad_settings_fail_when_the_method_is_built(override, key):
     from hydra import compose, initialize_config_dir
@@ -665,7 +668,8 @@ def test_squeeze_cache_hit_loads_the_same_teacher(tmp_path, monkeypatch):
     cfg = _digits_cfg(tmp_path, monkeypatch)
     dm = instantiate_node(cfg.data, "data")
     dm.setup()
-    tcfg = TeacherConfig(**{**SRE2L["teacher"], "epochs": 1, "lr": 0.05, "batch_size": 64, "weight_decay": 0.0})
+    tcfg = method("sre2l", **{"teacher.epochs": 1, "teacher.batch_size": 64, "teacher.optimizer.lr": 0.05,
+                              "teacher.optimizer.weight_decay": 0.0}).teacher
     net_cfg = {"name": "ConvNet", "width": 8, "depth": 2, "norm": "batchnorm"}
     made = Recording(TrainerFactory(accelerator="cpu", enable_progress_bar=False))
     a = squeeze(net_cfg, dm, tcfg, tmp_path / "teachers", trainer=made)
@@ -737,7 +741,8 @@ def test_teacher_module_keeps_the_squeeze_recipe():
 
     from lightning_dd.methods.images.statistics_matching import teacher_module
 
-    tcfg = TeacherConfig(**{**SRE2L["teacher"], "nesterov": True, "weight_decay": 0.001, "lr": 0.2})
+    tcfg = method("sre2l", **{f"teacher.optimizer.{k}": v for k, v in
+                              {"nesterov": True, "weight_decay": 0.001, "lr": 0.2}.items()}).teacher
     conf = teacher_module(_teacher(), tcfg, 7, (16, 16)).configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     g = opt.param_groups[0]
@@ -745,6 +750,28 @@ def test_teacher_module_keeps_the_squeeze_recipe():
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.2, 0.9, True, 0.001)
     assert [sched.lr_lambdas[0](s) for s in range(10)] == [0.5 * (1 + math.cos(math.pi * min(s, 7) / 7))
                                                            for s in range(10)]
+
+
+def test_teacher_cache_keys_stay_those_of_the_typed_fields():
+    """The optimizer partial keys a teacher with the names and values the typed fields had
+    (``lr``, ``weight_decay``, ``nesterov``): the CPU preset's teacher of the cda_cifar10 proof run
+    keeps its folder ``83b8eb7ea24b24c0``; another recipe (other keywords, schedule) gets its own key."""
+    from lightning_dd.methods.images.statistics_matching.squeeze import teacher_spec
+    from lightning_dd.training.cache import cache_key
+
+    cfg = compose_train("experiment=cda_cifar10", "scale=cpu", "method.teacher.epochs=2")
+    teacher = instantiate_node(cfg.method, "method").teacher
+    assert teacher_spec(teacher) == {"lr": 0.05, "weight_decay": 0.0005, "nesterov": False}
+    data = {"n_train": 50000, "name": "cifar10", "source": "/work/shared/data/cifar10", "subset_seed": 0,
+            "train_per_class": 100, "zca": False, "zca_eps": 0.1}
+    spec = {"data": data, "net": {"depth": 3, "name": "ConvNet", "norm": "batchnorm", "width": 32}, "seed": 0,
+            "epochs": 2, "batch_size": 128, "label_smoothing": 0.0, **teacher_spec(teacher)}
+    assert cache_key(spec) == "83b8eb7ea24b24c0"
+    other = [method("sre2l", **{k: v}).teacher for k, v in (("teacher.optimizer.momentum", 0.8),
+                                                             ("teacher.optimizer.dampening", 0.1),
+                                                             ("teacher.scheduler.warmup", 2))]
+    keys = [teacher_spec(method("sre2l").teacher)] + [teacher_spec(t) for t in other]
+    assert all("recipe" in k for k in keys[1:]) and len({cache_key(k) for k in keys}) == 4
 
 
 def test_accuracy_is_the_fraction_of_correct_predictions():

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from lightning_dd.core.config import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Typed
+from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory
 
 # (min, max) area fraction of a random-resized crop: 0 < min <= max <= 1
 CropScale = tuple[Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)],
@@ -22,20 +23,21 @@ class TeacherConfig(Typed):
         ckpt: a teacher checkpoint ``{"net_cfg", "state_dict", ...}`` used instead of training one.
         nets: the backbones to squeeze, ``{"name" | "_target_": ..., **kwargs}``; the first is the
             evaluator's KD teacher; a net's own ``epochs`` (positive int) overrides ``epochs``.
-        epochs, lr, batch_size, weight_decay, label_smoothing: the squeeze's SGD (epochs, lr at
-            step 0 of the cosine schedule, images per step, L2 weight, CE label smoothing);
-            nesterov: Nesterov momentum (the references' ``squeeze_cifar.py`` / G-VBSM's
-            ``train.py``: plain momentum 0.9).
+        epochs, batch_size, label_smoothing: the squeeze's epochs, images per step, CE label smoothing.
+        optimizer: ``params -> Optimizer`` (a config partial; the configs: SGD with momentum 0.9,
+            ``lr``, ``weight_decay``, ``nesterov`` false as the references' ``squeeze_cifar.py`` /
+            G-VBSM's ``train.py``); its ``lr``, ``weight_decay`` and ``nesterov`` key the cache.
+        scheduler: ``(optimizer, total=, warmup=) -> LRScheduler`` per optimizer step (the configs:
+            cosine from ``lr`` to 0, no warmup).
     """
 
     ckpt: str | None
     nets: list[dict[str, Any]]
     epochs: PositiveInt
-    lr: PositiveFloat
     batch_size: PositiveInt
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
+    scheduler: ScheduleFactory
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-    nesterov: bool
 
     @field_validator("nets")
     @classmethod

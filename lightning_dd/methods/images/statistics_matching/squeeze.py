@@ -25,19 +25,26 @@ from lightning_dd.training.cache import cache_key
 from lightning_dd.training.devices import run_device
 from lightning_dd.training.metrics import accuracy
 from lightning_dd.training.schedules import warmup_cosine
-from lightning_dd.training.supervised import SupervisedModule
+from lightning_dd.training.supervised import SupervisedModule, recipe_spec
 
 log = logging.getLogger(__name__)
 
 
 def teacher_module(net: torch.nn.Module, teacher: TeacherConfig, total_steps: int, image_size) -> SupervisedModule:
-    """The squeeze's LightningModule (SRe2L Sec. 3.1): SGD (momentum 0.9, Nesterov or not, L2
-    ``weight_decay``), cosine lr from ``teacher.lr`` to 0 over ``total_steps`` optimizer steps, random
-    crop + flip, cross-entropy with ``label_smoothing``
-    (:class:`~lightning_dd.training.supervised.SupervisedModule`)."""
-    opt = partial(torch.optim.SGD, lr=teacher.lr, momentum=0.9, nesterov=teacher.nesterov, weight_decay=teacher.weight_decay)
-    return SupervisedModule(net, opt, partial(warmup_cosine, total=total_steps), image_size, teacher.label_smoothing,
-                            "squeeze/train_loss")
+    """The squeeze's LightningModule (SRe2L Sec. 3.1): ``teacher.optimizer`` on every parameter
+    (the configs: SGD, momentum 0.9), ``teacher.scheduler`` over ``total_steps`` optimizer steps
+    without warmup (the configs: cosine from the lr to 0), random crop + flip, cross-entropy with
+    ``label_smoothing`` (:class:`~lightning_dd.training.supervised.SupervisedModule`)."""
+    return SupervisedModule(net, teacher.optimizer, teacher.scheduler, total_steps, 0, image_size,
+                            teacher.label_smoothing, "squeeze/train_loss")
+
+
+def teacher_spec(teacher: TeacherConfig) -> dict:
+    """The optimizer's part of a teacher's cache key: ``lr``, ``weight_decay``, ``nesterov`` (its
+    keywords), plus a ``recipe`` entry only for a recipe other than SGD with momentum 0.9 and the
+    cosine (:func:`~lightning_dd.training.supervised.recipe_spec`)."""
+    return recipe_spec(teacher.optimizer, teacher.scheduler, {k: k for k in ("lr", "weight_decay", "nesterov")},
+                       partial(torch.optim.SGD, momentum=0.9), warmup_cosine)
 
 
 def squeeze(net_cfg: dict, dm, teacher: TeacherConfig, cache_root: str | Path, seed: int = 0,
@@ -49,7 +56,7 @@ def squeeze(net_cfg: dict, dm, teacher: TeacherConfig, cache_root: str | Path, s
             overrides ``teacher.epochs`` for this net (e.g. fewer epochs for the extra G-VBSM
             backbones; the cache key holds the epochs actually used).
         dm: a set-up :class:`lightning_dd.data.images.ImageDataModule`.
-        teacher: the squeeze's settings (``epochs``, ``lr``, ``batch_size``, ``weight_decay``,
+        teacher: the squeeze's settings (``epochs``, ``batch_size``, ``optimizer``, ``scheduler``,
             ``label_smoothing``).
         cache_root: ``paths.cache_dir/teachers``; the file is ``<key>/teacher.pt`` with the key over
             the data identity, ``net_cfg``, the training settings and ``seed``.
@@ -70,9 +77,8 @@ def squeeze(net_cfg: dict, dm, teacher: TeacherConfig, cache_root: str | Path, s
     trainer = trainer or TrainerFactory()
     net_cfg = dict(net_cfg)
     epochs = net_cfg.pop("epochs", teacher.epochs)  # a positive int (TeacherConfig checks the nets)
-    spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs, "lr": teacher.lr,
-            "batch_size": teacher.batch_size, "weight_decay": teacher.weight_decay, "label_smoothing": teacher.label_smoothing,
-            "nesterov": teacher.nesterov}
+    spec = {"data": dm.identity(), "net": dict(net_cfg), "seed": seed, "epochs": epochs,
+            "batch_size": teacher.batch_size, "label_smoothing": teacher.label_smoothing, **teacher_spec(teacher)}
     path = Path(cache_root) / cache_key(spec) / "teacher.pt"
     dev = run_device(trainer.accelerator)
     built = {}

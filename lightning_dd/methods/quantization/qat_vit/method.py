@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from pydantic import Field
 
-from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveFloat, PositiveInt
+from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveInt
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.protocols import ImageData, ImageFolderData
 from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
@@ -22,7 +22,7 @@ from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                              quantized_layers, quantizers)
 from lightning_dd.methods.quantization.qat_vit.regularizer import within_bin_variance
-from lightning_dd.methods.quantization.qat_vit.training import Pass, QATModule, fp_module, images_per_step
+from lightning_dd.methods.quantization.qat_vit.training import Pass, QATModule, fp_module, fp_spec, images_per_step
 from lightning_dd.nets import build_net_cfg
 from lightning_dd.nets.vit import ViT, load_vit_state
 from lightning_dd.nets.weight_selection import weight_selection
@@ -30,6 +30,7 @@ from lightning_dd.quiet import quiet_lightning
 from lightning_dd.training.cache import cache_key
 from lightning_dd.training.devices import run_device
 from lightning_dd.training.metrics import accuracy
+from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,14 @@ class QATViT(Method):
             keep_bits: patch embedding and head. grad_scale: step-gradient convention.
         fp_ckpt: an FP checkpoint (ours ``{"state_dict"}``, or timm/DeiT with fused qkv, optionally
             under ``"model"``) instead of training one; loaded strictly.
-        fp_*: FP training (AdamW, warmup + cosine, crop/flip, label smoothing); ``fp_seed``: its
+        fp_*: FP training (``fp_optimizer`` and per-step ``fp_scheduler``, config partials: AdamW,
+            ``fp_warmup_epochs`` of warmup then cosine; crop/flip, label smoothing); ``fp_seed``: its
             seed (null = the run's ``seed``; a number lets runs of several seeds quantize one
             cached FP model, as the paper's runs all start from one pretrained DeiT).
         fp_init_from / fp_init: weight selection (arXiv 2311.18823): initialize the FP model from a
             larger ViT checkpoint instead of at random.
-        epochs, lr, weight_decay, batch_size (views per step = images x num_crops), num_crops,
+        epochs, optimizer (a config partial: AdamW; its lr is the peak of the reference's per-pass
+            cosine), batch_size (views per step = images x num_crops), num_crops,
             crop_scale, warmup_epochs: QAT, in the reference's epoch arithmetic (a ``num_crops``-view
             pass counts as ``num_crops`` epochs; the last ones train single-crop:
             :func:`~.training.qat_passes`). reg_weight / reg_start: the regularizer's peak weight
@@ -81,16 +84,15 @@ class QATViT(Method):
     fp_ckpt: str | None
     fp_init_from: str | None
     fp_epochs: PositiveInt
-    fp_lr: PositiveFloat
     fp_batch_size: PositiveInt
-    fp_weight_decay: NonNegFloat
+    fp_optimizer: OptimizerFactory
+    fp_scheduler: ScheduleFactory
     fp_warmup_epochs: NonNegInt
     fp_seed: NonNegInt | None
     label_smoothing: Fraction
     drop_path: Fraction
     epochs: PositiveInt
-    lr: PositiveFloat
-    weight_decay: NonNegFloat
+    optimizer: OptimizerFactory
     batch_size: PositiveInt
     num_crops: PositiveInt
     crop_scale: tuple[Fraction, Fraction]
@@ -144,8 +146,9 @@ class QATViT(Method):
             net = load_vit_state(self._build(ctx, net_cfg), state)
             return net.to(dev).eval(), {"path": self.fp_ckpt, "cached": True, "seconds": 0.0}
         fp_seed = ctx.seed if self.fp_seed is None else self.fp_seed
-        spec = {"data": dm.identity(), "net": net_cfg, "seed": fp_seed, "epochs": self.fp_epochs, "lr": self.fp_lr,
-                "batch": self.fp_batch_size, "wd": self.fp_weight_decay, "warmup": self.fp_warmup_epochs,
+        spec = {"data": dm.identity(), "net": net_cfg, "seed": fp_seed, "epochs": self.fp_epochs,
+                "batch": self.fp_batch_size, "warmup": self.fp_warmup_epochs,
+                **fp_spec(self.fp_optimizer, self.fp_scheduler),
                 "ls": self.label_smoothing, "init_from": self.fp_init_from,
                 "stream": [self.stream_train, self.stream_per_class] if self.stream_train else None}
         path = Path(ctx.cache_dir) / "qat_vit_fp" / cache_key(spec) / "fp.pt"
@@ -167,7 +170,7 @@ class QATViT(Method):
             weight_selection(net, src["state_dict"])  # fused (timm, official) or separate q/k/v
         loader = self._loader(ctx, self.fp_batch_size, fp_seed)
         steps = self.fp_epochs * len(loader)
-        module = fp_module(net, self.fp_lr, self.fp_weight_decay, steps, self.fp_warmup_epochs * len(loader),
+        module = fp_module(net, self.fp_optimizer, self.fp_scheduler, steps, self.fp_warmup_epochs * len(loader),
                            dm.image_shape[1:], self.label_smoothing)
         ctx.make_trainer("fp", max_epochs=self.fp_epochs, logger=ctx.loggers).fit(module, loader)
         net = net.to(dev).eval()
@@ -220,7 +223,7 @@ class QATViT(Method):
             return self._loader(ctx, images_per_step(self.batch_size, self.num_crops, p.crops),
                                 ctx.seed * 100_003 + k, views=p.crops)
 
-        module = QATModule(student, fp, self.lr, self.weight_decay, self.epochs, self.num_crops, self.warmup_epochs,
+        module = QATModule(student, fp, self.optimizer, self.epochs, self.num_crops, self.warmup_epochs,
                            loader_for, self.crop_scale, reg_weight, self.reg_start, prefix, ctx.seed)
         ctx.make_trainer(prefix, max_epochs=len(module.passes), reload_dataloaders_every_n_epochs=1,
                     logger=ctx.loggers).fit(module)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import lightning as L
@@ -32,7 +31,7 @@ from lightning_dd.losses import soft_cross_entropy
 from lightning_dd.methods.quantization.qat_vit.model import quantized_layers
 from lightning_dd.methods.quantization.qat_vit.regularizer import OscillationTracker, bin_regularizer, ramp
 from lightning_dd.training.schedules import warmup_cosine
-from lightning_dd.training.supervised import SupervisedModule
+from lightning_dd.training.supervised import SupervisedModule, recipe_spec
 
 
 def multi_crop(x: torch.Tensor, num_crops: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -46,25 +45,33 @@ def multi_crop(x: torch.Tensor, num_crops: int, scale: tuple[float, float], gene
     return crop_resize(rep, boxes, flips)
 
 
-def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on >= 2-dim weights only (not biases, norms, embeddings, steps)."""
+def _param_groups(net: nn.Module) -> list[dict]:
+    """Two groups: the >= 2-dim weights (the optimizer's own weight decay), then the rest (biases,
+    norms, position embedding, class token, quantizer steps: weight decay 0)."""
     decay, rest = [], []
     for n, p in net.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and not n.endswith(("pos_embed", "cls_token")) else rest).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def fp_module(net: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int, image_size,
-              label_smoothing: float) -> SupervisedModule:
-    """The FP ViT's LightningModule (DeiT's recipe, arXiv 2012.12877): AdamW (weight decay on >= 2-dim
-    weights only), linear warmup over ``warmup_steps`` then cosine to 0 at ``total_steps`` (per
-    optimizer step), random crop + flip, cross-entropy with ``label_smoothing``
+def fp_module(net: nn.Module, optimizer: Callable, scheduler: Callable, total_steps: int, warmup_steps: int,
+              image_size, label_smoothing: float) -> SupervisedModule:
+    """The FP ViT's LightningModule (DeiT's recipe, arXiv 2012.12877): ``optimizer`` (the configs:
+    AdamW) with weight decay on >= 2-dim weights only, ``scheduler`` per optimizer step over
+    ``total_steps`` with ``warmup_steps`` of warmup (the configs: linear warmup then cosine to 0),
+    random crop + flip, cross-entropy with ``label_smoothing``
     (:class:`~lightning_dd.training.supervised.SupervisedModule`). Batches ``x (B, C, H, W)``, ``y (B,)``."""
-    return SupervisedModule(net, partial(torch.optim.AdamW, lr=lr),
-                            partial(warmup_cosine, total=total_steps, warmup=warmup_steps), image_size,
-                            label_smoothing, "fp/train_loss", param_groups=partial(_param_groups, weight_decay=weight_decay))
+    return SupervisedModule(net, optimizer, scheduler, total_steps, warmup_steps, image_size, label_smoothing,
+                            "fp/train_loss", param_groups=_param_groups)
+
+
+def fp_spec(optimizer: Callable, scheduler: Callable) -> dict:
+    """The recipe's part of the FP model's cache key: ``lr`` and ``wd`` (the optimizer's ``lr`` and
+    ``weight_decay``), plus a ``recipe`` entry only for a recipe other than AdamW with the
+    warmup-cosine (:func:`~lightning_dd.training.supervised.recipe_spec`)."""
+    return recipe_spec(optimizer, scheduler, {"lr": "lr", "weight_decay": "wd"}, torch.optim.AdamW, warmup_cosine)
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,8 @@ class QATModule(L.LightningModule):
     Loss per step: soft cross-entropy between the student's and the teacher's predictions on the
     views, plus ``ramp(pass.epoch / epochs, reg_weight, reg_start) * sum over weight-quantized
     layers of bin_regularizer`` (0 when ``reg_weight = 0``: the QAT-without-regularizer baseline).
-    AdamW at ``lr * reference_lr(pass.lr_epoch)``; step sizes and offsets learn with the weights
-    (no weight decay on them). A batch ``x (B, V, C, H, W)`` holds its views already (streamed
+    ``optimizer`` (the configs: AdamW) at its ``lr * reference_lr(pass.lr_epoch)``, weight decay on
+    >= 2-dim weights only; step sizes and offsets learn with the weights (no weight decay on them). A batch ``x (B, V, C, H, W)`` holds its views already (streamed
     ImageNet); ``x (B, C, H, W)`` gets ``pass.crops`` views per image (:func:`multi_crop`).
 
     Logged (to the run's loggers, prefix ``prefix``): ``loss``, ``kd``, ``reg``, ``reg_weight``,
@@ -146,6 +153,7 @@ class QATModule(L.LightningModule):
     Args:
         student: the quantized ViT (:func:`~.model.quantize_vit`), steps already initialized.
         teacher: the FP ViT (frozen, eval mode).
+        optimizer: ``params -> Optimizer`` (a config partial); its ``lr`` is the schedule's peak.
         epochs, num_crops, warmup_epochs: the reference's loop (:func:`qat_passes`).
         loader_for: ``Pass -> DataLoader`` of ``(x, y)`` batches of
             :func:`images_per_step` images.
@@ -153,13 +161,13 @@ class QATModule(L.LightningModule):
         seed: the crop stream's seed.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, lr: float, weight_decay: float, epochs: int,
+    def __init__(self, student: nn.Module, teacher: nn.Module, optimizer: Callable, epochs: int,
                  num_crops: int, warmup_epochs: int, loader_for: Callable[[Pass], object],
                  crop_scale: tuple[float, float], reg_weight: float, reg_start: float, prefix: str = "qat",
                  seed: int = 0):
         super().__init__()
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
-        self.lr, self.wd, self.epochs, self.warmup = lr, weight_decay, epochs, warmup_epochs
+        self.make_optimizer, self.epochs, self.warmup = optimizer, epochs, warmup_epochs
         self.passes = qat_passes(epochs, num_crops, warmup_epochs)
         self.loader_for, self.crop_scale = loader_for, tuple(crop_scale)
         self.reg_weight, self.reg_start, self.prefix = reg_weight, reg_start, prefix
@@ -215,11 +223,11 @@ class QATModule(L.LightningModule):
         self.tracker.reset()
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(_param_groups(self.student, self.wd), lr=self.lr)
-        passes, epochs, warmup = self.passes, self.epochs, self.warmup
+        opt = self.make_optimizer(_param_groups(self.student))
+        passes, epochs, warmup, lr = self.passes, self.epochs, self.warmup, opt.defaults["lr"]
 
         def factor(k):  # LambdaLR's multiplier during Lightning epoch (pass) k
-            return reference_lr(passes[min(k, len(passes) - 1)].lr_epoch, epochs, warmup, 1e-6 / self.lr)
+            return reference_lr(passes[min(k, len(passes) - 1)].lr_epoch, epochs, warmup, 1e-6 / lr)
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
