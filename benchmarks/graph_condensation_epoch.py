@@ -113,28 +113,85 @@ def detach_from_trainer(module):
     return module
 
 
-def best_of(fns, repeat: int) -> list[float]:
+def best_of(fns, repeat: int, sync=None) -> list[float]:
     """Seconds of the fastest of ``repeat`` calls of each of ``fns`` after one warm-up call each,
-    the calls alternating (so that load from other processes reaches every row alike)."""
+    the calls alternating (so that load from other processes reaches every row alike); ``sync``
+    (e.g. ``torch.cuda.synchronize``) is called after each call, inside the timed span."""
+    sync = sync or (lambda: None)
     for fn in fns:
         fn()
+        sync()
     ts = [[] for _ in fns]
     for _ in range(repeat):
         for fn, t_list in zip(fns, ts):
             t = time.perf_counter()
             fn()
+            sync()
             t_list.append(time.perf_counter() - t)
     return [min(t) for t in ts]
+
+
+def method_epochs(name: str, data, quick: bool = False, repeat: int = 3, warmup_steps: int = 20,
+                  device: str = "cpu", overrides: dict | None = None) -> dict:
+    """Time one method's epochs (``name``: ``gcond`` or ``sgdd``, ``conf/method/<name>.yaml``; with
+    ``quick`` the :data:`QUICK` sizes; ``overrides`` update the config fields last) on the graph
+    ``data`` on ``device``. Returns ``hp`` (the method's settings), ``module`` (the condensation
+    module, on ``device``), ``setup_s`` (seconds: the module's construction, real-graph propagation
+    and SGDD's eigen-decomposition, on the CPU), ``warmup`` (SGDD: ``(seconds per structure warm-up
+    step, steps timed)``, else ``None``), ``epochs``: ``{"structure": (method s, floor s),
+    "feature": (method s, floor s)}`` (best of ``repeat`` after one warm-up, each call synchronized
+    on CUDA) and ``mean``: ``(method s, floor s)`` of an epoch averaged over the method's
+    structure/feature schedule."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lightning_dd.methods.graphs.gcond import GCondMethod
+    from lightning_dd.methods.graphs.sgdd import SGDDMethod
+
+    cls = {"gcond": GCondMethod, "sgdd": SGDDMethod}[name]
+    conf = Path(__file__).resolve().parents[1] / "conf" / "method"
+    raw = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+    raw.pop("_target_", None)
+    if quick:
+        raw.update({k: v for k, v in QUICK.items() if k in cls.model_fields})
+    raw.update(overrides or {})
+    hp = cls(**raw)
+    t = time.perf_counter()
+    module = hp.condenser(data, seed=0)
+    setup = time.perf_counter() - t
+    module.to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+    warm = None
+    if hasattr(module, "warmup_structure") and getattr(hp, "warmup_epochs", 0):
+        # time the first `--warmup-steps` of SGDD's structure warm-up (its steps all cost the same)
+        n = min(hp.warmup_epochs, warmup_steps)
+        module.hp = hp.model_copy(update={"warmup_epochs": n})
+        t = time.perf_counter()
+        module.warmup_structure()
+        if sync:
+            sync()
+        per = (time.perf_counter() - t) / (n + 1)            # n steps + the final loss
+        module.hp = hp
+        warm = (per, n)
+    floor_module = detach_from_trainer(copy.deepcopy(module))   # its own state: the rows never mix
+    detach_from_trainer(module)
+    res = {}
+    for kind, epoch in (("structure", 0), ("feature", 10)):
+        def method_epoch():
+            module.epoch_losses = [0.0] * epoch           # training_step's epoch = epochs done
+            module.training_step(torch.tensor(epoch), 0)
+        res[kind] = best_of([method_epoch, lambda: floor_epoch(floor_module, epoch)], repeat, sync)
+    period = hp.adj_epochs + hp.feat_epochs
+    mean = tuple((hp.adj_epochs * res["structure"][i] + hp.feat_epochs * res["feature"][i]) / period for i in (0, 1))
+    return {"hp": hp, "module": module, "setup_s": setup, "warmup": warm, "epochs": res, "mean": mean}
 
 
 def main(argv=None):
     import torch
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
     from lightning_dd.data.graphs import GraphDataModule
-    from lightning_dd.methods.graphs.gcond import GCondMethod, class_gradients
-    from lightning_dd.methods.graphs.sgdd import SGDDMethod
+    from lightning_dd.methods.graphs.gcond import class_gradients
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=os.environ.get("LDD_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data")))
@@ -153,38 +210,15 @@ def main(argv=None):
         data = dm.data
         label = "Cora"
     print(f"{label}: {data.num_nodes} nodes, {data.edge_index.shape[1] // 2} edges; torch threads {args.threads}")
-    conf = Path(__file__).resolve().parents[1] / "conf" / "method"
-    for name, cls in (("gcond", GCondMethod), ("sgdd", SGDDMethod)):
-        raw = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
-        raw.pop("_target_", None)
-        if args.quick:
-            raw.update({k: v for k, v in QUICK.items() if k in cls.model_fields})
-        hp = cls(**raw)
-        t = time.perf_counter()
-        module = hp.condenser(data, seed=0)
-        setup = time.perf_counter() - t
+    for name in ("gcond", "sgdd"):
+        r = method_epochs(name, data, args.quick, args.repeat, args.warmup_steps)
+        hp, module, setup, res = r["hp"], r["module"], r["setup_s"], r["epochs"]
         warm = ""
-        if hasattr(module, "warmup_structure") and getattr(hp, "warmup_epochs", 0):
-            # time the first `--warmup-steps` of SGDD's structure warm-up (its steps all cost the same)
-            n = min(hp.warmup_epochs, args.warmup_steps)
-            module.hp = hp.model_copy(update={"warmup_epochs": n})
-            t = time.perf_counter()
-            module.warmup_structure()
-            per = (time.perf_counter() - t) / (n + 1)            # n steps + the final loss
-            module.hp = hp
+        if r["warmup"] is not None:
+            per, n = r["warmup"]
             warm = (f" | structure warm-up {per * 1e3:.1f} ms/step (of {n}) -> {hp.warmup_epochs} steps "
                     f"~ {per * hp.warmup_epochs:.1f} s")
-        floor_module = detach_from_trainer(copy.deepcopy(module))   # its own state: the rows never mix
-        detach_from_trainer(module)
-        res = {}
-        for kind, epoch in (("structure", 0), ("feature", 10)):
-            def method_epoch():
-                module.epoch_losses = [0.0] * epoch           # training_step's epoch = epochs done
-                module.training_step(torch.tensor(epoch), 0)
-            res[kind] = best_of([method_epoch, lambda: floor_epoch(floor_module, epoch)], args.repeat)
-        period = hp.adj_epochs + hp.feat_epochs
-        mean, mean_floor = ((hp.adj_epochs * res["structure"][i] + hp.feat_epochs * res["feature"][i]) / period
-                            for i in (0, 1))
+        mean, mean_floor = r["mean"]
         print(f"{name} ({hp.outer_loop} outer x {hp.inner_loop} inner, {len(module.y_syn)} synthetic nodes): "
               f"setup {setup:.2f} s{warm}")
         for kind, (t_m, t_f) in res.items():
