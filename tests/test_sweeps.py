@@ -68,8 +68,10 @@ def test_joblib_launcher_composes():
 @pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one job per core: needs 2 cores to overlap")
 def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=joblib", "seed=0,1", *TINY, LOG_FORMAT,
-                        f"paths.log_dir={tmp_path / 'outputs'}"],
+    # each job evaluates for a few seconds after its first log line: longer than the skew between the
+    # two workers' start-ups on a loaded 2-core machine, so the spans must overlap if they run in parallel
+    r = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=joblib", "seed=0,1", *TINY, "eval.epochs=1500",
+                        LOG_FORMAT, f"paths.log_dir={tmp_path / 'outputs'}"],
                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Joblib.Parallel(n_jobs=-1,backend=loky" in r.stdout + r.stderr
