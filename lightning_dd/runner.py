@@ -37,10 +37,10 @@ def _experiment_name() -> str | None:
         return None
 
 
-def _check_net(cfg: DictConfig) -> None:
-    """Build the run's net once for a placeholder 3-channel, 10-class input of the data's
-    ``data.image_size`` when the data config names it (ImageNet), else 32x32: a bad ``net.*`` value
-    fails here, before any data is read.
+def _check_net(net: dict, data: dict) -> None:
+    """Build the run's net (the resolved ``net`` node) once for a placeholder 3-channel, 10-class
+    input of the data's ``image_size`` when the data config names it (ImageNet), else 32x32: a bad
+    ``net.*`` value fails here, before any data is read.
 
     Raises:
         ConfigError: naming the ``net`` node.
@@ -50,8 +50,8 @@ def _check_net(cfg: DictConfig) -> None:
     from lightning_dd.nets import build_net_cfg
 
     try:
-        size = int(cfg.data.get("image_size") or 32) if "data" in cfg else 32
-        build_net_cfg(OmegaConf.to_container(cfg.net, resolve=True), 3, 10, (size, size))
+        size = int(data.get("image_size") or 32)
+        build_net_cfg(net, 3, 10, (size, size))
     except (ValueError, TypeError, InstantiationException) as e:
         raise ConfigError(f"invalid config:\nnet: {e.__cause__ or e}") from None
 
@@ -77,15 +77,16 @@ def check_config(cfg: DictConfig) -> tuple[RunConfig, Method, RunContext]:
         raise ConfigError(f"stage: {run_cfg.stage!r} is not a stage of {type(method).__name__}; "
                           f"allowed: {', '.join(method.stages)}")
     ev = validated(method.eval_schema, cfg.eval, "eval") if method.eval_schema is not None else None
-    _check_net(cfg)
+    data = OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {}
+    net = OmegaConf.to_container(cfg.net, resolve=True)
+    _check_net(net, data)
     make_trainer = instantiate_node(cfg.trainer, "trainer")
     if run_cfg.ckpt_path and not Path(run_cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {run_cfg.ckpt_path}")
-    ctx = RunContext(dm=None, data=OmegaConf.to_container(cfg.data, resolve=True) if "data" in cfg else {},
-                     net=OmegaConf.to_container(cfg.net, resolve=True) if "net" in cfg else {}, eval=ev,
-                     augment=validated(AugmentSettings, cfg.augment, "augment"),
-                     logger=validated(LoggerSettings, {k: cfg.logger.get(k) for k in LoggerSettings.model_fields}, "logger"), make_trainer=make_trainer,
-                     out_dir=Path(), cache_dir=Path(cfg.paths.cache_dir), seed=run_cfg.seed, stage=run_cfg.stage,
+    logger = {k: cfg.logger.get(k) for k in LoggerSettings.model_fields}  # wandb resolves at log time
+    ctx = RunContext(dm=None, data=data, net=net, eval=ev, augment=validated(AugmentSettings, cfg.augment, "augment"),
+                     logger=validated(LoggerSettings, logger, "logger"), make_trainer=make_trainer, out_dir=Path(),
+                     cache_dir=Path(cfg.paths.cache_dir), seed=run_cfg.seed, stage=run_cfg.stage,
                      resume=run_cfg.resume, ckpt_path=run_cfg.ckpt_path)
     method.check(ctx)
     return run_cfg, method, ctx

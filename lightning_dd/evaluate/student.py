@@ -242,7 +242,6 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     batch_size, seed, momentum, weight_decay = settings.batch_size, settings.seed, settings.momentum, settings.weight_decay
     label_mode, soft_loss_kind, temperature = settings.label_mode, settings.soft_loss, settings.temperature
     precision, parallel_seeds, schedule = settings.precision, settings.parallel_seeds, settings.schedule
-    augment = settings.augment
     check_set(images, labels, num_classes, tuple(test_images.shape[1:]))
     quiet_lightning()
     if label_mode == "hard" and labels.dim() == 2:
@@ -251,9 +250,7 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
         raise ValueError("eval.label_mode=soft needs (N, K) soft labels; this set has hard labels")
     elif label_mode == "teacher" and teacher is None:
         raise ValueError("eval.label_mode=teacher needs a teacher network (eval.teacher_ckpt)")
-    elif label_mode not in ("auto", "hard", "soft", "teacher"):
-        raise ValueError(f"eval.label_mode must be auto|hard|soft|teacher, got {label_mode!r}")
-    aug = make_augment(augment or ("dsa" if dsa is not None else "none"), dsa, tuple(images.shape[-2:]))
+    aug = make_augment(settings.augment, dsa, tuple(images.shape[-2:]))
     make_trainer = make_trainer or TrainerFactory()
     if precision:
         make_trainer = copy.copy(make_trainer)
@@ -261,8 +258,6 @@ def evaluate_set(images: torch.Tensor, labels: torch.Tensor, test_images: torch.
     name = net_cfg.get("name") or str(net_cfg.get("_target_")).rsplit(".", 1)[-1]
     steps = epochs * TensorBatches((images,), batch_size, 1).steps_per_epoch()
     teacher = teacher if label_mode == "teacher" else None
-    if schedule not in SCHEDULES:
-        raise ValueError(f"eval.schedule must be one of {SCHEDULES}, got {schedule!r}")
     mode, why = seed_mode(parallel_seeds, num_eval, make_trainer)
     if mode == "vmap" and schedule != "step":
         if parallel_seeds == "vmap":
