@@ -309,3 +309,9 @@ def require_keys(*keys: str) -> Callable[[object], None]:
             raise KeyError(f"missing keys {missing}")
     return check
 
+
+def cache_key(spec: dict) -> str:
+    """Stable 16-hex key of ``spec`` (the settings that determine a cached entry: expert
+    trajectories, teachers, FP models, statistics, ZCA matrices): the SHA-1 of its JSON with sorted
+    keys (values JSON cannot hold are written with ``str``)."""
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]

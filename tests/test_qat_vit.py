@@ -353,7 +353,7 @@ def test_fp_cache_key_stays_that_of_the_typed_fields():
     another recipe gets its own key. The QAT stage's optimizer peaks its schedule at its own lr."""
     from lightning_dd.core.config import instantiate_node
     from lightning_dd.methods.quantization.qat_vit.training import fp_spec
-    from lightning_dd.training.cache import cache_key
+    from lightning_dd.io import cache_key
 
     cfg = compose_train("experiment=qat_vit_cifar10", "scale=cpu", "data.train_per_class=20", "method.fp_epochs=2",
                         "method.fp_warmup_epochs=1")

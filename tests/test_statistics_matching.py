@@ -757,7 +757,7 @@ def test_teacher_cache_keys_stay_those_of_the_typed_fields():
     (``lr``, ``weight_decay``, ``nesterov``): the CPU preset's teacher of the cda_cifar10 proof run
     keeps its folder ``83b8eb7ea24b24c0``; another recipe (other keywords, schedule) gets its own key."""
     from lightning_dd.methods.images.statistics_matching.squeeze import teacher_spec
-    from lightning_dd.training.cache import cache_key
+    from lightning_dd.io import cache_key
 
     cfg = compose_train("experiment=cda_cifar10", "scale=cpu", "method.teacher.epochs=2")
     teacher = instantiate_node(cfg.method, "method").teacher

@@ -8,8 +8,6 @@ Lightning dataloaders serve the same tensors.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.readers import (CIFAR_LAYOUT, DataNotFoundError, ImageSet, cifar_pickle_dir,
                                        missing_message, read_cifar, read_class_folders)
-from lightning_dd.io import load_cache, require_keys, save_cache
+from lightning_dd.io import cache_key, load_cache, require_keys, save_cache
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +166,7 @@ class ImageDataModule(L.LightningDataModule):
     def _fit_preprocessing(self, x01: torch.Tensor) -> Preprocessing:
         if not self.zca or self.cache_dir is None:
             return Preprocessing.fit(x01, self.zca, self.zca_eps)
-        key = hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = cache_key(self.identity())
         path = self.cache_dir / "preprocessing" / f"{self.name}-{key}.pt"
         c, d = x01.shape[1], x01[0].numel()
 

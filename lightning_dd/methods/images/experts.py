@@ -36,12 +36,12 @@ from lightning_dd.augment.dsa import DSA
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.core.config import PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.io import atomic_write_text, load_cache, safe_fit_kwargs, save_cache
+from lightning_dd.io import atomic_write_text, cache_key, load_cache, safe_fit_kwargs, save_cache
 from lightning_dd.losses import label_loss
 from lightning_dd.methods.base import RunContext
 from lightning_dd.nets import FlatParams, build_net_cfg, maybe_compile
 from lightning_dd.quiet import quiet_lightning
-from lightning_dd.training.cache import cache_key
+from lightning_dd.training.metrics import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +215,7 @@ class ExpertBank:
             trainer = self.make_trainer("experts", max_epochs=self.epochs, callbacks=callbacks,
                                         enable_checkpointing=True)
             trainer.fit(module, loader, ckpt_path=resume, **safe_fit_kwargs())
-            acc = None
-            if test is not None:
-                net.eval()
-                with torch.no_grad():
-                    correct = sum(int((net(x).argmax(1) == y).sum())
-                                  for x, y in zip(test[0].split(1000), test[1].split(1000)))
-                acc = correct / len(test[1])
+            acc = accuracy(net, *test, batch_size=1000) if test is not None else None
             rec = {"trajectory": torch.stack(module.trajectory), "test_acc": acc,
                    "seconds": time.perf_counter() - t0}
             if trainer.is_global_zero:  # under DDP every rank holds the same trajectory: rank 0 writes it

@@ -50,8 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dd.core.config import Fraction, PositiveFloat, PositiveInt, Typed
 from lightning_dd.core.trainer import TrainerFactory
-from lightning_dd.io import load_cache, require_keys, save_cache
-from lightning_dd.training.cache import cache_key
+from lightning_dd.io import cache_key, load_cache, require_keys, save_cache
 from lightning_dd.nets.mae import MAE, mae_loss, random_mask
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,11 @@ import torch
 
 from lightning_dd.core.trainer import TrainerFactory
 from lightning_dd.data.batches import batch_loader
-from lightning_dd.io import atomic_write_text, load_cache, require_keys, safe_fit_kwargs, save_cache
+from lightning_dd.io import atomic_write_text, cache_key, load_cache, require_keys, safe_fit_kwargs, save_cache
 from lightning_dd.methods.images.experts import epoch_checkpoints
 from lightning_dd.methods.images.statistics_matching.config import TeacherConfig
 from lightning_dd.nets import build_net_cfg, load_net_file
 from lightning_dd.quiet import quiet_lightning
-from lightning_dd.training.cache import cache_key
 from lightning_dd.training.devices import run_device
 from lightning_dd.training.metrics import accuracy
 from lightning_dd.training.schedules import warmup_cosine

@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_dd.io import load_cache, require_keys, save_cache
-from lightning_dd.training.cache import cache_key
+from lightning_dd.io import cache_key, load_cache, require_keys, save_cache
 from lightning_dd.methods.images.statistics_matching.config import RecoverConfig
 from lightning_dd.methods.images.statistics_matching.crops import jitter_crop_flip
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from lightning_dd.core.config import ConfigError, Fraction, NonNegFloat, NonNegInt, PositiveInt
 from lightning_dd.data.batches import batch_loader
 from lightning_dd.data.protocols import ImageData, ImageFolderData
-from lightning_dd.io import atomic_save, atomic_write_text, load_cache, load_dict, require_keys, safe_load, save_cache
+from lightning_dd.io import atomic_save, atomic_write_text, cache_key, load_cache, load_dict, require_keys, safe_load, save_cache
 from lightning_dd.methods.base import Method, MethodOutput, RunContext
 from lightning_dd.methods.quantization.qat_vit.model import (calibrate, export_quantized, load_quantized, quantize_vit,
                                                              quantized_layers, quantizers)
@@ -27,7 +27,6 @@ from lightning_dd.nets import build_net_cfg
 from lightning_dd.nets.vit import ViT, load_vit_state
 from lightning_dd.nets.weight_selection import weight_selection
 from lightning_dd.quiet import quiet_lightning
-from lightning_dd.training.cache import cache_key
 from lightning_dd.training.devices import run_device
 from lightning_dd.training.metrics import accuracy
 from lightning_dd.training.optim import OptimizerFactory, ScheduleFactory
